@@ -1,0 +1,52 @@
+"""uwsfmt: families of neural-network checkpoints as shared bases + per-model coefficients.
+
+>>> import uwsfmt
+>>> store = uwsfmt.convert(["a.safetensors", "b.safetensors"], "family.uws")  # doctest: +SKIP
+>>> sd = store.state_dict("a")  # doctest: +SKIP
+"""
+
+__version__ = "0.1.0"
+
+from . import sources  # noqa: E402,F401  (registers the checkpoint formats)
+from .build import Cancelled, convert, plan  # noqa: E402
+from .errors import (  # noqa: E402
+    BudgetError,
+    ConfigError,
+    ConflictError,
+    FormatError,
+    LockError,
+    NotFoundError,
+    SourceError,
+    StoreError,
+    StoreExistsError,
+    UWSError,
+    VersionError,
+)
+from .packing import pack, unpack  # noqa: E402
+from .store import Store, open  # noqa: E402,A004
+from .validate import validate  # noqa: E402
+
+
+def append(store, source, *, id=None, format=None, progress=False):
+    """Add a model to a store (path or open Store) by projection onto its bases."""
+    st = open(store, mode="w") if not isinstance(store, Store) else store
+    return st.append(source, id=id, format=format, progress=progress)
+
+
+def project(store, source, *, format=None):
+    """Coefficients and errors of ``source`` against ``store``'s bases; nothing is written."""
+    st = open(store) if not isinstance(store, Store) else store
+    return st.project(source, format=format)
+
+
+def export(store, model, out, *, format="safetensors", **kw):
+    """Export one model of a store to a file or folder."""
+    st = open(store) if not isinstance(store, Store) else store
+    return st.export(model, out, format=format, **kw)
+
+
+__all__ = [
+    "BudgetError", "Cancelled", "ConfigError", "ConflictError", "FormatError", "LockError", "NotFoundError",
+    "SourceError", "Store", "StoreError", "StoreExistsError", "UWSError", "VersionError",
+    "append", "convert", "export", "open", "pack", "plan", "project", "unpack", "validate",
+]

@@ -1,0 +1,235 @@
+"""The ``uwsfmt`` command line: commands only, every piece of logic lives in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_summary(store, out=sys.stdout) -> None:
+    from .inspect import summary
+
+    s = summary(store)
+    print(f"UWS store {s['path']}  (format {s['format_version']}, generation {s['generation']})", file=out)
+    print(f"  models: {s['n_models']}   tensors: {s['n_tensors']}   " + "  ".join(f"{k}: {v}" for k, v in sorted(s["encodings"].items())), file=out)
+    ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "?"
+    print(f"  size: {_size(s['store_bytes'])} on disk vs {_size(s['source_bytes'])} of sources  ->  compression {ratio}", file=out)
+    print(f"  relative error per tensor and model: mean {_fmt(s['error_mean'])}, max {_fmt(s['error_max'])}", file=out)
+
+
+def _cmd_convert(a) -> int:
+    from .build import convert
+
+    enc = {}
+    for item in a.encoding or []:
+        if "=" not in item:
+            raise SystemExit(f"uwsfmt convert: --encoding wants PATTERN=ENCODING, got {item!r}")
+        pat, e = item.rsplit("=", 1)
+        enc[pat] = e
+    st = convert(
+        a.sources, a.output, rank=a.rank, tau=a.tau, max_rank=a.max_rank, mode=a.mode,
+        center="none" if a.no_center else a.center, residual_bits=a.residual_bits, encodings=enc,
+        min_numel=a.min_numel, allow_nonfinite=a.allow_nonfinite, base=a.base, device=a.device,
+        format=a.format, overwrite=a.overwrite, progress=not a.quiet,
+    )
+    print_summary(st)
+    return 0
+
+
+def _cmd_plan(a) -> int:
+    from .build import plan
+
+    rep = plan(a.sources, format=a.format)
+    if a.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print(f"{rep['n_models']} models ({', '.join(f'{k}: {v}' for k, v in rep['formats'].items())}), "
+              f"{rep['n_tensors']} tensors, {_size(rep['total_bytes'])}")
+        print("  encodings (before data is read): " + ", ".join(f"{k}: {v}" for k, v in rep["encodings"].items()))
+        if rep["varying_shapes"]:
+            print(f"  shape varies between models (stored dense): {', '.join(rep['varying_shapes'][:10])}")
+        for c in rep["conflicts"]:
+            print(f"  CONFLICT: {c}")
+    return 1 if rep["conflicts"] else 0
+
+
+def _cmd_info(a) -> int:
+    from .inspect import info
+    from .store import open as open_store
+
+    with open_store(a.store) as st:
+        if a.json:
+            print(json.dumps(info(st), indent=1, default=str))
+            return 0
+        print_summary(st)
+        print(f"  {'tensor':<48} {'shape':<16} {'encoding':<9} {'rank':>5} {'expl.var':>9} {'err mean':>9} {'err max':>9}")
+        for r in st.tensor_table():
+            name = r["name"] if len(r["name"]) <= 48 else "..." + r["name"][-45:]
+            print(f"  {name:<48} {str(r['shape']):<16} {r['encoding']:<9} {_fmt(r['rank'], '')!s:>5} "
+                  f"{_fmt(r['explained_variance'], '.4f'):>9} {_fmt(r['error_mean']):>9} {_fmt(r['error_max']):>9}")
+    return 0
+
+
+def _cmd_validate(a) -> int:
+    from .validate import validate
+
+    problems = validate(a.store, deep=a.deep)
+    if problems:
+        print(f"{a.store}: INVALID ({len(problems)} problem(s))", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print(f"{a.store}: valid UWS store")
+    return 0
+
+
+def _cmd_export(a) -> int:
+    from .store import open as open_store
+
+    with open_store(a.store) as st:
+        out = st.export(a.model, a.output, format=a.format, overwrite=a.overwrite)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_append(a) -> int:
+    from .store import open as open_store
+
+    with open_store(a.store, mode="w") as st:
+        e = st.append(a.source, id=a.id, format=a.format)
+        errs = [x for x in e["error"] if x is not None]
+        print(f"appended {e['id']!r} as model #{st.n_models - 1}: max relative error {_fmt(max(errs, default=0.0))}")
+    return 0
+
+
+def _cmd_pack(a) -> int:
+    from .packing import pack
+
+    print(f"wrote {pack(a.store, a.output, overwrite=a.overwrite)}")
+    return 0
+
+
+def _cmd_unpack(a) -> int:
+    from .packing import unpack
+
+    print(f"wrote {unpack(a.zip, a.output, overwrite=a.overwrite)}")
+    return 0
+
+
+def _cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    run_demo(a.dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uwsfmt", description="Families of checkpoints as shared bases + per-model coefficients (UWS stores).")
+    p.add_argument("--version", action="version", version=f"uwsfmt {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="build a store from checkpoints")
+    c.add_argument("sources", nargs="+", help="files, folders or globs; one checkpoint per model")
+    c.add_argument("-o", "--output", required=True, help="store directory to create")
+    c.add_argument("--rank", type=int, help="kept rank per tensor (fixed k)")
+    c.add_argument("--tau", type=float, help="explained-variance threshold (default 0.999 when no --rank)")
+    c.add_argument("--max-rank", type=int)
+    c.add_argument("--mode", default="auto", choices=["auto", "left", "right", "both", "flat"])
+    c.add_argument("--center", default="mean", choices=["mean", "none", "base"])
+    c.add_argument("--no-center", action="store_true", help="same as --center none")
+    c.add_argument("--base", help="checkpoint the family was fine-tuned from: stored once, deltas decomposed from it")
+    c.add_argument("--residual-bits", type=int, choices=[2, 4, 8, 16])
+    c.add_argument("--encoding", action="append", metavar="PATTERN=ENC", help="force an encoding for matching tensor names")
+    c.add_argument("--min-numel", type=int, default=1024)
+    c.add_argument("--allow-nonfinite", action="store_true", help="store tensors with NaN/Inf dense instead of refusing")
+    c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    c.add_argument("--format", help="force the source format")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=_cmd_convert)
+
+    c = sub.add_parser("plan", help="report formats, models, tensors and conflicts (headers only)")
+    c.add_argument("sources", nargs="+")
+    c.add_argument("--format")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_plan)
+
+    c = sub.add_parser("info", help="summary, per-tensor rank / explained variance / error")
+    c.add_argument("store")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=_cmd_info)
+
+    c = sub.add_parser("validate", help="check a store against the spec")
+    c.add_argument("store")
+    c.add_argument("--deep", action="store_true", help="also read back every model")
+    c.set_defaults(func=_cmd_validate)
+
+    c = sub.add_parser("export", help="write one model back out")
+    c.add_argument("store")
+    c.add_argument("model")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--format", default="safetensors")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_cmd_export)
+
+    c = sub.add_parser("append", help="add a model by projection onto the existing bases")
+    c.add_argument("store")
+    c.add_argument("source")
+    c.add_argument("--id")
+    c.add_argument("--format")
+    c.set_defaults(func=_cmd_append)
+
+    c = sub.add_parser("pack", help="directory store -> single .zip (readable in place)")
+    c.add_argument("store")
+    c.add_argument("output")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_cmd_pack)
+
+    c = sub.add_parser("unpack", help=".zip store -> directory store")
+    c.add_argument("zip")
+    c.add_argument("output")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=_cmd_unpack)
+
+    c = sub.add_parser("demo", help="build a small family, convert it, print a summary")
+    c.add_argument("dir", nargs="?", default=None, help="working folder (default: a temporary one)")
+    c.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import UWSError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UWSError as e:
+        print(f"uwsfmt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"uwsfmt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"uwsfmt {args.command}: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Residual: a per-model correction Q_i on top of the subspace term, quantized per row.
+
+bits 2/4/8: symmetric codes with one float32 scale per row of the matrix view (see
+:func:`uwsfmt.linalg.quantize_rows`); bits 16: the residual itself in float16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import linalg
+from .slots import put, take
+
+
+def plan(layout, m: int, n: int, bits: int) -> dict:
+    if bits == 16:
+        return {"bits": 16, "values": layout.add("float16", m * n)}
+    nbytes = (m * n * bits + 7) // 8
+    return {"bits": bits, "codes": layout.add("uint8", nbytes), "scales": layout.add("float32", m)}
+
+
+def encode(spec: dict, r: torch.Tensor) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """Quantize residual ``r`` (m x n): (pack values by slot name, dequantized residual)."""
+    bits = spec["bits"]
+    if bits == 16:
+        v = r.to(torch.float16)
+        return {"values": v.cpu().numpy()}, v.to(r.dtype)
+    codes, scales = linalg.quantize_rows(r, bits)
+    back = linalg.dequantize_rows(codes, scales, tuple(r.shape), bits).to(r.dtype)
+    return {"codes": codes.cpu().numpy(), "scales": scales.cpu().numpy()}, back
+
+
+def write(spec: dict, values: dict[str, np.ndarray], rows: dict[str, np.ndarray]) -> None:
+    for key, v in values.items():
+        put(rows, spec[key], v)
+
+
+def decode(spec: dict, rows: dict[str, torch.Tensor], m: int, n: int) -> torch.Tensor:
+    if spec["bits"] == 16:
+        return take(rows, spec["values"]).to(torch.float32).reshape(m, n)
+    return linalg.dequantize_rows(take(rows, spec["codes"]), take(rows, spec["scales"]), (m, n), spec["bits"])

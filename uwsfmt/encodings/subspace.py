@@ -1,0 +1,107 @@
+"""Subspace: W_i ~= reshape(M + L @ C_i @ R^T (+ Q_i)), shared M / L / R, per-model C_i.
+
+``fit`` turns the map-reduce statistics of one tensor into the shared arrays; ``encode``
+projects one model's tensor onto them. Decoding (batched over same-shape tensors) lives in
+:mod:`uwsfmt.store`, where the shared arrays are cached on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import linalg
+
+
+def resolve_mode(mode: str, m: int, n: int) -> str:
+    """'auto' puts the basis on the smaller side: the cheaper Gram (min(m,n)^2)."""
+    if mode == "auto":
+        return "left" if m <= n else "right"
+    if mode not in linalg.MODES:
+        raise ValueError(f"unknown mode {mode!r}")
+    return mode
+
+
+@dataclass
+class Fit:
+    """Shared part of a subspace tensor (float64/float32 on the build device)."""
+
+    mode: str
+    center: str
+    mean: torch.Tensor | None  # (m, n)
+    left: torch.Tensor | None  # (m, kl)
+    right: torch.Tensor | None  # (n, kr)
+    spectra: dict[str, torch.Tensor] = field(default_factory=dict)  # side -> full eigenvalues
+    kept: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> list[int | None]:
+        return [self.kept.get("left"), self.kept.get("right")]
+
+    def explained(self) -> dict[str, float]:
+        out = {}
+        for side, vals in self.spectra.items():
+            k = self.kept[side]
+            out[side] = 1.0 if k >= vals.numel() else (float(linalg.explained(vals)[k - 1]) if k > 0 else 0.0)
+        return out
+
+    def truncate(self, kept: dict[str, int]) -> Fit:
+        """The same fit with fewer kept directions (bases are sorted best first)."""
+        return Fit(
+            self.mode, self.center, self.mean,
+            self.left[:, : kept["left"]] if self.left is not None else None,
+            self.right[:, : kept["right"]] if self.right is not None else None,
+            self.spectra, dict(kept),
+        )
+
+
+def fit_gram(
+    stats: linalg.GramStats, *, mode: str, center: str, choose
+) -> Fit:
+    """Eigen-decompose the Gram(s); ``choose(side, eigvals, limit)`` returns the kept rank."""
+    mean, gl, gr = stats.center(center)
+    f = Fit(mode, center, mean, None, None)
+    for side, g in (("left", gl), ("right", gr)):
+        if g is None:
+            continue
+        vals, vecs = linalg.eig_desc(g)
+        k = choose(side, vals, None)
+        f.spectra[side] = vals
+        f.kept[side] = k
+        basis = vecs[:, :k].to(torch.float32)
+        if side == "left":
+            f.left = basis
+        else:
+            f.right = basis
+    return f
+
+
+def fit_flat(mean: torch.Tensor | None, basis: torch.Tensor, spectrum: torch.Tensor, choose) -> Fit:
+    k = choose("left", spectrum, None)
+    return Fit("flat", "none" if mean is None else "mean", mean, basis[:, :k].to(torch.float32), None,
+               {"left": spectrum}, {"left": k})
+
+
+def deviation(fit: Fit, w: torch.Tensor, view: tuple[int, int]) -> torch.Tensor:
+    """D = W - M in float64, as the matrix view (numel x 1 in flat mode)."""
+    d = w.to(device=fit.left.device if fit.left is not None else (fit.right.device if fit.right is not None else w.device),
+             dtype=torch.float64).reshape(view)
+    if fit.mean is not None:
+        d = d - fit.mean.to(device=d.device, dtype=torch.float64).reshape(view)
+    return d
+
+
+def coefficients(fit: Fit, d: torch.Tensor) -> torch.Tensor:
+    """C = L^T D R in float32 (absent side = identity)."""
+    left = fit.left.to(torch.float64) if fit.left is not None else None
+    right = fit.right.to(torch.float64) if fit.right is not None else None
+    # round to float32 exactly as stored, so errors are measured on what readers will see
+    return linalg.project(d, left, right).to(torch.float32)
+
+
+def subspace_part(fit: Fit, c: torch.Tensor) -> torch.Tensor:
+    """L @ C @ R^T in float64, computed from the float32 values a reader will use."""
+    left = fit.left.to(torch.float64) if fit.left is not None else None
+    right = fit.right.to(torch.float64) if fit.right is not None else None
+    return linalg.expand(c.to(torch.float64), left, right)

@@ -1,0 +1,123 @@
+"""What a store says about itself: summaries, tables, spectra baselines. No source needed."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+
+
+def store_bytes(path: str) -> int:
+    """Bytes on disk of a directory store (or the size of a zipped one)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+def null_spectrum(total: float, dim: int, samples: int, length: int) -> np.ndarray:
+    """Expected eigenvalues (descending) of the Gram of i.i.d. noise with the same total energy.
+
+    For a dim x samples matrix of i.i.d. entries, the Gram's eigenvalues follow the
+    Marchenko-Pastur law with ratio c = dim / samples; we take its quantiles, scaled so they sum
+    to ``total``. A family with real shared structure has a spectrum far steeper than this.
+    """
+    length = max(int(length), 0)
+    if length == 0 or total <= 0:
+        return np.zeros(length)
+    r = min(dim, samples)
+    c = min(dim, samples) / max(dim, samples)
+    lo, hi = (1 - np.sqrt(c)) ** 2, (1 + np.sqrt(c)) ** 2
+    x = np.linspace(lo, hi, 4097)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pdf = np.sqrt(np.clip((hi - x) * (x - lo), 0, None)) / (2 * np.pi * c * x)
+    pdf = np.nan_to_num(pdf)
+    cdf = np.cumsum(pdf)
+    cdf /= cdf[-1]
+    q = (np.arange(r) + 0.5) / r
+    vals = np.interp(1 - q, cdf, x)  # descending quantiles
+    vals = np.sort(vals)[::-1]
+    vals = vals / vals.sum() * total
+    out = np.zeros(length)
+    out[: min(length, r)] = vals[: min(length, r)]
+    return out
+
+
+def _err_stats(col: np.ndarray) -> tuple[float | None, float | None]:
+    col = col[np.isfinite(col)]
+    if col.size == 0:
+        return None, None
+    return float(col.mean()), float(col.max())
+
+
+def tensor_table(store) -> list[dict]:
+    errs = store.errors()
+    out = []
+    for j, e in enumerate(store.manifest["tensors"]):
+        mean, mx = _err_stats(errs[:, j]) if store.n_models else (None, None)
+        sub = e["encoding"] == "subspace"
+        rank = None
+        ev = None
+        if sub:
+            ks = [k for k in e["rank"] if k is not None]
+            rank = ks[0] if len(ks) == 1 else (tuple(ks) if ks else 0)
+            evs = list((e.get("explained_variance") or {}).values())
+            ev = float(np.prod(evs)) if evs else None
+        out.append({
+            "name": e["name"], "shape": e["shape"], "dtype": e["dtype"], "encoding": e["encoding"],
+            "mode": e.get("mode"), "rank": rank, "explained_variance": ev,
+            "residual_bits": (e.get("residual") or {}).get("bits") if sub else None,
+            "error_mean": mean, "error_max": mx, "reason": e.get("reason"),
+        })
+    return out
+
+
+def model_table(store) -> list[dict]:
+    errs = store.errors()
+    out = []
+    for i, m in enumerate(store.manifest["models"]):
+        mean, mx = _err_stats(errs[i]) if errs.shape[1] else (0.0, 0.0)
+        src = m.get("source") or {}
+        out.append({"id": m["id"], "path": src.get("path"), "format": src.get("format"), "sha256": src.get("sha256"),
+                    "size": src.get("size"), "added": m.get("added"), "error_mean": mean, "error_max": mx})
+    return out
+
+
+def summary(store) -> dict:
+    m = store.manifest
+    enc: dict[str, int] = {}
+    for t in m["tensors"]:
+        enc[t["encoding"]] = enc.get(t["encoding"], 0) + 1
+    src = sum((x.get("source") or {}).get("size") or 0 for x in m["models"])
+    size = store_bytes(store.path)
+    errs = store.errors()
+    finite = errs[np.isfinite(errs)]
+    return {
+        "path": store.path,
+        "format_version": m["format_version"],
+        "zipped": os.path.isfile(store.path) and zipfile.is_zipfile(store.path),
+        "n_models": store.n_models,
+        "n_tensors": len(m["tensors"]),
+        "encodings": enc,
+        "store_bytes": size,
+        "source_bytes": src,
+        "ratio": (src / size) if size else None,
+        "error_mean": float(finite.mean()) if finite.size else None,
+        "error_max": float(finite.max()) if finite.size else None,
+        "device": m["build"]["device"],
+        "created": m.get("created"),
+        "updated": m.get("updated"),
+        "generation": m.get("generation"),
+        "settings": m["build"]["settings"],
+    }
+
+
+def info(store) -> dict:
+    """Everything ``uwsfmt info --json`` prints."""
+    return {"summary": summary(store), "tensors": tensor_table(store), "models": model_table(store),
+            "errors": {"tensors": store.tensor_names,
+                       "models": {m["id"]: m["error"] for m in store.manifest["models"]}}}

@@ -1,0 +1,337 @@
+"""Pure torch math of the UWS encodings. Device-agnostic; no I/O.
+
+Conventions: a tensor's matrix view is D (m x n). The left basis L (m x kl) comes from the
+eigenvectors of the left Gram sum_i D_i D_i^T, the right basis R (n x kr) from sum_i D_i^T D_i.
+Reconstruction: W = M + L @ C @ R^T (+ residual), with an absent side meaning the identity.
+Statistics are always accumulated in float64 (float32 Grams lose the small eigenvalues).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+CENTERS = ("mean", "base", "none")
+MODES = ("left", "right", "both", "flat")
+
+
+def matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(m, n) matrix view of a tensor: first axis x product of the rest; 0/1-D -> (numel, 1).
+
+    >>> matrix_view((16, 8, 3, 3))
+    (16, 72)
+    """
+    if len(shape) <= 1:
+        return (shape[0] if shape else 1, 1)
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return (shape[0], n)
+
+
+def no_tf32():
+    """Context that keeps TF32 out of float32 matmuls (restored on exit)."""
+    return _NoTF32()
+
+
+class _NoTF32:
+    def __enter__(self):
+        self._mm = torch.backends.cuda.matmul.allow_tf32
+        self._cudnn = torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self._mm
+        torch.backends.cudnn.allow_tf32 = self._cudnn
+
+
+@dataclass
+class GramStats:
+    """Map-reduce statistics of one tensor across models: sums and Gram matrices in float64.
+
+    Deltas are taken against a fixed reference (the base, or the first model seen) so that the
+    centred Gram is computed without cancellation between large, nearly equal weights.
+    ``add`` is the map step, ``merge`` the reduce step (both need the same reference).
+
+    >>> s = GramStats.empty(3, 2, left=True, right=False, reference=torch.zeros(3, 2))
+    >>> s.add(torch.ones(3, 2)); s.count
+    1
+    """
+
+    count: int
+    reference: torch.Tensor  # (m, n) float64
+    delta_sum: torch.Tensor  # (m, n) float64: sum of (W_i - reference)
+    left: torch.Tensor | None  # (m, m) float64: sum of D D^T with D = W_i - reference
+    right: torch.Tensor | None  # (n, n)
+    sq_norm: float  # sum of ||W_i||^2
+
+    @classmethod
+    def empty(cls, m: int, n: int, *, left: bool, right: bool, reference: torch.Tensor) -> GramStats:
+        ref = reference.to(torch.float64).reshape(m, n)
+        dev = ref.device
+        return cls(
+            count=0,
+            reference=ref,
+            delta_sum=torch.zeros(m, n, dtype=torch.float64, device=dev),
+            left=torch.zeros(m, m, dtype=torch.float64, device=dev) if left else None,
+            right=torch.zeros(n, n, dtype=torch.float64, device=dev) if right else None,
+            sq_norm=0.0,
+        )
+
+    def add(self, w: torch.Tensor) -> None:
+        w = w.to(device=self.reference.device, dtype=torch.float64).reshape(self.reference.shape)
+        d = w - self.reference
+        self.count += 1
+        self.delta_sum += d
+        if self.left is not None:
+            self.left.addmm_(d, d.T)
+        if self.right is not None:
+            self.right.addmm_(d.T, d)
+        self.sq_norm += float(torch.sum(w * w))
+
+    def merge(self, other: GramStats) -> None:
+        if not torch.equal(self.reference, other.reference):
+            raise ValueError("GramStats.merge needs statistics taken against the same reference")
+        self.count += other.count
+        self.delta_sum += other.delta_sum
+        if self.left is not None:
+            self.left += other.left
+        if self.right is not None:
+            self.right += other.right
+        self.sq_norm += other.sq_norm
+
+    def center(self, how: str) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(M, left Gram, right Gram) of the deviations from the centre ``how``.
+
+        ``mean``: M = mean of the models; ``base``: M = reference; ``none``: M = 0 (None).
+        """
+        n = max(self.count, 1)
+        mu = self.delta_sum / n  # mean deviation from the reference
+        gl, gr = self.left, self.right
+        if how == "mean":
+            mean = self.reference + mu
+            if gl is not None:
+                gl = gl - n * (mu @ mu.T)
+            if gr is not None:
+                gr = gr - n * (mu.T @ mu)
+            return mean, gl, gr
+        if how == "base":
+            return self.reference, gl, gr
+        if how == "none":
+            # Gram of W itself: expand (D + ref)(D + ref)^T around the reference.
+            ref, s = self.reference, self.delta_sum
+            if gl is not None:
+                gl = gl + s @ ref.T + ref @ s.T + n * (ref @ ref.T)
+            if gr is not None:
+                gr = gr + s.T @ ref + ref.T @ s + n * (ref.T @ ref)
+            return None, gl, gr
+        raise ValueError(f"unknown centring {how!r}; use one of {CENTERS}")
+
+
+def eig_desc(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD matrix."""
+    g = (gram + gram.T) * 0.5
+    vals, vecs = torch.linalg.eigh(g)
+    vals = torch.flip(vals, (0,)).clamp_min(0.0)
+    vecs = torch.flip(vecs, (1,))
+    return vals, vecs
+
+
+def numerical_rank(eigvals: torch.Tensor, size: int) -> int:
+    """Number of eigenvalues above round-off (relative to the largest, float64)."""
+    if eigvals.numel() == 0 or float(eigvals[0]) <= 0.0:
+        return 0
+    tol = float(eigvals[0]) * max(size, 1) * 1e-13
+    return int((eigvals > tol).sum())
+
+
+def explained(eigvals: torch.Tensor) -> torch.Tensor:
+    """Cumulative explained-variance ratio; explained[k-1] is what the top k directions keep."""
+    total = float(eigvals.sum())
+    if total <= 0.0:
+        return torch.ones_like(eigvals)
+    return torch.cumsum(eigvals, 0) / total
+
+
+def choose_rank(
+    eigvals: torch.Tensor,
+    *,
+    rank: int | None = None,
+    tau: float | None = None,
+    max_rank: int | None = None,
+    limit: int | None = None,
+) -> int:
+    """Kept rank: fixed ``rank`` or the smallest k with explained variance >= ``tau``.
+
+    Never more than the numerical rank, ``max_rank`` or ``limit`` (a structural cap).
+
+    >>> choose_rank(torch.tensor([4.0, 1.0, 0.0]), tau=0.75)
+    1
+    """
+    possible = numerical_rank(eigvals, eigvals.numel())
+    caps = [possible]
+    if max_rank is not None:
+        caps.append(max_rank)
+    if limit is not None:
+        caps.append(limit)
+    cap = min(caps)
+    if rank is not None:
+        return max(0, min(rank, cap))
+    if tau is None:
+        return cap
+    ev = explained(eigvals)
+    hits = torch.nonzero(ev >= tau - 1e-12)
+    k = int(hits[0]) + 1 if hits.numel() else eigvals.numel()
+    return min(k, cap)
+
+
+def project(d: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
+    """Coefficients C = L^T D R (absent side = identity)."""
+    c = d
+    if left is not None:
+        c = left.T @ c
+    if right is not None:
+        c = c @ right
+    return c
+
+
+def expand(c: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
+    """L @ C @ R^T (absent side = identity)."""
+    out = c
+    if left is not None:
+        out = left @ out
+    if right is not None:
+        out = out @ right.T
+    return out
+
+
+def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """||W - W_hat||_F / ||W||_F in float64 (0 when both are 0)."""
+    w = w.to(torch.float64)
+    diff = float(torch.linalg.vector_norm(w - w_hat.to(torch.float64)))
+    ref = float(torch.linalg.vector_norm(w))
+    if ref == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / ref
+
+
+# ---------------------------------------------------------------- residual quantization
+
+RESIDUAL_BITS = (2, 4, 8, 16)
+
+
+def qmax(bits: int) -> int:
+    """Largest code magnitude of a symmetric ``bits``-bit quantizer (2 -> 1, 4 -> 7, 8 -> 127)."""
+    return (1 << (bits - 1)) - 1
+
+
+def quantize_rows(r: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization of a matrix: (packed uint8 codes, float32 row scales).
+
+    Row scale s = max|row| / qmax; q = round(x / s) in [-qmax, qmax]; code = q + 2^(bits-1),
+    packed little-endian within each byte, elements in row-major order.
+
+    >>> codes, scales = quantize_rows(torch.tensor([[1.0, -0.5]]), 8)
+    >>> dequantize_rows(codes, scales, (1, 2), 8)
+    tensor([[ 1.0000, -0.5000]])
+    """
+    if bits not in (2, 4, 8):
+        raise ValueError(f"quantize_rows supports 2, 4 or 8 bits, not {bits}")
+    r = r.to(torch.float32)
+    q = qmax(bits)
+    scales = r.abs().amax(dim=1) / q
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(r / safe[:, None]).clamp_(-q, q).to(torch.int16) + (1 << (bits - 1))
+    return pack_bits(codes.reshape(-1).to(torch.uint8), bits), scales
+
+
+def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], bits: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_rows` (float32 result)."""
+    m, n = shape
+    q = unpack_bits(codes, bits, m * n).to(torch.float32) - (1 << (bits - 1))
+    return q.reshape(m, n) * scales.to(torch.float32)[:, None]
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 values < 2^bits, ``8 // bits`` per byte, first element in the low bits."""
+    if bits == 8:
+        return values.contiguous()
+    per = 8 // bits
+    pad = (-values.numel()) % per
+    if pad:
+        values = torch.cat([values, values.new_zeros(pad)])
+    v = values.reshape(-1, per).to(torch.int32)
+    shifts = torch.arange(per, device=v.device, dtype=torch.int32) * bits
+    return (v << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``count`` values."""
+    if bits == 8:
+        return packed[:count]
+    per = 8 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    v = (packed.to(torch.int32)[:, None] >> shifts) & ((1 << bits) - 1)
+    return v.reshape(-1)[:count].to(torch.uint8)
+
+
+def residual_nbytes(m: int, n: int, bits: int) -> int:
+    """Bytes one model's residual of an (m, n) view takes (codes + scales)."""
+    if bits == 16:
+        return m * n * 2
+    return (m * n * bits + 7) // 8 + 4 * m
+
+
+# ---------------------------------------------------------------- flat (whole-tensor PCA)
+
+
+class FlatSketch:
+    """Streaming randomized range finder for flat PCA over vectorised tensors.
+
+    The exact Gram of vectorised tensors (numel x numel) cannot be formed; instead
+    Y = sum_i (w_i - ref) g_i^T with a Gaussian g_i in R^s per model. The centred range is
+    span(Y - N mu g_bar^T). With s >= number of models the range is captured exactly.
+    """
+
+    def __init__(self, numel: int, width: int, reference: torch.Tensor, seed: int = 0):
+        self.reference = reference.to(torch.float64).reshape(-1)
+        dev = self.reference.device
+        self.width = width
+        self.y = torch.zeros(numel, width, dtype=torch.float64, device=dev)
+        self.g_sum = torch.zeros(width, dtype=torch.float64, device=dev)
+        self.d_sum = torch.zeros(numel, dtype=torch.float64, device=dev)
+        self.count = 0
+        self._gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def add(self, w: torch.Tensor) -> None:
+        d = w.to(device=self.reference.device, dtype=torch.float64).reshape(-1) - self.reference
+        g = torch.randn(self.width, generator=self._gen, dtype=torch.float64).to(d.device)
+        self.y.addr_(d, g)
+        self.g_sum += g
+        self.d_sum += d
+        self.count += 1
+
+    def range(self, center: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(M or None, orthonormal Q spanning the sketched range of the deviations)."""
+        n = max(self.count, 1)
+        mu = self.d_sum / n
+        y = self.y
+        if center == "mean":
+            mean = self.reference + mu
+            y = y - torch.outer(mu, self.g_sum)
+        elif center == "base":
+            mean = self.reference
+        else:
+            mean = None
+            y = y + torch.outer(self.reference, self.g_sum)
+        q, _ = torch.linalg.qr(y, mode="reduced")
+        return mean, q
+
+
+def flat_basis(q: torch.Tensor, projections: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Basis (numel x s, best first) and spectrum from Q and the stacked Q^T d_i (s x N)."""
+    u, s, _ = torch.linalg.svd(projections, full_matrices=False)
+    return q @ u, s * s

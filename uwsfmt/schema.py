@@ -1,0 +1,65 @@
+"""Validation of the manifest against the JSON Schema shipped in spec/schema/.
+
+The schema checks the document's shape; :func:`check_consistency` checks what a schema cannot
+(lengths that must agree, slots inside their packs).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+
+import jsonschema
+
+from .errors import FormatError
+
+SCHEMA_FILE = "manifest.schema.json"
+
+
+@functools.cache
+def manifest_schema() -> dict:
+    return json.loads(resources.files("uwsfmt").joinpath("schema", SCHEMA_FILE).read_text())
+
+
+@functools.cache
+def _validator():
+    cls = jsonschema.validators.validator_for(manifest_schema())
+    return cls(manifest_schema())
+
+
+def validate_manifest(m: dict, where: str = "store") -> None:
+    """Raise :class:`FormatError` naming the first problem if ``m`` is not a valid manifest."""
+    err = jsonschema.exceptions.best_match(_validator().iter_errors(m))
+    if err is not None:
+        loc = "/".join(str(p) for p in err.absolute_path) or "(root)"
+        msg = err.message if len(err.message) < 300 else err.message[:300] + "..."
+        raise FormatError(f"{where}: the manifest is not valid UWS 1.x metadata at {loc}: {msg}")
+    check_consistency(m, where)
+
+
+def check_consistency(m: dict, where: str) -> None:
+    n_t = len(m["tensors"])
+    packs = m["packs"]
+    for i, t in enumerate(m["models"]):
+        for key in ("error", "delta_error"):
+            if len(t[key]) != n_t:
+                raise FormatError(f"{where}: model {t['id']!r} has {len(t[key])} {key} values for {n_t} tensors")
+    ids = [x["id"] for x in m["models"]]
+    if len(set(ids)) != len(ids):
+        raise FormatError(f"{where}: the model table lists the same id twice")
+    names = [x["name"] for x in m["tensors"]]
+    if len(set(names)) != len(names):
+        raise FormatError(f"{where}: the tensor table lists the same name twice")
+    for t in m["tensors"]:
+        slots = []
+        if t["encoding"] == "dense" and "pack" in t.get("data", {}):
+            slots.append(t["data"])
+        if t["encoding"] == "subspace":
+            slots.append(t["coefficients"])
+            r = t.get("residual") or {}
+            slots += [r[k] for k in ("codes", "scales", "values") if k in r]
+        for s in slots:
+            p = packs.get(s["pack"])
+            if p is None or s["offset"] + s["length"] > p["width"]:
+                raise FormatError(f"{where}: tensor {t['name']!r} points outside pack {s['pack']!r}; the manifest is damaged")
