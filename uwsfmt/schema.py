@@ -60,6 +60,8 @@ def check_consistency(m: dict, where: str) -> None:
             r = t.get("residual") or {}
             slots += [r[k] for k in ("codes", "scales", "values") if k in r]
         for s in slots:
+            if s["length"] == 0:
+                continue
             p = packs.get(s["pack"])
             if p is None or s["offset"] + s["length"] > p["width"]:
                 raise FormatError(f"{where}: tensor {t['name']!r} points outside pack {s['pack']!r}; the manifest is damaged")

@@ -329,6 +329,8 @@ class Store:
         """Sparse pack rows holding only the slots of tensor ``e`` (partial chunk reads)."""
         rows: dict[str, torch.Tensor] = {}
         for s in _slots_of(e):
+            if s["length"] == 0:
+                continue
             arr = self._array(self.manifest["packs"][s["pack"]]["path"])
             vals = torch.from_numpy(np.ascontiguousarray(arr[idx, s["offset"]: s["offset"] + s["length"]]))
             full = rows.get(s["pack"])

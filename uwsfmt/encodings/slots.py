@@ -12,6 +12,8 @@ def slot(pack: str, offset: int, length: int, **extra) -> dict:
 
 def take(rows: dict[str, torch.Tensor], s: dict) -> torch.Tensor:
     """The values of slot ``s`` from a model's pack rows (a view, no copy)."""
+    if s["length"] == 0:  # rank 0: no pack row may exist at all
+        return torch.empty(0, dtype=torch.float32)
     return rows[s["pack"]][s["offset"]: s["offset"] + s["length"]]
 
 

@@ -1,0 +1,32 @@
+"""Shared fixtures. Families are tiny and deterministic; stores go to pytest's tmp_path."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHAPES = {
+    "blocks.0.attn.qkv.weight": (96, 32),
+    "blocks.0.mlp.fc1.weight": (64, 32),
+    "blocks.0.mlp.fc2.weight": (32, 64),
+    "conv.weight": (16, 8, 3, 3),
+}
+
+
+@pytest.fixture
+def small_family():
+    from uwsfmt.families import synthetic_family
+
+    return synthetic_family(n_models=6, shapes=SHAPES, rank=3, noise=0.0, seed=1, return_truth=True)
+
+
+@pytest.fixture
+def family_files(tmp_path, small_family):
+    from uwsfmt.families import write_family
+
+    fam, _ = small_family
+    return [str(p) for p in write_family(fam, tmp_path / "src")]
