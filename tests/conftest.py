@@ -30,3 +30,13 @@ def family_files(tmp_path, small_family):
 
     fam, _ = small_family
     return [str(p) for p in write_family(fam, tmp_path / "src")]
+
+
+@pytest.fixture(scope="session")
+def peft_family(tmp_path_factory):
+    """(base TinyNet, adapter folders): real PEFT LoRA adapters trained once per session on one
+    tiny base, ranks 4 and 8, rsLoRA / rank_pattern / missing-module variants (tests/peft_family.py)."""
+    pytest.importorskip("peft")
+    from tests.peft_family import train_adapters
+
+    return train_adapters(tmp_path_factory.mktemp("peft_family"))

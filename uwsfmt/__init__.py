@@ -22,15 +22,16 @@ from .errors import (  # noqa: E402
     UWSError,
     VersionError,
 )
+from .evaluate import evaluate  # noqa: E402
 from .packing import pack, unpack  # noqa: E402
 from .store import Store, open  # noqa: E402,A004
 from .validate import validate  # noqa: E402
 
 
-def append(store, source, *, id=None, format=None, progress=False):
+def append(store, source, *, id=None, format=None, progress=False, max_error=None, max_delta_error=None):
     """Add a model to a store (path or open Store) by projection onto its bases."""
     st = open(store, mode="w") if not isinstance(store, Store) else store
-    return st.append(source, id=id, format=format, progress=progress)
+    return st.append(source, id=id, format=format, progress=progress, max_error=max_error, max_delta_error=max_delta_error)
 
 
 def project(store, source, *, format=None):
@@ -48,5 +49,5 @@ def export(store, model, out, *, format="safetensors", **kw):
 __all__ = [
     "BudgetError", "Cancelled", "ConfigError", "ConflictError", "FormatError", "LockError", "NotFoundError",
     "SourceError", "Store", "StoreError", "StoreExistsError", "UWSError", "VersionError",
-    "append", "convert", "export", "open", "pack", "plan", "project", "unpack", "validate",
+    "append", "convert", "evaluate", "export", "open", "pack", "plan", "project", "unpack", "validate",
 ]

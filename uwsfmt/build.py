@@ -9,8 +9,11 @@ and one model's rows — never anything proportional to the number of models.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as _dt
 import fnmatch
+import math
 import os
 import shutil
 import threading
@@ -24,14 +27,16 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
-from . import __version__, dtypes, layout, linalg, naming
+from . import __version__, budget, dtypes, layout, linalg, naming
+from .commit import BuildLock, replace_dir
 from .encodings import dense as dense_enc
+from .encodings import lora as lora_enc
 from .encodings import residual as residual_enc
 from .encodings import subspace
 from .encodings.slots import PackLayout
 from .errors import ConfigError, ConflictError, SourceError, StoreError, StoreExistsError, UWSError
 from .sources import Checkpoint, TensorInfo, discover, open_checkpoint
-from .store import Store, _open_zarr_store, default_device, open, read_manifest
+from .store import BUILDING_MARK, Store, _open_zarr_store, default_device, open, read_manifest
 
 ENCODING_NAMES = ("subspace", "shared", "dense")
 
@@ -53,10 +58,18 @@ class Settings:
     encodings: dict[str, str] = field(default_factory=dict)  # name pattern -> encoding
     min_numel: int = 1024  # smaller float tensors are stored dense
     allow_nonfinite: bool = False  # store tensors with NaN/Inf as dense instead of refusing
-    sketch_oversample: int = 16  # flat mode: extra sketch columns
+    sketch_oversample: int = 16  # flat mode and basis="sketch": extra sketch columns
+    basis: str = "exact"  # exact (float64 Gram + eigh) | sketch (randomised range finder, checked, exact fallback)
+    sketch_power: int = 1  # basis="sketch": refinement sweeps after the sketch (the last one also checks)
+    sketch_tolerance: float = 0.01  # basis="sketch": accepted loss of squared error vs the best basis
     seed: int = 0
+    max_error: float | None = None  # error budget: ||W - W_hat|| / ||W|| per tensor and model (see budget.py)
+    max_delta_error: float | None = None  # error budget: ||W - W_hat|| / ||W - M|| per tensor and model
+    lora_mode: str = "product"  # LoRA pairs: product (basis over s*B*A) | factors (paper: A and B apart)
 
     def check(self) -> None:
+        if self.lora_mode not in lora_enc.LORA_MODES:
+            raise ConfigError(f"lora_mode must be one of {', '.join(lora_enc.LORA_MODES)}; not {self.lora_mode!r}")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 0):
             raise ConfigError(f"rank must be a non-negative integer, not {self.rank!r}")
         if self.tau is not None and not (0.0 < float(self.tau) <= 1.0):
@@ -67,21 +80,42 @@ class Settings:
             raise ConfigError(f"mode must be one of auto, {', '.join(linalg.MODES)}; not {self.mode!r}")
         if self.center not in linalg.CENTERS:
             raise ConfigError(f"center must be one of {', '.join(linalg.CENTERS)}; not {self.center!r}")
+        for key, example in (("max_error", "--max-error 1e-3"), ("max_delta_error", "--max-delta-error 0.1")):
+            v = getattr(self, key)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) < math.inf):
+                raise ConfigError(f"{key} must be a number >= 0 (relative error per tensor and model, e.g. {example}), not {v!r}")
+        if self.basis not in BASIS_METHODS:
+            raise ConfigError(f"basis must be one of {', '.join(BASIS_METHODS)}; not {self.basis!r}")
+        if not (isinstance(self.sketch_power, int) and self.sketch_power >= 1):
+            raise ConfigError(f"sketch_power must be an integer >= 1 (refinement sweeps), not {self.sketch_power!r}")
         if self.residual_bits not in (None, 0) + linalg.RESIDUAL_BITS:
-            raise ConfigError(f"residual_bits must be one of 2, 4, 8, 16 (or None); not {self.residual_bits!r}")
+            raise ConfigError(f"residual_bits must be one of 1, 2, 4, 8, 16 (or None); not {self.residual_bits!r}")
         for pat, enc in self.encodings.items():
             if enc not in ENCODING_NAMES:
                 raise ConfigError(f"encoding override {pat!r}: {enc!r} is not one of {', '.join(ENCODING_NAMES)}")
 
+    @property
+    def error_budget(self) -> budget.Budget | None:
+        """The error budget (None: rank by tau / rank, no guarantee)."""
+        if self.max_error is None and self.max_delta_error is None:
+            return None
+        return budget.Budget(self.max_error, self.max_delta_error)
+
     def choose(self, side: str, vals: torch.Tensor, limit: int | None) -> int:
         tau = self.tau if (self.rank is None and self.tau is not None) else None
-        if self.rank is None and self.tau is None:
+        max_rank = self.max_rank
+        if self.error_budget is not None:  # keep every candidate direction; the budget picks the rank
+            max_rank = budget.MAX_CANDIDATE_RANK if max_rank is None else max_rank
+        elif self.rank is None and self.tau is None:
             tau = DEFAULT_TAU
-        return linalg.choose_rank(vals, rank=self.rank, tau=tau, max_rank=self.max_rank, limit=limit)
+        return linalg.choose_rank(vals, rank=self.rank, tau=tau, max_rank=max_rank, limit=limit)
 
 
 #: explained variance kept when neither rank nor tau is given (fidelity first)
 DEFAULT_TAU = 0.999
+BASIS_METHODS = ("exact", "sketch")
+SKETCH_RANK = linalg.SKETCH_RANK
+SKETCH_PROBES = linalg.SKETCH_PROBES
 
 
 # ---------------------------------------------------------------------------- planning
@@ -103,6 +137,7 @@ class FamilyPlan:
     tensors: list[TensorPlan]
     problems: list[str]
     total_bytes: int
+    lora: dict = field(default_factory=dict)  # LoRA section of the report (empty: no adapters)
 
     def report(self) -> dict:
         """JSON-friendly planning report (what ``uwsfmt plan`` prints)."""
@@ -121,6 +156,7 @@ class FamilyPlan:
             "varying_shapes": [t.name for t in self.tensors if t.shape is None],
             "conflicts": list(self.problems),
             "total_bytes": self.total_bytes,
+            **({"lora": self.lora} if self.lora else {}),
         }
 
 
@@ -159,8 +195,17 @@ def plan_family(checkpoints: list[Checkpoint], settings: Settings | None = None,
             if k not in seen:
                 seen.add(k)
                 names.append(k)
+    for c in checkpoints:
+        problems += naming.check_string(c.id, f"model id (of {c.path})" if c.path else "model id")
+    for k in names:
+        problems += naming.check_string(k, "tensor name", empty_ok=True)
+    lora_plans, lora_names, lora_problems, lora_report = lora_enc.plan(checkpoints, infos, settings, TensorPlan)
+    problems += lora_problems
     tensors = []
     for name in names:
+        if name in lora_names:  # LoRA factors: planned as modules (or factor-wise) by encodings/lora.py
+            tensors += lora_plans.get(name, [])
+            continue
         have = [(c, inf[name]) for c, inf in zip(checkpoints, infos) if name in inf]
         if len(have) < len(checkpoints):
             missing = [c.id for c, inf in zip(checkpoints, infos) if name not in inf]
@@ -188,7 +233,7 @@ def plan_family(checkpoints: list[Checkpoint], settings: Settings | None = None,
             tensors.append(TensorPlan(name, shape, dtype, forced, "override"))
         elif not dtypes.is_float(dtype):
             tensors.append(TensorPlan(name, shape, dtype, "dense", f"{dtype} tensor"))
-        elif len(shape) <= 1:
+        elif len(shape) <= 1 and settings.error_budget is None:  # with a budget, vectors compete too
             tensors.append(TensorPlan(name, shape, dtype, "dense", "1-D tensor"))
         elif numel < settings.min_numel:
             tensors.append(TensorPlan(name, shape, dtype, "dense", f"small tensor (< {settings.min_numel} values)"))
@@ -198,7 +243,7 @@ def plan_family(checkpoints: list[Checkpoint], settings: Settings | None = None,
             tensors.append(TensorPlan(name, shape, dtype, "subspace", "float matrix"))
     if strict and problems:
         raise ConflictError(f"the {len(checkpoints)} sources do not form one family:", problems)
-    return FamilyPlan(checkpoints, tensors, problems, total)
+    return FamilyPlan(checkpoints, tensors, problems, total, lora_report)
 
 
 def plan(sources, *, format: str | None = None, **settings) -> dict:
@@ -263,13 +308,8 @@ class Progress:
 def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.device, base: Checkpoint | None, prog: Progress):
     """Statistics sweep for one tensor -> (final encoding, Fit or shared value, reason)."""
     m, n = linalg.matrix_view(tp.shape)
-    mode = subspace.resolve_mode(s.mode, m, n)
+    mode = budget.gram_mode(s.mode, m, n) if s.error_budget is not None else subspace.resolve_mode(s.mode, m, n)
     first = cks[0].get(tp.name)
-    if not _check_finite(first, tp.name, cks[0]):
-        if s.allow_nonfinite:
-            prog.step(tp.name, len(cks))
-            return "dense", None, "non-finite values"
-        raise _nonfinite_error(tp.name, cks[0])
     if s.center == "base":
         if base is None:
             raise ConfigError("center='base' needs base=... (the checkpoint the family was fine-tuned from)")
@@ -278,21 +318,25 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
         reference = first.to(dev)
     identical = True
     with linalg.no_tf32():
+        sketch = _sketch_test_matrices(s, mode, m, n, dev)
         if mode == "flat":
             width = min(len(cks), (s.rank or s.max_rank or len(cks)) + s.sketch_oversample)
             sk = linalg.FlatSketch(m * n, max(1, width), reference, seed=s.seed)
+        elif sketch:
+            st = linalg.GramSketch(m, n, sketch, reference)
         else:
             st = linalg.GramStats.empty(m, n, left=mode in ("left", "both"), right=mode in ("right", "both"), reference=reference)
         for i, ck in enumerate(cks):
             w = first if i == 0 else ck.get(tp.name)
             if i > 0:
-                if not _check_finite(w, tp.name, ck):
-                    if s.allow_nonfinite:
-                        prog.step(tp.name, len(cks) - i)
-                        return "dense", None, "non-finite values"
-                    raise _nonfinite_error(tp.name, ck)
                 identical = identical and _same_bits(w, first)
-            (sk if mode == "flat" else st).add(w.to(dev))
+            sq = (sk if mode == "flat" else st).add(w.to(dev))
+            # the statistics' squared norm of W is NaN/Inf exactly when a value is: no separate pass
+            if not (sq is not None and math.isfinite(sq)) and not _check_finite(w, tp.name, ck):
+                if s.allow_nonfinite:
+                    prog.step(tp.name, len(cks) - i)
+                    return "dense", None, "non-finite values"
+                raise _nonfinite_error(tp.name, ck)
             prog.step(tp.name)
         if identical and len(cks) > 1 and _override(tp.name, s.encodings) != "subspace":
             return "shared", first, "bit-identical in every model"
@@ -304,12 +348,136 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
                                 for i in range(len(cks))], dim=1)
             basis, spectrum = linalg.flat_basis(q, proj)
             fit = subspace.fit_flat(mean, basis, spectrum, s.choose)
+        elif sketch:
+            fit = _fit_sketch(tp, cks, s, dev, st, mode, prog)
+            del st
         else:
             fit = subspace.fit_gram(st, mode=mode, center=s.center, choose=s.choose)
             del st
     if fit.mean is not None:
         fit.mean = fit.mean.to(_mean_dtype(tp.dtype))
     return "subspace", fit, "float matrix"
+
+
+def _sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.device) -> dict[str, torch.Tensor] | None:
+    """Gaussian test matrices per basis side for basis="sketch", or None where the exact Gram is
+    used: the setting asks for it, an error budget needs the full spectrum, or the sketch would be
+    nearly as wide as the Gram itself."""
+    if s.basis != "sketch" or s.error_budget is not None or mode == "flat":
+        return None
+    target = s.rank if s.rank is not None else (s.max_rank if s.max_rank is not None else SKETCH_RANK)
+    width = target + s.sketch_oversample
+    out = {}
+    for i, side in enumerate(("left", "right")):
+        if mode in (side, "both"):
+            dim = m if side == "left" else n
+            if width + SKETCH_PROBES > dim // 2:
+                return None
+            out[side] = linalg.sketch_test_matrix(dim, width, s.seed, dev, salt=10 + i)
+    return out
+
+
+def _sweep(cks: list[Checkpoint], name: str, dev: torch.device, stats, prog: Progress):
+    """One more pass over every model's copy of tensor ``name`` into ``stats``."""
+    for ck in cks:
+        prog.step(name, 0)  # cancellation point
+        stats.add(ck.get(name).to(dev))
+    return stats
+
+
+def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.device, sk: linalg.GramSketch, mode: str,
+                prog: Progress) -> subspace.Fit:
+    """Bases from a randomised range finder: orthonormalise the sketch G X, refine with
+    ``sketch_power - 1`` power sweeps, then a last sweep gives G Q (exact energies of the found
+    directions, Rayleigh-Ritz) and G P for fresh probes P (the a-posteriori check). Falls back to
+    the exact Gram when the check fails or tau is not met within the sketched directions."""
+    m, n = linalg.matrix_view(tp.shape)
+    mean, ys, total = sk.products(s.center)
+    qs = {side: linalg.orthonormal_columns(y) for side, y in ys.items()}
+    for _ in range(s.sketch_power - 1):
+        refine = _sweep(cks, tp.name, dev, linalg.GramSketch(m, n, qs, sk.reference, sums=False), prog)
+        qs = {side: linalg.orthonormal_columns(y) for side, y in refine.products(s.center, sums=sk)[1].items()}
+    probes = {side: linalg.sketch_test_matrix(q.shape[0], SKETCH_PROBES, s.seed, dev, salt=20 + i)
+              for i, (side, q) in enumerate(qs.items())}
+    last = _sweep(cks, tp.name, dev, linalg.GramSketch(m, n, {side: torch.cat([q, probes[side]], 1) for side, q in qs.items()},
+                                                         sk.reference, sums=False), prog)
+    gs = last.products(s.center, sums=sk)[1]
+    fit = subspace.Fit(mode, s.center, mean, None, None,
+                       method={"method": "sketch", "columns": {}, "power_sweeps": s.sketch_power, "check": {}})
+    for side, q in qs.items():
+        t = q.shape[1]
+        res = linalg.sketch_ritz(q, gs[side][:, :t], probes[side], gs[side][:, t:], total)
+        spectrum = res.spectrum()
+        k = s.choose(side, spectrum, t)
+        check = res.check(k, s.sketch_tolerance)
+        why = None
+        if s.rank is None and k > t - s.sketch_oversample:
+            why = f"{side}: tau needs more than the {t - s.sketch_oversample} directions sketched"
+        elif not check["ok"]:
+            why = f"{side}: a-posteriori check failed (a missed direction could lower the error by more than {s.sketch_tolerance:.0%})"
+        if why:
+            exact = _sweep(cks, tp.name, dev, linalg.GramStats.empty(
+                m, n, left=mode in ("left", "both"), right=mode in ("right", "both"), reference=sk.reference), prog)
+            fit = subspace.fit_gram(exact, mode=mode, center=s.center, choose=s.choose)
+            fit.method = {"method": "exact", "sketch_rejected": why}
+            return fit
+        fit.spectra[side] = spectrum
+        fit.kept[side] = k
+        fit.method["columns"][side] = t
+        fit.method["check"][side] = check
+        basis = res.vectors[:, :k].to(torch.float32)
+        if side == "left":
+            fit.left = basis
+        else:
+            fit.right = basis
+    return fit
+
+
+def _budget_tensor(e: dict, tp: TensorPlan, fit, cks: list[Checkpoint], s: Settings, prog: Progress):
+    """Error-budget mode: sweep the models once more and let :mod:`uwsfmt.budget` pick the
+    rank, mode and residual bits (or dense). Returns (encoding, fit, reason, settings for it)."""
+
+    def models():
+        for ck in cks:
+            prog.step(tp.name, 0)  # cancellation point
+            yield ck.get(tp.name)
+
+    choice, chosen = budget.choose(
+        fit, models(), name=tp.name, shape=tp.shape, dtype=tp.dtype, n_models=len(cks), budget=s.error_budget,
+        residual_bits=s.residual_bits, fixed_rank=s.rank is not None or s.tau is not None, mode=s.mode,
+        forced=_override(tp.name, s.encodings) == "subspace",
+    )
+    e["budget"] = choice.record()
+    if chosen is None:
+        return "dense", None, choice.reason(), s
+    return "subspace", chosen, choice.reason(), dataclasses.replace(s, residual_bits=choice.candidate.bits)
+
+
+def _tensor_settings(s: Settings, tp: TensorPlan) -> Settings:
+    """Settings for one tensor: a plan may fix its basis side (factor-wise LoRA: B left, A right)."""
+    mode = getattr(tp, "mode", None)
+    return dataclasses.replace(s, mode=mode) if mode else s
+
+
+def check_base(fam: FamilyPlan, base: Checkpoint) -> None:
+    """Every tensor decomposed around the base must be in it with the same shape: report all misses at once."""
+    try:
+        have = base.infos()
+    except UWSError:
+        raise
+    except Exception as e:
+        raise SourceError(f"{base.path or base.id}: cannot read the base checkpoint's headers ({e})") from None
+    problems = []
+    for tp in fam.tensors:
+        if tp.encoding != "subspace" or tp.shape is None:
+            continue
+        got = have.get(tp.name)
+        if got is None:
+            problems.append(f"tensor {tp.name!r} is not in the base")
+        elif tuple(got.shape) != tuple(tp.shape):
+            problems.append(f"tensor {tp.name!r} is {list(tp.shape)} in the family but {list(got.shape)} in the base")
+    if problems:
+        raise ConflictError(f"{base.path or base.id}: not the base these models were fine-tuned from:", problems)
 
 
 def _mean_dtype(logical: str) -> torch.dtype:
@@ -319,26 +487,47 @@ def _mean_dtype(logical: str) -> torch.dtype:
 # ---------------------------------------------------------------------------- pass 2
 
 
-def _encode_subspace(e: dict, fit: subspace.Fit, w: torch.Tensor, rows: dict[str, np.ndarray]) -> tuple[float, float | None]:
-    """Project one model's tensor, fill its slots; return (error, delta error)."""
+def _encode_subspace(e: dict, fit: subspace.Fit, w: torch.Tensor, rows: dict[str, np.ndarray], keep: dict | None = None
+                     ) -> tuple[float, float | None]:
+    """Project one model's tensor, fill its slots; return (error, delta error) of what a reader
+    rebuilds (compute dtype, then the source dtype). ``keep`` receives that rebuild (float64, before
+    the cast) under "rebuilt", and "error" (absolute), "wn" = ||W||, "dn" = ||W - M|| (error budgets).
+
+    The coefficients are computed in float64 from D = W - M; the rebuild is done as a reader does it
+    (compute dtype, same order of operations), so the recorded error is the one users get back.
+    Every full-size temporary costs a pass over memory, so there are few: W in float64, D in place.
+    """
     view = tuple(e["view"])
-    dev = fit.mean.device if fit.mean is not None else (fit.left if fit.left is not None else fit.right).device
+    prep = subspace.prepared(fit, _compute_dtype(e["dtype"]))
     with linalg.no_tf32():
-        w64 = w.to(device=dev, dtype=torch.float64).reshape(view)
-        d = w64 - fit.mean.to(torch.float64).reshape(view) if fit.mean is not None else w64
-        c = subspace.coefficients(fit, d)
-        rows[e["coefficients"]["pack"]][e["coefficients"]["offset"]: e["coefficients"]["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
-        approx = subspace.subspace_part(fit, c)
+        w = w.to(prep.device).reshape(view)
+        d = w.to(torch.float64, copy=True)
+        if prep.mean is not None:
+            d.sub_(prep.mean.reshape(view))
+        c = linalg.project(d, prep.left64, prep.right64).to(torch.float32)
+        sl = e["coefficients"]
+        rows[sl["pack"]][sl["offset"]: sl["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
+        dn = float(torch.linalg.vector_norm(d)) if prep.mean is not None else None
+        del d
+        r = subspace.rebuild(prep, c, view)  # compute dtype, exactly as the reader
+        wc = w if w.dtype == prep.cdt else w.to(prep.cdt)
         if e.get("residual"):
-            values, back = residual_enc.encode(e["residual"], (d - approx).to(torch.float32))
+            values, back = residual_enc.encode(e["residual"], (wc - r).to(torch.float32))
             residual_enc.write(e["residual"], values, rows)
-            approx = approx + back.to(torch.float64)
-        err = torch.linalg.vector_norm(d - approx).item()
-        wn = torch.linalg.vector_norm(w64).item()
-        dn = torch.linalg.vector_norm(d).item() if fit.mean is not None else None
+            r.add_(back.to(prep.cdt))
+        want = dtypes.torch_dtype(e["dtype"])
+        out = r if want == prep.cdt else r.to(want).to(prep.cdt)
+        err = float(torch.linalg.vector_norm(out.sub_(wc) if out is not r else out - wc, dtype=torch.float64))
+        wn = float(torch.linalg.vector_norm(wc, dtype=torch.float64))
+        if keep is not None:
+            keep.update(rebuilt=r.to(torch.float64), error=err, wn=wn, dn=dn)
     rel = err / wn if wn > 0 else (0.0 if err == 0 else float("inf"))
     drel = None if dn is None else (err / dn if dn > 0 else (0.0 if err == 0 else float("inf")))
     return rel, drel
+
+
+def _compute_dtype(logical: str) -> torch.dtype:
+    return torch.float64 if logical == "float64" else torch.float32
 
 
 def _finite_or_none(x: float | None) -> float | None:
@@ -346,15 +535,27 @@ def _finite_or_none(x: float | None) -> float | None:
 
 
 def encode_model(
-    entries: list[dict], fits: dict[str, Any], ck: Checkpoint, widths: dict[str, int], *, allow_nonfinite: bool, store_path: str
+    entries: list[dict], fits: dict[str, Any], ck: Checkpoint, widths: dict[str, int], *, allow_nonfinite: bool, store_path: str,
+    error_budget: budget.Budget | None = None, corrections: dict | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], list, list]:
-    """One model -> (pack rows, per-model dense arrays, errors, delta errors)."""
+    """One model -> (pack rows, per-model dense arrays, errors, delta errors).
+
+    With an ``error_budget``, a tensor the store cannot hold within it (a subspace
+    tensor whose projection misses the budget, a shared tensor this model differs in) gets a
+    per-model exception (:func:`uwsfmt.budget.correct`) in ``corrections[name]``; its error
+    is then the corrected one.
+    """
     rows = {p: np.zeros(w, dtype=p) for p, w in widths.items()}
     per_model: dict[str, torch.Tensor] = {}
     errs, derrs = [], []
     infos = ck.infos()
     for e in entries:
         name = e["name"]
+        if e.get("lora") is not None:
+            rel, _ = lora_enc.encode(e, fits[name], ck, rows)
+            errs.append(_finite_or_none(rel))
+            derrs.append(_finite_or_none(rel))
+            continue
         if name not in infos:
             raise ConflictError(f"{ck.path or ck.id}: model {ck.id!r} lacks tensor {name!r} that the store {store_path} holds")
         info = infos[name]
@@ -367,12 +568,15 @@ def encode_model(
                 f"{ck.path or ck.id}: tensor {name!r} has shape {list(info.shape)} but the store holds {e['shape']}"
             )
         w = ck.get(name)
-        if enc == "subspace" and not _check_finite(w, name, ck):
-            raise _nonfinite_error(name, ck) if not allow_nonfinite else SourceError(
-                f"{ck.path or ck.id}: tensor {name!r} of model {ck.id!r} has NaN/Inf but is a subspace tensor in the store; "
-                "non-finite values cannot be projected. Rebuild the store including this model with allow_nonfinite=True."
-            )
+        if enc != "subspace" and not allow_nonfinite and not _check_finite(w, name, ck):
+            raise _nonfinite_error(name, ck)
         if enc == "shared":
+            if not _same_bits(w, fits[name]) and error_budget is not None and corrections is not None:
+                before = budget.read_error(w.to(torch.float64), fits[name].to(torch.float64), e["dtype"]) if w.is_floating_point() else math.inf
+                corrections[name] = budget.correct(w, fits[name], e["dtype"], error_budget, before)
+                errs.append(_finite_or_none(corrections[name].error))
+                derrs.append(None)
+                continue
             if not _same_bits(w, fits[name]):
                 raise ConflictError(
                     f"{ck.path or ck.id}: tensor {name!r} of model {ck.id!r} differs from the store's shared copy; "
@@ -389,7 +593,17 @@ def encode_model(
             errs.append(0.0)
             derrs.append(0.0)
         else:
-            rel, drel = _encode_subspace(e, fits[name], w, rows)
+            keep: dict | None = {} if (error_budget is not None and corrections is not None) else None
+            with linalg.threads_for(w.numel()):
+                rel, drel = _encode_subspace(e, fits[name], w, rows, keep)
+            if not math.isfinite(rel) and not _check_finite(w, name, ck):  # NaN/Inf in W make the error NaN or Inf: one pass saved
+                raise _nonfinite_error(name, ck) if not allow_nonfinite else SourceError(
+                    f"{ck.path or ck.id}: tensor {name!r} of model {ck.id!r} has NaN/Inf but is a subspace tensor in the store; "
+                    "non-finite values cannot be projected. Rebuild the store including this model with allow_nonfinite=True."
+                )
+            if keep is not None and not budget.meets(error_budget, keep["error"], keep["wn"], keep["dn"], e["dtype"]):
+                corrections[name] = fix = budget.correct(w, keep["rebuilt"], e["dtype"], error_budget, rel, keep["dn"])
+                rel, drel = fix.error, fix.delta_error
             errs.append(_finite_or_none(rel))
             derrs.append(_finite_or_none(drel))
     return rows, per_model, errs, derrs
@@ -399,7 +613,7 @@ def encode_model(
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _source_record(ck: Checkpoint) -> dict:
@@ -423,7 +637,7 @@ def convert(
     center: str = "mean",
     residual_bits: int | None = None,
     encodings: dict[str, str] | None = None,
-    min_numel: int = 1024,
+    min_numel: int | None = None,
     allow_nonfinite: bool = False,
     base=None,
     device: str | None = None,
@@ -432,6 +646,10 @@ def convert(
     progress: bool | Callable[[int, int, str], None] | None = False,
     cancel: threading.Event | None = None,
     seed: int = 0,
+    max_error: float | None = None,
+    max_delta_error: float | None = None,
+    lora_mode: str = "product",
+    basis: str = "exact",
 ) -> Store:
     """Build a UWS store at ``out`` from a family of checkpoints and return it opened.
 
@@ -440,12 +658,29 @@ def convert(
     variance (default 0.999), capped by ``max_rank``. ``residual_bits`` adds a quantized
     per-model correction (2/4/8 bits with per-row scales, or 16 = float16).
 
+    ``max_error`` (the error budget) bounds the relative error ||W - W_hat|| / ||W|| of every
+    tensor of every model, ``max_delta_error`` the share ||W - W_hat|| / ||W - M|| of each model's
+    deviation from the family centre that may be lost (either or both): per tensor, the mode, rank
+    and residual bits with the fewest bytes that meet it are chosen (dense when nothing smaller
+    does; 0 = lossless). ``rank``, ``tau``,
+    ``residual_bits`` and ``mode`` still fix what they name. The choice, the bytes of the
+    alternatives and the achieved errors are recorded in the store (``info`` shows them).
+
+    ``basis="sketch"`` finds the bases with a randomised range finder (rank + 16 Gaussian columns,
+    one refinement sweep) instead of the exact float64 Gram: two thin GEMMs per model instead of
+    one square one. The refinement sweep measures the exact energy of every direction found and
+    checks a-posteriori that no missed direction could lower the squared error by more than 1%;
+    tensors that fail the check (or whose tau needs more directions than sketched) fall back to
+    the exact Gram. Each tensor records which method it got (``basis`` in its manifest entry).
+
     >>> fam = {f"m{i}": {"w": torch.randn(64, 64)} for i in range(4)}
     >>> store = convert(fam, "/tmp/doc.uws", rank=2, overwrite=True)  # doctest: +SKIP
     """
     s = Settings(rank=rank, tau=tau, max_rank=max_rank, mode=mode, center=center,
                  residual_bits=residual_bits or None, encodings=dict(encodings or {}),
-                 min_numel=min_numel, allow_nonfinite=allow_nonfinite, seed=seed)
+                 min_numel=(min_numel if min_numel is not None else budget.MIN_NUMEL
+                            if (max_error, max_delta_error) != (None, None) else 1024),
+                 allow_nonfinite=allow_nonfinite, seed=seed, max_error=max_error, max_delta_error=max_delta_error, lora_mode=lora_mode, basis=basis)
     s.check()
     out = os.fspath(out)
     if os.path.exists(out) and not overwrite:
@@ -457,36 +692,63 @@ def convert(
         if center == "mean":
             s.center = "base"
     fam = plan_family(cks, s)
+    if base_ck is not None:
+        check_base(fam, base_ck)
     dev = torch.device(device or default_device())
-    parent = os.path.dirname(os.path.abspath(out)) or "."
+    parent, name = os.path.split(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise StoreError(f"{out}: the parent folder {parent} does not exist")
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.uws-building-{uuid.uuid4().hex[:8]}")
-    try:
-        _build(fam, tmp, s, dev, base_ck, progress, cancel)
-        _replace(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        for c in cks:
-            c.close()
+    # The store is built in a hidden sibling and renamed into place at the end, so a killed
+    # convert never leaves a store at ``out``; converts to one target serialise on a lock, under
+    # which the leftovers of killed ones are removed.
+    with BuildLock(out):
+        _remove_stale_builds(parent, name)
+        if os.path.lexists(out) and not overwrite:  # another convert finished it while we waited
+            raise StoreExistsError(f"{out}: already exists; choose another output path or pass overwrite=True (CLI: --overwrite)")
+        tmp = os.path.join(parent, f".{name}{BUILDING_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            _build(fam, tmp, s, dev, base_ck, progress, cancel)
+            _replace(tmp, out, overwrite)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = "the existing store there is unchanged" if os.path.exists(out) else "nothing was written there"
+            raise StoreError(f"{out}: could not write the store ({_os_reason(e)}); {kept}") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            for c in cks:
+                c.close()
     return open(out)
 
 
+def _os_reason(e: OSError) -> str:
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    return f"{e.strerror or e}{where}"
+
+
+def _remove_stale_builds(parent: str, name: str) -> None:
+    """Delete the temporary folders of killed converts to ``parent/name`` (caller holds its BuildLock)."""
+    prefix = f".{name}{BUILDING_MARK}"
+    for entry in os.listdir(parent):
+        if entry.startswith(prefix):
+            p = os.path.join(parent, entry)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(p)
+
+
 def _replace(tmp: str, out: str, overwrite: bool) -> None:
-    if os.path.exists(out):
-        if not overwrite:
-            raise StoreExistsError(f"{out}: appeared while building; the new store was not moved there")
-        trash = f"{tmp}.old"
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        if os.path.isdir(trash):
-            shutil.rmtree(trash, ignore_errors=True)
+    if os.path.lexists(out) and not overwrite:
+        raise StoreExistsError(f"{out}: appeared while building; the new store was not moved there")
+    old = replace_dir(tmp, out)  # atomic swap where the OS has one: ``out`` is always a whole store
+    if old is not None:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old, ignore_errors=True)
         else:
-            os.remove(trash)
-    else:
-        os.rename(tmp, out)
+            os.remove(old)
 
 
 def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Checkpoint | None, progress, cancel) -> None:
@@ -509,11 +771,21 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
             if tp.shape is None:
                 e.update(shape=None, encoding="dense", data={"per_model": True}, reason=reason)
                 prog.step(tp.name, N)
-            elif enc == "subspace":
-                enc, fit, reason = _fit_tensor(tp, cks, s, dev, base, prog)
+            elif enc == "lora":  # one LoRA module: product basis, per-adapter cores (encodings/lora.py)
+                fit = lora_enc.fit(tp, cks, s, dev, prog)
                 e["shape"] = list(tp.shape)
+                _add_subspace(e, fit, zstore, npath, packs, dataclasses.replace(s, residual_bits=None), tp)
+                e.update(encoding="subspace", reason=reason, lora=lora_enc.entry_record(tp))
+                fits[tp.name] = fit
+            elif enc == "subspace":
+                with linalg.threads_for(math.prod(tp.shape)):
+                    enc, fit, reason = _fit_tensor(tp, cks, _tensor_settings(s, tp), dev, base, prog)
+                e["shape"] = list(tp.shape)
+                ts = _tensor_settings(s, tp)
+                if enc == "subspace" and s.error_budget is not None:
+                    enc, fit, reason, ts = _budget_tensor(e, tp, fit, cks, s, prog)
                 if enc == "subspace":
-                    _add_subspace(e, fit, zstore, npath, packs, s, tp)
+                    _add_subspace(e, fit, zstore, npath, packs, ts, tp)
                     fits[tp.name] = fit
                 elif enc == "shared":
                     _add_shared(e, fit, zstore, npath)
@@ -547,13 +819,18 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
         manifest_packs = {p: {"path": layout.pack_path(p), "dtype": p, "width": w} for p, w in packs.widths.items() if w > 0}
         models = []
         for i, ck in enumerate(cks):
-            rows, per_model, errs, derrs = encode_model(entries, fits, ck, packs.widths, allow_nonfinite=s.allow_nonfinite, store_path=path)
+            fixes: dict = {}
+            rows, per_model, errs, derrs = encode_model(entries, fits, ck, packs.widths, allow_nonfinite=s.allow_nonfinite, store_path=path,
+                                                        error_budget=s.error_budget, corrections=fixes)
             for p, arr in pack_arrays.items():
                 arr[i, :] = rows[p]
             for name, w in per_model.items():
                 e = entries[[x["name"] for x in entries].index(name)]
                 layout.write_array(zstore, f"{e['node']}/models/{i}", dtypes.to_storage(w))
-            models.append({"id": ck.id, "added": _now(), "source": _source_record(ck), "error": errs, "delta_error": derrs})
+            models.append({"id": ck.id, "added": _now(), "source": _source_record(ck), "error": errs, "delta_error": derrs,
+                           **lora_enc.model_record(entries, ck)})
+            if fixes:  # the budget's emulation and pass 2 disagreed by rounding: keep the promise anyway
+                models[-1]["exceptions"] = _write_exceptions(zstore, entries, i, fixes)
             prog.step(ck.id)
         manifest = {
             "format_version": layout.FORMAT_VERSION,
@@ -566,6 +843,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                 "device": str(dev),
                 "settings": {k: v for k, v in asdict(s).items()},
                 "default_tau": DEFAULT_TAU,
+                "n_models": N,
                 "base": _source_record(base) if base is not None else None,
             },
             "packs": manifest_packs,
@@ -578,6 +856,19 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
         root.attrs.put({"uws": manifest})
     finally:
         prog.close()
+
+
+def _write_exceptions(zstore, entries: list[dict], idx: int, fixes: dict) -> list[dict]:
+    """Write each correction's arrays under ``<node>/extra/<idx>``; return the model-table records."""
+    nodes = {e["name"]: e["node"] for e in entries}
+    out = []
+    for name, fix in fixes.items():
+        where = f"{nodes[name]}/extra/{idx}"
+        zarr.open_group(zstore, path=where, mode="w")
+        for key, arr in fix.arrays.items():
+            layout.write_array(zstore, f"{where}/{key}", np.asarray(arr))
+        out.append(fix.record(name, where))
+    return out
 
 
 def _add_shared(e: dict, value: torch.Tensor, zstore, npath: str) -> None:
@@ -606,6 +897,8 @@ def _add_subspace(e: dict, fit: subspace.Fit, zstore, npath: str, packs: PackLay
         layout.write_array(zstore, f"{npath}/spectrum_{side}", vals.cpu().numpy().astype(np.float64))
         e["spectrum"][side] = f"{npath}/spectrum_{side}"
     e["rank"] = fit.rank
+    if fit.method:
+        e["basis"] = fit.method
     ex = fit.explained()
     e["explained_variance"] = {k: float(v) for k, v in ex.items()}
     e["energy"] = float(next(iter(fit.spectra.values())).sum()) if fit.spectra else 0.0
@@ -623,12 +916,12 @@ def _fits_from_store(store: Store, dev: torch.device) -> dict[str, Any]:
     for e in store.manifest["tensors"]:
         if e["encoding"] == "subspace":
             cdt = torch.float64 if e["dtype"] == "float64" else torch.float32
-            def arr(p):
+            def arr(p, cdt=cdt):
                 return None if p is None else torch.from_numpy(store.read_array(p)).to(dev, cdt)
             kept = {"left": e["rank"][0], "right": e["rank"][1]}
             fits[e["name"]] = subspace.Fit(e["mode"], e["center"], arr(e["mean"]), arr(e["left"]), arr(e["right"]), {}, kept)
         elif e["encoding"] == "shared":
-            fits[e["name"]] = dtypes.from_storage(store.read_array(e["data"]["path"]), e["dtype"])
+            fits[e["name"]] = dtypes.from_storage(store.read_array(e["data"]["path"]), e["dtype"]).reshape(e["shape"])
     return fits
 
 
@@ -668,8 +961,12 @@ def _one_checkpoint(source, *, format: str | None, id: str | None = None) -> Che
 
 
 def append(store: Store, source, *, id: str | None = None, format: str | None = None, progress: bool = False,
-           device: str | None = None) -> dict:
+           device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None) -> dict:
     """Add one model to a directory store: project, write its row, commit the manifest.
+
+    The store's error budget (``max_error`` / ``max_delta_error`` of its build, or those given here) holds for the
+    new model too: a tensor whose projection misses it gets a per-model exception (a quantized
+    correction, or the tensor itself), listed in the model's entry, and ``info`` suggests a refit.
 
     Existing data is never rewritten: the new model's rows go into new shards, and the
     manifest (root zarr.json) is replaced atomically last. A lock serialises appenders.
@@ -679,6 +976,9 @@ def append(store: Store, source, *, id: str | None = None, format: str | None = 
     if not os.path.isdir(store.path):
         raise StoreError(f"{store.path}: only directory stores can be appended to; unpack the zip first (uwsfmt unpack)")
     ck = _one_checkpoint(source, format=format, id=id)
+    bad = naming.check_string(ck.id, "model id")
+    if bad:
+        raise ConflictError(f"{store.path}: cannot append {ck.path or ck.id!r}: {bad[0]}; pass another id (CLI: --id)")
     with StoreLock(store.path):
         zstore = _open_zarr_store(store.path, "w")
         current = read_manifest(zstore, store.path)  # re-read under the lock: another writer may have committed
@@ -687,18 +987,32 @@ def append(store: Store, source, *, id: str | None = None, format: str | None = 
         dev = torch.device(device or "cpu")
         fresh = Store(store.path, zstore, current)
         widths = {p: info["width"] for p, info in current["packs"].items()}
+        if max_error is None and max_delta_error is None:
+            built = current["build"]["settings"]
+            max_error, max_delta_error = built.get("max_error"), built.get("max_delta_error")
+        error_budget = None if (max_error, max_delta_error) == (None, None) else budget.Budget(max_error, max_delta_error)
+        fixes: dict = {}
         rows, per_model, errs, derrs = encode_model(current["tensors"], _fits_from_store(fresh, dev), ck, widths,
-                                                    allow_nonfinite=False, store_path=store.path)
+                                                    allow_nonfinite=bool(current["build"]["settings"].get("allow_nonfinite")),
+                                                    store_path=store.path,
+                                                    error_budget=error_budget, corrections=fixes)
         idx = len(current["models"])
-        for p, info in current["packs"].items():
-            arr = zarr.open_array(zstore, path=info["path"], mode="r+")
-            if arr.shape[0] < idx + 1:
-                arr.resize((idx + 1, arr.shape[1]))
-            arr[idx, :] = rows[p]
-        for e in current["tensors"]:
-            if e["name"] in per_model:
-                layout.write_array(zstore, f"{e['node']}/models/{idx}", dtypes.to_storage(per_model[e["name"]]))
-        entry = {"id": ck.id, "added": _now(), "source": _source_record(ck), "error": errs, "delta_error": derrs}
+        entry = {"id": ck.id, "added": _now(), "source": _source_record(ck), "error": errs, "delta_error": derrs,
+                 **lora_enc.model_record(current["tensors"], ck)}
+        try:  # new files only (rows >= n_models are uncommitted); the manifest, replaced last, commits them
+            for p, info in current["packs"].items():
+                arr = zarr.open_array(zstore, path=info["path"], mode="r+")
+                if arr.shape[0] < idx + 1:
+                    arr.resize((idx + 1, arr.shape[1]))
+                arr[idx, :] = rows[p]
+            for e in current["tensors"]:
+                if e["name"] in per_model:
+                    layout.write_array(zstore, f"{e['node']}/models/{idx}", dtypes.to_storage(per_model[e["name"]]))
+            if fixes:
+                entry["exceptions"] = _write_exceptions(zstore, current["tensors"], idx, fixes)
+        except OSError as e:
+            raise StoreError(f"{store.path}: could not write model {ck.id!r} ({_os_reason(e)}); the store keeps its "
+                             f"previous committed state ({idx} models)") from None
         new = dict(current)
         new["models"] = current["models"] + [entry]
         new["generation"] = int(current.get("generation", 0)) + 1
@@ -710,4 +1024,5 @@ def append(store: Store, source, *, id: str | None = None, format: str | None = 
     store.manifest = new
     store._index_cache()
     store._arrays.clear()
+    store._row_readers.clear()
     return entry

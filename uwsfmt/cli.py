@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -23,8 +24,10 @@ def _fmt(x, spec=".3g"):
     return "-" if x is None else format(x, spec)
 
 
-def print_summary(store, out=sys.stdout) -> None:
+def print_summary(store, out=None) -> None:
     from .inspect import summary
+
+    out = out or sys.stdout  # looked up at call time (redirections, pytest capture)
 
     s = summary(store)
     print(f"UWS store {s['path']}  (format {s['format_version']}, generation {s['generation']})", file=out)
@@ -32,6 +35,13 @@ def print_summary(store, out=sys.stdout) -> None:
     ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "?"
     print(f"  size: {_size(s['store_bytes'])} on disk vs {_size(s['source_bytes'])} of sources  ->  compression {ratio}", file=out)
     print(f"  relative error per tensor and model: mean {_fmt(s['error_mean'])}, max {_fmt(s['error_max'])}", file=out)
+    if s.get("budget"):
+        met = "met for every tensor of every model" if s["budget_met"] else "NOT met by every tensor (see the table)"
+        print(f"  error budget: {s['budget']} per tensor and model: {met}", file=out)
+    if s.get("refit_suggested"):
+        names = ", ".join(s["refit_suggested"][:5]) + (" ..." if len(s["refit_suggested"]) > 5 else "")
+        print(f"  REFIT SUGGESTED for {len(s['refit_suggested'])} tensor(s): {names} - appended models do not fit "
+              "the bases; rebuild with `uwsfmt convert` including them", file=out)
 
 
 def _cmd_convert(a) -> int:
@@ -43,11 +53,19 @@ def _cmd_convert(a) -> int:
             raise SystemExit(f"uwsfmt convert: --encoding wants PATTERN=ENCODING, got {item!r}")
         pat, e = item.rsplit("=", 1)
         enc[pat] = e
+    if a.dry_run:
+        from .build import plan
+
+        rep = plan(a.sources, format=a.format, lora_mode=a.lora_mode, encodings=enc)
+        _print_plan(rep, a)
+        return 1 if rep["conflicts"] else 0
+    if not a.output:
+        raise SystemExit("uwsfmt convert: -o/--output STORE is required (or pass --dry-run for the planning report)")
     st = convert(
         a.sources, a.output, rank=a.rank, tau=a.tau, max_rank=a.max_rank, mode=a.mode,
         center="none" if a.no_center else a.center, residual_bits=a.residual_bits, encodings=enc,
         min_numel=a.min_numel, allow_nonfinite=a.allow_nonfinite, base=a.base, device=a.device,
-        format=a.format, overwrite=a.overwrite, progress=not a.quiet,
+        format=a.format, overwrite=a.overwrite, progress=not a.quiet, max_error=a.max_error, max_delta_error=a.max_delta_error, lora_mode=a.lora_mode,
     )
     print_summary(st)
     return 0
@@ -56,18 +74,28 @@ def _cmd_convert(a) -> int:
 def _cmd_plan(a) -> int:
     from .build import plan
 
-    rep = plan(a.sources, format=a.format)
-    if a.json:
-        print(json.dumps(rep, indent=2))
-    else:
-        print(f"{rep['n_models']} models ({', '.join(f'{k}: {v}' for k, v in rep['formats'].items())}), "
-              f"{rep['n_tensors']} tensors, {_size(rep['total_bytes'])}")
-        print("  encodings (before data is read): " + ", ".join(f"{k}: {v}" for k, v in rep["encodings"].items()))
-        if rep["varying_shapes"]:
-            print(f"  shape varies between models (stored dense): {', '.join(rep['varying_shapes'][:10])}")
-        for c in rep["conflicts"]:
-            print(f"  CONFLICT: {c}")
+    rep = plan(a.sources, format=a.format, lora_mode=a.lora_mode)
+    _print_plan(rep, a)
     return 1 if rep["conflicts"] else 0
+
+
+def _print_plan(rep: dict, a) -> None:
+    if getattr(a, "json", False):
+        print(json.dumps(rep, indent=2))
+        return
+    print(f"{rep['n_models']} models ({', '.join(f'{k}: {v}' for k, v in rep['formats'].items())}), "
+          f"{rep['n_tensors']} tensors, {_size(rep['total_bytes'])}")
+    print("  encodings (before data is read): " + ", ".join(f"{k}: {v}" for k, v in rep["encodings"].items()))
+    if rep["varying_shapes"]:
+        print(f"  shape varies between models (stored dense): {', '.join(rep['varying_shapes'][:10])}")
+    lo = rep.get("lora")
+    if lo:
+        ranks = ", ".join(f"r={r}: {n}" for r, n in lo["ranks"].items())
+        print(f"  LoRA ({lo['mode']} mode): {lo['adapters']} adapters, {lo['modules']} modules, ranks {ranks}")
+        if lo["partial_modules"]:
+            print(f"  LoRA modules missing from some adapters (a zero update there): {len(lo['partial_modules'])}")
+    for c in rep["conflicts"]:
+        print(f"  CONFLICT: {c}")
 
 
 def _cmd_info(a) -> int:
@@ -79,10 +107,10 @@ def _cmd_info(a) -> int:
             print(json.dumps(info(st), indent=1, default=str))
             return 0
         print_summary(st)
-        print(f"  {'tensor':<48} {'shape':<16} {'encoding':<9} {'rank':>5} {'expl.var':>9} {'err mean':>9} {'err max':>9}")
+        print(f"  {'tensor':<48} {'shape':<16} {'encoding':<9} {'rank':>5} {'bits':>4} {'expl.var':>9} {'err mean':>9} {'err max':>9}")
         for r in st.tensor_table():
             name = r["name"] if len(r["name"]) <= 48 else "..." + r["name"][-45:]
-            print(f"  {name:<48} {str(r['shape']):<16} {r['encoding']:<9} {_fmt(r['rank'], '')!s:>5} "
+            print(f"  {name:<48} {str(r['shape']):<16} {r['encoding']:<9} {_fmt(r['rank'], '')!s:>5} {_fmt(r['residual_bits'], '')!s:>4} "
                   f"{_fmt(r['explained_variance'], '.4f'):>9} {_fmt(r['error_mean']):>9} {_fmt(r['error_max']):>9}")
     return 0
 
@@ -90,7 +118,10 @@ def _cmd_info(a) -> int:
 def _cmd_validate(a) -> int:
     from .validate import validate
 
-    problems = validate(a.store, deep=a.deep)
+    notes: list[str] = []
+    problems = validate(a.store, deep=a.deep, notes=notes)
+    for n in notes:
+        print(f"  note: {n}")
     if problems:
         print(f"{a.store}: INVALID ({len(problems)} problem(s))", file=sys.stderr)
         for p in problems:
@@ -113,9 +144,12 @@ def _cmd_append(a) -> int:
     from .store import open as open_store
 
     with open_store(a.store, mode="w") as st:
-        e = st.append(a.source, id=a.id, format=a.format)
+        e = st.append(a.source, id=a.id, format=a.format, max_error=a.max_error, max_delta_error=a.max_delta_error)
         errs = [x for x in e["error"] if x is not None]
         print(f"appended {e['id']!r} as model #{st.n_models - 1}: max relative error {_fmt(max(errs, default=0.0))}")
+        if e.get("exceptions"):
+            print(f"  {len(e['exceptions'])} tensor(s) needed a per-model exception to meet the error budget "
+                  "(the bases do not fit this model; `uwsfmt info` suggests a refit)")
     return 0
 
 
@@ -147,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="build a store from checkpoints")
     c.add_argument("sources", nargs="+", help="files, folders or globs; one checkpoint per model")
-    c.add_argument("-o", "--output", required=True, help="store directory to create")
+    c.add_argument("-o", "--output", help="store directory to create")
+    c.add_argument("--dry-run", action="store_true", help="print the planning report (headers only) and stop")
+    c.add_argument("--json", action="store_true", help="with --dry-run: the report as JSON")
+    c.add_argument("--lora-mode", default="product", choices=["product", "factors"],
+                   help="LoRA adapters: one basis over the products s*B*A (gauge invariant, default) or the paper's separate A and B bases")
     c.add_argument("--rank", type=int, help="kept rank per tensor (fixed k)")
     c.add_argument("--tau", type=float, help="explained-variance threshold (default 0.999 when no --rank)")
     c.add_argument("--max-rank", type=int)
@@ -155,9 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--center", default="mean", choices=["mean", "none", "base"])
     c.add_argument("--no-center", action="store_true", help="same as --center none")
     c.add_argument("--base", help="checkpoint the family was fine-tuned from: stored once, deltas decomposed from it")
-    c.add_argument("--residual-bits", type=int, choices=[2, 4, 8, 16])
+    c.add_argument("--residual-bits", type=int, choices=[1, 2, 4, 8, 16])
+    c.add_argument("--max-error", type=float, metavar="E",
+                   help="error budget: relative error ||W - W_hat|| / ||W|| of every tensor of every model stays <= E; "
+                        "rank, mode and residual bits are chosen per tensor for the fewest bytes (0 = lossless)")
+    c.add_argument("--max-delta-error", type=float, metavar="E",
+                   help="error budget relative to each model's deviation from the family mean: ||W - W_hat|| / ||W - M|| <= E")
     c.add_argument("--encoding", action="append", metavar="PATTERN=ENC", help="force an encoding for matching tensor names")
-    c.add_argument("--min-numel", type=int, default=1024)
+    c.add_argument("--min-numel", type=int, help="smaller float tensors are stored dense (default 1024; 32 with --max-error)")
     c.add_argument("--allow-nonfinite", action="store_true", help="store tensors with NaN/Inf dense instead of refusing")
     c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     c.add_argument("--format", help="force the source format")
@@ -168,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("plan", help="report formats, models, tensors and conflicts (headers only)")
     c.add_argument("sources", nargs="+")
     c.add_argument("--format")
+    c.add_argument("--lora-mode", default="product", choices=["product", "factors"])
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_cmd_plan)
 
@@ -178,14 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("validate", help="check a store against the spec")
     c.add_argument("store")
-    c.add_argument("--deep", action="store_true", help="also read back every model")
+    c.add_argument("--deep", action="store_true",
+                   help="also read every array back (checksums) and rebuild every model; where a model's source file is "
+                        "still there unchanged (sha256), recompute its errors and compare with the recorded ones")
     c.set_defaults(func=_cmd_validate)
 
     c = sub.add_parser("export", help="write one model back out")
     c.add_argument("store")
     c.add_argument("model")
     c.add_argument("-o", "--output", required=True)
-    c.add_argument("--format", default="safetensors")
+    c.add_argument("--format", default="safetensors",
+                   help="safetensors (any store; LoRA stores give factors), peft (an adapter folder PEFT loads), kohya (a kohya/A1111 LoRA file)")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_cmd_export)
 
@@ -194,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source")
     c.add_argument("--id")
     c.add_argument("--format")
+    c.add_argument("--max-error", type=float, metavar="E", help="error budget for this model (default: the store's)")
+    c.add_argument("--max-delta-error", type=float, metavar="E", help="delta error budget for this model (default: the store's)")
     c.set_defaults(func=_cmd_append)
 
     c = sub.add_parser("pack", help="directory store -> single .zip (readable in place)")
@@ -229,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"uwsfmt {args.command}: error: {e.strerror or e}: {e.filename or ''}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: say so in one line (UWSFMT_DEBUG=1 shows the traceback)
+        if os.environ.get("UWSFMT_DEBUG"):
+            raise
+        print(f"uwsfmt {args.command}: internal error: {type(e).__name__}: {e}. This is a bug in uwsfmt; "
+              "please report it (run with UWSFMT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import sys
 import time
 
 import zarr
@@ -12,16 +13,26 @@ import zarr
 from .errors import LockError, StoreError
 from .layout import LOCK_FILE
 
+#: seconds a writer waits for another one's lock (environment: UWSFMT_LOCK_TIMEOUT)
+DEFAULT_LOCK_TIMEOUT = 30.0
+
+
+def lock_timeout() -> float:
+    try:
+        return float(os.environ.get("UWSFMT_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT))
+    except ValueError:
+        return DEFAULT_LOCK_TIMEOUT
+
 
 class StoreLock:
     """Exclusive advisory lock on ``<store>/.uws.lock`` (flock: released if the writer dies).
 
-    Waits up to ``timeout`` seconds, then raises :class:`LockError`.
+    Waits up to ``timeout`` seconds (default: UWSFMT_LOCK_TIMEOUT, else 30), then raises :class:`LockError`.
     """
 
-    def __init__(self, path: str, timeout: float = 30.0):
+    def __init__(self, path: str, timeout: float | None = None):
         self.path = os.path.join(path, LOCK_FILE)
-        self.timeout = timeout
+        self.timeout = lock_timeout() if timeout is None else timeout
         self._fd: int | None = None
 
     def __enter__(self) -> StoreLock:
@@ -63,3 +74,90 @@ def commit_manifest(zstore, path: str, manifest: dict) -> None:
         root.attrs.put({"uws": manifest})
     except OSError as e:
         raise StoreError(f"{path}: could not commit ({e.strerror or e}); the store keeps its previous committed state") from None
+
+
+class BuildLock:
+    """Exclusive lock of one conversion target: ``<parent>/.<name>.uws-convert.lock``.
+
+    Converts to the same target serialise on it, so a convert may remove the temporary folders
+    that killed converts left (nobody else can be building them). The lock file is removed on
+    release; an acquirer checks that the file it locked is still the one at the path.
+    """
+
+    def __init__(self, target: str, timeout: float | None = None):
+        parent, name = os.path.split(os.path.abspath(target))
+        self.path = os.path.join(parent, f".{name}.uws-convert.lock")
+        self.target = target
+        self.timeout = lock_timeout() if timeout is None else timeout
+        self._fd: int | None = None
+
+    def __enter__(self) -> BuildLock:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise StoreError(f"{self.target}: cannot create a lock file next to it ({e.strerror}); is the folder writable?") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() > deadline:
+                    raise LockError(f"{self.target}: another `uwsfmt convert` is writing this store (waited {self.timeout:.0f} s "
+                                    "for its lock); try again when it has finished") from None
+                time.sleep(0.05)
+                continue
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+                return self
+            os.close(fd)  # the holder removed it as we locked it: lock the new file instead
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def replace_dir(new: str, target: str) -> str | None:
+    """Move folder ``new`` to ``target``. Where ``target`` exists, swap the two atomically
+    (Linux renameat2 RENAME_EXCHANGE; elsewhere two renames) and return where the old one now
+    is, for the caller to delete."""
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        return None
+    if _exchange(new, target):
+        return new
+    trash = f"{new}.old"
+    os.rename(target, trash)
+    os.rename(new, target)
+    return trash
+
+
+def _exchange(a: str, b: str) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # old kernel or file system without it
+    raise OSError(err, os.strerror(err), b)

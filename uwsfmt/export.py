@@ -42,3 +42,6 @@ def export(store, model, out: str, *, format: str = "safetensors", overwrite: bo
         raise StoreExistsError(f"{out}: already exists; choose another path or pass overwrite=True (CLI: --overwrite)")
     store.model_index(model)  # clear error for an unknown model before any file is made
     return EXPORTERS[format](store, model, out, **kw)
+
+
+from . import export_lora  # noqa: E402,F401  (registers the peft and kohya exporters)

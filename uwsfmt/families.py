@@ -58,9 +58,14 @@ def _generator(seed: int, *key: object) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
 
-def _model_ids(prefix: str, n: int) -> list[str]:
+def _model_id(prefix: str, index: int, n: int) -> str:
+    """``prefix-007``: zero-padded to 3 digits, or more when ``n`` needs them."""
     width = max(3, len(str(max(n - 1, 0))))
-    return [f"{prefix}-{i:0{width}d}" for i in range(n)]
+    return f"{prefix}-{index:0{width}d}"
+
+
+def _model_ids(prefix: str, n: int) -> list[str]:
+    return [_model_id(prefix, i, n) for i in range(n)]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -172,7 +177,8 @@ class _LowRankSpec:
 
     def models(self) -> Iterator[tuple[str, StateDict]]:
         statics: dict[str, dict] = {}
-        for i, model_id in enumerate(_model_ids(self.prefix, self.n_models)):
+        for i in range(self.n_models):
+            model_id = _model_id(self.prefix, i, self.n_models)
             sd = {}
             for name, entry in self.entries.items():
                 if name not in statics:
@@ -264,8 +270,13 @@ class TensorTruth:
         return int((self.centred_coefficients.norm(dim=0) > 0).sum().item())
 
     def flat_singular_values(self) -> torch.Tensor:
-        """Singular values (descending) of the noise-free vectorised centred deltas."""
-        return torch.linalg.svdvals(self.centred_coefficients)
+        """Singular values (descending) of the noise-free vectorised centred deltas.
+
+        Length ``min(n_models, r)``; values beyond :attr:`flat_rank` are exactly 0.
+        """
+        s = torch.linalg.svdvals(self.centred_coefficients)
+        s[self.flat_rank:] = 0.0  # drop round-off of the rank lost to centring
+        return s
 
     def mode_singular_values(self) -> torch.Tensor:
         """Singular values (descending) of the noise-free left/right mode unfolding."""
@@ -283,7 +294,8 @@ class TensorTruth:
         ``E||P_perp X||^2 / E||X||^2`` where X are the centred deltas (signal + noise) in the
         given mode and ``P_perp`` removes the k strongest true directions: the relative
         squared error (``err**2``) of projecting onto the true rank-k basis. Exact when
-        ``noise == 0``; with noise, the optimal (SVD) truncation can only do better.
+        ``noise == 0``; with noise, a rank-k SVD of the sample itself fits part of the noise
+        and gets a lower in-sample error than this.
         Relative Frobenius error of the whole family is ``sqrt(tail_energy(k))``.
         """
         if mode not in ("flat", "left", "right"):
@@ -684,7 +696,8 @@ def _lora_models(
 ) -> Iterator[tuple[str, StateDict]]:
     bound = 1.0 / math.sqrt(width)
     statics: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for i, adapter_id in enumerate(_model_ids("adapter", n_adapters)):
+    for i in range(n_adapters):
+        adapter_id = _model_id("adapter", i, n_adapters)
         sd: StateDict = {}
         for layer in range(layers):
             for module in modules:
@@ -1027,11 +1040,12 @@ def trained_family(
     n_tasks: int = 6,
     hidden: int = 64,
     seed: int = 0,
-    base_epochs: int = 12,
+    base_epochs: int = 6,
     finetune_epochs: int = 15,
     *,
     dataset: Literal["digits", "wine", "breast_cancer"] = "digits",
     lr: float = 3e-3,
+    finetune_lr: float = 1e-3,
     test_fraction: float = 0.3,
 ) -> TrainedFamily:
     """Train a small MLP base on a scikit-learn dataset and fine-tune one copy per task.
@@ -1042,12 +1056,14 @@ def trained_family(
     ``wine`` / ``breast_cancer`` (standardised tabular features): the base sees the original
     task; task t drops a random quarter of the features and permutes the labels.
 
-    Every fine-tune trains all layers (head included) from the base with Adam, so models
-    differ everywhere while sharing one starting point, like real fine-tune families. All
+    The base trains with Adam at ``lr`` (batch 128); every fine-tune trains all layers (head
+    included) from the base with Adam at ``finetune_lr`` (batch 64), so models differ
+    everywhere (relative weight change ~0.3-0.4 per matrix) while sharing one starting
+    point, like real fine-tune families. All
     state dicts share names and shapes. The train/test split is stratified and fixed by
     ``seed``; everything is deterministic (seeded, single-threaded torch; the caller's RNG
-    state and thread count are restored). Digits with 6 tasks takes about 2 s on 2 cores
-    and reaches ~95% held-out accuracy per task.
+    state and thread count are restored). Digits with 6 tasks trains in about 1 s on 2 CPU
+    cores (plus ~1 s to import scikit-learn) and reaches 96-98% held-out accuracy per task.
 
     >>> fam = trained_family(n_tasks=2)
     >>> min(fam.accuracies().values()) > 85
@@ -1108,7 +1124,7 @@ def trained_family(
             model = MLP(n_features, hidden, n_classes)
             model.load_state_dict(base)
             xt, yt = spec.apply(x_tr, y_tr)
-            _train(model, xt, yt, finetune_epochs, lr, 64, _generator(seed, "order", t))
+            _train(model, xt, yt, finetune_epochs, finetune_lr, 64, _generator(seed, "order", t))
             state_dicts[model_id] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return TrainedFamily(
         dataset=dataset,

@@ -54,8 +54,47 @@ def _err_stats(col: np.ndarray) -> tuple[float | None, float | None]:
     return float(col.mean()), float(col.max())
 
 
+def refit_suggested(store) -> list[str]:
+    """Tensors whose bases no longer fit the models appended after the build.
+
+    With an error budget: tensors some appended model needed a per-model exception for. Without
+    one: tensors where an appended model's error is more than twice the worst of the build's.
+    """
+    m = store.manifest
+    out = {x["tensor"] for mod in m["models"] for x in mod.get("exceptions") or ()}
+    built = m["build"].get("n_models")
+    if built is not None and store.n_models > built and budget_met(store) is None:
+        errs = store.errors()
+        with np.errstate(invalid="ignore"):
+            before = np.nanmax(np.where(np.isfinite(errs[:built]), errs[:built], np.nan), axis=0, initial=0.0)
+            after = np.nanmax(np.where(np.isfinite(errs[built:]), errs[built:], np.inf), axis=0, initial=0.0)
+        for j, name in enumerate(store.tensor_names):
+            if after[j] > max(2.0 * before[j], 1e-6):
+                out.add(name)
+    return sorted(out)
+
+
+def budget_met(store) -> bool | None:
+    """Whether every recorded error is within the build's error budget (None: no budget)."""
+    st = store.manifest["build"]["settings"]
+    e, d = st.get("max_error"), st.get("max_delta_error")
+    if e is None and d is None:
+        return None
+    for mod in store.manifest["models"]:
+        for v, dv in zip(mod["error"], mod["delta_error"]):
+            if e is not None and not (v is not None and v <= e):
+                return False
+            if d is not None and dv is not None and not dv <= d:
+                return False
+    return True
+
+
 def tensor_table(store) -> list[dict]:
     errs = store.errors()
+    exc: dict[str, int] = {}
+    for mod in store.manifest["models"]:
+        for x in mod.get("exceptions") or ():
+            exc[x["tensor"]] = exc.get(x["tensor"], 0) + 1
     out = []
     for j, e in enumerate(store.manifest["tensors"]):
         mean, mx = _err_stats(errs[:, j]) if store.n_models else (None, None)
@@ -72,6 +111,8 @@ def tensor_table(store) -> list[dict]:
             "mode": e.get("mode"), "rank": rank, "explained_variance": ev,
             "residual_bits": (e.get("residual") or {}).get("bits") if sub else None,
             "error_mean": mean, "error_max": mx, "reason": e.get("reason"),
+            "max_error": (e.get("budget") or {}).get("max_error"), "bytes": (e.get("budget") or {}).get("bytes"),
+            "dense_bytes": (e.get("budget") or {}).get("dense_bytes"), "exceptions": exc.get(e["name"], 0),
         })
     return out
 
@@ -113,6 +154,12 @@ def summary(store) -> dict:
         "updated": m.get("updated"),
         "generation": m.get("generation"),
         "settings": m["build"]["settings"],
+        "max_error": m["build"]["settings"].get("max_error"),
+        "max_delta_error": m["build"]["settings"].get("max_delta_error"),
+        "budget": ", ".join(f"{k}={m['build']['settings'][k]:g}" for k in ("max_error", "max_delta_error")
+                            if m["build"]["settings"].get(k) is not None) or None,
+        "budget_met": budget_met(store),
+        "refit_suggested": refit_suggested(store),
     }
 
 

@@ -8,6 +8,7 @@ Statistics are always accumulated in float64 (float32 Grams lose the small eigen
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -18,17 +19,38 @@ MODES = ("left", "right", "both", "flat")
 
 
 def matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(m, n) matrix view of a tensor: first axis x product of the rest; 0/1-D -> (numel, 1).
+    """(m, n) matrix view of a tensor: first axis x product of the rest; 0/1-D -> (1, numel),
+    one row (so a quantized residual of a vector has one scale).
 
     >>> matrix_view((16, 8, 3, 3))
     (16, 72)
     """
     if len(shape) <= 1:
-        return (shape[0] if shape else 1, 1)
+        return (1, shape[0] if shape else 1)
     n = 1
     for s in shape[1:]:
         n *= s
     return (shape[0], n)
+
+
+#: tensors smaller than this (elements) are processed with one torch thread: the parallel regions
+#: of tiny GEMMs / eigh cost more than they save, and up to ~100x more when the other cores are
+#: busy (measured on a shared 2-core machine: a 64x64 float64 GEMM took 17 us on 1 thread, 4.7 ms on 2)
+PARALLEL_MIN_ELEMENTS = 1 << 18
+
+
+@contextlib.contextmanager
+def threads_for(numel: int):
+    """Run the block single-threaded when ``numel`` is small (see :data:`PARALLEL_MIN_ELEMENTS`)."""
+    n = torch.get_num_threads()
+    if numel >= PARALLEL_MIN_ELEMENTS or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def no_tf32():
@@ -81,16 +103,20 @@ class GramStats:
             sq_norm=0.0,
         )
 
-    def add(self, w: torch.Tensor) -> None:
-        w = w.to(device=self.reference.device, dtype=torch.float64).reshape(self.reference.shape)
-        d = w - self.reference
+    def add(self, w: torch.Tensor) -> float:
+        """Add one model's tensor; returns its squared norm (NaN/Inf exactly when W has such values)."""
+        w = w.to(device=self.reference.device).reshape(self.reference.shape)
+        sq = float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2
+        # one float64 copy, centred in place: each full-size temporary is a pass over memory
+        d = w.to(torch.float64, copy=True).sub_(self.reference)
         self.count += 1
         self.delta_sum += d
         if self.left is not None:
             self.left.addmm_(d, d.T)
         if self.right is not None:
             self.right.addmm_(d.T, d)
-        self.sq_norm += float(torch.sum(w * w))
+        self.sq_norm += sq
+        return sq
 
     def merge(self, other: GramStats) -> None:
         if not torch.equal(self.reference, other.reference):
@@ -220,7 +246,7 @@ def relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- residual quantization
 
-RESIDUAL_BITS = (2, 4, 8, 16)
+RESIDUAL_BITS = (1, 2, 4, 8, 16)
 
 
 def qmax(bits: int) -> int:
@@ -228,30 +254,67 @@ def qmax(bits: int) -> int:
     return (1 << (bits - 1)) - 1
 
 
-def quantize_rows(r: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+#: clip factors tried per row (scale = c * max|row| / qmax); the decoder only sees the scale
+CLIPS = {2: (1.0, 0.7, 0.5, 0.38), 4: (1.0, 0.85, 0.7), 8: (1.0,)}
+
+
+def row_codes(r: torch.Tensor, bits: int, *, search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signed integer codes q (float32, m x n) and float32 row scales s of :func:`quantize_rows`;
+    the dequantized matrix is ``q * s[:, None]``. 1 bit: q = +-1 (the sign), s = mean|row|."""
+    r = r.to(torch.float32)
+    if bits == 1:  # s = mean|row| minimises the squared error of sign codes (BitDelta, per row)
+        return torch.where(r >= 0, 1.0, -1.0), r.abs().mean(dim=1)
+    q = qmax(bits)
+    amax = r.abs().amax(dim=1)
+    scales = amax / q
+    if search and len(CLIPS[bits]) > 1:
+        best = None
+        for c in CLIPS[bits]:
+            s = amax * (c / q)
+            safe = torch.where(s > 0, s, torch.ones_like(s))
+            err = (torch.round(r / safe[:, None]).clamp_(-q, q).mul_(safe[:, None]).sub_(r)).square_().sum(dim=1)
+            if best is None:
+                best, scales = err, s
+            else:
+                better = err < best
+                best = torch.where(better, err, best)
+                scales = torch.where(better, s, scales)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return torch.round(r / safe[:, None]).clamp_(-q, q), scales
+
+
+def quantize_rows(r: torch.Tensor, bits: int, *, search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row quantization of a matrix: (packed uint8 codes, float32 row scales).
 
-    Row scale s = max|row| / qmax; q = round(x / s) in [-qmax, qmax]; code = q + 2^(bits-1),
-    packed little-endian within each byte, elements in row-major order.
+    Row scale s = c * max|row| / qmax; q = round(x / s) in [-qmax, qmax]; code = q + 2^(bits-1),
+    packed little-endian within each byte, elements in row-major order. ``search`` picks, per
+    row, the clip factor c in :data:`CLIPS` with the smallest squared error (clipping a few
+    outliers buys a finer step for all other values; at 2 bits it about halves the error of
+    c = 1); ``search=False`` is plain absmax (c = 1). Decoding is the same either way. 1 bit:
+    the sign, code 1 -> +s, 0 -> -s, with s = mean|row|.
 
     >>> codes, scales = quantize_rows(torch.tensor([[1.0, -0.5]]), 8)
     >>> dequantize_rows(codes, scales, (1, 2), 8)
     tensor([[ 1.0000, -0.5000]])
     """
-    if bits not in (2, 4, 8):
-        raise ValueError(f"quantize_rows supports 2, 4 or 8 bits, not {bits}")
-    r = r.to(torch.float32)
-    q = qmax(bits)
-    scales = r.abs().amax(dim=1) / q
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round(r / safe[:, None]).clamp_(-q, q).to(torch.int16) + (1 << (bits - 1))
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"quantize_rows supports 1, 2, 4 or 8 bits, not {bits}")
+    q, scales = row_codes(r, bits, search=search)
+    codes = (q > 0) if bits == 1 else q.to(torch.int16) + (1 << (bits - 1))
     return pack_bits(codes.reshape(-1).to(torch.uint8), bits), scales
+
+
+def fake_quantize_rows(r: torch.Tensor, bits: int) -> torch.Tensor:
+    """``dequantize_rows(*quantize_rows(r, bits), r.shape, bits)`` without packing (bit-identical)."""
+    q, scales = row_codes(r, bits)
+    return q.mul_(scales[:, None])
 
 
 def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], bits: int) -> torch.Tensor:
     """Inverse of :func:`quantize_rows` (float32 result)."""
     m, n = shape
-    q = unpack_bits(codes, bits, m * n).to(torch.float32) - (1 << (bits - 1))
+    q = unpack_bits(codes, bits, m * n).to(torch.float32)
+    q = 2.0 * q - 1.0 if bits == 1 else q - (1 << (bits - 1))
     return q.reshape(m, n) * scales.to(torch.float32)[:, None]
 
 
@@ -335,3 +398,151 @@ def flat_basis(q: torch.Tensor, projections: torch.Tensor) -> tuple[torch.Tensor
     """Basis (numel x s, best first) and spectrum from Q and the stacked Q^T d_i (s x N)."""
     u, s, _ = torch.linalg.svd(projections, full_matrices=False)
     return q @ u, s * s
+
+
+# ---------------------------------------------------------------- randomised range finder (sketch)
+
+#: basis="sketch" with tau and no max_rank: directions sketched per side (tau must be met within them)
+SKETCH_RANK = 64
+#: fresh Gaussian probes of the a-posteriori check
+SKETCH_PROBES = 8
+
+
+class GramSketch:
+    """Map-reduce products of one tensor's Gram matrices with fixed thin matrices, in float64.
+
+    For each side in ``xs`` (``"left"``: X is m x t, ``"right"``: n x t) it accumulates
+    ``sum_i D_i D_i^T X`` (left) or ``sum_i D_i^T D_i X`` (right) with D_i = W_i - reference,
+    without forming the Gram: two thin GEMMs per model instead of one m x m (or n x n) GEMM.
+    :meth:`products` applies the centring, exactly as :meth:`GramStats.center` does for the Gram.
+    ``sums=False`` skips the sums (count, mean, energies) when an earlier sweep has them.
+
+    >>> ref = torch.zeros(4, 3, dtype=torch.float64)
+    >>> sk = GramSketch(4, 3, {"left": torch.eye(4, 2, dtype=torch.float64)}, ref)
+    >>> sk.add(torch.ones(4, 3)); sk.products("base")[1]["left"].shape
+    torch.Size([4, 2])
+    """
+
+    def __init__(self, m: int, n: int, xs: dict[str, torch.Tensor], reference: torch.Tensor, *, sums: bool = True):
+        self.reference = reference.to(torch.float64).reshape(m, n)
+        dev = self.reference.device
+        self.xs = {side: x.to(device=dev, dtype=torch.float64) for side, x in xs.items()}
+        self.y = {side: torch.zeros_like(x) for side, x in self.xs.items()}
+        self.sums = sums
+        self.count = 0
+        self.delta_sum = torch.zeros(m, n, dtype=torch.float64, device=dev) if sums else None
+        self.sq_norm = 0.0  # sum ||W_i||^2
+        self.delta_sq = 0.0  # sum ||D_i||^2
+
+    def add(self, w: torch.Tensor) -> float | None:
+        """Add one model's tensor; returns its squared norm when summing (NaN/Inf iff W has such values)."""
+        w = w.to(device=self.reference.device).reshape(self.reference.shape)
+        d = w.to(torch.float64, copy=True).sub_(self.reference)
+        self.count += 1
+        sq = None
+        if self.sums:
+            sq = float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2
+            self.delta_sum += d
+            self.sq_norm += sq
+            self.delta_sq += float(torch.linalg.vector_norm(d)) ** 2
+        for side, x in self.xs.items():
+            if side == "left":
+                self.y[side].addmm_(d, d.T @ x)
+            else:
+                self.y[side].addmm_(d.T, d @ x)
+        return sq
+
+    def merge(self, other: GramSketch) -> None:
+        if not torch.equal(self.reference, other.reference):
+            raise ValueError("GramSketch.merge needs statistics taken against the same reference")
+        self.count += other.count
+        if self.sums:
+            self.delta_sum += other.delta_sum
+            self.sq_norm += other.sq_norm
+            self.delta_sq += other.delta_sq
+        for side in self.y:
+            self.y[side] += other.y[side]
+
+    def products(self, how: str, sums: GramSketch | None = None
+                 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], float]:
+        """(M, {side: G_c X}, total energy trace(G_c)) for the centring ``how``.
+
+        ``sums``: the sketch holding the sums (this one unless it was built with ``sums=False``).
+        """
+        s = sums or self
+        n = max(s.count, 1)
+        mu = s.delta_sum / n
+        ref = self.reference
+        out = {}
+        for side, x in self.xs.items():
+            y = self.y[side]
+            a, r, sd = (mu, ref, s.delta_sum) if side == "left" else (mu.T, ref.T, s.delta_sum.T)
+            if how == "mean":
+                y = y - n * (a @ (a.T @ x))
+            elif how == "none":
+                y = y + sd @ (r.T @ x) + r @ (sd.T @ x) + n * (r @ (r.T @ x))
+            elif how != "base":
+                raise ValueError(f"unknown centring {how!r}; use one of {CENTERS}")
+            out[side] = y
+        if how == "mean":
+            return ref + mu, out, max(s.delta_sq - n * float(torch.sum(mu * mu)), 0.0)
+        if how == "base":
+            return ref, out, s.delta_sq
+        return None, out, s.sq_norm
+
+
+@dataclass
+class SketchResult:
+    """Basis of one side from a sketch, with the a-posteriori check's numbers."""
+
+    values: torch.Tensor  # Ritz values (exact energies of the found directions), descending
+    vectors: torch.Tensor  # (dim, s) orthonormal, best first
+    total: float  # trace of the centred Gram (exact)
+    residual_top: float  # estimate of the largest eigenvalue the found directions miss (a lower bound)
+
+    def spectrum(self) -> torch.Tensor:
+        """Ritz values followed by one entry holding all the energy outside the sketch, so that
+        sums and explained-variance ratios over it are exact."""
+        tail = max(self.total - float(self.values.sum()), 0.0)
+        return torch.cat([self.values, self.values.new_tensor([tail])])
+
+    def check(self, k: int, tolerance: float) -> dict:
+        """Accept the top ``k`` directions when swapping any of them for a missed direction could
+        lower the squared error by at most ``tolerance`` of it (judged with ``residual_top``)."""
+        kept = self.values[:k]
+        tail = max(self.total - float(kept.sum()), 0.0)
+        gain = float(torch.clamp(self.residual_top - kept, min=0.0).sum())
+        ok = gain <= tolerance * max(tail, 1e-300) or gain <= 1e-12 * self.total
+        return {"ok": bool(ok), "residual_top": self.residual_top, "kept_min": float(kept[-1]) if k else None,
+                "possible_gain": gain, "tail": tail}
+
+
+def sketch_test_matrix(dim: int, width: int, seed: int, device, salt: int = 0) -> torch.Tensor:
+    """Gaussian dim x width test matrix, reproducible from ``seed`` (drawn on the CPU)."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed) * 1_000_003 + salt)
+    return torch.randn(dim, width, generator=g, dtype=torch.float64).to(device)
+
+
+def orthonormal_columns(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the column space of ``y`` (float64 QR)."""
+    q, _ = torch.linalg.qr(y, mode="reduced")
+    return q
+
+
+def sketch_ritz(q: torch.Tensor, gq: torch.Tensor, probes: torch.Tensor, g_probes: torch.Tensor, total: float) -> SketchResult:
+    """Rayleigh-Ritz of the centred Gram G on span(Q), from G Q, plus a residual estimate.
+
+    ``probes`` are fresh Gaussian columns and ``g_probes`` = G @ probes. The parts of the probes
+    outside span(Q), U, give ||(I - QQ^T) G U_j|| / ||U_j||: a lower bound on, and for a flat
+    tail close to, the largest eigenvalue that span(Q) misses.
+    """
+    h = q.T @ gq
+    vals, vecs = eig_desc(h)
+    basis = q @ vecs
+    qp = q.T @ probes
+    u = probes - q @ qp
+    gu = g_probes - gq @ qp
+    ru = gu - q @ (q.T @ gu)
+    un = torch.linalg.vector_norm(u, dim=0)
+    est = torch.linalg.vector_norm(ru, dim=0) / torch.where(un > 0, un, torch.ones_like(un))
+    return SketchResult(vals, basis, float(total), float(est.max()) if est.numel() else 0.0)

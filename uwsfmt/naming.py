@@ -11,6 +11,23 @@ import string
 
 _SAFE = set(string.ascii_letters + string.digits + "-_.")
 MAX_NODE_LEN = 120
+#: longest tensor name or model id a store holds (spec section 13)
+MAX_NAME_CHARS = 4096
+
+
+def check_string(s: str, what: str, *, empty_ok: bool = False) -> list[str]:
+    """Problems that keep ``s`` from being a tensor name or model id (not a string, empty where
+    that is not allowed, too long, not UTF-8 encodable)."""
+    if not isinstance(s, str) or not (s or empty_ok):
+        return [f"{what} {s!r} is empty or not a string; model ids must be non-empty strings"]
+    out = []
+    if len(s) > MAX_NAME_CHARS:
+        out.append(f"{what} {s[:60]!r}... is {len(s)} characters long; the format allows at most {MAX_NAME_CHARS}")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        out.append(f"{what} {s[:60]!r} is not valid Unicode text (it holds a lone surrogate); rename it")
+    return out
 
 
 def escape(name: str) -> str:
@@ -27,7 +44,7 @@ def escape(name: str) -> str:
     '%2E.'
     """
     out = []
-    for i, b in enumerate(name.encode("utf-8")):
+    for i, b in enumerate(name.encode("utf-8", "surrogatepass")):
         c = chr(b)
         if c in _SAFE and not (i == 0 and c in "._"):
             out.append(c)
@@ -35,7 +52,7 @@ def escape(name: str) -> str:
             out.append(f"%{b:02X}")
     node = "".join(out) or "%"
     if len(node) > MAX_NODE_LEN:
-        digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:16]
+        digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
         node = node[:100] + "~" + digest
     return node
 

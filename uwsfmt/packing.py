@@ -31,7 +31,7 @@ def pack(store_dir: str, out_zip: str, *, overwrite: bool = False) -> str:
                 for f in sorted(files):
                     full = os.path.join(root, f)
                     rel = os.path.relpath(full, store_dir).replace(os.sep, "/")
-                    if rel in ("zarr.json", LOCK_FILE):
+                    if rel in ("zarr.json", LOCK_FILE) or f.endswith(".partial"):  # .partial: a killed writer's temp file
                         continue
                     z.write(full, rel)
         os.replace(tmp, out_zip)

@@ -7,9 +7,13 @@ last, atomically, so a crash leaves the previous committed state readable.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import itertools
 import json
+import math
 import os
+import threading
 import zipfile
 from collections import defaultdict
 from collections.abc import Iterable
@@ -20,14 +24,26 @@ import torch
 import zarr
 from zarr.storage import LocalStore, ZipStore
 
-from . import dtypes, layout
+from . import dtypes, layout, shards
 from .encodings import dense as dense_enc
+from .encodings import exception as exception_enc
+from .encodings import lora as lora_enc
 from .encodings import residual as residual_enc
 from .encodings.slots import take
-from .errors import FormatError, NotFoundError, StoreError, VersionError
+from .errors import ConflictError, FormatError, NotFoundError, StoreError, UWSError, VersionError
 
 #: a manifest larger than this is refused on open (hostile stores must not exhaust memory)
 MAX_MANIFEST_BYTES = 256 << 20
+#: an array's zarr.json larger than this is refused before parsing
+MAX_ARRAY_METADATA_BYTES = 1 << 20
+#: a chunk (or a shard's index) that would decode to more bytes than this is refused before reading
+MAX_CHUNK_BYTES = 1 << 32
+#: codecs a UWS array may use (spec section 2.1); anything else is refused before any data is decoded
+ALLOWED_CODECS = frozenset({"bytes", "crc32c", "zstd", "sharding_indexed"})
+#: storage dtypes (spec section 4)
+STORAGE_DTYPES = frozenset({"float64", "float32", "float16", "uint16", "uint8", "int64", "int32", "int16", "int8", "bool"})
+#: temporary folders of builds in progress (or killed) are named ``.<name>.uws-building-<hex>``
+BUILDING_MARK = ".uws-building-"
 
 ModelRef = str | int
 
@@ -58,45 +74,98 @@ def _open_zarr_store(path: str, mode: str):
     raise FormatError(f"{path}: not a UWS store (neither a directory nor a zip file)")
 
 
-def _root_json_size(zstore, path: str) -> int | None:
+def _json_size(zstore, path: str, key: str = "zarr.json") -> int | None:
+    """Size in bytes of the metadata document ``key`` (None when absent), read before parsing it."""
     if isinstance(zstore, LocalStore):
-        p = os.path.join(path, "zarr.json")
-        return os.path.getsize(p) if os.path.exists(p) else None
+        p = os.path.join(path, *key.split("/"))
+        return os.path.getsize(p) if os.path.isfile(p) else None
     try:
         with zipfile.ZipFile(path) as z:
-            return z.getinfo("zarr.json").file_size
+            return z.getinfo(key).file_size
     except KeyError:
         return None
+
+
+def _root_json_size(zstore, path: str) -> int | None:
+    return _json_size(zstore, path)
+
+
+def _interrupted_hint(path: str) -> str:
+    if BUILDING_MARK in os.path.basename(os.path.normpath(path)):
+        return (" This folder is the temporary build of an interrupted `uwsfmt convert`; run the conversion "
+                "again (it removes such leftovers) or delete the folder.")
+    return ""
 
 
 def read_manifest(zstore, path: str) -> dict:
     """Load and check the manifest: size limit, JSON, format version, schema."""
     size = _root_json_size(zstore, path)
     if size is None:
-        raise FormatError(f"{path}: not a UWS store: no zarr.json at its root")
+        raise FormatError(f"{path}: not a UWS store: no zarr.json at its root.{_interrupted_hint(path)}")
     if size > MAX_MANIFEST_BYTES:
         raise FormatError(
             f"{path}: zarr.json is {size} bytes, above the {MAX_MANIFEST_BYTES}-byte limit; "
             "refusing to parse it (the store is damaged or hostile)"
         )
     try:
-        root = zarr.open_group(zstore, mode="r")
+        root = zarr.open_group(zstore, mode="r", zarr_format=3)
         attrs = dict(root.attrs)
-    except Exception as e:  # zarr raises many types for a broken hierarchy
-        raise FormatError(f"{path}: the root zarr.json is not a readable Zarr v3 group ({e})") from None
+    except Exception as e:  # zarr raises many types for a broken hierarchy (RecursionError, MemoryError too)
+        raise FormatError(f"{path}: the root zarr.json is not a readable Zarr v3 group ({_short(e)})") from None
     m = attrs.get("uws")
     if not isinstance(m, dict):
         raise FormatError(f"{path}: a Zarr group but not a UWS store (no 'uws' attribute in zarr.json)")
     check_version(m.get("format_version"), path)
-    from .schema import validate_manifest
-
-    validate_manifest(m, path)
+    # before the schema: a store still being built (or whose build was killed) lacks required fields
     if m.get("state") != "complete":
         raise FormatError(
             f"{path}: the store is marked {m.get('state')!r}, not 'complete': a conversion was "
-            "interrupted. Delete it and run the conversion again."
+            f"interrupted or is still running.{_interrupted_hint(path) or ' Delete it and run the conversion again.'}"
         )
+    from .schema import validate_manifest
+
+    validate_manifest(m, path)
     return m
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    msg = f"{type(e).__name__}: {e}" if not isinstance(e, (OSError, ValueError)) else str(e)
+    return msg if len(msg) <= limit else msg[:limit] + "..."
+
+
+def _codec_names(codecs) -> Iterable[str]:
+    for c in codecs or ():
+        name = c.get("name") if isinstance(c, dict) else None
+        yield str(name)
+        conf = c.get("configuration") if isinstance(c, dict) else None
+        if name == "sharding_indexed" and isinstance(conf, dict):
+            yield from _codec_names(conf.get("codecs"))
+            yield from _codec_names(conf.get("index_codecs"))
+
+
+def check_array_metadata(arr, where: str) -> None:
+    """Refuse arrays outside the format before any chunk is decoded: other data types or codecs
+    (a pickle-based codec must never run), or chunks too large to allocate."""
+    meta = arr.metadata.to_dict()
+    dtype = str(arr.dtype)
+    if dtype not in STORAGE_DTYPES:
+        raise FormatError(f"{where} has data type {dtype}, not one the UWS format allows ({', '.join(sorted(STORAGE_DTYPES))})")
+    bad = [n for n in _codec_names(meta.get("codecs")) if n not in ALLOWED_CODECS]
+    if bad:
+        raise FormatError(f"{where} uses codec {bad[0]!r}; UWS arrays may only use {', '.join(sorted(ALLOWED_CODECS))}. "
+                          "Refusing to decode it (the store is damaged or hostile)")
+    grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape") or list(arr.shape)
+    inner = grid
+    for c in meta.get("codecs") or ():
+        if c.get("name") == "sharding_indexed":
+            inner = c["configuration"]["chunk_shape"]
+            per_shard = math.prod(max(1, -(-int(g) // max(1, int(i)))) for g, i in zip(grid, inner))
+            if per_shard * 16 > MAX_CHUNK_BYTES:
+                raise FormatError(f"{where}: a shard of {per_shard} chunks is too large an index to read; the store is damaged or hostile")
+    nbytes = math.prod(int(x) for x in inner) * np.dtype(dtype).itemsize
+    if nbytes > MAX_CHUNK_BYTES:
+        raise FormatError(f"{where}: chunks of {list(inner)} decode to {nbytes} bytes, above the {MAX_CHUNK_BYTES}-byte "
+                          "limit; the store is damaged or hostile")
 
 
 def check_version(v: Any, path: str) -> tuple[int, int]:
@@ -128,12 +197,16 @@ class Store:
         self._index_cache()
         self._arrays: dict[str, Any] = {}
         self._cache: dict[tuple, Any] = {}
+        self._row_readers: dict[str, Any] = {}
+        self._local = threading.local()  # per-thread reusable row buffers
 
     # ------------------------------------------------------------------ metadata
     def _index_cache(self) -> None:
         m = self.manifest
         self._model_index = {e["id"]: i for i, e in enumerate(m["models"])}
         self._tensor_index = {e["name"]: i for i, e in enumerate(m["tensors"])}
+        # LoRA modules are one entry each; their factor tensors are found by name too
+        self._lora_index = {n: i for i, e in enumerate(m["tensors"]) if e.get("lora") for n in lora_enc.factor_names(e)}
 
     @property
     def format_version(self) -> str:
@@ -165,7 +238,8 @@ class Store:
 
     def tensor_entry(self, name: str) -> dict:
         try:
-            return self.manifest["tensors"][self._tensor_index[name]]
+            i = self._tensor_index[name] if name in self._tensor_index else self._lora_index[name]
+            return self.manifest["tensors"][i]
         except KeyError:
             raise NotFoundError(f"{self.path}: no tensor {name!r} (store has {len(self._tensor_index)} tensors)") from None
 
@@ -176,30 +250,82 @@ class Store:
     def _array(self, path: str):
         a = self._arrays.get(path)
         if a is None:
+            size = _json_size(self._zstore, self.path, f"{path}/zarr.json")
+            if size is None:
+                raise FormatError(f"{self.path}: array {path!r} named by the manifest is missing (no {path}/zarr.json); the store is damaged")
+            if size > MAX_ARRAY_METADATA_BYTES:
+                raise FormatError(f"{self.path}: {path}/zarr.json is {size} bytes, above the {MAX_ARRAY_METADATA_BYTES}-byte "
+                                  "limit for array metadata; refusing to parse it (the store is damaged or hostile)")
             try:
-                a = zarr.open_array(self._zstore, path=path, mode="r")
+                a = zarr.open_array(self._zstore, path=path, mode="r", zarr_format=3)
             except Exception as e:
-                raise FormatError(f"{self.path}: array {path!r} named by the manifest cannot be opened ({e}); the store is damaged") from None
+                raise FormatError(f"{self.path}: array {path!r} named by the manifest cannot be opened ({_short(e)}); the store is damaged") from None
+            check_array_metadata(a, f"{self.path}: array {path!r}")
             self._arrays[path] = a
         return a
 
-    def read_array(self, path: str) -> np.ndarray:
+    def read_array(self, path: str, shape: Iterable[int] | None = None) -> np.ndarray:
+        """The whole array at ``path``; ``shape``: what the manifest implies (checked before reading)."""
+        arr = self._array(path)
+        if shape is not None and tuple(arr.shape) != tuple(shape):
+            raise FormatError(f"{self.path}: array {path!r} has shape {list(arr.shape)} but the manifest implies "
+                              f"{list(shape)}; the store is damaged or was tampered with")
         try:
-            return self._array(path)[...]
-        except FormatError:
-            raise
+            return arr[...]
         except Exception as e:
-            raise FormatError(f"{self.path}: array {path!r} cannot be read ({e}); the store is damaged") from None
+            raise FormatError(f"{self.path}: array {path!r} cannot be read ({_short(e)}); the store is damaged") from None
+
+    def _pack(self, info: dict):
+        arr = self._array(info["path"])
+        if arr.ndim != 2 or arr.shape[1] != info["width"] or str(arr.dtype) != info["dtype"]:
+            raise FormatError(f"{self.path}: pack {info['path']} is {arr.dtype} {list(arr.shape)} but the manifest says "
+                              f"{info['dtype']} with {info['width']} elements per row; the store is damaged or was tampered with")
+        return arr
+
+    def _row_reader(self, info: dict):
+        """Direct shard reader of a pack (None: read it with zarr-python), see :mod:`uwsfmt.shards`."""
+        path = info["path"]
+        if path not in self._row_readers:
+            self._row_readers[path] = shards.row_reader(self._zstore, path, self._pack(info))
+        return self._row_readers[path]
+
+    def _row_buffer(self, pack: str, width: int, dtype: np.dtype, device: torch.device) -> list:
+        """[host tensor, event]: a row buffer reused from call to call (no allocation, no page
+        faults), pinned when rows go to a GPU; the event marks the last async copy out of it."""
+        bufs = self._local.__dict__.setdefault("rows", {})
+        pin = device.type == "cuda"
+        b = bufs.get((pack, pin))
+        if b is None or b[0].numel() != width or b[0].numpy().dtype != dtype:
+            b = [torch.from_numpy(np.empty(width, dtype=dtype)), None]
+            if pin:
+                b[0] = b[0].pin_memory()
+            bufs[(pack, pin)] = b
+        if b[1] is not None:
+            b[1].synchronize()  # the previous model's copy to the device must finish before we overwrite
+            b[1] = None
+        return b
 
     def _rows(self, index: int, device: torch.device) -> dict[str, torch.Tensor]:
         """One model's pack rows, each read with one call (a handful of storage requests)."""
         rows = {}
         for pack, info in self.manifest["packs"].items():
-            arr = self._array(info["path"])
+            arr = self._pack(info)
             if arr.shape[0] <= index:
                 raise FormatError(
                     f"{self.path}: pack {info['path']} has {arr.shape[0]} rows but model #{index} is committed; the store is damaged"
                 )
+            reader = self._row_reader(info)
+            if reader is not None:
+                b = self._row_buffer(pack, reader.width, reader.dtype, device)
+                reader.read_into(index, b[0].numpy())
+                if device.type == "cpu":
+                    rows[pack] = b[0]
+                else:
+                    rows[pack] = b[0].to(device, non_blocking=True)
+                    if device.type == "cuda":
+                        b[1] = torch.cuda.Event()
+                        b[1].record()
+                continue
             try:
                 row = arr[index, :]
             except Exception as e:
@@ -219,9 +345,10 @@ class Store:
         """Drop cached bases and shared tensors (on every device)."""
         self._cache.clear()
         self._arrays.clear()
+        self._row_readers.clear()
 
-    def _float_array(self, path: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(self.read_array(path)).to(device=device, dtype=dtype)
+    def _float_array(self, path: str, device: torch.device, dtype: torch.dtype, shape=None) -> torch.Tensor:
+        return torch.from_numpy(self.read_array(path, shape)).to(device=device, dtype=dtype)
 
     def _compute_dtype(self, e: dict) -> torch.dtype:
         return torch.float64 if e["dtype"] == "float64" else torch.float32
@@ -234,7 +361,7 @@ class Store:
             def stack(field):
                 if entries[0].get(field) is None:
                     return None
-                return torch.stack([self._float_array(e[field], device, cdt) for e in entries])
+                return torch.stack([self._float_array(e[field], device, cdt, _implied_shape(e, field)) for e in entries])
             return stack("mean"), stack("left"), stack("right")
 
         return self._shared(("group", key, str(device)), make)
@@ -252,52 +379,96 @@ class Store:
 
         Bases are cached on the device, so the next model costs only its pack rows.
         """
+        with _damaged(self, model):
+            return self._state_dict(model, device=device, dtype=dtype, names=names)
+
+    def _state_dict(self, model: ModelRef, *, device, dtype, names, into: dict[str, torch.Tensor] | None = None
+                    ) -> dict[str, torch.Tensor]:
         dev = _device(device)
         idx = self.model_index(model)
-        entries = self.manifest["tensors"] if names is None else [self.tensor_entry(n) for n in names]
+        wanted = None if names is None else list(dict.fromkeys(names))
+        entries = self.manifest["tensors"] if wanted is None else list({id(e): e for e in map(self.tensor_entry, wanted)}.values())
         rows = self._rows(idx, dev) if self.manifest["packs"] else {}
         out: dict[str, torch.Tensor] = {}
         groups: dict[tuple, list[dict]] = defaultdict(list)
+        lora_entries = [e for e in entries if e.get("lora") is not None]
         for e in entries:
             enc = e["encoding"]
+            if e.get("lora") is not None:
+                continue  # read as factors below
             if enc == "subspace":
                 groups[_group_key(e)].append(e)
             elif enc == "shared":
-                out[e["name"]] = self._shared(
+                value = self._shared(
                     ("shared", e["name"], str(dev)),
-                    lambda e=e: dtypes.from_storage(self.read_array(e["data"]["path"]), e["dtype"]).to(dev),
-                ).clone()
+                    lambda e=e: dtypes.from_storage(self.read_array(e["data"]["path"], e["shape"] or [1]), e["dtype"]).reshape(e["shape"]).to(dev),
+                )
+                out[e["name"]] = _place(into, e["name"], value, self.path) if _wants(into, e["name"]) else value.clone()
             elif enc == "dense":
                 if e["data"].get("per_model"):
                     out[e["name"]] = dtypes.from_storage(self.read_array(f"{e['node']}/models/{idx}"), e["dtype"]).to(dev)
                 else:
-                    out[e["name"]] = dense_enc.decode(e, rows).clone()
+                    value = dense_enc.decode(e, rows)
+                    out[e["name"]] = _place(into, e["name"], value, self.path) if _wants(into, e["name"]) else value.clone()
             else:
                 raise FormatError(f"{self.path}: tensor {e['name']!r} has unknown encoding {enc!r}")
         for key, group in groups.items():
-            for e, w in zip(group, self._decode_group(key, group, rows, dev)):
+            for e, w in zip(group, self._decode_group(key, group, rows, dev, into)):
                 out[e["name"]] = w
+        for x in self.manifest["models"][idx].get("exceptions") or ():  # appended models the bases missed
+            if x["tensor"] in out:
+                e = self.tensor_entry(x["tensor"])
+                arrays = {a: self.read_array(f"{x['path']}/{a}") for a in exception_enc.array_names(x)}
+                out[x["tensor"]] = exception_enc.decode(x, arrays, out[x["tensor"]], e["shape"], e["dtype"], dev)
         result = {}
         for e in entries:
+            if e.get("lora") is not None:
+                continue
             t = out[e["name"]]
+            if _wants(into, e["name"]):  # the module's own tensor, in the module's dtype
+                result[e["name"]] = _place(into, e["name"], t, self.path)
+                continue
             want = dtype if (dtype is not None and dtypes.is_float(e["dtype"])) else dtypes.torch_dtype(e["dtype"])
             result[e["name"]] = t.to(want) if t.dtype != want else t
+        if lora_entries:  # LoRA modules come back as factors (scale folded in) under their source names
+            factors = lora_enc.read(self, lora_entries, idx, rows, dev, dtype)
+            if wanted is not None:
+                keep = set(wanted) | {n for e in lora_entries if e["name"] in wanted for n in lora_enc.factor_names(e)}
+                factors = {k: v for k, v in factors.items() if k in keep}
+            result.update({k: _place(into, k, v, self.path) if _wants(into, k) else v for k, v in factors.items()})
+        if dev.type == "cpu" and rows:  # row buffers are reused by the next call: nothing returned may share them
+            reused = {r.untyped_storage().data_ptr() for r in rows.values()}
+            for k, v in result.items():
+                if v.device.type == "cpu" and v.untyped_storage().data_ptr() in reused:
+                    result[k] = v.clone()
         return result
 
-    def _decode_group(self, key: tuple, group: list[dict], rows, dev) -> list[torch.Tensor]:
+    def _decode_group(self, key: tuple, group: list[dict], rows, dev, into: dict[str, torch.Tensor] | None = None
+                      ) -> list[torch.Tensor]:
         mean, left, right = self._group_arrays(key, group, dev)
         e0 = group[0]
         cdt = self._compute_dtype(e0)
         m, n = e0["view"]
         cshape = e0["coefficients"]["shape"]
         c = torch.stack([take(rows, e["coefficients"]).reshape(cshape) for e in group]).to(cdt)
+        dests = [_target(into, e, cdt, dev) for e in group] if into is not None and m * n >= DIRECT_MIN_ELEMENTS else None
+        if dests is not None and all(d is not None for d in dests) and _rebuilt_shape(left, right, c) == (m, n):
+            # large tensors straight into the caller's tensors: mean + L C R^T in one GEMM per tensor,
+            # no full-size temporary (a fresh allocation costs page faults and a pass over memory)
+            for i, e in enumerate(group):
+                d = dests[i].view(m, n)
+                _expand_into(d, None if mean is None else mean[i], None if left is None else left[i], c[i],
+                             None if right is None else right[i])
+                if e.get("residual"):
+                    d.add_(residual_enc.decode(e["residual"], rows, m, n).to(cdt))
+            return dests
         w = c
         if left is not None:
             w = torch.bmm(left, w)
         if right is not None:
             w = torch.bmm(w, right.transpose(1, 2))
         if mean is not None:
-            w = w + mean if w.shape == mean.shape else mean.expand(len(group), m, n) + w
+            w = w.add_(mean) if w.shape == mean.shape and w is not c else (w + mean if w.shape == mean.shape else mean.expand(len(group), m, n) + w)
         elif w.shape[1:] != (m, n):
             raise FormatError(f"{self.path}: tensor {e0['name']!r}: coefficients do not match its view {m}x{n}")
         out = []
@@ -312,10 +483,20 @@ class Store:
         self, model: ModelRef, name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
         """One tensor of one model; reads only that tensor's slots, basis and mean."""
+        with _damaged(self, model, name):
+            return self._tensor(model, name, device=device, dtype=dtype)
+
+    def _tensor(self, model: ModelRef, name: str, *, device, dtype) -> torch.Tensor:
         dev = _device(device)
         e = self.tensor_entry(name)
         idx = self.model_index(model)
-        if e["encoding"] == "shared" or (e["encoding"] == "dense" and e["data"].get("per_model")):
+        if e["name"] != name:  # a LoRA factor (the module's own name gives the dense update)
+            sd = self.state_dict(idx, device=dev, dtype=dtype, names=[name])
+            if name not in sd:
+                raise NotFoundError(f"{self.path}: model {self.model_entry(idx)['id']!r} has no LoRA module {e['name']!r}, so no {name!r}")
+            return sd[name]
+        if e["encoding"] == "shared" or (e["encoding"] == "dense" and e["data"].get("per_model")) or any(
+                x["tensor"] == name for x in self.manifest["models"][idx].get("exceptions") or ()):
             return self.state_dict(idx, device=dev, dtype=dtype, names=[name])[name]
         rows = self._slot_rows(idx, e, dev)
         if e["encoding"] == "dense":
@@ -325,14 +506,27 @@ class Store:
         want = dtype if (dtype is not None and dtypes.is_float(e["dtype"])) else dtypes.torch_dtype(e["dtype"])
         return t.to(want)
 
+    def delta(self, model: ModelRef, module: str, *, device: str | torch.device | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense update s * B @ A of one LoRA module of one adapter, in the adapted weight's layout.
+
+        >>> store.delta("task-3", "base_model.model.fc1")  # doctest: +SKIP
+        """
+        return lora_enc.delta(self, model, module, device=device, dtype=dtype)
+
     def _slot_rows(self, idx: int, e: dict, dev) -> dict[str, torch.Tensor]:
         """Sparse pack rows holding only the slots of tensor ``e`` (partial chunk reads)."""
         rows: dict[str, torch.Tensor] = {}
         for s in _slots_of(e):
             if s["length"] == 0:
                 continue
-            arr = self._array(self.manifest["packs"][s["pack"]]["path"])
-            vals = torch.from_numpy(np.ascontiguousarray(arr[idx, s["offset"]: s["offset"] + s["length"]]))
+            arr = self._pack(self.manifest["packs"][s["pack"]])
+            if arr.shape[0] <= idx:
+                raise FormatError(f"{self.path}: pack {s['pack']} has {arr.shape[0]} rows but model #{idx} is committed; the store is damaged")
+            try:
+                vals = torch.from_numpy(np.ascontiguousarray(arr[idx, s["offset"]: s["offset"] + s["length"]]))
+            except Exception as e:
+                raise FormatError(f"{self.path}: model #{idx} cannot be read from pack {s['pack']} ({_short(e)}); the store is damaged") from None
             full = rows.get(s["pack"])
             if full is None:
                 full = torch.zeros(self.manifest["packs"][s["pack"]]["width"], dtype=vals.dtype)
@@ -341,14 +535,18 @@ class Store:
         return {k: v.to(dev) for k, v in rows.items()}
 
     def load_into(self, module: torch.nn.Module, model: ModelRef, *, strict: bool = True) -> torch.nn.Module:
-        """Load a model's weights into ``module`` (on the module's device and dtypes)."""
-        try:
-            p = next(module.parameters())
-            dev = p.device
-        except StopIteration:
-            dev = torch.device("cpu")
-        sd = self.state_dict(model, device=dev)
-        missing, unexpected = module.load_state_dict(sd, strict=False)
+        """Load a model's weights into ``module`` (on the module's device and dtypes).
+
+        Tensors are rebuilt straight into the module's own parameters and buffers where their
+        device and dtype allow (no intermediate state dict), else rebuilt and copied in.
+        """
+        first = next(itertools.chain(module.parameters(), module.buffers()), None)
+        dev = first.device if first is not None else torch.device("cpu")
+        targets = module.state_dict()  # detached tensors sharing the parameters' storage
+        with _damaged(self, model), torch.no_grad():
+            sd = self._state_dict(model, device=dev, dtype=None, names=None, into=targets)
+        missing = [k for k in targets if k not in sd]
+        unexpected = [k for k in sd if k not in targets]
         if strict and (missing or unexpected):
             raise NotFoundError(
                 f"{self.path}: model {self.model_entry(model)['id']!r} does not fit the module: "
@@ -405,11 +603,16 @@ class Store:
         return model_table(self)
 
     # ------------------------------------------------------------------ writing
-    def append(self, source, *, id: str | None = None, format: str | None = None, progress: bool = False) -> dict:
-        """Project a new checkpoint onto the existing bases and commit it as a new model."""
+    def append(self, source, *, id: str | None = None, format: str | None = None, progress: bool = False,
+               max_error: float | None = None, max_delta_error: float | None = None) -> dict:
+        """Project a new checkpoint onto the existing bases and commit it as a new model.
+
+        The store's error budget (or ``max_error`` / ``max_delta_error``) holds for it: what the bases miss is fixed
+        by per-model exceptions (see ``summary()["refit_suggested"]``).
+        """
         from .build import append
 
-        return append(self, source, id=id, format=format, progress=progress)
+        return append(self, source, id=id, format=format, progress=progress, max_error=max_error, max_delta_error=max_delta_error)
 
     def project(self, source, *, format: str | None = None) -> dict:
         """Coefficients and errors of an unseen checkpoint, without adding it."""
@@ -422,10 +625,11 @@ class Store:
 
         return export(self, model, out, format=format, **kw)
 
-    def validate(self, *, deep: bool = False) -> list[str]:
+    def validate(self, *, deep: bool = False, notes: list[str] | None = None) -> list[str]:
+        """Problems found (empty: valid); see :func:`uwsfmt.validate`. ``notes`` receives what deep checking could not do."""
         from .validate import validate_store
 
-        return validate_store(self, deep=deep)
+        return validate_store(self, deep=deep, notes=notes)
 
     def close(self) -> None:
         self.clear_cache()
@@ -442,6 +646,84 @@ class Store:
 
     def __repr__(self) -> str:
         return f"<uwsfmt.Store {self.path!r}: {self.n_models} models, {len(self.manifest['tensors'])} tensors, format {self.format_version}>"
+
+
+@contextlib.contextmanager
+def _damaged(store: Store, model: ModelRef, name: str | None = None):
+    """Turn what a damaged or tampered store makes the decoders raise into a FormatError naming
+    the model (and tensor): the manifest passed the schema, so its arrays and slots disagree."""
+    try:
+        yield
+    except UWSError:
+        raise
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, IndexError, KeyError, TypeError, AttributeError, MemoryError) as e:
+        what = f"model {model!r}" + (f", tensor {name!r}" if name is not None else "")
+        raise FormatError(f"{store.path}: {what} cannot be rebuilt ({_short(e)}); the store is damaged or was tampered with "
+                          "(run `uwsfmt validate` on it)") from None
+
+
+#: subspace tensors at least this large are rebuilt straight into a caller's tensor (load_into),
+#: one GEMM each; smaller ones are rebuilt batched (one bmm per group) and copied
+DIRECT_MIN_ELEMENTS = 1 << 16
+
+
+def _wants(into: dict[str, torch.Tensor] | None, name: str) -> bool:
+    return into is not None and name in into
+
+
+def _place(into: dict[str, torch.Tensor], name: str, t: torch.Tensor, path: str) -> torch.Tensor:
+    """Copy ``t`` into the caller's tensor ``into[name]`` (casting like ``load_state_dict``)."""
+    d = into[name]
+    if d is t:
+        return d
+    if tuple(d.shape) != tuple(t.shape):
+        raise ConflictError(f"{path}: tensor {name!r} is {list(t.shape)} in the store but {list(d.shape)} in the module; "
+                            "load it into a module of the family's architecture")
+    d.copy_(t)
+    return d
+
+
+def _target(into: dict[str, torch.Tensor], e: dict, cdt: torch.dtype, dev: torch.device) -> torch.Tensor | None:
+    """The caller's tensor for subspace tensor ``e`` when it can receive the GEMM result directly."""
+    d = into.get(e["name"])
+    if d is None or d.dtype != cdt or d.device != dev or not d.is_contiguous() or list(d.shape) != list(e["shape"]):
+        return None
+    return d
+
+
+def _rebuilt_shape(left, right, c) -> tuple[int, int]:
+    return (left.shape[1] if left is not None else c.shape[1], right.shape[1] if right is not None else c.shape[2])
+
+
+def _expand_into(out: torch.Tensor, mean, left, c, right) -> None:
+    """out = mean + left @ c @ right^T (absent parts skipped), with one GEMM writing ``out``."""
+    if left is not None and right is not None:
+        a, b = left @ c, right.T
+    elif left is not None:
+        a, b = left, c
+    elif right is not None:
+        a, b = c, right.T
+    else:
+        out.copy_(c)
+        if mean is not None:
+            out.add_(mean)
+        return
+    if mean is None:
+        torch.mm(a, b, out=out)
+    else:
+        # copy M, then add the product in place: measured ~2x faster on CPU than
+        # torch.addmm(M, a, b, out=out), and faster than doing it in cache-sized row blocks
+        out.copy_(mean)
+        out.addmm_(a, b)
+
+
+def _implied_shape(e: dict, field: str) -> tuple[int, int]:
+    """Shape the manifest implies for a subspace tensor's mean / left / right array (spec section 13)."""
+    m, n = e["view"]
+    kl, kr = e["rank"]
+    return {"mean": (m, n), "left": (m, kl), "right": (n, kr)}[field]
 
 
 def _group_key(e: dict) -> tuple:
@@ -468,7 +750,10 @@ def open(path: str | os.PathLike, *, mode: str = "r") -> Store:  # noqa: A001 - 
     path = os.fspath(path)
     zstore = _open_zarr_store(path, mode)
     manifest = read_manifest(zstore, path)
-    return Store(path, zstore, manifest)
+    try:
+        return Store(path, zstore, manifest)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # fields the schema leaves open (LoRA records)
+        raise FormatError(f"{path}: the manifest cannot be indexed ({_short(e)}); the store is damaged") from None
 
 
 def dumps_manifest(m: dict) -> str:

@@ -37,6 +37,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 SERVER_START_TIMEOUT_S = 90
+CURRENT = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook in the active tab
 CELL_TIMEOUT_MS = 120_000
 
 
@@ -115,6 +116,10 @@ class LabServer:
         # No news / update checks: nothing outside this machine can be reached anyway.
         (settings / "notification.jupyterlab-settings").write_text(
             json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+        # Start the notebook's kernel without the "Select Kernel" dialog.
+        tracker = self.tmp / "settings" / "@jupyterlab" / "notebook-extension"
+        tracker.mkdir(parents=True)
+        (tracker / "tracker.jupyterlab-settings").write_text(json.dumps({"autoStartDefaultKernel": True}))
         env = dict(os.environ)
         env.update({
             "JUPYTERLAB_SETTINGS_DIR": str(self.tmp / "settings"),
@@ -176,6 +181,7 @@ class Lab:
         self.browser = browser
         self.root = server.root
         self.pages = []
+        self.js_errors: list[str] = []
 
     def write_notebook(self, name: str, cells: list[str]) -> Path:
         path = self.root / name
@@ -187,11 +193,35 @@ class Lab:
         context = self.browser.new_context(viewport={"width": 1500, "height": 1000})
         page = context.new_page()
         self.pages.append(page)
+        # JS errors from widget code would otherwise only show as a blank output.
+        page.on("pageerror", lambda exc: self.js_errors.append(str(exc)))
+        page.on("console", lambda msg: msg.type == "error" and self.js_errors.append(msg.text))
         page.set_default_timeout(60_000)
-        page.goto(f"{self.server.url}/lab/tree/{name}")
+        # ?reset: start from an empty workspace, not the tabs an earlier test left open
+        page.goto(f"{self.server.url}/lab/tree/{name}?reset")
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+        self._wait_session(name)
         self.wait_kernel_idle(page)
         return page
+
+    def _wait_session(self, name: str, timeout_s: float = 90) -> None:
+        """Wait until the server runs a kernel for the notebook (the DOM says 'idle' before that).
+
+        Accepts JupyterLab's "Select Kernel" dialog should it appear anyway.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{self.server.url}/api/sessions", timeout=5) as r:
+                sessions = json.load(r)
+            for s in sessions:
+                if s.get("path") == name and (s.get("kernel") or {}).get("execution_state") == "idle":
+                    return
+            page = self.pages[-1]
+            dialog = page.locator(".jp-Dialog .jp-mod-accept")
+            if dialog.count():
+                dialog.first.click()
+            time.sleep(0.3)
+        raise TimeoutError(f"no idle kernel for {name} after {timeout_s}s")
 
     def wait_kernel_idle(self, page, timeout_ms: int = 90_000) -> None:
         # The notebook toolbar's execution indicator carries the kernel status.
@@ -207,11 +237,12 @@ class Lab:
     def run_all(self, page, timeout_ms: int = CELL_TIMEOUT_MS) -> None:
         """Run > Run All Cells through the menu bar, then wait until every cell has run."""
         page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-        page.locator('.lm-Menu-item[data-command="notebook:run-all-cells"]').click()
-        n_cells = page.locator(".jp-Notebook .jp-CodeCell").count()
+        page.locator('#jp-mainmenu-run .lm-Menu-item[data-command="runmenu:run-all"]').click()
+        n_cells = page.locator(f"{CURRENT} .jp-CodeCell").count()
         page.wait_for_function(
             """(n) => {
-                const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')];
+                const prompts = [...document.querySelectorAll(
+                    '.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputPrompt')];
                 return prompts.length === n && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
             }""",
             arg=n_cells,
@@ -235,11 +266,13 @@ class Lab:
         return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def lab_server():
     reason = _missing_requirement()
     if reason:
         pytest.skip(reason)
+    for old in ARTIFACTS.glob("FAILED-*.png"):  # failure shots of an earlier run would mislead
+        old.unlink()
     server = LabServer()
     try:
         server.start()
@@ -248,7 +281,7 @@ def lab_server():
         server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chromium_browser(lab_server):
     from playwright.sync_api import sync_playwright
 
@@ -260,12 +293,27 @@ def chromium_browser(lab_server):
             browser.close()
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
 @pytest.fixture
-def lab(lab_server, chromium_browser):
+def lab(request, lab_server, chromium_browser):
     lab = Lab(lab_server, chromium_browser)
     try:
         yield lab
     finally:
+        if request.node.stash.get(_CALL_FAILED, False):
+            for i, page in enumerate(lab.pages):  # what the page showed when the test failed
+                with contextlib.suppress(Exception):
+                    lab.screenshot(page, f"FAILED-{request.node.name}-{i}")
         for page in lab.pages:
             with contextlib.suppress(Exception):
                 page.context.close()

@@ -1,7 +1,8 @@
 """Residual: a per-model correction Q_i on top of the subspace term, quantized per row.
 
 bits 2/4/8: symmetric codes with one float32 scale per row of the matrix view (see
-:func:`uwsfmt.linalg.quantize_rows`); bits 16: the residual itself in float16.
+:func:`uwsfmt.linalg.quantize_rows`); bit 1: the sign times the row's scale (BitDelta with
+per-row scales); bits 16: the residual itself in float16.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ class Fit:
     right: torch.Tensor | None  # (n, kr)
     spectra: dict[str, torch.Tensor] = field(default_factory=dict)  # side -> full eigenvalues
     kept: dict[str, int] = field(default_factory=dict)
+    method: dict = field(default_factory=dict)  # how the bases were found (exact Gram or sketch + its check)
 
     @property
     def rank(self) -> list[int | None]:
@@ -52,7 +53,7 @@ class Fit:
             self.mode, self.center, self.mean,
             self.left[:, : kept["left"]] if self.left is not None else None,
             self.right[:, : kept["right"]] if self.right is not None else None,
-            self.spectra, dict(kept),
+            self.spectra, dict(kept), dict(self.method),
         )
 
 
@@ -105,3 +106,49 @@ def subspace_part(fit: Fit, c: torch.Tensor) -> torch.Tensor:
     left = fit.left.to(torch.float64) if fit.left is not None else None
     right = fit.right.to(torch.float64) if fit.right is not None else None
     return linalg.expand(c.to(torch.float64), left, right)
+
+
+@dataclass
+class Prepared:
+    """A fit's shared arrays in the dtypes pass 2 needs, converted once per tensor (not per model)."""
+
+    device: torch.device
+    cdt: torch.dtype  # compute dtype of readers (float64 for float64 tensors, else float32)
+    mean: torch.Tensor | None  # in the compute dtype
+    left64: torch.Tensor | None
+    right64: torch.Tensor | None
+    left: torch.Tensor | None  # in the compute dtype
+    right: torch.Tensor | None
+
+
+def prepared(fit: Fit, cdt: torch.dtype) -> Prepared:
+    """:class:`Prepared` arrays of ``fit`` for compute dtype ``cdt`` (cached on the fit)."""
+    cache = fit.__dict__.setdefault("_prepared", {})
+    p = cache.get(cdt)
+    if p is None:
+        ref = next(t for t in (fit.mean, fit.left, fit.right) if t is not None)
+
+        def cast(t, dt):
+            return None if t is None else t.to(dt)
+
+        p = Prepared(ref.device, cdt, cast(fit.mean, cdt), cast(fit.left, torch.float64), cast(fit.right, torch.float64),
+                     cast(fit.left, cdt), cast(fit.right, cdt))
+        cache[cdt] = p
+    return p
+
+
+def rebuild(p: Prepared, c: torch.Tensor, view: tuple[int, int]) -> torch.Tensor:
+    """M + L @ C @ R^T in the compute dtype, in the order :meth:`uwsfmt.store.Store.state_dict`
+    computes it, so that errors measured on it are the errors readers see."""
+    w = c.to(p.cdt)
+    if p.left is not None:
+        w = p.left @ w
+    if p.right is not None:
+        w = w @ p.right.T
+    if p.mean is not None:
+        fresh = p.left is not None or p.right is not None
+        if w.shape == view:
+            w = w.add_(p.mean.reshape(view)) if fresh else w + p.mean.reshape(view)
+        else:
+            w = p.mean.reshape(view) + w
+    return w

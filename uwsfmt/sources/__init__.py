@@ -1,6 +1,6 @@
 """Checkpoint formats. Importing this package registers every built-in format."""
 
-from . import safetensors_file, torch_file  # noqa: F401  (registration side effects)
+from . import diffusers, hf_folder, kohya, peft, safetensors_file, torch_file  # noqa: F401  (registration side effects)
 from .base import Checkpoint, LoraPair, StateDictCheckpoint, TensorInfo
 from .registry import discover, formats, model_id_for, open_checkpoint, register_format
 

@@ -47,8 +47,10 @@ def _torch_dtype(name: str) -> torch.dtype:
 class LoraPair:
     """A LoRA module inside an adapter checkpoint: delta W = scale * B @ A.
 
-    ``a`` and ``b`` are tensor names in the checkpoint (A: r x in, B: out x r).
-    ``fan_in_fan_out`` means the adapted layer stores W transposed (GPT-2 Conv1D).
+    ``a`` and ``b`` are tensor names in the checkpoint (A: r x in, B: out x r; conv LoRAs:
+    A: r x in x kh x kw, B: out x r x 1 x 1). ``fan_in_fan_out`` means the adapted layer stores
+    W transposed (GPT-2 Conv1D, PEFT embedding LoRAs). ``alpha`` names a tensor the pair
+    consumes (kohya's per-module ``.alpha``): its value is folded into ``scale``.
     """
 
     module: str
@@ -56,6 +58,7 @@ class LoraPair:
     b: str
     scale: float
     fan_in_fan_out: bool = False
+    alpha: str | None = None
 
 
 class Checkpoint(ABC):
@@ -103,7 +106,7 @@ class Checkpoint(ABC):
             self._fingerprint = {"sha256": h.hexdigest() if files else None, "size": size}
         return self._fingerprint
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional hook: most formats hold nothing open)
         """Release file handles; the checkpoint may be reopened lazily."""
 
     def __repr__(self) -> str:
@@ -122,6 +125,12 @@ class StateDictCheckpoint(Checkpoint):
 
     def __init__(self, id: str, tensors: dict[str, torch.Tensor], lora: dict[str, LoraPair] | None = None):
         super().__init__(id, None)
+        for k, v in tensors.items():
+            if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+                from ..errors import SourceError
+
+                raise SourceError(f"model {id!r}: entry {k!r} is a {type(k).__name__} -> {type(v).__name__}; a state dict "
+                                  "maps tensor names (str) to tensors (a family is {model_id: state_dict})")
         self._tensors = tensors
         self._lora = dict(lora or {})
 

@@ -111,10 +111,13 @@ def discover(
     Accepts paths, globs, folders (of checkpoints, or one checkpoint folder), Checkpoint
     objects, or a mapping ``{model_id: state_dict}``.
     """
-    if isinstance(sources, Mapping):
-        return [StateDictCheckpoint(str(k), dict(v)) for k, v in sources.items()]
     out: list[Checkpoint] = []
-    for s in sources:
+    items: Iterable = ()
+    if isinstance(sources, Mapping):
+        out = [StateDictCheckpoint(str(k), dict(v)) for k, v in sources.items()]
+    else:
+        items = [sources] if isinstance(sources, (str, os.PathLike)) else sources  # one path, not its characters
+    for s in items:
         if isinstance(s, Checkpoint):
             out.append(s)
         elif isinstance(s, Mapping):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
 import torch
-from safetensors import safe_open
 
+from ..dtypes import torch_dtype
 from ..errors import SourceError
 from .base import Checkpoint, Format, TensorInfo
 from .registry import register_format
@@ -36,20 +37,53 @@ def read_header(path: str) -> dict:
                     f"file of {size} bytes); the file is truncated or not safetensors"
                 )
             header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SourceError(f"{path}: corrupt safetensors header ({e}); re-export the checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise SourceError(f"{path}: corrupt safetensors header ({type(e).__name__}: {str(e)[:200]}); re-export the checkpoint") from None
+    except OSError as e:
+        raise SourceError(f"{path}: cannot read the file ({e.strerror or e})") from None
     if not isinstance(header, dict):
         raise SourceError(f"{path}: corrupt safetensors header (not a JSON object)")
     end = 0
     for k, v in header.items():
         if k == "__metadata__":
+            if not isinstance(v, dict) or not all(isinstance(x, str) for x in v.values()):
+                raise SourceError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
             continue
-        if not isinstance(v, dict) or "dtype" not in v or "shape" not in v or "data_offsets" not in v:
-            raise SourceError(f"{path}: corrupt safetensors header entry for tensor {k!r}")
-        end = max(end, int(v["data_offsets"][1]))
+        problem = _entry_problem(v)
+        if problem:
+            raise SourceError(f"{path}: corrupt safetensors header entry for tensor {k!r}: {problem}; re-export the checkpoint")
+        end = max(end, v["data_offsets"][1])
     if end + 8 + n > size:
         raise SourceError(f"{path}: truncated safetensors file (tensor data ends past the end of the file)")
     return header
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+             "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry_problem(v) -> str | None:
+    """What is wrong with one tensor's header entry (None: nothing)."""
+    if not isinstance(v, dict):
+        return "not a JSON object"
+    dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+    if not isinstance(dtype, str):
+        return f"dtype {dtype!r} is not a string"
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        return f"shape {shape!r} is not a list of non-negative integers"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) or offsets[0] > offsets[1]:
+        return f"data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end"
+    if dtype in _ITEMSIZE:
+        numel = 1
+        for d in shape:
+            numel *= d
+        if offsets[1] - offsets[0] != numel * _ITEMSIZE[dtype]:
+            return f"its {offsets[1] - offsets[0]} bytes do not hold shape {shape} of {dtype} ({numel * _ITEMSIZE[dtype]} bytes)"
+    return None
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -58,7 +92,9 @@ class SafetensorsCheckpoint(Checkpoint):
     def __init__(self, path: str, id: str):
         super().__init__(id, path)
         self._header = read_header(path)
-        self._handle = None
+        with open(path, "rb") as f:
+            self._data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        self._file = None  # opened on the first read, kept until close()
 
     def infos(self) -> dict[str, TensorInfo]:
         out = {}
@@ -74,18 +110,41 @@ class SafetensorsCheckpoint(Checkpoint):
         return dict(self._header.get("__metadata__") or {})
 
     def get(self, name: str) -> torch.Tensor:
-        if self._handle is None:
-            try:
-                self._handle = safe_open(self.path, framework="pt", device="cpu")
-            except Exception as e:  # safetensors raises its own error types
-                raise SourceError(f"{self.path}: cannot open safetensors file: {e}") from None
+        """One tensor, read with one ``pread`` into memory of its own. Not a view of a memory map:
+        the mapped pages of every source would stay resident (and count in the process's RSS) until
+        the build ends, so a build's memory would grow with the number of models."""
+        v = self._header.get(name) if name != "__metadata__" else None
+        if v is None:
+            raise SourceError(f"{self.path}: cannot read tensor {name!r}: the file has no such tensor")
+        if v["dtype"] not in _ST_DTYPES:
+            raise SourceError(f"{self.path}: tensor {name!r} has unsupported dtype {v['dtype']}")
+        dtype = torch_dtype(_ST_DTYPES[v["dtype"]])
+        shape = [int(x) for x in v["shape"]]
+        start, end = (int(x) for x in v["data_offsets"])
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if end - start != nbytes or start < 0:
+            raise SourceError(f"{self.path}: corrupt safetensors header: tensor {name!r} ({v['dtype']} {shape}) has "
+                              f"{end - start} bytes of data, not {nbytes}; re-export the checkpoint")
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         try:
-            return self._handle.get_tensor(name)
-        except Exception as e:
+            if self._file is None:
+                self._file = open_data(self.path)
+            got = os.preadv(self._file.fileno(), [buf.numpy()], self._data_start + start) if nbytes else 0
+        except OSError as e:
             raise SourceError(f"{self.path}: cannot read tensor {name!r}: {e}") from None
+        if got != nbytes:
+            raise SourceError(f"{self.path}: truncated safetensors file (tensor {name!r} ends past the end of the file)")
+        return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
-        self._handle = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def open_data(path: str):
+    """The file a checkpoint's tensors are read from (one per checkpoint, unbuffered)."""
+    return open(path, "rb", buffering=0)
 
 
 def _detect(path: str) -> bool:

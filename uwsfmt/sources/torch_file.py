@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 
 import torch
 
@@ -14,6 +15,15 @@ from ..dtypes import name_of
 from ..errors import SourceError
 from .base import Checkpoint, Format, TensorInfo
 from .registry import register_format
+
+
+def _reason(e: Exception) -> str:
+    """The line of torch's weights_only message that says what was refused."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    for x in lines:
+        if "Unsupported global" in x or "Unsupported operand" in x or "GLOBAL" in x:
+            return x
+    return lines[0] if lines else type(e).__name__
 
 
 class TorchCheckpoint(Checkpoint):
@@ -26,9 +36,10 @@ class TorchCheckpoint(Checkpoint):
     def _load(self) -> dict[str, torch.Tensor]:
         if self._sd is None:
             try:
-                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-            except (pickle.UnpicklingError, RuntimeError, AttributeError, ValueError, EOFError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                # mmap needs the zip container of torch.save; legacy pickles are read whole
+                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(self.path))
+            except (pickle.UnpicklingError, RuntimeError, AttributeError, ValueError, EOFError, TypeError, KeyError) as e:
+                first = _reason(e)
                 raise SourceError(
                     f"{self.path}: refused to load: the file is not a plain tensor state dict "
                     f"loadable with weights_only=True ({first}). uwsfmt never unpickles arbitrary "

@@ -1,0 +1,324 @@
+"""Converter: turn a family of checkpoints into a UWS store from a notebook.
+
+Sources (paths, folders, globs) -> "Plan" (headers only) -> options -> "Run" (uwsfmt.convert in
+a worker thread driven from the kernel's asyncio loop) with progress, ETA, Cancel and a log ->
+summary -> "Open in Inspector".
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+import time
+from typing import Any
+
+import anywidget
+import ipywidgets
+import traitlets as t
+
+from . import jobs, payload
+from .inspector import Inspector, describe_error
+from .static_files import css, esm
+
+LOG_LINES = 400
+RESIDUAL_BITS = (0, 16, 8, 4, 2)  # 0: no residual
+MODES = ("auto", "left", "right", "both", "flat")
+
+
+def available_devices() -> list[str]:
+    """Devices a build can run on here: "cpu", plus "cuda" only when torch sees a GPU."""
+    devices = ["cpu"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            devices.append("cuda")
+    except Exception:  # noqa: BLE001 - no torch, no CUDA
+        pass
+    return devices
+
+
+def split_sources(text: str) -> list[str]:
+    """One source per line (commas also separate); blank lines and ``#`` comments are skipped.
+
+    >>> split_sources("a/*.safetensors\\n\\n# old\\nb.pt, c.pt")
+    ['a/*.safetensors', 'b.pt', 'c.pt']
+    """
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        out.extend(p.strip() for p in line.split(",") if p.strip())
+    return [os.path.expanduser(p) for p in out]
+
+
+def _center_argument(convert: Any, center: bool) -> Any:
+    """uwsfmt.convert takes center as "mean"/"none"; a bool if its default is one."""
+    try:
+        default = inspect.signature(convert).parameters["center"].default
+    except (KeyError, TypeError, ValueError):
+        return center
+    if isinstance(default, bool):
+        return center
+    return "mean" if center else "none"
+
+
+class Converter(anywidget.AnyWidget):
+    """Convert checkpoints into a UWS store: ``Converter(sources="ckpts/", output="family.uws")``.
+
+    Displaying it shows the form and, once "Open in Inspector" is pressed, an :class:`Inspector`
+    of the new store below it (``.inspector``).
+
+    >>> Converter(sources="adapters/*", output="adapters.uws")  # doctest: +SKIP
+    """
+
+    _esm = esm("format.js", "converter.js")
+    _css = css()
+
+    sources = t.Unicode("").tag(sync=True)
+    output = t.Unicode("").tag(sync=True)
+    rank_mode = t.Unicode("auto").tag(sync=True)  # auto | tau | rank
+    tau = t.Float(0.99).tag(sync=True)
+    rank = t.Int(16).tag(sync=True)
+    center = t.Bool(True).tag(sync=True)
+    mode = t.Unicode("auto").tag(sync=True)  # basis side: auto | left | right | both | flat
+    modes = t.List(list(MODES)).tag(sync=True)
+    residual_bits = t.Int(0).tag(sync=True)
+    residual_choices = t.List(list(RESIDUAL_BITS)).tag(sync=True)
+    max_error = t.Float(None, allow_none=True).tag(sync=True)
+    device = t.Unicode("cpu").tag(sync=True)
+    devices = t.List(["cpu"]).tag(sync=True)
+    overwrite = t.Bool(False).tag(sync=True)
+
+    # idle | planning | planned | running | cancelling | done | cancelled | error
+    status = t.Unicode("idle").tag(sync=True)
+    plan_report = t.Dict().tag(sync=True)
+    progress = t.Dict().tag(sync=True)  # done, total, message, elapsed, eta (seconds or None)
+    log = t.List().tag(sync=True)
+    summary = t.Dict().tag(sync=True)
+    message = t.Unicode("").tag(sync=True)
+    message_kind = t.Unicode("").tag(sync=True)  # "" | info | error | success
+
+    def __init__(self, sources: str | list[str] = "", output: str = "", **kwargs: Any):
+        if isinstance(sources, (list, tuple)):
+            sources = "\n".join(os.fspath(s) for s in sources)
+        devices = available_devices()
+        kwargs.setdefault("devices", devices)
+        kwargs.setdefault("device", devices[-1])
+        super().__init__(sources=os.fspath(sources), output=os.fspath(output), **kwargs)
+        self.store = None
+        self.inspector: Inspector | None = None
+        self._task = None
+        self._cancel: threading.Event | None = None
+        self._t0 = 0.0
+        self._slot = ipywidgets.VBox()
+        self._layout = ipywidgets.VBox([self, self._slot])
+        self.on_msg(self._on_msg)
+
+    def _repr_mimebundle_(self, **kwargs: Any):
+        # Shown together with the slot where "Open in Inspector" puts the Inspector.
+        return self._layout._repr_mimebundle_(**kwargs)
+
+    # ------------------------------------------------------------------ helpers
+    def _say(self, message: str, kind: str = "info") -> None:
+        self.message, self.message_kind = message, kind
+
+    def _busy(self) -> bool:
+        if self.status in ("planning", "running", "cancelling"):
+            self._say(f"Still {self.status}: wait for it to finish (or await the task plan()/run() returned).", "info")
+            return True
+        return False
+
+    def _source_list(self) -> list[str] | None:
+        sources = split_sources(self.sources)
+        if not sources:
+            self.status = "error"
+            self._say("Enter at least one source: a checkpoint file, a folder of checkpoints or a glob "
+                      "such as adapters/*/adapter_model.safetensors.", "error")
+            return None
+        return sources
+
+    def convert_kwargs(self) -> dict:
+        """The keyword arguments the form passes to ``uwsfmt.convert`` (besides sources/out)."""
+        import uwsfmt
+
+        kw: dict[str, Any] = {"rank": None, "tau": None}
+        if self.rank_mode == "rank":
+            kw["rank"] = int(self.rank)
+        elif self.rank_mode == "tau":
+            kw["tau"] = float(self.tau)
+        kw["center"] = _center_argument(uwsfmt.convert, self.center)
+        kw["device"] = self.device or None
+        try:
+            params = inspect.signature(uwsfmt.convert).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if self.mode != "auto" and "mode" in params:
+            kw["mode"] = self.mode
+        if self.residual_bits and "residual_bits" in params:
+            kw["residual_bits"] = int(self.residual_bits)
+        if self.max_error is not None and "max_error" in params:
+            kw["max_error"] = float(self.max_error)
+        if self.overwrite and "overwrite" in params:
+            kw["overwrite"] = True
+        return kw
+
+    def _check_options(self) -> str | None:
+        if self.rank_mode not in ("auto", "tau", "rank"):
+            return f"Unknown rank choice {self.rank_mode!r}."
+        if self.rank_mode == "tau" and not (0.0 < self.tau <= 1.0):
+            return f"The explained-variance threshold tau must be in (0, 1], not {self.tau:g}."
+        if self.rank_mode == "rank" and self.rank < 0:
+            return f"The rank must be a whole number >= 0, not {self.rank}."
+        if self.mode not in self.modes:
+            return f"Unknown basis side {self.mode!r}; choose one of {', '.join(self.modes)}."
+        if self.max_error is not None and self.max_error < 0:
+            return f"The error budget must be >= 0 (relative error, e.g. 0.001), not {self.max_error:g}."
+        if self.device not in self.devices:
+            return f"Device {self.device!r} is not available here; choose one of {', '.join(self.devices)}."
+        if not self.output.strip():
+            return "Enter the output path of the new store, e.g. family.uws."
+        return None
+
+    # ------------------------------------------------------------------ plan
+    def plan(self):
+        """Read the sources' headers and show the planning report; returns the task."""
+        if self._busy():
+            return None
+        sources = self._source_list()
+        if sources is None:
+            return None
+        import uwsfmt
+
+        self.status = "planning"
+        self.plan_report = {}
+        self._say(f"Reading the headers of {len(sources)} source(s) …", "info")
+
+        def done(report: dict) -> None:
+            self.plan_report = payload.jsonable(report)
+            conflicts = self.plan_report.get("conflicts") or []
+            self.status = "planned"
+            if conflicts:
+                self._say(f"These sources do not form one family ({len(conflicts)} conflict(s) below). "
+                          "Fix or remove the offending checkpoints before Run.", "error")
+            else:
+                self._say(f"{self.plan_report.get('n_models', '?')} models form one family. "
+                          "Choose the options and Run.", "success")
+
+        self._task = jobs.start(lambda: uwsfmt.plan(sources), on_result=done, on_error=self._failed)
+        return self._task
+
+    # ------------------------------------------------------------------ run
+    def run(self):
+        """Start the conversion in the background; returns the task (None if it did not start)."""
+        if self._busy():
+            return None
+        sources = self._source_list()
+        if sources is None:
+            return None
+        problem = self._check_options()
+        if problem:
+            self.status = "error"
+            self._say(problem, "error")
+            return None
+        import uwsfmt
+
+        kwargs = self.convert_kwargs()
+        out = os.path.expanduser(self.output.strip())
+        cancel = threading.Event()
+        relay = jobs.ProgressRelay(self._show_progress)
+        self._cancel = cancel
+        self._t0 = time.monotonic()
+        self.store = None
+        with self.hold_sync():
+            self.status = "running"
+            self.summary = {}
+            self.log = [f"convert {len(sources)} source(s) -> {out}  "
+                        + " ".join(f"{k}={v}" for k, v in kwargs.items() if v is not None)]
+            self.progress = {"done": 0, "total": 0, "message": "starting", "elapsed": 0.0, "eta": None}
+            self._say("Converting …", "info")
+
+        def work():
+            return uwsfmt.convert(sources, out, progress=relay, cancel=cancel, **kwargs)
+
+        self._task = jobs.start(work, on_result=self._converted, on_error=self._failed, on_finally=relay.flush)
+        return self._task
+
+    def cancel(self) -> None:
+        """Ask a running conversion to stop; the library leaves nothing at the output path."""
+        if self.status == "running" and self._cancel is not None:
+            self._cancel.set()
+            self.status = "cancelling"
+            self._say("Cancelling at the next step …", "info")
+
+    def _show_progress(self, done: int, total: int, message: str, lines: list[str]) -> None:
+        elapsed = time.monotonic() - self._t0
+        eta = elapsed * (total - done) / done if 0 < done <= total else None
+        with self.hold_sync():
+            self.progress = {"done": done, "total": total, "message": message,
+                             "elapsed": round(elapsed, 2), "eta": None if eta is None else round(eta, 1)}
+            if lines:
+                self.log = (list(self.log) + [f"[{done}/{total}] {ln}" for ln in lines])[-LOG_LINES:]
+
+    def _converted(self, store: Any) -> None:
+        self.store = store
+        try:
+            summary = payload.jsonable(store.summary())
+        except Exception as e:  # noqa: BLE001
+            summary = {}
+            self.log = [*self.log, f"summary unavailable: {describe_error(e)}"]
+        elapsed = time.monotonic() - self._t0
+        with self.hold_sync():
+            self.summary = summary
+            p = dict(self.progress)
+            if p.get("total"):
+                p["done"] = p["total"]
+            p.update(elapsed=round(elapsed, 2), eta=0.0, message="done")
+            self.progress = p
+            self.status = "done"
+            ratio = summary.get("ratio")
+            emax = summary.get("error_max")
+            bits = [f"{summary.get('n_models', '?')} models", f"{summary.get('n_tensors', '?')} tensors"]
+            if ratio:
+                bits.append(f"{ratio:.2f}x smaller")
+            if emax is not None:
+                bits.append(f"max relative error {emax:.3g}")
+            self.log = [*self.log, f"done in {elapsed:.1f} s"]
+            self._say(f"Done in {elapsed:.1f} s: {', '.join(bits)}.", "success")
+
+    def _failed(self, e: BaseException) -> None:
+        cancelled = type(e).__name__ == "Cancelled" or (
+            self._cancel is not None and self._cancel.is_set() and self.status in ("running", "cancelling"))
+        with self.hold_sync():
+            if cancelled:
+                self.status = "cancelled"
+                out = self.output.strip()
+                self.log = [*self.log, "cancelled"]
+                self._say(f"Cancelled. Nothing was written at {out}." if out and not os.path.exists(out)
+                          else f"Cancelled: {describe_error(e)}", "info")
+            else:
+                self.status = "error"
+                msg = describe_error(e)
+                self.log = [*self.log, f"error: {msg}"]
+                self._say(msg, "error")
+
+    # ------------------------------------------------------------------ inspector
+    def open_inspector(self) -> Inspector | None:
+        """Show an Inspector of the converted store below the form (and return it)."""
+        target = self.store if self.store is not None else self.output.strip()
+        if not target:
+            self._say("Convert first, or enter the path of an existing store as output.", "error")
+            return None
+        self.inspector = Inspector(target)
+        self._slot.children = (self.inspector,)
+        return self.inspector
+
+    # ------------------------------------------------------------------ messages from the view
+    def _on_msg(self, _widget: Any, content: dict, _buffers: list) -> None:
+        action = content.get("action") if isinstance(content, dict) else None
+        handler = {"plan": self.plan, "run": self.run, "cancel": self.cancel,
+                   "open_inspector": self.open_inspector}.get(action)
+        if handler is not None:
+            handler()

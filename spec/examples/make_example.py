@@ -1,0 +1,233 @@
+"""Regenerate the UWS 1.0 conformance examples: ``example.uws``, ``example-flat.uws`` and ``expected/``.
+
+    python spec/examples/make_example.py            # rewrites the checked-in examples
+    python spec/examples/make_example.py OUT_DIR    # writes them under OUT_DIR instead
+
+Everything is a pure function of the constants below (fixed seeds, CPU, float64 generation), so
+running it twice gives the same stores (up to the manifest's timestamps) and the same expected
+tensors. ``expected/<store>/<model index>.safetensors`` holds what a conforming reader must return
+for each model, as read back by uwsfmt when the example was made.
+
+Two stores, because ``mode`` is one setting per conversion in uwsfmt 0.1:
+
+- ``example.uws``: built with an error budget (``max_error``), under which the converter picks
+  mode, rank and residual bits per tensor, so one store holds left, right and two-sided subspace
+  tensors, int4 and int8 residuals (with and without a basis), a bfloat16 subspace tensor, every
+  dense / shared case, escaped names, and one appended model whose tensors the bases cannot hold
+  (per-model exceptions of kind ``correct`` and ``replace``).
+- ``example-flat.uws``: flat PCA (``mode="flat"``), no centring (no mean), a fixed lossy rank, in
+  float32 / bfloat16 / float16 / float64, so the final round-to-nearest-even cast matters.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+N_MODELS = 5
+MAX_ERROR = 1e-5
+#: model ids are arbitrary strings, never paths: these are deliberately awkward
+MODEL_IDS = ("sst2", "mnli/matched", "qa v2", "../not-a-path", "模型-5")
+APPENDED_ID = "appended"
+LONG_NAME = "model." + "very_long_module_name." * 6 + "weight"
+
+
+def _gen(*key: int) -> torch.Generator:
+    seed = 0
+    for k in key:
+        seed = seed * 1_000_003 + k
+    return torch.Generator().manual_seed(seed)
+
+
+def _orth(m: int, k: int, g: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    return q
+
+
+def _dyadic(shape, lo: int, hi: int, g: torch.Generator) -> torch.Tensor:
+    return torch.randint(lo, hi + 1, shape, generator=g, dtype=torch.int64).to(torch.float64)
+
+
+def family() -> dict[str, dict[str, torch.Tensor]]:
+    """The five models of ``example.uws`` (float64 math, cast once to each tensor's dtype)."""
+    g = _gen(1)
+    b_left = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    u_left = _orth(12, 2, g)
+    b_both = torch.randn(32, 32, generator=g, dtype=torch.float64)
+    u_both, v_both = _orth(32, 2, g), _orth(32, 2, g)
+    b_res = torch.randn(16, 32, generator=g, dtype=torch.float64)
+    u_res = _orth(16, 2, g)
+    b_conv = torch.randn(8, 4, 3, 3, generator=g, dtype=torch.float64)
+    # bfloat16: values k / 256 with |k| < 256 are exact in bfloat16, so this family is exactly
+    # "base + rank-2 right structure" in its own dtype
+    b_bf16 = _dyadic((48, 16), -96, 96, g)
+    v_bf16 = _dyadic((16, 2), -1, 1, g)
+    frozen = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    models = {}
+    for i, mid in enumerate(MODEL_IDS):
+        g = _gen(2, i)
+        n_classes = (2, 3, 2, 4, 3)[i]
+        sd = {
+            "enc.left.weight": b_left + 0.05 * u_left @ torch.randn(2, 40, generator=g, dtype=torch.float64),
+            "enc.both.weight": b_both + 0.05 * u_both @ torch.randn(2, 2, generator=g, dtype=torch.float64) @ v_both.T,
+            "enc.resid.weight": b_res + 0.05 * u_res @ torch.randn(2, 32, generator=g, dtype=torch.float64)
+            + 4e-5 * torch.randn(16, 32, generator=g, dtype=torch.float64),
+            "conv.weight": b_conv + 5e-4 * torch.randn(8, 4, 3, 3, generator=g, dtype=torch.float64),
+            "enc.right.weight": (b_bf16 + _dyadic((48, 2), -4, 4, g) @ v_bf16.T) / 256,
+            "enc.left.bias": torch.randn(16, generator=g, dtype=torch.float64),
+            "enc.norm.weight": 1 + 0.1 * torch.randn(16, generator=g, dtype=torch.float64),
+            "enc.norm.bias": 0.1 * torch.randn(16, generator=g, dtype=torch.float64),
+            "embed.frozen.weight": frozen,
+            "head.weight": torch.randn(n_classes, 8, generator=g, dtype=torch.float64),
+            "layer/0..weight %": torch.randn(8, generator=g, dtype=torch.float64),
+            "Layer/0..weight %": torch.randn(8, generator=g, dtype=torch.float64),
+            LONG_NAME: torch.randn(4, generator=g, dtype=torch.float64),
+        }
+        dt = {"enc.right.weight": torch.bfloat16, "enc.norm.weight": torch.bfloat16, "enc.norm.bias": torch.float16}
+        sd = {k: v.to(dt.get(k, torch.float32)) for k, v in sd.items()}
+        sd["logit_scale"] = torch.tensor(2.5)  # 0-D, identical in every model: shared
+        sd["position_ids"] = torch.arange(8, dtype=torch.int64).reshape(1, 8)
+        sd["num_batches_tracked"] = torch.tensor(1000 * (i + 1) + 7, dtype=torch.int64)
+        sd["keep_mask"] = torch.arange(8) % (i + 2) != 0
+        models[mid] = sd
+    return models
+
+
+def appended(first: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A sixth model that the store's bases cannot hold within the budget in three tensors."""
+    g = _gen(3)
+    sd = {k: v.clone() for k, v in first.items()}
+    # a direction outside the left basis -> exception "correct" on a subspace tensor
+    sd["enc.left.weight"] = (first["enc.left.weight"].double() + 1e-3 * torch.randn(12, 40, generator=g, dtype=torch.float64)).float()
+    # a changed frozen tensor -> exception "correct" on a shared tensor
+    sd["embed.frozen.weight"] = (first["embed.frozen.weight"].double() + 1e-4 * torch.randn(12, 8, generator=g, dtype=torch.float64)).float()
+    # a changed integer buffer -> exception "replace"
+    sd["position_ids"] = torch.arange(8, 16, dtype=torch.int64).reshape(1, 8)
+    sd["head.weight"] = torch.randn(5, 8, generator=g)
+    sd["num_batches_tracked"] = torch.tensor(123, dtype=torch.int64)
+    return sd
+
+
+def flat_family() -> dict[str, dict[str, torch.Tensor]]:
+    """Four models with flat (whole-tensor) structure plus noise, so rank 2 is lossy."""
+    g = _gen(4)
+    shapes = {"flat.weight": (12, 16), "flat.bf16.weight": (8, 16), "flat.fp16.conv": (8, 2, 3, 3), "flat.f64.weight": (8, 12)}
+    dts = {"flat.weight": torch.float32, "flat.bf16.weight": torch.bfloat16, "flat.fp16.conv": torch.float16,
+           "flat.f64.weight": torch.float64}
+    bases = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    dirs = {k: torch.randn((2, *s), generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    models = {}
+    for i in range(4):
+        g = _gen(5, i)
+        sd = {}
+        for k, s in shapes.items():
+            c = torch.randn(2, generator=g, dtype=torch.float64)
+            w = bases[k] + 0.3 * torch.einsum("j,j...->...", c, dirs[k]) + 0.02 * torch.randn(s, generator=g, dtype=torch.float64)
+            sd[k] = w.to(dts[k])
+        models[f"flat-{i}"] = sd
+    return models
+
+
+def _write_expected(store, out_dir: str) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    for i, mid in enumerate(store.model_ids):
+        sd = store.state_dict(i)
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out_dir, f"{i}.safetensors"),
+                  metadata={"uws.model_index": str(i), "uws.model_id": mid})
+
+
+def build(out_dir: str = HERE) -> dict[str, str]:
+    """Write both stores and ``expected/`` under ``out_dir``; return {store name: path}."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny GEMMs: threads only add contention, and one thread is reproducible
+    try:
+        return _build(out_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out_dir: str) -> dict[str, str]:
+    import uwsfmt
+
+    paths = {"example": os.path.join(out_dir, "example.uws"), "example-flat": os.path.join(out_dir, "example-flat.uws")}
+    expected = os.path.join(out_dir, "expected")
+    shutil.rmtree(expected, ignore_errors=True)
+
+    fam = family()
+    store = uwsfmt.convert(fam, paths["example"], max_error=MAX_ERROR, min_numel=64, device="cpu", overwrite=True)
+    store.append(appended(fam[MODEL_IDS[0]]), id=APPENDED_ID)
+    store.close()
+    flat = uwsfmt.convert(flat_family(), paths["example-flat"], mode="flat", rank=3, center="none", min_numel=64,
+                          device="cpu", overwrite=True)
+    flat.close()
+    for name, path in paths.items():
+        lock = os.path.join(path, ".uws.lock")  # the appenders' lock file is not part of the store
+        if os.path.exists(lock):
+            os.remove(lock)
+        with uwsfmt.open(path) as st:
+            _write_expected(st, os.path.join(expected, name))
+    check_coverage(paths)
+    return paths
+
+
+def coverage(paths: dict[str, str]) -> set[str]:
+    """The spec features the stores exercise (read from their manifests, not from this script)."""
+    import uwsfmt
+
+    have: set[str] = set()
+    for path in paths.values():
+        with uwsfmt.open(path) as st:
+            m = st.manifest
+            for e in m["tensors"]:
+                enc = e["encoding"]
+                have.add(f"encoding:{enc}")
+                have.add(f"dtype:{e['dtype']}")
+                if e["shape"] == []:
+                    have.add(f"0-d:{enc}")
+                if enc == "subspace":
+                    have.add(f"mode:{e['mode']}")
+                    have.add("mean" if e["mean"] else "no-mean")
+                    if 0 in e["rank"]:
+                        have.add("rank-0")
+                    if e["residual"]:
+                        have.add(f"residual:{e['residual']['bits']}" + (":rank-0" if 0 in e["rank"] else ""))
+                    if len(e["shape"]) > 2:
+                        have.add("view:conv")
+                    have.add(f"subspace-dtype:{e['dtype']}")
+                elif enc == "dense":
+                    have.add("dense:per-model" if e["data"].get("per_model") else f"dense:pack:{e['data']['pack']}")
+                if "%" in e["node"]:
+                    have.add("node:escaped")
+                if "~" in e["node"]:
+                    have.add("node:suffixed" if len(e["node"]) < 120 else "node:hashed")
+            for x in (x for mod in m["models"] for x in mod.get("exceptions") or ()):
+                have.add(f"exception:{x['kind']}:{st.tensor_entry(x['tensor'])['encoding']}")
+    return have
+
+
+#: what the examples must keep covering when they are regenerated
+REQUIRED = {
+    "mode:left", "mode:right", "mode:both", "mode:flat", "mean", "no-mean", "residual:4", "residual:8:rank-0",
+    "view:conv", "subspace-dtype:bfloat16", "subspace-dtype:float16", "subspace-dtype:float64", "encoding:shared",
+    "0-d:shared", "0-d:dense", "dense:per-model", "dense:pack:float32", "dense:pack:uint16", "dense:pack:float16",
+    "dense:pack:int64", "dense:pack:bool", "node:escaped", "node:suffixed", "node:hashed",
+    "exception:correct:subspace", "exception:correct:shared", "exception:replace:shared",
+}
+
+
+def check_coverage(paths: dict[str, str]) -> None:
+    missing = REQUIRED - coverage(paths)
+    if missing:
+        raise RuntimeError(f"the examples no longer cover {sorted(missing)}: the converter's choices changed; "
+                           "adjust the families in make_example.py")
+
+
+if __name__ == "__main__":
+    for name, path in build(sys.argv[1] if len(sys.argv) > 1 else HERE).items():
+        print(name, path)

@@ -1,0 +1,217 @@
+"""Error budgets: the budget is met for every tensor of every model, tightening it never increases
+error, 0 is lossless, appended models respect it, and the functional check hook."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import uwsfmt
+from uwsfmt import budget
+from uwsfmt.cli import main as cli_main
+from uwsfmt.families import synthetic_family, trained_family, write_family
+
+SHAPES = {"attn.weight": (48, 32), "mlp.weight": (64, 32), "conv.weight": (16, 4, 3, 3)}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm()) if b.norm() > 0 else float((a - b).norm())
+
+
+def recomputed(store, fam) -> np.ndarray:
+    return np.array([[rel(store.state_dict(m)[n], fam[m][n]) for n in store.tensor_names] for m in store.model_ids])
+
+
+@pytest.fixture(scope="module")
+def noisy_family():
+    # low-rank structure plus iid noise: neither a pure subspace nor pure quantized deltas is best
+    return synthetic_family(n_models=8, shapes=SHAPES, rank=3, noise=2e-3, delta_scale=0.05, seed=11)
+
+
+@pytest.mark.parametrize("E", [0.1, 0.02, 3e-3, 1e-4])
+def test_budget_is_met_for_every_tensor_of_every_model(tmp_path, noisy_family, E):
+    fam = noisy_family
+    store = uwsfmt.convert(fam, tmp_path / "s.uws", max_error=E)
+    recorded = store.errors()
+    assert np.all(np.isfinite(recorded)) and recorded.max() <= E  # from the stored values
+    again = recomputed(store, fam)
+    assert again.max() <= E  # and by recomputation from what a reader gets
+    assert np.allclose(again, recorded, rtol=1e-4, atol=1e-7)
+    s = store.summary()
+    assert s["max_error"] == E and s["budget"] == f"max_error={E:g}"
+    assert s["budget_met"] is True and s["refit_suggested"] == []
+    for e in store.manifest["tensors"]:
+        if "budget" in e:  # the choice is recorded, with what it cost and what it achieved
+            b = e["budget"]
+            assert b["max_error"] == E and b["error"] <= E and b["bytes"] <= b["dense_bytes"]
+            assert b["frontier"][-1][0] == "dense"
+            if e["encoding"] == "subspace":
+                assert b["rank"] == max(k or 0 for k in e["rank"])
+                assert b["residual_bits"] == (e["residual"] or {}).get("bits")
+    assert store.validate(deep=True) == []
+
+
+def test_tightening_the_budget_never_increases_error(tmp_path, noisy_family):
+    fam = noisy_family
+    worst, nbytes = [], []
+    for i, E in enumerate([0.2, 0.05, 0.01, 2e-3, 5e-4, 1e-5, 0.0]):
+        store = uwsfmt.convert(fam, tmp_path / f"s{i}.uws", max_error=E)
+        errs = store.errors()
+        worst.append(errs.max(axis=0))
+        nbytes.append(sum((e.get("budget") or {}).get("bytes", 0) for e in store.manifest["tensors"]))
+    worst = np.array(worst)
+    assert np.all(np.diff(worst, axis=0) <= 1e-12), worst  # per tensor, worst model
+    assert all(b2 >= b1 for b1, b2 in zip(nbytes, nbytes[1:])), nbytes
+    assert worst[-1].max() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_zero_budget_is_lossless(tmp_path, dtype):
+    fam = synthetic_family(n_models=4, shapes=SHAPES, rank=2, noise=1e-3, dtype=dtype, seed=12)
+    store = uwsfmt.convert(fam, tmp_path / "s.uws", max_error=0)
+    for mid, sd in fam.items():
+        out = store.state_dict(mid)
+        for name, w in sd.items():
+            assert out[name].dtype == w.dtype and torch.equal(out[name], w), (mid, name)
+    assert store.summary()["budget_met"] is True
+
+
+def test_zero_budget_explains_when_it_cannot(tmp_path, noisy_family):
+    with pytest.raises(uwsfmt.BudgetError, match=r"attn.weight.*forced to the subspace.*max_error=0.*exact bits"):
+        uwsfmt.convert(noisy_family, tmp_path / "s.uws", max_error=0, encodings={"attn.*": "subspace"})
+    assert not (tmp_path / "s.uws").exists()
+
+
+def test_subspace_wins_on_low_rank_and_deltas_win_on_noise(tmp_path):
+    low = synthetic_family(n_models=10, shapes={"w": (64, 48)}, rank=2, noise=0.0, extra=False, seed=13)
+    st = uwsfmt.convert(low, tmp_path / "low.uws", max_error=1e-4)
+    b = st.tensor_entry("w")["budget"]
+    assert st.tensor_entry("w")["encoding"] == "subspace" and b["rank"] == 2 and b["residual_bits"] is None
+    noise = synthetic_family(n_models=10, shapes={"w": (64, 48)}, rank=0, noise=0.05, extra=False, seed=14)
+    st = uwsfmt.convert(noise, tmp_path / "noise.uws", max_error=0.03)
+    b = st.tensor_entry("w")["budget"]
+    assert b["rank"] == 0 and b["residual_bits"] in (1, 2, 4, 8)  # mean + quantized deltas
+
+
+def test_overrides_fix_what_they_name(tmp_path, noisy_family):
+    st = uwsfmt.convert(noisy_family, tmp_path / "r.uws", max_error=0.02, rank=2, mode="left")
+    for e in st.manifest["tensors"]:
+        if e["encoding"] == "subspace":
+            assert e["rank"][0] == 2 and e["mode"] == "left"
+    st = uwsfmt.convert(noisy_family, tmp_path / "b.uws", max_error=0.02, residual_bits=8)
+    for e in st.manifest["tensors"]:
+        if e["encoding"] == "subspace":
+            assert e["residual"]["bits"] == 8
+    assert st.errors().max() <= 0.02
+    with pytest.raises(uwsfmt.ConfigError, match="max_error"):
+        uwsfmt.convert(noisy_family, tmp_path / "x.uws", max_error=-1.0)
+
+
+def test_appended_models_respect_the_budget(tmp_path, capfd):
+    fam = synthetic_family(n_models=9, shapes={"w": (48, 40), "v": (32, 32)}, rank=2, noise=0.0, seed=15)
+    ids = sorted(fam)
+    store = uwsfmt.convert({m: fam[m] for m in ids[:6]}, tmp_path / "s.uws", max_error=1e-4)
+    assert store.tensor_entry("w")["residual"] is None  # exact rank 2: no residual at build
+    # a model the bases do not hold: other directions, and a changed "frozen" tensor
+    g = torch.Generator().manual_seed(0)
+    alien = {k: v.clone() for k, v in fam[ids[6]].items()}
+    alien["w"] += 0.05 * torch.randn(alien["w"].shape, generator=g)
+    alien["embed.frozen.weight"] += 1e-3 * torch.randn(alien["embed.frozen.weight"].shape, generator=g)
+    entry = store.append(alien, id="alien")
+    kinds = {x["tensor"]: x for x in entry["exceptions"]}
+    assert set(kinds) >= {"w", "embed.frozen.weight"}
+    assert kinds["w"]["error_before"] > 1e-4 >= kinds["w"]["error"]
+    plain = store.append(fam[ids[7]], id="plain")  # a family member: no exception needed
+    assert not plain.get("exceptions")
+    st = uwsfmt.open(tmp_path / "s.uws")
+    for mid, src in (("alien", alien), ("plain", fam[ids[7]])):
+        sd = st.state_dict(mid)
+        for j, name in enumerate(st.tensor_names):
+            got = rel(sd[name], src[name])
+            assert got <= 1e-4, (mid, name, got)
+            assert got == pytest.approx(st.errors()[st.model_index(mid), j], rel=1e-3, abs=1e-7)
+            assert torch.equal(st.tensor(mid, name), sd[name])
+    s = st.summary()
+    assert s["budget_met"] and set(s["refit_suggested"]) == set(kinds)
+    assert st.validate(deep=True) == []
+    assert cli_main(["info", str(tmp_path / "s.uws")]) == 0
+    assert "REFIT SUGGESTED for 2 tensor(s)" in capfd.readouterr().out
+    # a tighter budget for one append, e.g. 0: exact
+    exact = st.append(alien, id="alien-exact", max_error=0.0)
+    assert max(exact["error"]) == 0.0
+    sd = uwsfmt.open(tmp_path / "s.uws").state_dict("alien-exact")
+    assert all(torch.equal(sd[n], alien[n]) for n in alien)
+
+
+def test_cli_convert_with_budget_and_info(tmp_path, noisy_family, capfd):
+    files = [str(p) for p in write_family(noisy_family, tmp_path / "src")]
+    out = str(tmp_path / "s.uws")
+    assert cli_main(["convert", *files, "-o", out, "--max-error", "0.01", "-q"]) == 0
+    assert cli_main(["info", out]) == 0
+    text = capfd.readouterr().out
+    assert "error budget: max_error=0.01 per tensor and model: met" in text and "bits" in text
+    assert cli_main(["convert", *files, "-o", str(tmp_path / "x.uws"), "--max-error", "-2", "-q"]) == 2
+    assert "max_error must be" in capfd.readouterr().err
+
+
+def test_evaluate_hook_on_a_trained_family(tmp_path):
+    tf = trained_family(n_tasks=3)
+    files = write_family(tf.state_dicts, tmp_path / "src")
+    store = uwsfmt.convert([str(p) for p in files], tmp_path / "s.uws", max_error=0.05)
+    res = uwsfmt.evaluate(store, tf.evaluate)  # originals: the recorded source files
+    assert set(res) == set(tf.state_dicts)
+    for mid, r in res.items():
+        assert r["original"] == pytest.approx(tf.accuracies()[mid])
+        assert r["delta"] == pytest.approx(r["reconstructed"] - r["original"])
+        assert abs(r["delta"]) <= 2.0
+    # one-argument metrics and explicit originals work too; unknown originals have no delta
+    one = uwsfmt.evaluate(store, lambda sd: float(sd["fc1.weight"].double().norm()), sources={"task-000": tf.state_dicts["task-000"]})
+    assert one["task-000"]["delta"] is not None and one["task-001"]["original"] is None
+    from uwsfmt.evaluate import summarize
+
+    assert summarize(res)["worst_delta"] <= 2.0
+
+
+def test_chooser_predicts_what_pass_two_records():
+    torch.manual_seed(0)
+    ws = [torch.randn(24, 40) * 0.1 + 1.0 for _ in range(6)]
+    mean = torch.stack([w.double() for w in ws]).mean(0)
+    gram = sum((w.double() - mean) @ (w.double() - mean).T for w in ws)
+    vals, vecs = torch.linalg.eigh(gram)
+    fit = budget.Fit("left", "mean", mean.float(), vecs.flip(1)[:, :5].float(), None, {"left": vals.flip(0)}, {"left": 5})
+    sweep = budget.ErrorSweep(fit, budget.candidates(fit), "bfloat16", (24, 40))
+    for w in ws:
+        sweep.add(w.to(torch.bfloat16))
+    errs = sweep.errors()
+    assert errs.shape == (6, len(sweep.cands)) and np.all(np.isfinite(errs))
+    choice = budget.pick(sweep, n_models=6, budget=budget.Budget(max_error=0.01))
+    assert choice.encoding == "subspace" and choice.error <= 0.01
+    assert budget.candidate_ranks(5) == [0, 1, 2, 4, 5] and budget.candidate_ranks(0) == [0]
+
+
+def test_lossless_store_costs_what_the_sources_do(tmp_path):
+    # one model's dense row spans several pack chunks: no chunk may be padded to full size on disk
+    fam = synthetic_family(n_models=3, shapes={"w": (384, 256)}, rank=2, noise=1e-3, extra=False, seed=16)
+    store = uwsfmt.convert(fam, tmp_path / "s.uws", max_error=0)
+    raw = sum(w.numel() * w.element_size() for sd in fam.values() for w in sd.values())
+    assert store.summary()["store_bytes"] <= 1.02 * raw + 16_000
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_quantizer_round_trip_and_one_bit_sign(bits):
+    from uwsfmt import linalg
+
+    g = torch.Generator().manual_seed(bits)
+    r = torch.randn(7, 37, generator=g)
+    r[3] = 0.0
+    codes, scales = linalg.quantize_rows(r, bits)
+    back = linalg.dequantize_rows(codes, scales, (7, 37), bits)
+    assert torch.equal(back, linalg.fake_quantize_rows(r, bits))
+    assert codes.numel() == (7 * 37 * bits + 7) // 8 and torch.all(back[3] == 0)
+    if bits == 1:
+        assert torch.equal(torch.sign(back[0]), torch.where(r[0] >= 0, 1.0, -1.0))
+        assert torch.allclose(scales, r.abs().mean(dim=1))
+    plain = linalg.dequantize_rows(*linalg.quantize_rows(r, bits, search=False), (7, 37), bits)
+    assert (back - r).norm() <= (plain - r).norm() + 1e-6  # the clip search never does worse than absmax

@@ -1,0 +1,277 @@
+"""The fast paths give the same answers as the plain ones.
+
+- basis="sketch" (randomised range finder + a-posteriori check) vs the exact float64 Gram;
+- the sketch's map-reduce products vs the Gram applied explicitly;
+- the direct shard-row reader vs zarr-python, including damaged shards;
+- load_into (rebuilt straight into a module's tensors) vs state_dict, batched vs per-tensor;
+- reused row buffers never leak into returned tensors; recorded errors are the reader's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import uwsfmt
+from uwsfmt import linalg
+from uwsfmt.families import lora_family, synthetic_family, write_peft_family
+from uwsfmt.shards import row_reader
+
+SHAPES = {"a": (256, 512), "b": (512, 200), "c": (48, 40)}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def noisy_family():
+    return synthetic_family(n_models=10, shapes=SHAPES, rank=6, noise=1e-3, extra=True, seed=7)
+
+
+# ---------------------------------------------------------------------------- sketch
+
+
+@pytest.mark.parametrize("settings", [{"rank": 8}, {"rank": 3}, {"tau": 0.9}, {"tau": 0.99}])
+def test_sketch_matches_exact(tmp_path, noisy_family, settings):
+    exact = uwsfmt.convert(noisy_family, tmp_path / "exact.uws", **settings)
+    sketch = uwsfmt.convert(noisy_family, tmp_path / "sketch.uws", basis="sketch", **settings)
+    for name in ("a", "b"):
+        ee, es = exact.tensor_entry(name), sketch.tensor_entry(name)
+        assert es["basis"]["method"] == "sketch"
+        assert es["rank"] == ee["rank"]
+        # the sketch spectrum's sum is the exact total energy (Ritz values + one tail entry)
+        assert es["energy"] == pytest.approx(ee["energy"], rel=1e-9)
+        side = "left" if ee["rank"][0] else "right"
+        assert es["explained_variance"][side] == pytest.approx(ee["explained_variance"][side], abs=2e-3)
+        j = exact.tensor_names.index(name)
+        err_e, err_s = exact.errors()[:, j], sketch.errors()[:, j]
+        # squared error within the check's 1% tolerance (plus rounding)
+        assert np.all(err_s**2 <= err_e**2 * 1.02 + 1e-12)
+    # small tensors are not worth a sketch: exact, and no record
+    assert "basis" not in sketch.tensor_entry("c")
+    for mid, sd in noisy_family.items():
+        out = sketch.state_dict(mid)
+        assert rel(out["a"], sd["a"]) == pytest.approx(sketch.errors()[list(noisy_family).index(mid), sketch.tensor_names.index("a")], rel=1e-4)
+
+
+def test_sketch_falls_back_to_exact_when_tau_needs_more(tmp_path):
+    fam = synthetic_family(n_models=6, shapes={"w": (200, 400)}, rank=4, noise=1e-2, extra=False, seed=1)
+    store = uwsfmt.convert(fam, tmp_path / "s.uws", basis="sketch", tau=0.9999)
+    e = store.tensor_entry("w")
+    assert e["basis"]["method"] == "exact" and "tau" in e["basis"]["sketch_rejected"]
+    exact = uwsfmt.convert(fam, tmp_path / "e.uws", tau=0.9999)
+    assert e["rank"] == exact.tensor_entry("w")["rank"]
+    assert np.allclose(store.errors(), exact.errors(), rtol=1e-6, atol=1e-9)
+
+
+def test_sketch_check_rejects_a_missed_direction():
+    vals = torch.tensor([10.0, 5.0, 1.0], dtype=torch.float64)
+    res = linalg.SketchResult(vals, torch.eye(4, 3, dtype=torch.float64), total=20.0, residual_top=4.0)
+    assert not res.check(3, 0.01)["ok"]  # a missed direction of energy ~4 beats the kept 1.0
+    assert res.check(2, 0.01)["ok"]  # the kept 10 and 5 cannot be beaten by 4
+    spec = res.spectrum()
+    assert float(spec.sum()) == pytest.approx(20.0) and spec.numel() == 4
+
+
+@pytest.mark.parametrize("center", ["mean", "base", "none"])
+def test_gram_sketch_products_equal_explicit_gram(center):
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(12, 9, generator=g) for _ in range(5)]
+    ref = ws[0] if center != "base" else torch.randn(12, 9, generator=g)
+    xs = {"left": torch.randn(12, 3, generator=g, dtype=torch.float64), "right": torch.randn(9, 4, generator=g, dtype=torch.float64)}
+    st = linalg.GramStats.empty(12, 9, left=True, right=True, reference=ref)
+    a = linalg.GramSketch(12, 9, xs, ref)
+    b = linalg.GramSketch(12, 9, xs, ref)
+    for i, w in enumerate(ws):
+        st.add(w)
+        (a if i < 2 else b).add(w)  # map on two workers ...
+    a.merge(b)  # ... reduce
+    mean, gl, gr = st.center(center)
+    m2, prods, total = a.products(center)
+    assert torch.allclose(prods["left"], gl @ xs["left"], rtol=1e-10, atol=1e-10)
+    assert torch.allclose(prods["right"], gr @ xs["right"], rtol=1e-10, atol=1e-10)
+    assert total == pytest.approx(float(torch.trace(gl)), rel=1e-10)
+    assert (mean is None) == (m2 is None) and (mean is None or torch.allclose(mean, m2))
+
+
+def test_lora_product_sketch_matches_exact(tmp_path):
+    dirs = write_peft_family(lora_family(10, layers=1, width=512, rank=8, shared_rank=4), tmp_path / "src")
+    exact = uwsfmt.convert(dirs, tmp_path / "e.uws", rank=8)
+    sketch = uwsfmt.convert(dirs, tmp_path / "s.uws", rank=8, basis="sketch")
+    methods = [e.get("basis", {}).get("method") for e in sketch.manifest["tensors"] if e.get("lora")]
+    assert methods and all(m == "sketch" for m in methods)
+    err_e, err_s = exact.errors(), sketch.errors()
+    assert np.nanmax(err_s) <= np.nanmax(err_e) * 1.05 + 1e-9
+    assert np.nanmean(err_s) <= np.nanmean(err_e) * 1.02 + 1e-9
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, noisy_family):
+    return uwsfmt.convert(noisy_family, tmp_path_factory.mktemp("st") / "s.uws", rank=4, residual_bits=8)
+
+
+def test_direct_row_reader_equals_zarr(store):
+    for pack, info in store.manifest["packs"].items():
+        arr = store._array(info["path"])
+        reader = row_reader(store._zstore, info["path"], arr)
+        assert reader is not None, pack
+        assert reader.zstd == (pack in ("uint8", "bool", "int64"))  # integer packs hold zstd frames
+        buf = np.empty(reader.width, reader.dtype)
+        for i in range(store.n_models):
+            assert np.array_equal(reader.read_into(i, buf), arr[i, :]), (pack, i)
+
+
+def test_direct_row_reader_checks_crc_and_missing_chunks(tmp_path):
+    import zarr
+    from zarr.codecs import Crc32cCodec
+    from zarr.storage import LocalStore
+
+    zs = LocalStore(str(tmp_path / "z"))
+    a = zarr.create_array(zs, name="p", shape=(3, 1000), dtype="float32", chunks=(1, 256), shards=(1, 1024),
+                          compressors=[Crc32cCodec()], filters=None, fill_value=0)
+    data = np.arange(3000, dtype=np.float32).reshape(3, 1000) + 1
+    data[1, 256:512] = 0  # an all-zero inner chunk is not written: it reads as the fill value
+    a[...] = data
+    reader = row_reader(zs, "p", a)
+    buf = np.empty(1000, np.float32)
+    for i in range(3):
+        assert np.array_equal(reader.read_into(i, buf), data[i])
+    path = reader.shard_file(2)
+    raw = bytearray(open(path, "rb").read())
+    raw[10] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(uwsfmt.FormatError, match="crc32c"):
+        reader.read_into(2, buf)
+    os.remove(reader.shard_file(0))  # a row never written reads as zeros, as in zarr
+    assert not reader.read_into(0, buf).any()
+
+
+def test_rows_are_not_shared_between_calls(store, noisy_family):
+    ids = list(noisy_family)
+    first = store.state_dict(ids[0])
+    copy = {k: v.clone() for k, v in first.items()}
+    store.state_dict(ids[1])  # reuses the row buffer
+    for k in first:
+        assert torch.equal(first[k], copy[k]), k
+
+
+def test_load_into_equals_state_dict_and_tensor(store, noisy_family):
+    ids = list(noisy_family)
+    sd = store.state_dict(ids[2])
+    wrapper = _Named(sd)
+    store.load_into(wrapper, ids[2])
+    for k, v in sd.items():
+        got = wrapper.get(k)
+        assert got.dtype == v.dtype and got.shape == v.shape
+        assert torch.allclose(got.double(), v.double(), rtol=1e-6, atol=1e-7), k
+        if store.tensor_entry(k)["encoding"] == "subspace":
+            assert torch.allclose(store.tensor(ids[2], k).double(), v.double(), rtol=1e-6, atol=1e-7), k  # per-tensor decode
+
+
+def test_load_into_casts_and_checks_shapes(store, noisy_family):
+    ids = list(noisy_family)
+    sd = store.state_dict(ids[3])
+    wrapper = _Named({k: v.to(torch.float64) if v.is_floating_point() else v for k, v in sd.items()})
+    store.load_into(wrapper, ids[3])
+    assert wrapper.get("a").dtype == torch.float64
+    assert torch.allclose(wrapper.get("a"), sd["a"].double(), rtol=1e-6)
+    bad = _Named({**sd, "a": torch.zeros(3, 3)})
+    with pytest.raises(uwsfmt.ConflictError, match="'a'"):
+        store.load_into(bad, ids[3])
+
+
+def test_direct_decode_path_is_taken_for_large_tensors(tmp_path):
+    from uwsfmt import store as store_mod
+
+    fam = synthetic_family(n_models=4, shapes={"big": (512, 256)}, rank=3, noise=1e-3, extra=False, seed=2)
+    st = uwsfmt.convert(fam, tmp_path / "s.uws", rank=3)
+    assert 512 * 256 >= store_mod.DIRECT_MIN_ELEMENTS
+    wrapper = _Named({"big": torch.zeros(512, 256)})
+    target = wrapper.get("big")
+    ptr = target.data_ptr()
+    st.load_into(wrapper, "model-001")
+    assert wrapper.get("big").data_ptr() == ptr  # written in place
+    assert torch.allclose(wrapper.get("big"), st.state_dict("model-001")["big"], rtol=1e-6, atol=1e-7)
+
+
+def test_recorded_errors_are_what_readers_get(tmp_path):
+    fam = synthetic_family(n_models=5, shapes={"w": (128, 96)}, rank=5, noise=1e-2, extra=False, seed=3)
+    fam16 = {k: {n: t.to(torch.bfloat16) for n, t in sd.items()} for k, sd in fam.items()}
+    for f, kw in ((fam, {"rank": 2}), (fam, {"rank": 1, "residual_bits": 4}), (fam16, {"rank": 2})):
+        st = uwsfmt.convert(f, tmp_path / "s.uws", overwrite=True, **kw)
+        for i, (mid, sd) in enumerate(f.items()):
+            assert st.errors()[i, 0] == pytest.approx(rel(st.tensor(mid, "w"), sd["w"]), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_paths_match_cpu(store, noisy_family):
+    ids = list(noisy_family)
+    cpu = store.state_dict(ids[1])
+    for _ in range(2):  # pinned row buffers are reused: the second read must not race the first copy
+        gpu = store.state_dict(ids[1], device="cuda")
+        other = store.state_dict(ids[2], device="cuda")
+    for k in cpu:
+        assert torch.allclose(gpu[k].cpu().double(), cpu[k].double(), rtol=1e-5, atol=1e-6), k
+    assert not torch.equal(other["a"], gpu["a"])
+    wrapper = _Named({k: v.cuda() for k, v in cpu.items()})
+    store.load_into(wrapper, ids[1])
+    for k in cpu:
+        assert torch.allclose(wrapper.get(k).cpu().double(), cpu[k].double(), rtol=1e-5, atol=1e-6), k
+
+
+class _Named(torch.nn.Module):
+    """A module whose state dict has exactly the given (dotted) names."""
+
+    def __init__(self, sd: dict[str, torch.Tensor]):
+        super().__init__()
+        self._names = list(sd)
+        for i, (k, v) in enumerate(sd.items()):
+            self.register_buffer(f"t{i}", torch.zeros_like(v))
+
+    def get(self, name: str) -> torch.Tensor:
+        return getattr(self, f"t{self._names.index(name)}")
+
+    def state_dict(self, *args, **kwargs):
+        return {k: getattr(self, f"t{i}").detach() for i, k in enumerate(self._names)}
+
+    def load_state_dict(self, sd, strict=True, assign=False):  # not used by load_into
+        raise AssertionError("load_into must not need load_state_dict")
+
+
+def test_zstd_pack_rows_are_checked(tmp_path):
+    import zarr
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+    from zarr.storage import LocalStore
+
+    zs = LocalStore(str(tmp_path / "z"))
+    a = zarr.create_array(zs, name="p", shape=(2, 700), dtype="uint8", chunks=(1, 256), shards=(1, 768),
+                          compressors=[ZstdCodec(level=3), Crc32cCodec()], filters=None, fill_value=0)
+    data = (np.arange(1400) % 7).astype(np.uint8).reshape(2, 700)
+    a[...] = data
+    reader = row_reader(zs, "p", a)
+    assert reader is not None and reader.zstd
+    buf = np.empty(700, np.uint8)
+    assert np.array_equal(reader.read_into(1, buf), data[1])
+    path = reader.shard_file(1)
+    raw = bytearray(open(path, "rb").read())
+    raw[5] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(uwsfmt.FormatError, match="crc32c"):
+        reader.read_into(1, buf)
+
+
+def test_small_tensors_run_single_threaded_and_restore():
+    n = torch.get_num_threads()
+    with linalg.threads_for(64 * 64):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == n
+    with linalg.threads_for(linalg.PARALLEL_MIN_ELEMENTS):
+        assert torch.get_num_threads() == n

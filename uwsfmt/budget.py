@@ -1,0 +1,455 @@
+"""Error budgets: per tensor, the encoding with the fewest bytes whose error meets the budget.
+
+The budget E bounds the relative Frobenius error ||W_i - W_hat_i|| / ||W_i|| of every tensor of
+every model (the same number the model table records). For one tensor the candidates are
+(mode, rank k, residual bits b): mode left / right / both (two-sided core) or flat, k in
+0, 1, 2, 4, ..., K, b in none / 2 / 4 / 8 / 16, plus ``dense`` (exact, always feasible). Their
+bytes are known from shapes alone; their errors are measured in one sweep over the models
+(the map step :meth:`ErrorSweep.add`), on what a reader will rebuild: float32 bases and
+coefficients, the quantized residual, the compute dtype and the final cast to the source dtype.
+The smallest candidate whose worst model meets ``E - slack`` wins.
+
+>>> import torch
+>>> from uwsfmt.encodings.subspace import Fit
+>>> ws = [torch.ones(4, 8) + 0.01 * torch.randn(4, 8) for _ in range(5)]
+>>> mean = torch.stack(ws).mean(0)
+>>> fit = Fit("left", "mean", mean, torch.eye(4)[:, :2], None, {"left": torch.ones(4)}, {"left": 2})
+>>> sweep = ErrorSweep(fit, candidates(fit, bits=(None, 8)), "float32", (4, 8))
+>>> for w in ws:
+...     sweep.add(w)
+>>> pick(sweep, n_models=5, budget=Budget(max_error=0.05)).encoding
+'subspace'
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import dtypes, linalg
+from .encodings import residual as residual_enc
+from .encodings import subspace
+from .encodings.subspace import Fit
+
+#: residual options tried when ``residual_bits`` is not fixed (None = no residual)
+BITS: tuple[int | None, ...] = (None, 1, 2, 4, 8, 16)
+#: largest rank a budgeted build tries when ``max_rank`` is not given (bounds the sweep's cost)
+MAX_CANDIDATE_RANK = 256
+#: in ``mode='auto'`` both sides' Grams are accumulated (so left, right and two-sided candidates
+#: compete) when the larger side is at most this; beyond it only the cheaper side is fitted
+BOTH_SIDES_LIMIT = 1024
+#: bytes a shared per-tensor array costs beyond its values (its zarr.json)
+ARRAY_OVERHEAD = 512
+#: with a budget, float tensors from this many values on (vectors included) compete; smaller
+#: ones stay dense (their bytes are known to be dominated by metadata). ``min_numel`` overrides.
+MIN_NUMEL = 32
+
+
+def slack(dtype: str) -> float:
+    """Margin kept below the budget for a reader's own rounding (its GEMMs run in the compute
+    dtype, this module's emulation rounds once from float64)."""
+    return 1e-13 if dtype == "float64" else 2e-6
+
+
+def gram_mode(mode: str, m: int, n: int) -> str:
+    """Which Gram(s) pass 1 accumulates in a budgeted build."""
+    from .encodings.subspace import resolve_mode
+
+    if mode == "auto" and max(m, n) <= BOTH_SIDES_LIMIT:
+        return "both" if min(m, n) > 1 else ("right" if m == 1 else "left")  # a vector: PCA across models
+    return resolve_mode(mode, m, n)
+
+
+def candidate_ranks(cap: int) -> list[int]:
+    """0, 1, 2, 4, ... below ``cap``, and ``cap`` itself.
+
+    >>> candidate_ranks(12)
+    [0, 1, 2, 4, 8, 12]
+    """
+    out, k = [0], 1
+    while k < cap:
+        out.append(k)
+        k *= 2
+    if cap > 0:
+        out.append(cap)
+    return out
+
+
+@dataclass(frozen=True)
+class Candidate:
+    mode: str  # left | right | both | flat
+    rank: int
+    bits: int | None  # residual bits; None = no residual
+
+    def describe(self) -> str:
+        res = "" if self.bits is None else (" + float16 residual" if self.bits == 16 else f" + int{self.bits} residual")
+        return f"{self.mode} rank {self.rank}{res}"
+
+
+def candidates(fit: Fit, *, bits=BITS, fixed_rank: bool = False, modes: tuple[str, ...] | None = None) -> list[Candidate]:
+    """Every (mode, rank, bits) the fit allows. A fit of mode 'both' from a widened auto build
+    offers left-only, right-only and two-sided candidates (``modes`` restricts them)."""
+    kl = fit.left.shape[1] if fit.left is not None else 0
+    kr = fit.right.shape[1] if fit.right is not None else 0
+    if fit.mode == "flat":
+        sides = {"flat": kl}
+    elif fit.mode == "both":
+        sides = {"left": kl, "right": kr, "both": min(kl, kr)}
+    else:
+        sides = {fit.mode: kl if fit.mode == "left" else kr}
+    if modes is not None:
+        sides = {m: k for m, k in sides.items() if m in modes}
+    out = []
+    for mode, cap in sides.items():
+        ranks = [cap] if fixed_rank else candidate_ranks(cap)
+        for k in ranks:
+            if k == 0 and out and any(c.rank == 0 for c in out):
+                continue  # rank 0 is the same store in every mode
+            for b in bits:
+                out.append(Candidate(mode, k, b))
+    return out
+
+
+def candidate_fit(fit: Fit, c: Candidate) -> Fit:
+    """The shared arrays a candidate keeps: the first ``rank`` directions of its side(s)."""
+    use_left = c.mode in ("left", "both", "flat")
+    use_right = c.mode in ("right", "both")
+    left = fit.left[:, : c.rank] if use_left else None
+    right = fit.right[:, : c.rank] if use_right else None
+    spectra = {s: v for s, v in fit.spectra.items() if (s == "left" and use_left) or (s == "right" and use_right)}
+    kept = {s: c.rank for s in spectra}
+    return Fit(c.mode, fit.center, fit.mean, left, right, spectra, kept)
+
+
+def tensor_bytes(c: Candidate, view: tuple[int, int], n_models: int, *, mean_bytes: int, spectrum_len: int = 0) -> int:
+    """Bytes a subspace tensor takes: shared arrays once, coefficients and residual per model."""
+    m, n = view
+    k = c.rank
+    basis = {"left": m * k, "flat": m * k, "right": n * k, "both": (m + n) * k}[c.mode] * 4
+    coef = {"left": k * n, "flat": k * n, "right": m * k, "both": k * k}[c.mode] * 4
+    res = 0 if c.bits is None else linalg.residual_nbytes(m, n, c.bits)
+    arrays = (mean_bytes > 0) + (1 if c.mode != "both" else 2) + (1 if spectrum_len else 0)
+    shared = mean_bytes + basis + 8 * spectrum_len + ARRAY_OVERHEAD * arrays
+    return shared + n_models * (coef + res)
+
+
+def dense_bytes(shape, dtype: str, n_models: int) -> int:
+    numel = int(np.prod(shape, dtype=np.int64))
+    return n_models * numel * np.dtype(dtypes.storage_dtype(dtype)).itemsize
+
+
+def as_read(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``x`` (float64) rounded as a reader returns it: compute dtype, then the source dtype."""
+    cdt = torch.float64 if dtype == "float64" else torch.float32
+    t = x.to(cdt)
+    want = dtypes.torch_dtype(dtype)
+    if want != cdt:
+        t = t.to(want)
+    return t.to(torch.float64)
+
+
+def read_error(w64: torch.Tensor, recon64: torch.Tensor, dtype: str, wn: float | None = None) -> float:
+    """Relative error of what a reader returns for ``recon64`` against the original ``w64``."""
+    err = float(torch.linalg.vector_norm(as_read(recon64, dtype) - w64))
+    wn = float(torch.linalg.vector_norm(w64)) if wn is None else wn
+    return _ratio(err, wn)
+
+
+def _ratio(err: float, norm: float | None) -> float:
+    if norm is None:
+        return math.nan
+    if norm == 0.0:
+        return 0.0 if err == 0.0 else math.inf
+    return err / norm
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The error budget of a build, per tensor and model (either or both bounds).
+
+    ``max_error`` bounds ||W - W_hat|| / ||W|| (the ``error`` the model table records);
+    ``max_delta_error`` bounds ||W - W_hat|| / ||W - M||, the share of the model's own deviation
+    from the family centre M that is lost (its ``delta_error``): scale-free, so one number
+    means the same for a norm weight near 1 and a matrix a fine-tune barely moved.
+
+    >>> Budget(max_error=0.01).allowed(wn=2.0, dn=0.1, dtype="float64") < 0.02
+    True
+    """
+
+    max_error: float | None = None
+    max_delta_error: float | None = None
+
+    def __post_init__(self):
+        if self.max_error is None and self.max_delta_error is None:
+            raise ValueError("a Budget needs max_error or max_delta_error")
+
+    def allowed(self, wn: float, dn: float | None, dtype: str) -> float:
+        """Largest absolute error ||W - W_hat|| one model's tensor may have (negative: none)."""
+        lim = math.inf
+        if self.max_error is not None:
+            lim = min(lim, self.max_error * wn)
+        if self.max_delta_error is not None:
+            lim = min(lim, self.max_delta_error * (wn if dn is None else dn))
+        return lim - slack(dtype) * wn
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_error is not None:
+            parts.append(f"max_error={self.max_error:g}")
+        if self.max_delta_error is not None:
+            parts.append(f"max_delta_error={self.max_delta_error:g}")
+        return ", ".join(parts)
+
+    @property
+    def exact(self) -> bool:
+        return self.max_error == 0 or self.max_delta_error == 0
+
+
+class ErrorSweep:
+    """Per-model errors of every candidate of one tensor (one model per :meth:`add`).
+
+    Each candidate is rebuilt exactly as pass 2 encodes it and a reader decodes it
+    (:func:`uwsfmt.encodings.subspace.rebuild` in the compute dtype, the residual of that, the
+    cast to the source dtype), so the chosen candidate's errors are the ones the store records.
+    Only the absolute errors and each model's norms are kept (n_models x n_candidates floats).
+    Given the ``budget``, a candidate that breaks it for one model is not evaluated on the next
+    ones (it cannot win); its worst error is then over the models seen until then.
+    """
+
+    def __init__(self, fit: Fit, cands: list[Candidate], dtype: str, view: tuple[int, int], budget: Budget | None = None):
+        self.fit, self.cands, self.dtype, self.view, self.budget = fit, cands, dtype, tuple(view), budget
+        self.alive = [True] * len(cands)  # with a budget: candidates no model has broken it for yet
+        self.cdt = torch.float64 if dtype == "float64" else torch.float32
+        self.want = dtypes.torch_dtype(dtype)
+        self.rows: list[list[float]] = []
+        self.norms: list[tuple[float, float | None]] = []  # (||W||, ||W - M|| or None without a centre)
+        self._groups: dict[tuple[str, int], tuple[subspace.Prepared, list[int]]] = {}
+        for j, c in enumerate(cands):
+            key = (c.mode, c.rank)
+            if key not in self._groups:
+                self._groups[key] = (subspace.prepared(candidate_fit(fit, Candidate(c.mode, c.rank, None)), self.cdt), [])
+            self._groups[key][1].append(j)
+        some = next(iter(self._groups.values()))[0] if self._groups else None
+        self.device = some.device if some is not None else torch.device("cpu")
+        self.mean = some.mean if some is not None else None
+
+    def add(self, w: torch.Tensor) -> None:
+        with linalg.no_tf32():
+            w = w.to(self.device).reshape(self.view)
+            d = w.to(torch.float64)
+            if self.mean is not None:
+                d = d - self.mean.reshape(self.view)
+            wc = w if w.dtype == self.cdt else w.to(self.cdt)
+            norms = (float(torch.linalg.vector_norm(wc, dtype=torch.float64)),
+                     float(torch.linalg.vector_norm(d)) if self.mean is not None else None)
+            limit = self.budget.allowed(*norms, self.dtype) if self.budget is not None else math.inf
+            errs = [math.nan] * len(self.cands)
+            for (_, _), (prep, idx) in self._groups.items():
+                idx = [j for j in idx if self.alive[j]]
+                if not idx:
+                    continue  # every candidate of this rank already broke the budget: skip the projection
+                c = linalg.project(d, prep.left64, prep.right64).to(torch.float32)
+                r = subspace.rebuild(prep, c, self.view)
+                res = None
+                for j in idx:
+                    bits = self.cands[j].bits
+                    out = r
+                    if bits is not None:
+                        res = (wc - r).to(torch.float32) if res is None else res
+                        back = res.half().float() if bits == 16 else linalg.fake_quantize_rows(res, bits)
+                        out = r + back.to(self.cdt)
+                    if self.want != self.cdt:
+                        out = out.to(self.want).to(self.cdt)
+                    errs[j] = float(torch.linalg.vector_norm(out - wc, dtype=torch.float64))
+                    if not errs[j] <= limit:
+                        self.alive[j] = False
+            self.norms.append(norms)
+        self.rows.append(errs)
+
+    def absolute(self) -> np.ndarray:
+        """(n_models, n_candidates) absolute errors ||W - W_hat||."""
+        return np.asarray(self.rows, dtype=np.float64).reshape(len(self.rows), len(self.cands))
+
+    def errors(self, kind: str = "error") -> np.ndarray:
+        """(n_models, n_candidates) relative errors: vs ||W|| (``error``) or ||W - M|| (``delta_error``)."""
+        a = self.absolute()
+        col = 0 if kind == "error" else 1
+        norms = [n[col] if n[col] is not None else n[0] for n in self.norms]
+        return np.array([[_ratio(e, nm) for e in row] for row, nm in zip(a, norms)]).reshape(a.shape)
+
+
+@dataclass
+class Choice:
+    """What the budget picked for one tensor, and what the alternatives would have cost."""
+
+    encoding: str  # subspace | dense
+    candidate: Candidate | None
+    bytes: int
+    dense_bytes: int
+    error: float  # worst model's error (0 for dense)
+    delta_error: float  # worst model's delta error
+    budget: Budget
+    #: the rate-distortion curve of this tensor: (mode, rank, bits, bytes, worst error, worst
+    #: delta error), thinned to points 20% apart in the budgeted error, so a reader can tell what
+    #: another budget would have cost
+    frontier: list[tuple]
+
+    def record(self) -> dict:
+        """The manifest's ``budget`` entry of the tensor."""
+        c = self.candidate
+        return {
+            "max_error": self.budget.max_error,
+            "max_delta_error": self.budget.max_delta_error,
+            "error": _finite(self.error),
+            "delta_error": _finite(self.delta_error),
+            "mode": c.mode if c else None,
+            "rank": c.rank if c else None,
+            "residual_bits": c.bits if c else None,
+            "bytes": int(self.bytes),
+            "dense_bytes": int(self.dense_bytes),
+            "frontier": [list(p) for p in self.frontier],
+        }
+
+    def reason(self) -> str:
+        if self.encoding == "dense":
+            return f"error budget ({self.budget.describe()}): nothing smaller than dense meets it"
+        return f"error budget ({self.budget.describe()}): {self.candidate.describe()}"
+
+
+def _spectrum_len(fit: Fit, c: Candidate) -> int:
+    sides = {"left": ("left",), "flat": ("left",), "right": ("right",), "both": ("left", "right")}[c.mode]
+    return sum(int(fit.spectra[s].numel()) for s in sides if s in fit.spectra)
+
+
+def _g4(x: float) -> float | None:
+    return float(f"{x:.4g}") if np.isfinite(x) else None
+
+
+def pick(sweep: ErrorSweep, *, n_models: int, budget: Budget, shape=None) -> Choice:
+    """The candidate with the fewest bytes whose every model meets ``budget``; else dense."""
+    fit, view, dtype = sweep.fit, sweep.view, sweep.dtype
+    shape = shape or view
+    ncand = len(sweep.cands)
+    if sweep.rows:
+        absolute = sweep.absolute()
+        allowed = np.array([budget.allowed(wn, dn, dtype) for wn, dn in sweep.norms])[:, None]
+        ok = np.all(np.isfinite(absolute) & (absolute <= allowed), axis=0)
+        worst = np.nanmax(np.where(np.isinf(absolute), np.inf, sweep.errors("error")), axis=0)
+        worst_d = np.nanmax(np.where(np.isinf(absolute), np.inf, sweep.errors("delta_error")), axis=0)
+    else:
+        ok, worst, worst_d = np.ones(ncand, bool), np.zeros(ncand), np.zeros(ncand)
+    mean_bytes = 0 if fit.mean is None else view[0] * view[1] * (8 if dtype == "float64" else 4)
+    sizes = [tensor_bytes(c, view, n_models, mean_bytes=mean_bytes, spectrum_len=_spectrum_len(fit, c)) for c in sweep.cands]
+    dense = dense_bytes(shape, dtype, n_models)
+    best = None
+    for j in range(ncand):
+        if ok[j] and sizes[j] < dense and (best is None or (sizes[j], worst[j]) < (sizes[best], worst[best])):
+            best = j
+    primary = worst_d if budget.max_delta_error is not None else worst
+    points = sorted([(sizes[j], float(primary[j]), j) for j in range(ncand)] + [(dense, 0.0, None)],
+                    key=lambda p: (p[0], p[1]))
+    frontier, floor = [], math.inf
+    for by, e, j in points:  # bytes up, error down; a point counts when it cuts the error by 20%
+        if e < 0.8 * floor or (e < floor and j is None):
+            floor = e
+            if j is None:
+                frontier.append(("dense", None, None, by, 0.0, 0.0))
+            else:
+                c = sweep.cands[j]
+                frontier.append((c.mode, c.rank, c.bits, by, _g4(worst[j]), _g4(worst_d[j])))
+    if best is None:
+        return Choice("dense", None, dense, dense, 0.0, 0.0, budget, frontier)
+    return Choice("subspace", sweep.cands[best], sizes[best], dense, float(worst[best]), float(worst_d[best]), budget, frontier)
+
+
+def choose(fit: Fit, tensors: Iterable[torch.Tensor], *, name: str, shape, dtype: str, n_models: int, budget: Budget,
+           residual_bits: int | None = None, fixed_rank: bool = False, mode: str = "auto", forced: bool = False
+           ) -> tuple[Choice, Fit | None]:
+    """Sweep the models of one tensor (``tensors``: each model's copy, in order) and pick its
+    encoding. Returns the choice and the fit to store (None when dense wins).
+
+    ``residual_bits`` / ``fixed_rank`` / ``mode`` are the user's overrides; ``forced``: the tensor
+    must stay a subspace tensor (an ``encodings`` override), so a budget it cannot meet is an error.
+    """
+    m, n = linalg.matrix_view(tuple(shape))
+    view = (m * n, 1) if fit.mode == "flat" else (m, n)
+    bits = BITS if residual_bits is None else (residual_bits,)
+    cands = candidates(fit, bits=bits, fixed_rank=fixed_rank, modes=None if mode == "auto" else (mode,))
+    sweep = ErrorSweep(fit, cands, dtype, view, budget)
+    for w in tensors:
+        sweep.add(w)
+    choice = pick(sweep, n_models=n_models, budget=budget, shape=shape)
+    if choice.encoding == "dense":
+        if forced:
+            from .errors import BudgetError
+
+            best = min((p[4] for p in choice.frontier if p[4] is not None and p[4] > 0), default=math.nan)
+            raise BudgetError(
+                f"tensor {name!r} is forced to the subspace encoding, but no rank and residual meets {budget.describe()} "
+                f"(smallest error it reaches: {best:.3g}); raise the budget, or let it be dense (drop the encodings override)"
+                + (". A budget of 0 means exact bits, which only dense or shared storage gives" if budget.exact else "")
+            )
+        return choice, None
+    return choice, candidate_fit(fit, choice.candidate)
+
+
+# ---------------------------------------------------------------- appended models
+
+
+@dataclass
+class Correction:
+    """A per-model exception: a correction added to what the store rebuilds, or a replacement."""
+
+    kind: str  # correct | replace
+    bits: int | None
+    view: tuple[int, int]
+    arrays: dict[str, np.ndarray]
+    error_before: float
+    error: float
+    delta_error: float | None
+
+    def record(self, tensor: str, path: str) -> dict:
+        out = {"tensor": tensor, "kind": self.kind, "path": path, "view": list(self.view),
+               "error_before": _finite(self.error_before), "error": _finite(self.error)}
+        if self.kind == "correct":
+            out["bits"] = self.bits
+        return out
+
+
+def _finite(x: float | None) -> float | None:
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def meets(budget: Budget, err_abs: float, wn: float, dn: float | None, dtype: str) -> bool:
+    """Whether one model's tensor with absolute error ``err_abs`` is within ``budget``."""
+    return err_abs <= budget.allowed(wn, dn, dtype)
+
+
+def correct(w: torch.Tensor, rebuilt: torch.Tensor, dtype: str, budget: Budget, error_before: float,
+            dn: float | None = None) -> Correction:
+    """The cheapest per-model exception that brings ``rebuilt`` (what a reader computes, before
+    the cast to ``dtype``) within ``budget`` of ``w``: a correction quantized to 1/2/4/8 bits or
+    float16, else the tensor itself (exact). ``dn``: the model's ||W - M|| (delta budgets)."""
+    shape = tuple(w.shape)
+    m, n = linalg.matrix_view(shape)
+    if dtypes.is_float(dtype) and not dtype.startswith("float8"):
+        with linalg.no_tf32():
+            w64 = w.to(torch.float64).reshape(m, n)
+            base = rebuilt.to(device=w64.device, dtype=torch.float64).reshape(m, n)  # rebuilt may sit on the build device
+            cdt = torch.float64 if dtype == "float64" else torch.float32
+            base = base.to(cdt).to(torch.float64)  # the reader adds the correction in its compute dtype
+            r = (w64 - base).to(torch.float32)
+            wn = float(torch.linalg.vector_norm(w64))
+            limit = budget.allowed(wn, dn, dtype)
+            for bits in (1, 2, 4, 8, 16):
+                values, back = residual_enc.encode({"bits": bits}, r)
+                err = float(torch.linalg.vector_norm(as_read(base + back.to(torch.float64), dtype) - w64))
+                if err <= limit:
+                    arrays = {"values": values["values"].reshape(m, n)} if bits == 16 else values
+                    return Correction("correct", bits, (m, n), arrays, error_before, _ratio(err, wn),
+                                      None if dn is None else _ratio(err, dn))
+    return Correction("replace", None, (m, n), {"value": dtypes.to_storage(w)}, error_before, 0.0, 0.0)

@@ -1,0 +1,535 @@
+"""LoRA families: one shared basis over the products s * B @ A, small per-adapter cores.
+
+A LoRA module (A: r x in, B: out x r, scale s) changes its layer by X = s * B @ A. Bases built
+on A and B separately depend on an arbitrary gauge (B A = (B G)(G^-1 A) for any invertible G);
+bases built on X do not. So, per module, over the family:
+
+    left Gram   sum_i X_i X_i^T = sum_i s_i^2 B_i (A_i A_i^T) B_i^T      (out x out)
+    right Gram  sum_i X_i^T X_i = sum_i s_i^2 A_i^T (B_i^T B_i) A_i      (in x in)
+
+accumulated in float64 without ever forming X_i; L and R are their leading eigenvectors and
+adapter i keeps the core C_i = L^T X_i R = s_i (L^T B_i)(A_i R) (kl x kr). In the manifest a
+module is one ``subspace`` entry (mode ``both``, centre ``none``, view ``(out, in)``) plus a
+``lora`` record naming its factor tensors, so any reader rebuilds the dense update
+X_i ~= L C_i R^T from the spec alone. Readers that want factors back factor the core:
+C_i = U S V^T, B'_i = L U sqrt(S), A'_i = sqrt(S) V^T R^T, rank min(kl, kr, r_i): a valid LoRA
+with the scale folded in (so its own scale must be 1).
+
+Adapters may have different ranks, and different module sets: a module an adapter lacks is a
+zero update for it (per-model rank 0) and is left out again on export.
+
+The paper's factor-wise mode (``lora_mode="factors"``) stores A and B as ordinary subspace
+tensors instead, B with a basis over its rows (out) and A over its columns (in), centred like
+any tensor. It is there for comparison: it is not gauge invariant, needs one rank per module,
+and a module present in every adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import dtypes, linalg
+from ..errors import ConflictError, SourceError
+from ..sources.base import Checkpoint, LoraPair
+from . import subspace
+from .slots import take
+
+LORA_MODES = ("product", "factors")
+#: safetensors metadata values longer than this are not copied into the model table
+MAX_META_VALUE = 4096
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class ProductGramStats:
+    """Map-reduce statistics of the products X_i = s_i B_i A_i, in float64, never forming X_i.
+
+    >>> st = ProductGramStats.empty(4, 3, device=torch.device("cpu"))
+    >>> st.add(torch.ones(2, 3), torch.ones(4, 2), 0.5); st.count
+    1
+    """
+
+    count: int
+    left: torch.Tensor  # (out, out): sum s^2 B (A A^T) B^T
+    right: torch.Tensor  # (in, in): sum s^2 A^T (B^T B) A
+    sq_norm: float  # sum ||X_i||_F^2
+
+    @classmethod
+    def empty(cls, out: int, inp: int, *, device: torch.device) -> ProductGramStats:
+        z = torch.zeros
+        return cls(0, z(out, out, dtype=torch.float64, device=device), z(inp, inp, dtype=torch.float64, device=device), 0.0)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        """Add one adapter's module (A: r x in, B: out x r); ``add_zero`` for a missing one."""
+        a = a.to(device=self.left.device, dtype=torch.float64)
+        b = b.to(device=self.left.device, dtype=torch.float64)
+        aat = a @ a.T  # r x r
+        btb = b.T @ b  # r x r
+        s2 = float(scale) ** 2
+        self.left.addmm_(b @ aat, b.T, alpha=s2)
+        self.right.addmm_(a.T @ btb, a, alpha=s2)
+        self.sq_norm += s2 * float(torch.sum(aat * btb))
+        self.count += 1
+
+    def add_zero(self) -> None:
+        self.count += 1
+
+    def merge(self, other: ProductGramStats) -> None:
+        self.left += other.left
+        self.right += other.right
+        self.sq_norm += other.sq_norm
+        self.count += other.count
+
+
+def core(left: torch.Tensor, right: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """C = s (L^T B)(A R) in float64: the adapter's coordinates in the shared bases."""
+    f = torch.float64
+    return float(scale) * ((left.to(f).T @ b.to(f)) @ (a.to(f) @ right.to(f)))
+
+
+def factors(left: torch.Tensor, right: torch.Tensor, c: torch.Tensor, rank: int,
+            dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors (B' out x k, A' k x in) with B' A' = L C R^T truncated to ``rank``.
+
+    Batched over leading dimensions. The singular values are split evenly (sqrt on each side)
+    so that neither factor carries the whole scale (bf16 / fp16 range). The small SVD runs in
+    ``c``'s dtype; the two products with the bases in ``dtype`` (default: ``c``'s).
+
+    >>> L, R = torch.eye(3)[:, :2], torch.eye(4)[:, :2]
+    >>> b, a = factors(L, R, torch.diag(torch.tensor([4.0, 1.0])), 2)
+    >>> torch.allclose(b @ a, L @ torch.diag(torch.tensor([4.0, 1.0])) @ R.T)
+    True
+    """
+    if min(c.shape[-2:]) == 0 or rank <= 0:  # nothing kept: empty factors
+        lead = c.shape[:-2]
+        return (c.new_zeros(lead + (left.shape[-2], 0)), c.new_zeros(lead + (0, right.shape[-2])))
+    u, s, vh = torch.linalg.svd(c, full_matrices=False)
+    k = max(0, min(int(rank), s.shape[-1]))
+    sq = s[..., :k].clamp_min(0).sqrt()
+    dt = dtype or c.dtype
+    b = left.to(dt) @ (u[..., :, :k] * sq[..., None, :]).to(dt)
+    a = (sq[..., :, None] * vh[..., :k, :]).to(dt) @ right.to(dt).transpose(-1, -2)
+    return b, a
+
+
+# ---------------------------------------------------------------------------- planning
+
+
+@dataclass
+class ModulePlan:
+    """What planning learnt about one LoRA module across the family (headers only)."""
+
+    module: str
+    shape: tuple[int, ...]  # shape of B @ A (the adapted weight's layout before fan_in_fan_out)
+    dtype: str
+    a: str
+    b: str
+    fan_in_fan_out: bool
+    alpha: str | None
+    alpha_dtype: str | None
+    b_tail: tuple[int, ...] = ()  # B's dims after the rank (1x1 for conv LoRAs)
+    ranks: dict[str, int] = field(default_factory=dict)  # model id -> rank (absent: not listed)
+
+    def record(self, a_tail: tuple[int, ...], b_tail: tuple[int, ...]) -> dict:
+        return {"a": self.a, "b": self.b, "a_tail": list(a_tail), "b_tail": list(b_tail),
+                "fan_in_fan_out": self.fan_in_fan_out, "alpha": self.alpha, "alpha_dtype": self.alpha_dtype}
+
+
+def plan(checkpoints: list[Checkpoint], infos: list[dict], settings, tensor_plan_cls) -> tuple[dict, set, list[str], dict]:
+    """LoRA part of the planning pass.
+
+    Returns ``(plans, consumed, problems, report)``: ``plans`` maps the first tensor name of a
+    module (in file order) to the TensorPlan(s) that replace its factor tensors, ``consumed``
+    is every tensor name handled here, ``report`` the LoRA section of the planning report.
+    """
+    pairs: list[dict[str, LoraPair]] = []
+    problems: list[str] = []
+    for ck in checkpoints:
+        try:
+            pairs.append(ck.lora_pairs())
+        except SourceError as e:
+            problems.append(str(e))
+            pairs.append({})
+    with_lora = [ck.id for ck, p in zip(checkpoints, pairs) if p]
+    if not with_lora:
+        return {}, set(), problems, {}
+    mode = getattr(settings, "lora_mode", "product")
+    without = [ck.id for ck, p in zip(checkpoints, pairs) if not p]
+    if without:
+        problems.append(
+            f"{len(with_lora)} source(s) are LoRA adapters but {len(without)} are not ({', '.join(without[:5])}); "
+            "a family is either adapters or full models: convert them separately"
+        )
+    fmts = defaultdict(list)
+    bases = defaultdict(list)
+    for ck, p in zip(checkpoints, pairs):
+        if p:
+            fmts[ck.format].append(ck.id)
+            bm = (ck.metadata() or {}).get("base_model")
+            if bm:
+                bases[str(bm)].append(ck.id)
+    if len(fmts) > 1:
+        problems.append("the adapters use different LoRA layouts (" + "; ".join(f"{f}: {', '.join(v[:3])}" for f, v in fmts.items())
+                        + "); convert each layout separately")
+    if len(bases) > 1:
+        problems.append("the adapters were trained for different base models (" + "; ".join(
+            f"{b!r}: {', '.join(v[:3])}" for b, v in bases.items()) + "); their updates do not add up in one family")
+
+    modules: dict[str, ModulePlan] = {}
+    first_name: dict[str, str] = {}
+    for ck, inf, p in zip(checkpoints, infos, pairs):
+        for mod, pair in p.items():
+            a, b = inf[pair.a], inf[pair.b]
+            shape = (b.shape[0],) + tuple(a.shape[1:])
+            alpha_dtype = inf[pair.alpha].dtype if pair.alpha else None
+            mp = modules.get(mod)
+            if mp is None:
+                mp = modules[mod] = ModulePlan(mod, shape, a.dtype, pair.a, pair.b, pair.fan_in_fan_out, pair.alpha, alpha_dtype,
+                                               tuple(b.shape[2:]))
+                first_name[mod] = pair.a
+            else:
+                first = next(iter(mp.ranks), "?")
+                if shape != mp.shape:
+                    problems.append(f"LoRA module {mod!r} adapts a {list(shape)} weight in {ck.id!r} but a {list(mp.shape)} weight in "
+                                    f"{first!r}: the adapters were made for different base models")
+                if a.dtype != mp.dtype or b.dtype != mp.dtype:
+                    problems.append(f"LoRA module {mod!r} is {a.dtype} in {ck.id!r} but {mp.dtype} in {first!r}; "
+                                    "cast the adapters to one dtype first")
+                if (pair.a, pair.b) != (mp.a, mp.b) or pair.fan_in_fan_out != mp.fan_in_fan_out or pair.alpha != mp.alpha:
+                    problems.append(f"LoRA module {mod!r} has a different key layout in {ck.id!r} than in {first!r}")
+            if b.dtype != a.dtype:
+                problems.append(f"LoRA module {mod!r} of {ck.id!r}: A is {a.dtype} but B is {b.dtype}")
+            mp.ranks[ck.id] = a.shape[0]
+
+    consumed: set[str] = set()
+    for p in pairs:
+        for pair in p.values():
+            consumed.update((pair.a, pair.b))
+            if mode == "product" and pair.alpha:
+                consumed.add(pair.alpha)
+    all_names = set().union(*[set(i) for i in infos])
+    for mod in modules:
+        if mod in all_names:
+            problems.append(f"LoRA module name {mod!r} is also a tensor name; rename the tensor")
+
+    plans: dict[str, list] = {}
+    if mode == "product":
+        for mod, mp in modules.items():
+            tp = tensor_plan_cls(mod, mp.shape, mp.dtype, "lora", "LoRA pair: basis over the products s*B*A")
+            tp.lora = mp
+            plans[first_name[mod]] = [tp]
+    else:
+        # factor-wise: A and B become ordinary subspace tensors with the paper's side choice
+        for mod, mp in modules.items():
+            out = []
+            for name, side in ((mp.a, "right"), (mp.b, "left")):
+                shapes = [inf[name].shape for inf in infos if name in inf]
+                missing = [ck.id for ck, inf in zip(checkpoints, infos) if name not in inf]
+                if missing:
+                    problems.append(f"tensor {name!r} is missing from {len(missing)} model(s): {', '.join(missing[:5])} "
+                                    "(the factor-wise LoRA mode needs every module in every adapter; the product mode does not)")
+                    continue
+                if len(set(shapes)) > 1:
+                    out.append(tensor_plan_cls(name, None, mp.dtype, "dense", "LoRA factor whose rank varies between adapters "
+                                               "(factor-wise mode; the product mode handles mixed ranks)", shapes))
+                    continue
+                tp = tensor_plan_cls(name, shapes[0], mp.dtype, "subspace", f"LoRA factor ({'A' if side == 'right' else 'B'}, factor-wise basis)")
+                tp.mode = side
+                out.append(tp)
+            plans[first_name[mod]] = out
+    ranks: dict[int, int] = defaultdict(int)
+    for mp in modules.values():
+        for r in mp.ranks.values():
+            ranks[r] += 1
+    n = len(checkpoints)
+    report = {
+        "mode": mode,
+        "adapters": len(with_lora),
+        "modules": len(modules),
+        "ranks": {str(k): v for k, v in sorted(ranks.items())},
+        "partial_modules": {m: n - len(mp.ranks) for m, mp in modules.items() if len(mp.ranks) < n},
+        "formats": {f: len(v) for f, v in fmts.items()},
+    }
+    return plans, consumed, problems, report
+
+
+# ---------------------------------------------------------------------------- build
+
+
+class ProductGramSketch:
+    """The product Grams applied to fixed thin matrices, never forming X_i or a Gram:
+    ``sum s^2 B (A A^T)(B^T X)`` (left, X out x t) and ``sum s^2 A^T (B^T B)(A X)`` (right)."""
+
+    def __init__(self, xs: dict[str, torch.Tensor]):
+        self.xs = {side: x.to(torch.float64) for side, x in xs.items()}
+        self.y = {side: torch.zeros_like(x) for side, x in self.xs.items()}
+        self.count, self.sq_norm = 0, 0.0
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+        dev = next(iter(self.xs.values())).device
+        a = a.to(device=dev, dtype=torch.float64)
+        b = b.to(device=dev, dtype=torch.float64)
+        aat, btb, s2 = a @ a.T, b.T @ b, float(scale) ** 2
+        if "left" in self.xs:
+            self.y["left"].addmm_(b, aat @ (b.T @ self.xs["left"]), alpha=s2)
+        if "right" in self.xs:
+            self.y["right"].addmm_(a.T, btb @ (a @ self.xs["right"]), alpha=s2)
+        self.sq_norm += s2 * float(torch.sum(aat * btb))
+        self.count += 1
+
+    def add_zero(self) -> None:
+        self.count += 1
+
+
+def _sweep(stats, cks: list[Checkpoint], mp, out: int, inp: int, prog, step: bool):
+    """Every adapter's factors of module ``mp`` into ``stats`` (exact Grams or sketches)."""
+    for ck in cks:
+        pair = ck.lora_pairs().get(mp.module)
+        if pair is None:
+            stats.add_zero()
+        else:
+            a, b = _factor_matrices(ck, pair, out, inp)
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise SourceError(f"{ck.path or ck.id}: LoRA module {mp.module!r} of {ck.id!r} contains NaN or Inf values; fix the adapter")
+            stats.add(a, b, pair.scale)
+        prog.step(mp.module, 1 if step else 0)
+    return stats
+
+
+def _fit_sketch(tp, cks: list[Checkpoint], s, dev: torch.device, prog) -> tuple[subspace.Fit | None, bool]:
+    """basis="sketch" for a module: randomised range finder on each product Gram, checked
+    a-posteriori like plain tensors (see :func:`uwsfmt.build._fit_sketch`).
+    Returns (fit, swept): fit None means "use the exact Grams"; swept, whether progress was counted."""
+    mp: ModulePlan = tp.lora
+    out, inp = linalg.matrix_view(mp.shape)
+    cap = sum(mp.ranks.values())
+    target = s.rank if s.rank is not None else (s.max_rank if s.max_rank is not None else linalg.SKETCH_RANK)
+    width = min(target, cap) + s.sketch_oversample
+    if width >= cap or width + linalg.SKETCH_PROBES > min(out, inp) // 2:
+        return None, False  # the exact Grams cost about as much
+    xs = {side: linalg.sketch_test_matrix(dim, width, s.seed, dev, salt=30 + i) for i, (side, dim) in enumerate((("left", out), ("right", inp)))}
+    sk = _sweep(ProductGramSketch(xs), cks, mp, out, inp, prog, True)
+    qs = {side: linalg.orthonormal_columns(y) for side, y in sk.y.items()}
+    for _ in range(s.sketch_power - 1):
+        qs = {side: linalg.orthonormal_columns(y) for side, y in _sweep(ProductGramSketch(qs), cks, mp, out, inp, prog, False).y.items()}
+    probes = {side: linalg.sketch_test_matrix(q.shape[0], linalg.SKETCH_PROBES, s.seed, dev, salt=40 + i) for i, (side, q) in enumerate(qs.items())}
+    last = _sweep(ProductGramSketch({side: torch.cat([q, probes[side]], 1) for side, q in qs.items()}), cks, mp, out, inp, prog, False)
+    f = subspace.Fit("both", "none", None, None, None, method={"method": "sketch", "columns": {}, "power_sweeps": s.sketch_power, "check": {}})
+    for side, q in qs.items():
+        t = q.shape[1]
+        g = last.y[side]
+        res = linalg.sketch_ritz(q, g[:, :t], probes[side], g[:, t:], sk.sq_norm)
+        spectrum = res.spectrum()
+        k = s.choose(side, spectrum, min(cap, t))
+        check = res.check(k, s.sketch_tolerance)
+        if (s.rank is None and k > t - s.sketch_oversample) or not check["ok"]:
+            return None, True
+        f.spectra[side], f.kept[side] = spectrum, k
+        f.method["columns"][side], f.method["check"][side] = t, check
+        setattr(f, side, res.vectors[:, :k].to(torch.float32))
+    return f, True
+
+
+def fit(tp, cks: list[Checkpoint], s, dev: torch.device, prog) -> subspace.Fit:
+    """Pass 1 for one module: stream every adapter's factors into product Grams; eigen-bases."""
+    mp: ModulePlan = tp.lora
+    out, inp = linalg.matrix_view(mp.shape)
+    swept = False
+    if getattr(s, "basis", "exact") == "sketch" and getattr(s, "error_budget", None) is None:
+        with linalg.no_tf32():
+            f, swept = _fit_sketch(tp, cks, s, dev, prog)
+        if f is not None:
+            return f
+    st = ProductGramStats.empty(out, inp, device=dev)
+    with linalg.no_tf32():
+        _sweep(st, cks, mp, out, inp, prog, not swept)
+        f = subspace.Fit("both", "none", None, None, None)
+        if swept:
+            f.method = {"method": "exact", "sketch_rejected": "tau not met within the sketch, or the a-posteriori check failed"}
+        cap = sum(mp.ranks.values())  # the products span at most sum of ranks directions per side
+        for side, g in (("left", st.left), ("right", st.right)):
+            vals, vecs = linalg.eig_desc(g)
+            k = s.choose(side, vals, cap)
+            f.spectra[side] = vals
+            f.kept[side] = k
+            setattr(f, side, vecs[:, :k].to(torch.float32))
+    return f
+
+
+def _factor_matrices(ck: Checkpoint, pair: LoraPair, out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor]:
+    a = ck.get(pair.a)
+    b = ck.get(pair.b)
+    r = a.shape[0]
+    a = a.reshape(r, -1)
+    b = b.reshape(b.shape[0], r)
+    if a.shape[1] != inp or b.shape[0] != out:
+        raise ConflictError(f"{ck.path or ck.id}: LoRA module {pair.module!r} of {ck.id!r} adapts a {b.shape[0]}x{a.shape[1]} "
+                            f"matrix but the family's is {out}x{inp}")
+    return a, b
+
+
+def entry_record(tp) -> dict:
+    """The manifest's ``lora`` record of a module: factor names and the shapes around the rank,
+    A (r, *a_tail) and B (out, r, *b_tail)."""
+    mp: ModulePlan = tp.lora
+    return mp.record(tuple(mp.shape[1:]), mp.b_tail)
+
+
+def encode(e: dict, fit: subspace.Fit, ck: Checkpoint, rows: dict[str, np.ndarray]) -> tuple[float, int]:
+    """Pass 2 for one module of one adapter: write its core; return (relative error, rank).
+
+    The error is that of the factors a reader gets back (cast to the source dtype) against
+    the adapter's own s * B @ A, computed from r x r products only.
+    """
+    pair = ck.lora_pairs().get(e["name"])
+    if pair is None:
+        return 0.0, 0  # an adapter without this module: zero update, zero core (the row is zero-filled)
+    out, inp = e["view"]
+    a, b = _factor_matrices(ck, pair, out, inp)
+    r = a.shape[0]
+    dev = fit.left.device
+    with linalg.no_tf32():
+        a64, b64 = a.to(dev, torch.float64), b.to(dev, torch.float64)
+        c = core(fit.left, fit.right, a64, b64, pair.scale).to(torch.float32)
+        sl = e["coefficients"]
+        if c.numel():
+            rows[sl["pack"]][sl["offset"]: sl["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
+        bb, aa = factors(fit.left.to(torch.float64), fit.right.to(torch.float64), c.to(torch.float64), rank_of(e, r))
+        want = dtypes.torch_dtype(e["dtype"])
+        bb, aa = bb.to(want).to(torch.float64), aa.to(want).to(torch.float64)
+        s = float(pair.scale)
+        aat, btb = a64 @ a64.T, b64.T @ b64
+        x2 = s * s * float(torch.sum(aat * btb))
+        y2 = float(torch.sum((aa @ aa.T) * (bb.T @ bb)))
+        xy = s * float(torch.sum((b64.T @ bb) * (a64 @ aa.T)))  # <sBA, B'A'> = s tr((B^T B')(A' A^T))
+    err2 = max(x2 - 2 * xy + y2, 0.0)
+    if x2 <= 0.0:
+        return (0.0 if err2 <= 0.0 else math.inf), r
+    return math.sqrt(err2 / x2), r
+
+
+def rank_of(e: dict, r: int) -> int:
+    """Rank of the factors a reader returns: min(kl, kr, the adapter's own rank)."""
+    kl, kr = e["rank"]
+    return max(0, min(kl or 0, kr or 0, r))
+
+
+def model_record(entries: list[dict], ck: Checkpoint, ranks: dict[str, int] | None = None) -> dict:
+    """Per-model LoRA facts for the model table: each entry's adapter rank (0 = module absent)
+    and what an export needs to write an adapter its tools load (PEFT config, file metadata)."""
+    lora_entries = [e for e in entries if e.get("lora") is not None]
+    meta = ck.metadata() or {}
+    pairs = ck.lora_pairs()
+    if not lora_entries and not pairs:
+        return {}
+    rec: dict = {"format": ck.format}
+    known = {e["name"] for e in lora_entries}
+    extra = [m for m in pairs if m not in known] if lora_entries else []
+    if extra:
+        raise ConflictError(f"{ck.path or ck.id}: adapter {ck.id!r} has LoRA modules the store has no basis for "
+                            f"({', '.join(map(repr, extra[:5]))}); rebuild the store with this adapter included")
+    if lora_entries:
+        rec["ranks"] = [None if e.get("lora") is None else (ranks or {}).get(e["name"], _rank_from(ck, pairs, e)) for e in entries]
+    else:  # factor-wise store: the scales stay in the adapter's own config
+        rec["scales"] = {m: p.scale for m, p in pairs.items()}
+    if "peft_config" in meta:
+        rec["peft_config"] = meta["peft_config"]
+    st_meta = meta.get("safetensors_metadata")
+    if st_meta:
+        rec["metadata"] = {k: v for k, v in st_meta.items() if isinstance(v, str) and len(v) <= MAX_META_VALUE}
+    return {"adapter": rec}
+
+
+def _rank_from(ck: Checkpoint, pairs: dict[str, LoraPair], e: dict) -> int:
+    p = pairs.get(e["name"])
+    return 0 if p is None else int(ck.infos()[p.a].shape[0])
+
+
+# ---------------------------------------------------------------------------- read
+
+
+def model_ranks(store, idx: int) -> list | None:
+    return ((store.manifest["models"][idx].get("adapter") or {}).get("ranks"))
+
+
+def read(store, entries: list[dict], idx: int, rows: dict[str, torch.Tensor], dev: torch.device,
+         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Factor tensors of the LoRA ``entries`` for model ``idx`` under their source names.
+
+    Modules the adapter did not have are left out; kohya-style alpha tensors are given back
+    equal to the new rank (so the scale alpha / r is 1: the factors carry it).
+    """
+    ranks = model_ranks(store, idx)
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for e in entries:  # grouped independently of which modules this adapter has: stable cache keys
+        groups[(tuple(e["view"]), tuple(e["rank"]))].append(e)
+    from ..store import _group_key
+
+    for key, group in groups.items():
+        _, left, right = store._group_arrays(("lora",) + _group_key(group[0]) + tuple(x["name"] for x in group), group, dev)
+        cshape = group[0]["coefficients"]["shape"]
+        c = torch.stack([take(rows, x["coefficients"]).reshape(cshape) for x in group]).to(dev, torch.float64)
+        k = min(key[1][0] or 0, key[1][1] or 0)
+        # the k x k SVDs in float64; the out x k and k x in products in the bases' compute dtype
+        # (float64 products of the wide bases were most of a read's time and memory traffic)
+        bb, aa = factors(left, right, c, k, dtype=left.dtype)
+        for i, e in enumerate(group):
+            rec = e["lora"]
+            r = _stored_rank(store, ranks, e)
+            if r == 0:
+                continue  # the adapter did not have this module
+            rk = rank_of(e, r)
+            want = dtype if dtype is not None else dtypes.torch_dtype(e["dtype"])
+            out[rec["a"]] = aa[i, :rk].reshape([rk] + rec["a_tail"]).to(want).contiguous()
+            out[rec["b"]] = bb[i, :, :rk].reshape([e["view"][0], rk] + rec["b_tail"]).to(want).contiguous()
+            if rec.get("alpha"):
+                adt = dtype if dtype is not None else dtypes.torch_dtype(rec.get("alpha_dtype") or "float32")
+                out[rec["alpha"]] = torch.tensor(float(rk), dtype=adt, device=dev)
+    return out
+
+
+def _stored_rank(store, ranks: list | None, e: dict) -> int:
+    if ranks is None:
+        return max(e["rank"][0] or 0, e["rank"][1] or 0)
+    r = ranks[store._tensor_index[e["name"]]]
+    return 0 if r is None else int(r)
+
+
+def check_record(e: dict) -> dict:
+    """The entry's ``lora`` record, checked (a damaged or hostile manifest fails here, clearly)."""
+    rec = e.get("lora")
+    ok = (isinstance(rec, dict) and isinstance(rec.get("a"), str) and isinstance(rec.get("b"), str)
+          and all(isinstance(rec.get(k), list) and all(isinstance(x, int) and x >= 0 for x in rec[k]) for k in ("a_tail", "b_tail"))
+          and isinstance(rec.get("alpha"), (str, type(None))) and e.get("encoding") == "subspace" and e.get("mode") == "both"
+          and e.get("center") == "none" and e.get("left") and e.get("right"))
+    if not ok:
+        from ..errors import FormatError
+
+        raise FormatError(f"tensor {e.get('name')!r}: malformed LoRA record (needs a subspace entry, mode 'both', centre 'none', "
+                          "and lora = {a, b, a_tail, b_tail, alpha}); the store is damaged")
+    return rec
+
+
+def factor_names(e: dict) -> list[str]:
+    rec = check_record(e)
+    return [rec["a"], rec["b"]] + ([rec["alpha"]] if rec.get("alpha") else [])
+
+
+def delta(store, model, module: str, *, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense s * B @ A of one module in the adapted weight's layout (transposed when the layer
+    stores W transposed: fan_in_fan_out), rebuilt as L C R^T; zeros for a module the adapter lacks."""
+    e = store.tensor_entry(module)
+    if e.get("lora") is None:
+        raise SourceError(f"{store.path}: {module!r} is not a LoRA module of this store")
+    w = store.tensor(model, e["name"], device=device, dtype=dtype or torch.float32)
+    if e["lora"].get("fan_in_fan_out"):
+        w = w.reshape(e["view"]).T.contiguous()
+    return w
