@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import baselines as B  # noqa: E402
 
 import uwsfmt  # noqa: E402
@@ -41,7 +42,7 @@ from uwsfmt.inspect import store_bytes  # noqa: E402
 
 #: error budgets tried on each family: (max_error, max_delta_error)
 BUDGETS = {
-    "trained": [(None, 0.75), (None, 0.7), (None, 0.65), (None, 0.6), (None, 0.45), (None, 0.3), (None, 0.1), (None, 0.03),
+    "trained": [(None, 0.75), (None, 0.7), (None, 0.65), (None, 0.6), (None, 0.55), (None, 0.5), (None, 0.45), (None, 0.3), (None, 0.1), (None, 0.03),
                 (0.1, None), (0.05, None), (0.01, None), (0.0, None)],
     "lowrank": [(None, 0.3), (None, 0.1), (None, 0.03), (1e-2, None), (1e-3, None), (7e-4, None), (5e-4, None),
                 (2e-4, None), (1e-4, None), (0.0, None)],

@@ -68,6 +68,16 @@ def test_error_equals_tail_energy(tmp_path):
         # and it matches the generator's ground truth (relative to total centred energy)
         total = float(spec["eigenvalues"].sum())
         assert tail / total == pytest.approx(truth.tensors["w"].tail_energy(k, "left"), rel=1e-3, abs=1e-9)
+        assert spec["tau"] is None  # a fixed rank, not a threshold
+
+
+def test_spectrum_reports_the_tau_ranks_were_chosen_by(tmp_path):
+    fam = synthetic_family(n_models=6, shapes={"w": (96, 64)}, rank=3, noise=0.01, extra=False, seed=5)
+    default = uwsfmt.convert(fam, tmp_path / "d.uws", mode="left")
+    sp = default.spectrum("w")
+    assert sp["tau"] == default.manifest["build"]["default_tau"]
+    assert sp["explained"][sp["kept"] - 1] >= sp["tau"] > sp["explained"][sp["kept"] - 2]
+    assert uwsfmt.convert(fam, tmp_path / "t.uws", tau=0.9, mode="left").spectrum("w")["tau"] == 0.9
 
 
 def test_mean_is_added_back(tmp_path):

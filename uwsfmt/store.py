@@ -584,8 +584,17 @@ class Store:
             dim, other = (m, n) if side == "left" else (n, m)
         samples = self.n_models - (1 if e["center"] == "mean" else 0)
         null = null_spectrum(total, dim, other * max(samples, 1), len(vals))
-        return {"side": side, "eigenvalues": vals, "kept": k, "explained": cum, "null": null,
-                "tau": self.manifest["build"]["settings"].get("tau")}
+        return {"side": side, "eigenvalues": vals, "kept": k, "explained": cum, "null": null, "tau": self._tau()}
+
+    def _tau(self) -> float | None:
+        """The explained-variance threshold ranks were chosen by (None: fixed rank or an error budget)."""
+        b = self.manifest["build"]
+        st = b.get("settings") or {}
+        if st.get("tau") is not None:
+            return st["tau"]
+        if all(st.get(k) is None for k in ("rank", "max_error", "max_delta_error")):
+            return b.get("default_tau")  # the builder's default applied
+        return None
 
     def summary(self) -> dict:
         from .inspect import summary

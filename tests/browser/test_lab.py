@@ -241,7 +241,16 @@ def test_example_notebook_in_lab(lab):
     insp = page.locator(".uws-inspector").first
     insp.wait_for()
     insp.scroll_into_view_if_needed()
-    assert insp.locator(".uws-card-value").first.inner_text() == "12"
+    # the rendered numbers are the store's own (read here, independently of the widget)
+    import uwsfmt
+
+    with uwsfmt.open(lab.root / "family.uws") as store:
+        sm = store.summary()
+    cards = insp.locator(".uws-card-value").all_inner_texts()
+    assert cards[0] == "12" == str(sm["n_models"])
+    assert cards[1] == str(sm["n_tensors"])
+    assert cards[2] == f"{sm['ratio']:.2f}×", (cards, sm["ratio"])
+    assert cards[5] == sm["format_version"]
     assert insp.locator(".uws-heatmap").is_visible()
     insp.locator(".uws-tab[data-tab=tensors]").click()
     insp.locator(".uws-spectrum svg.uws-chart").first.wait_for()
