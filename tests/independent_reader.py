@@ -23,7 +23,7 @@ import torch
 
 SCHEMA = Path(__file__).resolve().parents[1] / "spec" / "schema" / "manifest.schema.json"
 MAX_MANIFEST_BYTES = 256 << 20  # §13
-PATH_RE = re.compile(r"^(?!/)(?!.*(^|/)\.\.?(/|$))[A-Za-z0-9._%~/-]+$")  # §8
+PATH_RE = re.compile(r"^(?!/)(?!.*//)(?!.*/$)(?!.*(^|/)\.\.?(/|$))[A-Za-z0-9._%~/-]+$")  # §8
 MAJOR = 1
 
 # §4: logical dtype -> (torch dtype, storage dtype, reinterpret the storage bits?)

@@ -273,7 +273,7 @@ def test_names_and_ids_cannot_create_paths_outside_the_store(tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("node", "../../outside"), ("node", "/etc"), ("mean", "tensors/../../../etc/passwd"), ("left", "a/./b"),
-    ("pack", "../packs"), ("exception", "../../x"),
+    ("pack", "../packs"), ("exception", "../../x"), ("left", "tensors//left"), ("mean", "tensors/x/"),
 ])
 @pytest.mark.parametrize("container", ["directory", "zip"])
 def test_manifest_paths_outside_the_store_are_refused(tmp_path, capsys, field, value, container):
