@@ -176,6 +176,17 @@ def _use(store_path) -> None:
         s.summary()
 
 
+def _use_writes_nothing(work: Path, store: Path) -> None:
+    """:func:`_use` on ``store`` gives a result or a UWSError, and nothing under ``work`` changes."""
+    before = _listing(work)
+    try:
+        _use(store)
+    except uwsfmt.UWSError:
+        pass
+    assert _listing(work) == before  # reading and validating never write
+    shutil.rmtree(work)
+
+
 @settings(FUZZ, max_examples=120)
 @given(muts=st.lists(mutation, min_size=1, max_size=3))
 def test_reader_and_validator_on_mutated_manifests(reference, tmp_path_factory, muts):
@@ -190,13 +201,7 @@ def test_reader_and_validator_on_mutated_manifests(reference, tmp_path_factory, 
         (store / "zarr.json").write_text(json.dumps(doc))
     except (TypeError, ValueError):
         assume(False)
-    before = _listing(work)
-    try:
-        _use(store)
-    except uwsfmt.UWSError:
-        pass
-    assert _listing(work) == before  # reading and validating never write
-    shutil.rmtree(work)
+    _use_writes_nothing(work, store)
 
 
 @settings(FUZZ, max_examples=60)
@@ -208,13 +213,7 @@ def test_reader_on_arbitrary_root_documents(reference, tmp_path_factory, raw):
     store = work / "s.uws"
     shutil.copytree(ref, store)
     (store / "zarr.json").write_bytes(raw)
-    before = _listing(work)
-    try:
-        _use(store)
-    except uwsfmt.UWSError:
-        pass
-    assert _listing(work) == before
-    shutil.rmtree(work)
+    _use_writes_nothing(work, store)
 
 
 array_fields = st.sampled_from(["shape", "data_type", "chunk_grid", "codecs", "fill_value", "chunk_key_encoding", "zarr_format",
@@ -233,13 +232,7 @@ def test_reader_on_mutated_array_metadata(reference, tmp_path_factory, which, fi
     doc = json.loads(meta.read_text())
     doc[field] = value
     meta.write_text(json.dumps(doc))
-    before = _listing(work)
-    try:
-        _use(store)
-    except uwsfmt.UWSError:
-        pass
-    assert _listing(work) == before
-    shutil.rmtree(work)
+    _use_writes_nothing(work, store)
 
 
 @settings(FUZZ, max_examples=40)
