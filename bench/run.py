@@ -40,6 +40,10 @@ LORA_WIDE = {"k16": {"rank": 16, "basis": "sketch"}, "tau0.9": {"tau": 0.9, "bas
              "tau0.99": {"tau": 0.99, "basis": "sketch", "max_rank": 64}}
 
 
+#: builds timed warm (vs the warm read) and cold (vs the cold read): the build goal's
+GOAL_BUILDS = ("k16", "k16-sketch")
+
+
 def run_family(name: str, mode: str, workdir: str, device: str, log) -> dict:
     cfg = sources.CONFIGS[name][mode]
     fam = sources.MAKERS[name](workdir, cfg)
@@ -54,9 +58,10 @@ def run_family(name: str, mode: str, workdir: str, device: str, log) -> dict:
     for bname, settings in builds.items():
         out = os.path.join(workdir, f"{name}-{mode}-{bname}.uws")
         log(f"  build {bname} {settings} ...")
-        r = measure.build(fam, out, settings, device)
+        # the goal's builds are also timed from a cold page cache, against the cold read
+        r = measure.build(fam, out, settings, device, cold=bname in GOAL_BUILDS)
         r["ratio_warm"] = r["seconds"] / res["read_once"]["warm_s"]
-        r["ratio_cold"] = r["seconds"] / res["read_once"]["cold_s"]
+        r["ratio_cold"] = r["cold_seconds"] / res["read_once"]["cold_s"] if r["cold_seconds"] else None
         res["builds"][bname] = r
     store_path = os.path.join(workdir, f"{name}-{mode}-k16.uws")
     log("  materialise ...")
@@ -106,13 +111,14 @@ def report(name: str, r: dict) -> str:
     ]
     rows = []
     for bname, b in r["builds"].items():
-        row = [bname, json.dumps(b["settings"]), fmt_s(b["seconds"]), f"{b['ratio_warm']:.1f}x / {b['ratio_cold']:.1f}x",
+        cold = f"{fmt_s(b['cold_seconds'])} / {b['ratio_cold']:.1f}x" if b.get("ratio_cold") else "-"
+        row = [bname, json.dumps(b["settings"]), fmt_s(b["seconds"]), f"{b['ratio_warm']:.1f}x", cold,
                f"{b['size_ratio']:.3f}", f"{b['error_mean']:.2e}", f"{b['error_max']:.2e}", f"{b['rank_median']:.0f}",
                ", ".join(f"{k}: {v}" for k, v in b["basis_methods"].items())]
         if "accuracy_drop_mean" in b:
             row.append(f"{b['accuracy_drop_mean']:+.2f} / {b['accuracy_drop_max']:+.2f}")
         rows.append(row)
-    header = ["build", "settings", "time", "vs read once warm/cold", "store/source", "err mean", "err max", "rank med", "bases"]
+    header = ["build", "settings", "time (warm)", "vs read once (warm)", "cold build / vs cold read", "store/source", "err mean", "err max", "rank med", "bases"]
     if any(len(x) > len(header) for x in rows):
         header.append("acc. drop mean/max (pts)")
     lines.append(table(rows, header))
@@ -146,9 +152,10 @@ def goals(results: dict, device: str) -> list[list[str]]:
             for bname in ("k16", "k16-sketch"):
                 b = r["builds"].get(bname)
                 if b:
-                    rows.append([f"{name}: build {bname} vs reading once (warm / cold cache)",
-                                 f"{b['ratio_warm']:.1f}x / {b['ratio_cold']:.1f}x", f"<= {lim}x",
-                                 "met" if b["ratio_warm"] <= lim else ("met vs cold reads only" if b["ratio_cold"] <= lim else "NOT met")])
+                    cold = b.get("ratio_cold") or float("inf")
+                    rows.append([f"{name}: build {bname} vs reading once (warm cache / cold cache, both sides)",
+                                 f"{b['ratio_warm']:.1f}x / {cold:.1f}x", f"<= {lim}x",
+                                 "met" if b["ratio_warm"] <= lim else ("met from a cold cache only" if cold <= lim else "NOT met")])
         other = sum(a["bytes"]["other"] for a in r["random_access"])
         rows.append([f"{name}: random access reads only coefficients + mean/basis + metadata",
                      f"{fmt_bytes(other)} other", "0 other", "met" if other == 0 else "NOT met"])

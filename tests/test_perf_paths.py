@@ -44,8 +44,9 @@ def test_sketch_matches_exact(tmp_path, noisy_family, settings):
         ee, es = exact.tensor_entry(name), sketch.tensor_entry(name)
         assert es["basis"]["method"] == "sketch"
         assert es["rank"] == ee["rank"]
-        # the sketch spectrum's sum is the exact total energy (Ritz values + one tail entry)
-        assert es["energy"] == pytest.approx(ee["energy"], rel=1e-9)
+        # the sketch spectrum's sum is the total energy (Ritz values + one tail entry); the sketch
+        # takes each model's delta in float32 (sums in float64), so it agrees to float32 rounding
+        assert es["energy"] == pytest.approx(ee["energy"], rel=1e-6)
         side = "left" if ee["rank"][0] else "right"
         assert es["explained_variance"][side] == pytest.approx(ee["explained_variance"][side], abs=2e-3)
         j = exact.tensor_names.index(name)
@@ -78,11 +79,15 @@ def test_sketch_check_rejects_a_missed_direction():
     assert float(spec.sum()) == pytest.approx(20.0) and spec.numel() == 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("center", ["mean", "base", "none"])
-def test_gram_sketch_products_equal_explicit_gram(center):
+def test_gram_sketch_products_equal_explicit_gram(center, dtype):
+    # float64 tensors are sketched in float64 (agreement to round-off); float32 ones take each
+    # model's delta and thin GEMMs in float32, summed in float64 (agreement to float32 rounding)
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
     g = torch.Generator().manual_seed(0)
-    ws = [torch.randn(12, 9, generator=g) for _ in range(5)]
-    ref = ws[0] if center != "base" else torch.randn(12, 9, generator=g)
+    ws = [torch.randn(12, 9, generator=g, dtype=dtype) for _ in range(5 if dtype == torch.float64 else 40)]
+    ref = ws[0] if center != "base" else torch.randn(12, 9, generator=g, dtype=dtype)
     xs = {"left": torch.randn(12, 3, generator=g, dtype=torch.float64), "right": torch.randn(9, 4, generator=g, dtype=torch.float64)}
     st = linalg.GramStats.empty(12, 9, left=True, right=True, reference=ref)
     a = linalg.GramSketch(12, 9, xs, ref)
@@ -93,10 +98,39 @@ def test_gram_sketch_products_equal_explicit_gram(center):
     a.merge(b)  # ... reduce
     mean, gl, gr = st.center(center)
     m2, prods, total = a.products(center)
-    assert torch.allclose(prods["left"], gl @ xs["left"], rtol=1e-10, atol=1e-10)
-    assert torch.allclose(prods["right"], gr @ xs["right"], rtol=1e-10, atol=1e-10)
-    assert total == pytest.approx(float(torch.trace(gl)), rel=1e-10)
-    assert (mean is None) == (m2 is None) and (mean is None or torch.allclose(mean, m2))
+    scale = max(float(gl.abs().max()), float(gr.abs().max())) * max(float(xs["left"].abs().max()), float(xs["right"].abs().max()))
+    assert torch.allclose(prods["left"], gl @ xs["left"], rtol=tol, atol=tol * scale)
+    assert torch.allclose(prods["right"], gr @ xs["right"], rtol=tol, atol=tol * scale)
+    assert total == pytest.approx(float(torch.trace(gl)), rel=tol)
+    assert (mean is None) == (m2 is None) and (mean is None or torch.allclose(mean, m2, rtol=tol, atol=tol))
+
+
+@pytest.mark.parametrize("center", ["mean", "base", "none"])
+def test_gram_ritz_equals_explicit_gram(center):
+    """The sketch's last sweep: H = Q^T G Q and G U for every centring, against the explicit Gram."""
+    g = torch.Generator().manual_seed(1)
+    ws = [torch.randn(12, 9, generator=g, dtype=torch.float64) for _ in range(6)]
+    ref = ws[0] if center != "base" else torch.randn(12, 9, generator=g, dtype=torch.float64)
+    st = linalg.GramStats.empty(12, 9, left=True, right=True, reference=ref)
+    sums = linalg.GramSketch(12, 9, {}, ref)
+    qs = {"left": linalg.orthonormal_columns(torch.randn(12, 4, generator=g, dtype=torch.float64)),
+          "right": linalg.orthonormal_columns(torch.randn(9, 3, generator=g, dtype=torch.float64))}
+    us = {side: torch.randn(q.shape[0], 2, generator=g, dtype=torch.float64) for side, q in qs.items()}
+    us = {side: u - qs[side] @ (qs[side].T @ u) for side, u in us.items()}
+    ritz = linalg.GramRitz(12, 9, qs, us, ref)
+    for w in ws:
+        st.add(w)
+        sums.add(w)
+        ritz.add(w)
+    _, gl, gr = st.center(center)
+    got = ritz.centred(center, sums)
+    for side, gram in (("left", gl), ("right", gr)):
+        h, gu = got[side]
+        assert torch.allclose(h, qs[side].T @ gram @ qs[side], rtol=1e-10, atol=1e-9)
+        assert torch.allclose(gu, gram @ us[side], rtol=1e-10, atol=1e-9)
+        res = linalg.ritz_from_h(qs[side], h, us[side], gu, float(torch.trace(gram)))
+        want = torch.linalg.eigvalsh(qs[side].T @ gram @ qs[side]).flip(0).clamp_min(0)
+        assert torch.allclose(res.values, want, rtol=1e-9, atol=1e-9)
 
 
 def test_lora_product_sketch_matches_exact(tmp_path):
@@ -200,6 +234,25 @@ def test_direct_decode_path_is_taken_for_large_tensors(tmp_path):
     st.load_into(wrapper, "model-001")
     assert wrapper.get("big").data_ptr() == ptr  # written in place
     assert torch.allclose(wrapper.get("big"), st.state_dict("model-001")["big"], rtol=1e-6, atol=1e-7)
+
+
+def test_lora_load_into_writes_factors_in_place(tmp_path):
+    """load_into of a LoRA store: each factor is computed straight into the module's tensor (same
+    storage before and after), equal to state_dict's factors; a bf16 module gets the cast values."""
+    dirs = write_peft_family(lora_family(4, layers=2, width=64, rank=4, shared_rank=2), tmp_path / "src")
+    st = uwsfmt.convert(dirs, tmp_path / "l.uws", rank=4)
+    mid = st.model_ids[2]
+    sd = st.state_dict(mid)
+    wrapper = _Named(sd)
+    ptrs = {k: wrapper.get(k).data_ptr() for k in sd}
+    st.load_into(wrapper, mid)
+    for k, v in sd.items():
+        assert wrapper.get(k).data_ptr() == ptrs[k], k
+        assert torch.allclose(wrapper.get(k), v, rtol=1e-6, atol=1e-7), k
+    half = _Named({k: v.to(torch.bfloat16) for k, v in sd.items()})
+    st.load_into(half, mid)
+    for k, v in sd.items():
+        assert torch.equal(half.get(k), v.to(torch.bfloat16)), k
 
 
 def test_recorded_errors_are_what_readers_get(tmp_path):

@@ -239,20 +239,18 @@ class ErrorSweep:
 
     def add(self, w: torch.Tensor) -> None:
         with linalg.no_tf32():
+            # the same arithmetic as pass 2 (uwsfmt.build._encode_subspace), so that its errors agree
             w = w.to(self.device).reshape(self.view)
-            d = w.to(torch.float64)
-            if self.mean is not None:
-                d = d - self.mean.reshape(self.view)
             wc = w if w.dtype == self.cdt else w.to(self.cdt)
-            norms = (float(torch.linalg.vector_norm(wc, dtype=torch.float64)),
-                     float(torch.linalg.vector_norm(d)) if self.mean is not None else None)
+            d = wc - self.mean.reshape(self.view) if self.mean is not None else wc
+            norms = (math.sqrt(linalg.sq_norm(wc)), math.sqrt(linalg.sq_norm(d)) if self.mean is not None else None)
             limit = self.budget.allowed(*norms, self.dtype) if self.budget is not None else math.inf
             errs = [math.nan] * len(self.cands)
             for (_, _), (prep, idx) in self._groups.items():
                 idx = [j for j in idx if self.alive[j]]
                 if not idx:
                     continue  # every candidate of this rank already broke the budget: skip the projection
-                c = linalg.project(d, prep.left64, prep.right64).to(torch.float32)
+                c = linalg.project(d, prep.left, prep.right).to(torch.float32)
                 r = subspace.rebuild(prep, c, self.view)
                 res = None
                 for j in idx:
@@ -264,7 +262,7 @@ class ErrorSweep:
                         out = r + back.to(self.cdt)
                     if self.want != self.cdt:
                         out = out.to(self.want).to(self.cdt)
-                    errs[j] = float(torch.linalg.vector_norm(out - wc, dtype=torch.float64))
+                    errs[j] = math.sqrt(linalg.sq_norm(out - wc))
                     if not errs[j] <= limit:
                         self.alive[j] = False
             self.norms.append(norms)

@@ -27,7 +27,7 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
-from . import __version__, budget, dtypes, layout, linalg, naming
+from . import __version__, budget, dtypes, layout, linalg, naming, overlap
 from .commit import BuildLock, replace_dir
 from .encodings import dense as dense_enc
 from .encodings import lora as lora_enc
@@ -323,11 +323,10 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
             width = min(len(cks), (s.rank or s.max_rank or len(cks)) + s.sketch_oversample)
             sk = linalg.FlatSketch(m * n, max(1, width), reference, seed=s.seed)
         elif sketch:
-            st = linalg.GramSketch(m, n, sketch, reference)
+            st = linalg.GramSketch(m, n, sketch, reference, w_norms=s.center == "none")
         else:
             st = linalg.GramStats.empty(m, n, left=mode in ("left", "both"), right=mode in ("right", "both"), reference=reference)
-        for i, ck in enumerate(cks):
-            w = first if i == 0 else ck.get(tp.name)
+        for i, (ck, w) in enumerate(zip(cks, _tensors(cks, tp.name, dev, first))):
             if i > 0:
                 identical = identical and _same_bits(w, first)
             sq = (sk if mode == "flat" else st).add(w.to(dev))
@@ -337,6 +336,9 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
                     prog.step(tp.name, len(cks) - i)
                     return "dense", None, "non-finite values"
                 raise _nonfinite_error(tp.name, ck)
+            if sketch and not math.isfinite(sq):  # finite values whose float32 delta overflows
+                raise ConfigError(f"{ck.path or ck.id}: tensor {tp.name!r} has values too large for basis='sketch' (its deltas "
+                                  "overflow float32); build with basis='exact'")
             prog.step(tp.name)
         if identical and len(cks) > 1 and _override(tp.name, s.encodings) != "subspace":
             return "shared", first, "bit-identical in every model"
@@ -377,11 +379,20 @@ def _sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.dev
     return out
 
 
+def _tensors(cks: list[Checkpoint], name: str, dev: torch.device, first: torch.Tensor | None = None):
+    """Every model's copy of tensor ``name`` in order, each read while the caller works on the
+    previous one where that pays (:mod:`uwsfmt.overlap`); ``first``: the first model's, already read."""
+    thunks = [(lambda ck=ck: ck.get(name)) for ck in cks]
+    if first is not None:
+        thunks[0] = lambda: first
+    return overlap.read_ahead(thunks, enabled=overlap.useful(dev))
+
+
 def _sweep(cks: list[Checkpoint], name: str, dev: torch.device, stats, prog: Progress):
     """One more pass over every model's copy of tensor ``name`` into ``stats``."""
-    for ck in cks:
+    for w in _tensors(cks, name, dev):
         prog.step(name, 0)  # cancellation point
-        stats.add(ck.get(name).to(dev))
+        stats.add(w.to(dev))
     return stats
 
 
@@ -397,16 +408,16 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
     for _ in range(s.sketch_power - 1):
         refine = _sweep(cks, tp.name, dev, linalg.GramSketch(m, n, qs, sk.reference, sums=False), prog)
         qs = {side: linalg.orthonormal_columns(y) for side, y in refine.products(s.center, sums=sk)[1].items()}
-    probes = {side: linalg.sketch_test_matrix(q.shape[0], SKETCH_PROBES, s.seed, dev, salt=20 + i)
-              for i, (side, q) in enumerate(qs.items())}
-    last = _sweep(cks, tp.name, dev, linalg.GramSketch(m, n, {side: torch.cat([q, probes[side]], 1) for side, q in qs.items()},
-                                                         sk.reference, sums=False), prog)
-    gs = last.products(s.center, sums=sk)[1]
+    probes = {}
+    for i, (side, q) in enumerate(qs.items()):
+        p = linalg.sketch_test_matrix(q.shape[0], SKETCH_PROBES, s.seed, dev, salt=20 + i)
+        probes[side] = p - q @ (q.T @ p)  # the probes' parts outside span(Q)
+    last = _sweep(cks, tp.name, dev, linalg.GramRitz(m, n, qs, probes, sk.reference), prog).centred(s.center, sk)
     fit = subspace.Fit(mode, s.center, mean, None, None,
                        method={"method": "sketch", "columns": {}, "power_sweeps": s.sketch_power, "check": {}})
     for side, q in qs.items():
         t = q.shape[1]
-        res = linalg.sketch_ritz(q, gs[side][:, :t], probes[side], gs[side][:, t:], total)
+        res = linalg.ritz_from_h(q, last[side][0], probes[side], last[side][1], total)
         spectrum = res.spectrum()
         k = s.choose(side, spectrum, t)
         check = res.check(k, s.sketch_tolerance)
@@ -433,14 +444,14 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
     return fit
 
 
-def _budget_tensor(e: dict, tp: TensorPlan, fit, cks: list[Checkpoint], s: Settings, prog: Progress):
+def _budget_tensor(e: dict, tp: TensorPlan, fit, cks: list[Checkpoint], s: Settings, dev: torch.device, prog: Progress):
     """Error-budget mode: sweep the models once more and let :mod:`uwsfmt.budget` pick the
     rank, mode and residual bits (or dense). Returns (encoding, fit, reason, settings for it)."""
 
     def models():
-        for ck in cks:
+        for w in _tensors(cks, tp.name, dev):
             prog.step(tp.name, 0)  # cancellation point
-            yield ck.get(tp.name)
+            yield w
 
     choice, chosen = budget.choose(
         fit, models(), name=tp.name, shape=tp.shape, dtype=tp.dtype, n_models=len(cks), budget=s.error_budget,
@@ -493,32 +504,32 @@ def _encode_subspace(e: dict, fit: subspace.Fit, w: torch.Tensor, rows: dict[str
     rebuilds (compute dtype, then the source dtype). ``keep`` receives that rebuild (float64, before
     the cast) under "rebuilt", and "error" (absolute), "wn" = ||W||, "dn" = ||W - M|| (error budgets).
 
-    The coefficients are computed in float64 from D = W - M; the rebuild is done as a reader does it
-    (compute dtype, same order of operations), so the recorded error is the one users get back.
-    Every full-size temporary costs a pass over memory, so there are few: W in float64, D in place.
+    Everything is done in the compute dtype readers use (float32; float64 for float64 tensors):
+    D = W - M, the coefficients C = L^T D R (stored as float32 anyway), the rebuild exactly as the
+    reader does it (same dtype, same order of operations), so the recorded error is the one users
+    get back. Norms are summed in float64 (:func:`uwsfmt.linalg.sq_norm`). Every full-size
+    temporary costs a pass over memory, so there are few: D, the rebuild, their difference.
     """
     view = tuple(e["view"])
     prep = subspace.prepared(fit, _compute_dtype(e["dtype"]))
     with linalg.no_tf32():
         w = w.to(prep.device).reshape(view)
-        d = w.to(torch.float64, copy=True)
-        if prep.mean is not None:
-            d.sub_(prep.mean.reshape(view))
-        c = linalg.project(d, prep.left64, prep.right64).to(torch.float32)
+        wc = w if w.dtype == prep.cdt else w.to(prep.cdt)
+        d = wc.sub(prep.mean.reshape(view)) if prep.mean is not None else wc
+        c = linalg.project(d, prep.left, prep.right).to(torch.float32)
         sl = e["coefficients"]
         rows[sl["pack"]][sl["offset"]: sl["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
-        dn = float(torch.linalg.vector_norm(d)) if prep.mean is not None else None
+        dn = math.sqrt(linalg.sq_norm(d)) if prep.mean is not None else None
         del d
         r = subspace.rebuild(prep, c, view)  # compute dtype, exactly as the reader
-        wc = w if w.dtype == prep.cdt else w.to(prep.cdt)
         if e.get("residual"):
             values, back = residual_enc.encode(e["residual"], (wc - r).to(torch.float32))
             residual_enc.write(e["residual"], values, rows)
             r.add_(back.to(prep.cdt))
         want = dtypes.torch_dtype(e["dtype"])
         out = r if want == prep.cdt else r.to(want).to(prep.cdt)
-        err = float(torch.linalg.vector_norm(out.sub_(wc) if out is not r else out - wc, dtype=torch.float64))
-        wn = float(torch.linalg.vector_norm(wc, dtype=torch.float64))
+        err = math.sqrt(linalg.sq_norm(out.sub_(wc) if out is not r else out - wc))
+        wn = math.sqrt(linalg.sq_norm(wc))
         if keep is not None:
             keep.update(rebuilt=r.to(torch.float64), error=err, wn=wn, dn=dn)
     rel = err / wn if wn > 0 else (0.0 if err == 0 else float("inf"))
@@ -536,7 +547,7 @@ def _finite_or_none(x: float | None) -> float | None:
 
 def encode_model(
     entries: list[dict], fits: dict[str, Any], ck: Checkpoint, widths: dict[str, int], *, allow_nonfinite: bool, store_path: str,
-    error_budget: budget.Budget | None = None, corrections: dict | None = None,
+    error_budget: budget.Budget | None = None, corrections: dict | None = None, read_ahead: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], list, list]:
     """One model -> (pack rows, per-model dense arrays, errors, delta errors).
 
@@ -549,6 +560,11 @@ def encode_model(
     per_model: dict[str, torch.Tensor] = {}
     errs, derrs = [], []
     infos = ck.infos()
+    # read each tensor while the previous one is encoded; not with LoRA entries, whose encoder
+    # reads the same checkpoint itself (no two reads of one checkpoint at once)
+    names = [e["name"] for e in entries if e["name"] in infos]
+    ahead = None if not read_ahead or any(e.get("lora") is not None for e in entries) else overlap.read_ahead(
+        [(lambda nm=nm: ck.get(nm)) for nm in names])
     for e in entries:
         name = e["name"]
         if e.get("lora") is not None:
@@ -567,7 +583,7 @@ def encode_model(
             raise ConflictError(
                 f"{ck.path or ck.id}: tensor {name!r} has shape {list(info.shape)} but the store holds {e['shape']}"
             )
-        w = ck.get(name)
+        w = ck.get(name) if ahead is None else next(ahead)
         if enc != "subspace" and not allow_nonfinite and not _check_finite(w, name, ck):
             raise _nonfinite_error(name, ck)
         if enc == "shared":
@@ -762,6 +778,14 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
     packs = PackLayout()
     entries: list[dict] = []
     fits: dict[str, Any] = {}
+    # overlap: the sources' sha256 on a background thread, array writes behind the compute
+    stop = threading.Event()
+    hashes = overlap.Background(lambda: _fingerprints(cks, stop))
+    wb = overlap.WriteBehind(enabled=overlap.useful(dev))
+
+    def write(path, data):
+        wb.submit(layout.write_array, zstore, path, data)
+
     try:
         for tp, node in zip(fam.tensors, nodes):
             npath = layout.tensor_node(node)
@@ -774,7 +798,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
             elif enc == "lora":  # one LoRA module: product basis, per-adapter cores (encodings/lora.py)
                 fit = lora_enc.fit(tp, cks, s, dev, prog)
                 e["shape"] = list(tp.shape)
-                _add_subspace(e, fit, zstore, npath, packs, dataclasses.replace(s, residual_bits=None), tp)
+                _add_subspace(e, fit, zstore, npath, packs, dataclasses.replace(s, residual_bits=None), tp, write)
                 e.update(encoding="subspace", reason=reason, lora=lora_enc.entry_record(tp))
                 fits[tp.name] = fit
             elif enc == "subspace":
@@ -783,12 +807,12 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                 e["shape"] = list(tp.shape)
                 ts = _tensor_settings(s, tp)
                 if enc == "subspace" and s.error_budget is not None:
-                    enc, fit, reason, ts = _budget_tensor(e, tp, fit, cks, s, prog)
+                    enc, fit, reason, ts = _budget_tensor(e, tp, fit, cks, s, dev, prog)
                 if enc == "subspace":
-                    _add_subspace(e, fit, zstore, npath, packs, ts, tp)
+                    _add_subspace(e, fit, zstore, npath, packs, ts, tp, write)
                     fits[tp.name] = fit
                 elif enc == "shared":
-                    _add_shared(e, fit, zstore, npath)
+                    _add_shared(e, fit, zstore, npath, write)
                     fits[tp.name] = fit
                 else:
                     e["data"] = packs.add(dtypes.storage_dtype(tp.dtype), int(np.prod(tp.shape)))
@@ -807,7 +831,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                 if enc == "shared" and not identical and N > 1:
                     raise ConflictError(f"tensor {tp.name!r} is forced to 'shared' but differs between models; use 'dense' or 'subspace'")
                 if identical:
-                    _add_shared(e, first, zstore, npath)
+                    _add_shared(e, first, zstore, npath, write)
                     fits[tp.name] = first
                     e["encoding"], e["reason"] = "shared", "bit-identical in every model"
                 else:
@@ -821,17 +845,22 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
         for i, ck in enumerate(cks):
             fixes: dict = {}
             rows, per_model, errs, derrs = encode_model(entries, fits, ck, packs.widths, allow_nonfinite=s.allow_nonfinite, store_path=path,
-                                                        error_budget=s.error_budget, corrections=fixes)
-            for p, arr in pack_arrays.items():
-                arr[i, :] = rows[p]
+                                                        error_budget=s.error_budget, corrections=fixes,
+                                                        read_ahead=overlap.useful(dev))
+            for p, arr in pack_arrays.items():  # one shard per row, one writer thread: no shard has two writers
+                wb.submit(arr.__setitem__, (i, slice(None)), rows[p])
             for name, w in per_model.items():
                 e = entries[[x["name"] for x in entries].index(name)]
-                layout.write_array(zstore, f"{e['node']}/models/{i}", dtypes.to_storage(w))
-            models.append({"id": ck.id, "added": _now(), "source": _source_record(ck), "error": errs, "delta_error": derrs,
+                write(f"{e['node']}/models/{i}", dtypes.to_storage(w))
+            models.append({"id": ck.id, "added": _now(), "source": None, "error": errs, "delta_error": derrs,
                            **lora_enc.model_record(entries, ck)})
             if fixes:  # the budget's emulation and pass 2 disagreed by rounding: keep the promise anyway
                 models[-1]["exceptions"] = _write_exceptions(zstore, entries, i, fixes)
             prog.step(ck.id)
+        hashes.result()
+        for rec, ck in zip(models, cks):
+            rec["source"] = _source_record(ck)
+        wb.drain()
         manifest = {
             "format_version": layout.FORMAT_VERSION,
             "state": "complete",
@@ -855,7 +884,17 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
         validate_manifest(manifest, path)
         root.attrs.put({"uws": manifest})
     finally:
+        stop.set()
+        wb.close()  # waits for writes in flight (the caller may remove the folder next)
         prog.close()
+
+
+def _fingerprints(cks: list[Checkpoint], stop: threading.Event) -> None:
+    """Compute (and cache) every source's sha256; stops early when the build does."""
+    for ck in cks:
+        if stop.is_set():
+            return
+        ck.fingerprint()
 
 
 def _write_exceptions(zstore, entries: list[dict], idx: int, fixes: dict) -> list[dict]:
@@ -871,30 +910,38 @@ def _write_exceptions(zstore, entries: list[dict], idx: int, fixes: dict) -> lis
     return out
 
 
-def _add_shared(e: dict, value: torch.Tensor, zstore, npath: str) -> None:
-    layout.write_array(zstore, f"{npath}/value", dtypes.to_storage(value))
+def _direct(zstore):
+    return lambda path, data: layout.write_array(zstore, path, data)
+
+
+def _add_shared(e: dict, value: torch.Tensor, zstore, npath: str, write=None) -> None:
+    (write or _direct(zstore))(f"{npath}/value", dtypes.to_storage(value))
     e["data"] = {"path": f"{npath}/value"}
 
 
-def _add_subspace(e: dict, fit: subspace.Fit, zstore, npath: str, packs: PackLayout, s: Settings, tp: TensorPlan) -> None:
+def _add_subspace(e: dict, fit: subspace.Fit, zstore, npath: str, packs: PackLayout, s: Settings, tp: TensorPlan,
+                  write=None) -> None:
+    """Write a subspace tensor's shared arrays (``write(path, array)``: direct unless given) and
+    fill its manifest entry."""
+    write = write or _direct(zstore)
     m, n = linalg.matrix_view(tp.shape)
     view = (m * n, 1) if fit.mode == "flat" else (m, n)
     e.update(view=list(view), mode=fit.mode, center=fit.center)
     if fit.mean is not None:
-        layout.write_array(zstore, f"{npath}/mean", fit.mean.reshape(view).cpu().numpy())
+        write(f"{npath}/mean", fit.mean.reshape(view).cpu().numpy())
         e["mean"] = f"{npath}/mean"
     else:
         e["mean"] = None
     e["left"] = e["right"] = None
     if fit.left is not None:
-        layout.write_array(zstore, f"{npath}/left", fit.left.cpu().numpy())
+        write(f"{npath}/left", fit.left.cpu().numpy())
         e["left"] = f"{npath}/left"
     if fit.right is not None:
-        layout.write_array(zstore, f"{npath}/right", fit.right.cpu().numpy())
+        write(f"{npath}/right", fit.right.cpu().numpy())
         e["right"] = f"{npath}/right"
     e["spectrum"] = {}
     for side, vals in fit.spectra.items():
-        layout.write_array(zstore, f"{npath}/spectrum_{side}", vals.cpu().numpy().astype(np.float64))
+        write(f"{npath}/spectrum_{side}", vals.cpu().numpy().astype(np.float64))
         e["spectrum"][side] = f"{npath}/spectrum_{side}"
     e["rank"] = fit.rank
     if fit.method:

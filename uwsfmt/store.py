@@ -431,7 +431,7 @@ class Store:
             want = dtype if (dtype is not None and dtypes.is_float(e["dtype"])) else dtypes.torch_dtype(e["dtype"])
             result[e["name"]] = t.to(want) if t.dtype != want else t
         if lora_entries:  # LoRA modules come back as factors (scale folded in) under their source names
-            factors = lora_enc.read(self, lora_entries, idx, rows, dev, dtype)
+            factors = lora_enc.read(self, lora_entries, idx, rows, dev, dtype, into=into)
             if wanted is not None:
                 keep = set(wanted) | {n for e in lora_entries if e["name"] in wanted for n in lora_enc.factor_names(e)}
                 factors = {k: v for k, v in factors.items() if k in keep}

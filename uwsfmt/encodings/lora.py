@@ -110,13 +110,20 @@ def factors(left: torch.Tensor, right: torch.Tensor, c: torch.Tensor, rank: int,
     if min(c.shape[-2:]) == 0 or rank <= 0:  # nothing kept: empty factors
         lead = c.shape[:-2]
         return (c.new_zeros(lead + (left.shape[-2], 0)), c.new_zeros(lead + (0, right.shape[-2])))
+    xb, xa = factor_cores(c, rank)
+    dt = dtype or c.dtype
+    b = left.to(dt) @ xb.to(dt)
+    a = xa.to(dt) @ right.to(dt).transpose(-1, -2)
+    return b, a
+
+
+def factor_cores(c: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The small halves of :func:`factors`: (U_k sqrt(S_k), sqrt(S_k) V_k^T) of C (batched), so
+    that B' = L @ first and A' = second @ R^T; ``rank`` >= 1 and C not empty."""
     u, s, vh = torch.linalg.svd(c, full_matrices=False)
     k = max(0, min(int(rank), s.shape[-1]))
     sq = s[..., :k].clamp_min(0).sqrt()
-    dt = dtype or c.dtype
-    b = left.to(dt) @ (u[..., :, :k] * sq[..., None, :]).to(dt)
-    a = (sq[..., :, None] * vh[..., :k, :]).to(dt) @ right.to(dt).transpose(-1, -2)
-    return b, a
+    return u[..., :, :k] * sq[..., None, :], sq[..., :, None] * vh[..., :k, :]
 
 
 # ---------------------------------------------------------------------------- planning
@@ -460,11 +467,14 @@ def model_ranks(store, idx: int) -> list | None:
 
 
 def read(store, entries: list[dict], idx: int, rows: dict[str, torch.Tensor], dev: torch.device,
-         dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+         dtype: torch.dtype | None = None, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Factor tensors of the LoRA ``entries`` for model ``idx`` under their source names.
 
     Modules the adapter did not have are left out; kohya-style alpha tensors are given back
-    equal to the new rank (so the scale alpha / r is 1: the factors carry it).
+    equal to the new rank (so the scale alpha / r is 1: the factors carry it). ``into``: the
+    caller's tensors (``load_into``); a factor whose tensor there has the right shape, dtype and
+    device is computed straight into it (one small GEMM each, no full-size temporary and no copy)
+    and that tensor is returned.
     """
     ranks = model_ranks(store, idx)
     out: dict[str, torch.Tensor] = {}
@@ -480,6 +490,9 @@ def read(store, entries: list[dict], idx: int, rows: dict[str, torch.Tensor], de
         k = min(key[1][0] or 0, key[1][1] or 0)
         # the k x k SVDs in float64; the out x k and k x in products in the bases' compute dtype
         # (float64 products of the wide bases were most of a read's time and memory traffic)
+        if into is not None and k > 0 and c.numel():
+            _read_into(store, group, ranks, left, right, c, k, into, dtype, out)
+            continue
         bb, aa = factors(left, right, c, k, dtype=left.dtype)
         for i, e in enumerate(group):
             rec = e["lora"]
@@ -494,6 +507,35 @@ def read(store, entries: list[dict], idx: int, rows: dict[str, torch.Tensor], de
                 adt = dtype if dtype is not None else dtypes.torch_dtype(rec.get("alpha_dtype") or "float32")
                 out[rec["alpha"]] = torch.tensor(float(rk), dtype=adt, device=dev)
     return out
+
+
+def _read_into(store, group: list[dict], ranks, left, right, c, k: int, into: dict[str, torch.Tensor],
+               dtype: torch.dtype | None, out: dict[str, torch.Tensor]) -> None:
+    """:func:`read` for one group when the caller gave its tensors: each factor is one GEMM
+    written into the caller's tensor where it fits (else computed and returned as usual)."""
+    xb, xa = factor_cores(c, k)
+    dt = left.dtype
+    xb, xa = xb.to(dt), xa.to(dt)
+    for i, e in enumerate(group):
+        rec = e["lora"]
+        r = _stored_rank(store, ranks, e)
+        if r == 0:
+            continue
+        rk = rank_of(e, r)
+        want = dtype if dtype is not None else dtypes.torch_dtype(e["dtype"])
+        o, n = e["view"]
+        for name, shape, lhs, rhs in ((rec["b"], [o, rk] + rec["b_tail"], left[i], xb[i, :, :rk]),
+                                      (rec["a"], [rk] + rec["a_tail"], xa[i, :rk], right[i].T)):
+            d = into.get(name)
+            if (d is not None and d.dtype == dt == want and d.device == lhs.device and d.is_contiguous()
+                    and list(d.shape) == shape):
+                torch.mm(lhs, rhs, out=d.view(lhs.shape[0], rhs.shape[1]))
+                out[name] = d
+            else:
+                out[name] = (lhs @ rhs).reshape(shape).to(want)
+        if rec.get("alpha"):
+            adt = dtype if dtype is not None else dtypes.torch_dtype(rec.get("alpha_dtype") or "float32")
+            out[rec["alpha"]] = torch.tensor(float(rk), dtype=adt, device=left.device)
 
 
 def _stored_rank(store, ranks: list | None, e: dict) -> int:
