@@ -11,10 +11,11 @@ The smallest candidate whose worst model meets ``E - slack`` wins.
 
 >>> import torch
 >>> from uwsfmt.encodings.subspace import Fit
->>> ws = [torch.ones(4, 8) + 0.01 * torch.randn(4, 8) for _ in range(5)]
+>>> g = torch.Generator().manual_seed(0)
+>>> ws = [torch.ones(16, 64) + 0.01 * torch.randn(16, 64, generator=g) for _ in range(5)]
 >>> mean = torch.stack(ws).mean(0)
->>> fit = Fit("left", "mean", mean, torch.eye(4)[:, :2], None, {"left": torch.ones(4)}, {"left": 2})
->>> sweep = ErrorSweep(fit, candidates(fit, bits=(None, 8)), "float32", (4, 8))
+>>> fit = Fit("left", "mean", mean, torch.eye(16)[:, :2], None, {"left": torch.ones(16)}, {"left": 2})
+>>> sweep = ErrorSweep(fit, candidates(fit, bits=(None, 8)), "float32", (16, 64))
 >>> for w in ws:
 ...     sweep.add(w)
 >>> pick(sweep, n_models=5, budget=Budget(max_error=0.05)).encoding
