@@ -406,13 +406,13 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
     mean, ys, total = sk.products(s.center)
     qs = {side: linalg.orthonormal_columns(y) for side, y in ys.items()}
     for _ in range(s.sketch_power - 1):
-        refine = _sweep(cks, tp.name, dev, linalg.GramSketch(m, n, qs, sk.reference, sums=False), prog)
+        refine = _sweep(cks, tp.name, dev, linalg.GramSketch(m, n, qs, sk.reference_c, sums=False), prog)
         qs = {side: linalg.orthonormal_columns(y) for side, y in refine.products(s.center, sums=sk)[1].items()}
     probes = {}
     for i, (side, q) in enumerate(qs.items()):
         p = linalg.sketch_test_matrix(q.shape[0], SKETCH_PROBES, s.seed, dev, salt=20 + i)
         probes[side] = p - q @ (q.T @ p)  # the probes' parts outside span(Q)
-    last = _sweep(cks, tp.name, dev, linalg.GramRitz(m, n, qs, probes, sk.reference), prog).centred(s.center, sk)
+    last = _sweep(cks, tp.name, dev, linalg.GramRitz(m, n, qs, probes, sk.reference_c), prog).centred(s.center, sk)
     fit = subspace.Fit(mode, s.center, mean, None, None,
                        method={"method": "sketch", "columns": {}, "power_sweeps": s.sketch_power, "check": {}})
     for side, q in qs.items():

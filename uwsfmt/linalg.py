@@ -439,6 +439,9 @@ class GramSketch:
         self.w_norms = w_norms  # sum ||W_i||^2 too (centring "none" needs it)
         self.reference = reference.to(torch.float64).reshape(m, n)
         self._ref_c = reference.to(self.cdt).reshape(m, n)
+        #: the reference in the compute dtype: pass it (not ``reference``, float64) to the later
+        #: sweeps' GramSketch / GramRitz so that they compute in the same dtype
+        self.reference_c = self._ref_c
         dev = self.reference.device
         self.xs = {side: x.to(device=dev, dtype=torch.float64) for side, x in xs.items()}
         self._xs_c = {side: x.to(self.cdt) for side, x in self.xs.items()}
@@ -450,6 +453,14 @@ class GramSketch:
         self._in_block = 0
         self.sq_norm = 0.0  # sum ||W_i||^2
         self.delta_sq = 0.0  # sum ||D_i||^2
+        self._mu: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def mean_delta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """mu = the mean of the deltas, in float64 and in the compute dtype (cached until the next add)."""
+        if self._mu is None:
+            mu64 = self.delta_sum / max(self.count, 1)
+            self._mu = (mu64, mu64.to(self.cdt))
+        return self._mu
 
     @property
     def delta_sum(self) -> torch.Tensor | None:
@@ -470,6 +481,7 @@ class GramSketch:
         w = w.to(device=self.reference.device).reshape(self.reference.shape)
         d = delta(w, self._ref_c)
         self.count += 1
+        self._mu = None
         sq = None
         if self.sums:
             dsq = sq_norm(d)
@@ -490,13 +502,14 @@ class GramSketch:
             if side == "left":
                 self.y[side].add_((d @ (d.T @ x)).to(torch.float64))
             else:
-                self.y[side].add_((d.T @ (d @ x)).to(torch.float64))
+                self.y[side].add_(tmm(d, d @ x).to(torch.float64))
         return sq
 
     def merge(self, other: GramSketch) -> None:
         if not torch.equal(self.reference, other.reference):
             raise ValueError("GramSketch.merge needs statistics taken against the same reference")
         self.count += other.count
+        self._mu = None
         if self.sums:
             self.delta_sum.add_(other.delta_sum)
             self.sq_norm += other.sq_norm
@@ -514,8 +527,7 @@ class GramSketch:
         """
         s = sums or self
         n = max(s.count, 1)
-        mu64 = s.delta_sum / n
-        mu = mu64.to(self.cdt)
+        mu64, mu = s.mean_delta()
         ref = self._ref_c
         sd = s.delta_sum.to(self.cdt) if how == "none" else None
         out = {}
@@ -524,9 +536,9 @@ class GramSketch:
             a, r = (mu, ref) if side == "left" else (mu.T, ref.T)
             sdx = None if sd is None else (sd if side == "left" else sd.T)
             if how == "mean":
-                y = y - n * (a @ (a.T @ x)).to(torch.float64)
+                y = y - n * (a @ tmm(a, x)).to(torch.float64)
             elif how == "none":
-                y = y + (sdx @ (r.T @ x) + r @ (sdx.T @ x) + n * (r @ (r.T @ x))).to(torch.float64)
+                y = y + (sdx @ tmm(r, x) + r @ tmm(sdx, x) + n * (r @ tmm(r, x))).to(torch.float64)
             elif how != "base":
                 raise ValueError(f"unknown centring {how!r}; use one of {CENTERS}")
             out[side] = y
@@ -567,13 +579,13 @@ class GramRitz:
         for side, qu in self._qu_c.items():
             t = self.qs[side].shape[1]
             if side == "left":
-                zv = d.T @ qu  # n x (t + p): Z^T and D^T U
+                zv = tmm(d, qu)  # n x (t + p): Z^T and D^T U
                 z = zv[:, :t].to(torch.float64)
                 self.gu[side].add_((d @ zv[:, t:]).to(torch.float64))
             else:
                 zv = d @ qu  # m x (t + p)
                 z = zv[:, :t].to(torch.float64)
-                self.gu[side].add_((d.T @ zv[:, t:]).to(torch.float64))
+                self.gu[side].add_(tmm(d, zv[:, t:]).to(torch.float64))
             self.h[side].addmm_(z.T, z)
 
     def centred(self, how: str, sums: GramSketch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -586,9 +598,17 @@ class GramRitz:
             q, u, h, gu = self.qs[side], self.us[side], self.h[side], self.gu[side]
             mu, r, sd = (ds / n, ref, ds) if side == "left" else (ds.T / n, ref.T, ds.T)
             if how == "mean":
-                qm = q.T @ mu  # t x other
+                # thin products with the full-size mu in the compute dtype, as the per-model ones
+                muc = sums.mean_delta()[1]
+                qu = self._qu_c[side]
+                t = q.shape[1]
+                if side == "left":
+                    qm, mu_u = qu[:, :t].T @ muc, muc @ tmm(muc, qu[:, t:])  # Q^T mu (t x n); mu mu^T U
+                else:
+                    qm, mu_u = (muc @ qu[:, :t]).T, tmm(muc, muc @ qu[:, t:])  # (mu Q)^T (t x m); mu^T mu U
+                qm = qm.to(torch.float64)
                 h = h - n * (qm @ qm.T)
-                gu = gu - n * (mu @ (mu.T @ u))
+                gu = gu - n * mu_u.to(torch.float64)
             elif how == "none":
                 qr, qs_ = q.T @ r, q.T @ sd
                 h = h + qs_ @ qr.T + qr @ qs_.T + n * (qr @ qr.T)
@@ -608,6 +628,13 @@ def ritz_from_h(q: torch.Tensor, h: torch.Tensor, u: torch.Tensor, gu: torch.Ten
     un = torch.linalg.vector_norm(u, dim=0)
     est = torch.linalg.vector_norm(ru, dim=0) / torch.where(un > 0, un, torch.ones_like(un))
     return SketchResult(vals, q @ vecs, float(total), float(est.max()) if est.numel() else 0.0)
+
+
+def tmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T @ b for a full-size ``a`` and a thin ``b``, computed as (b^T a)^T: the same numbers,
+    but BLAS then streams ``a`` row by row (measured with MKL-backed torch on 2 cores:
+    3072 x 768 float32 ``a``, 8-column ``b``: 0.8 ms instead of 2.4 ms)."""
+    return (b.T @ a).T
 
 
 def delta(w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
