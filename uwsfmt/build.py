@@ -382,10 +382,12 @@ def _sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.dev
 def _tensors(cks: list[Checkpoint], name: str, dev: torch.device, first: torch.Tensor | None = None):
     """Every model's copy of tensor ``name`` in order, each read while the caller works on the
     previous one where that pays (:mod:`uwsfmt.overlap`); ``first``: the first model's, already read."""
-    thunks = [(lambda ck=ck: ck.get(name)) for ck in cks]
-    if first is not None:
-        thunks[0] = lambda: first
-    return overlap.read_ahead(thunks, enabled=overlap.useful(dev))
+    def read(i):
+        if i + 1 < len(cks):
+            cks[i + 1].prefetch(name)  # the kernel reads the next one from disk meanwhile
+        return first if (i == 0 and first is not None) else cks[i].get(name)
+
+    return overlap.read_ahead([(lambda i=i: read(i)) for i in range(len(cks))], enabled=overlap.useful(dev))
 
 
 def _sweep(cks: list[Checkpoint], name: str, dev: torch.device, stats, prog: Progress):
@@ -563,6 +565,9 @@ def encode_model(
     # read each tensor while the previous one is encoded; not with LoRA entries, whose encoder
     # reads the same checkpoint itself (no two reads of one checkpoint at once)
     names = [e["name"] for e in entries if e["name"] in infos]
+    pos = {nm: i for i, nm in enumerate(names)}
+    for nm in names[:2]:
+        ck.prefetch(nm)
     ahead = None if not read_ahead or any(e.get("lora") is not None for e in entries) else overlap.read_ahead(
         [(lambda nm=nm: ck.get(nm)) for nm in names])
     for e in entries:
@@ -583,6 +588,9 @@ def encode_model(
             raise ConflictError(
                 f"{ck.path or ck.id}: tensor {name!r} has shape {list(info.shape)} but the store holds {e['shape']}"
             )
+        at = pos.get(name, -1) if ahead is None else -1
+        if 0 <= at < len(names) - 2:
+            ck.prefetch(names[at + 2])  # the kernel reads two tensors ahead while this one is encoded
         w = ck.get(name) if ahead is None else next(ahead)
         if enc != "subspace" and not allow_nonfinite and not _check_finite(w, name, ck):
             raise _nonfinite_error(name, ck)

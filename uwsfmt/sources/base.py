@@ -106,6 +106,10 @@ class Checkpoint(ABC):
             self._fingerprint = {"sha256": h.hexdigest() if files else None, "size": size}
         return self._fingerprint
 
+    def prefetch(self, name: str) -> None:  # noqa: B027  (optional hook)
+        """Hint that tensor ``name`` will be read soon (formats with files: ask the kernel to
+        start reading it in the background). Never fails; a no-op by default."""
+
     def close(self) -> None:  # noqa: B027  (optional hook: most formats hold nothing open)
         """Release file handles; the checkpoint may be reopened lazily."""
 
