@@ -60,6 +60,16 @@ def test_sketch_matches_exact(tmp_path, noisy_family, settings):
         assert rel(out["a"], sd["a"]) == pytest.approx(sketch.errors()[list(noisy_family).index(mid), sketch.tensor_names.index("a")], rel=1e-4)
 
 
+def test_sketch_refuses_deltas_that_overflow_float32(tmp_path):
+    """The sketch takes each model's delta in float32: finite weights whose difference overflows
+    get a clear error naming the tensor and the way out (basis='exact'), not a wrong basis."""
+    big = torch.full((64, 80), 3e38)
+    fam = {"a": {"w": big}, "b": {"w": -big}, "c": {"w": big * 0.5}}
+    with pytest.raises(uwsfmt.ConfigError, match=r"'w'.*basis='exact'"):
+        uwsfmt.convert(fam, tmp_path / "s.uws", basis="sketch", rank=1)
+    assert not (tmp_path / "s.uws").exists()
+
+
 def test_sketch_falls_back_to_exact_when_tau_needs_more(tmp_path):
     fam = synthetic_family(n_models=6, shapes={"w": (200, 400)}, rank=4, noise=1e-2, extra=False, seed=1)
     store = uwsfmt.convert(fam, tmp_path / "s.uws", basis="sketch", tau=0.9999)

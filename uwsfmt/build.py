@@ -330,7 +330,7 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
             if i > 0:
                 identical = identical and _same_bits(w, first)
             sq = (sk if mode == "flat" else st).add(w.to(dev))
-            # the statistics' squared norm of W is NaN/Inf exactly when a value is: no separate pass
+            # the statistics' squared norm (of W; of W - reference for the sketch) is NaN/Inf when a value is: no separate pass
             if not (sq is not None and math.isfinite(sq)) and not _check_finite(w, tp.name, ck):
                 if s.allow_nonfinite:
                     prog.step(tp.name, len(cks) - i)
