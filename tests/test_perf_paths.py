@@ -115,6 +115,24 @@ def test_gram_sketch_products_equal_explicit_gram(center, dtype):
     assert (mean is None) == (m2 is None) and (mean is None or torch.allclose(mean, m2, rtol=tol, atol=tol))
 
 
+@pytest.mark.parametrize("m", [3, 255, 257, 300])
+def test_blocked_gram_equals_full_gemm(m):
+    """The exact path's Gram accumulates only its upper block triangle; mirrored, it is D D^T."""
+    g = torch.Generator().manual_seed(m)
+    ds = [torch.randn(m, 40, generator=g, dtype=torch.float64) for _ in range(3)]
+    acc = torch.zeros(m, m, dtype=torch.float64)
+    for d in ds:
+        linalg.gram_upper_add_(acc, d)
+    want = sum(d @ d.T for d in ds)
+    assert torch.allclose(linalg.gram_full(acc), want, rtol=1e-12, atol=1e-10)
+    st = linalg.GramStats.empty(m, 40, left=True, right=True, reference=torch.zeros(m, 40))
+    for d in ds:
+        st.add(d)
+    _, gl, gr = st.center("base")
+    assert torch.allclose(gl, want, rtol=1e-12, atol=1e-10)
+    assert torch.allclose(gr, sum(d.T @ d for d in ds), rtol=1e-12, atol=1e-10)
+
+
 @pytest.mark.parametrize("center", ["mean", "base", "none"])
 def test_gram_ritz_equals_explicit_gram(center):
     """The sketch's last sweep: H = Q^T G Q and G U for every centring, against the explicit Gram."""

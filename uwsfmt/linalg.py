@@ -86,8 +86,8 @@ class GramStats:
     count: int
     reference: torch.Tensor  # (m, n) float64
     delta_sum: torch.Tensor  # (m, n) float64: sum of (W_i - reference)
-    left: torch.Tensor | None  # (m, m) float64: sum of D D^T with D = W_i - reference
-    right: torch.Tensor | None  # (n, n)
+    left: torch.Tensor | None  # (m, m) float64: sum of D D^T with D = W_i - reference, upper block triangle (gram_full)
+    right: torch.Tensor | None  # (n, n), likewise
     sq_norm: float  # sum of ||W_i||^2
 
     @classmethod
@@ -112,9 +112,9 @@ class GramStats:
         self.count += 1
         self.delta_sum += d
         if self.left is not None:
-            self.left.addmm_(d, d.T)
+            gram_upper_add_(self.left, d)
         if self.right is not None:
-            self.right.addmm_(d.T, d)
+            gram_upper_add_(self.right, d.T)
         self.sq_norm += sq
         return sq
 
@@ -136,7 +136,8 @@ class GramStats:
         """
         n = max(self.count, 1)
         mu = self.delta_sum / n  # mean deviation from the reference
-        gl, gr = self.left, self.right
+        gl = None if self.left is None else gram_full(self.left)
+        gr = None if self.right is None else gram_full(self.right)
         if how == "mean":
             mean = self.reference + mu
             if gl is not None:
@@ -155,6 +156,39 @@ class GramStats:
                 gr = gr + s.T @ ref + ref.T @ s + n * (ref.T @ ref)
             return None, gl, gr
         raise ValueError(f"unknown centring {how!r}; use one of {CENTERS}")
+
+
+#: row blocks of a Gram update: only the upper block triangle of sum_i D_i D_i^T is accumulated
+#: (10 of 16 blocks), the rest mirrored once at the end; measured on 2 cores, float64: 23 ms
+#: instead of 33 ms for a 768 x 3072 D (torch has no symmetric rank-k update)
+GRAM_BLOCKS = 4
+
+
+def _gram_edges(m: int) -> list[int]:
+    nb = GRAM_BLOCKS if m >= 256 else 1
+    return [round(i * m / nb) for i in range(nb + 1)]
+
+
+def gram_upper_add_(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """g += a a^T on the upper block triangle of ``g`` (row blocks of :func:`_gram_edges`);
+    :func:`gram_full` gives the whole symmetric matrix. The same float64 dot products as a full
+    GEMM, about 2/3 of the work."""
+    e = _gram_edges(a.shape[0])
+    for i in range(len(e) - 1):
+        ai = a[e[i]: e[i + 1]]
+        for j in range(i, len(e) - 1):
+            g[e[i]: e[i + 1], e[j]: e[j + 1]].addmm_(ai, a[e[j]: e[j + 1]].T)
+    return g
+
+
+def gram_full(g: torch.Tensor) -> torch.Tensor:
+    """The symmetric Gram from one accumulated by :func:`gram_upper_add_` (a new tensor)."""
+    out = g.clone()
+    e = _gram_edges(g.shape[0])
+    for i in range(len(e) - 1):
+        for j in range(i + 1, len(e) - 1):
+            out[e[j]: e[j + 1], e[i]: e[i + 1]] = g[e[i]: e[i + 1], e[j]: e[j + 1]].T
+    return out
 
 
 def eig_desc(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
