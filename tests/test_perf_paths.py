@@ -206,10 +206,7 @@ def test_direct_row_reader_checks_crc_and_missing_chunks(tmp_path):
     buf = np.empty(1000, np.float32)
     for i in range(3):
         assert np.array_equal(reader.read_into(i, buf), data[i])
-    path = reader.shard_file(2)
-    raw = bytearray(open(path, "rb").read())
-    raw[10] ^= 0xFF
-    open(path, "wb").write(bytes(raw))
+    _flip_byte(reader.shard_file(2), 10)
     with pytest.raises(uwsfmt.FormatError, match="crc32c"):
         reader.read_into(2, buf)
     os.remove(reader.shard_file(0))  # a row never written reads as zeros, as in zarr
@@ -308,6 +305,13 @@ def test_gpu_paths_match_cpu(store, noisy_family):
         assert torch.allclose(wrapper.get(k).cpu().double(), cpu[k].double(), rtol=1e-5, atol=1e-6), k
 
 
+def _flip_byte(path: str, at: int) -> None:
+    """Damage one byte of a file in place (a shard whose checksum must now fail)."""
+    raw = bytearray(open(path, "rb").read())
+    raw[at] ^= 0xFF
+    open(path, "wb").write(bytes(raw))
+
+
 class _Named(torch.nn.Module):
     """A module whose state dict has exactly the given (dotted) names."""
 
@@ -341,10 +345,7 @@ def test_zstd_pack_rows_are_checked(tmp_path):
     assert reader is not None and reader.zstd
     buf = np.empty(700, np.uint8)
     assert np.array_equal(reader.read_into(1, buf), data[1])
-    path = reader.shard_file(1)
-    raw = bytearray(open(path, "rb").read())
-    raw[5] ^= 0xFF
-    open(path, "wb").write(bytes(raw))
+    _flip_byte(reader.shard_file(1), 5)
     with pytest.raises(uwsfmt.FormatError, match="crc32c"):
         reader.read_into(1, buf)
 
