@@ -61,6 +61,12 @@ def _mark(folder: str, config: dict) -> None:
         json.dump(config, f)
 
 
+def _safetensors_in(folder: str) -> tuple[list[str], list[str]]:
+    """(paths, model ids = file stems) of the ``.safetensors`` files of a generated family folder."""
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
+    return paths, [os.path.basename(p)[: -len(".safetensors")] for p in paths]
+
+
 def _key(config: dict) -> str:
     return "-".join(f"{k}{'x'.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in sorted(config.items()))
 
@@ -74,8 +80,7 @@ def vit(workdir: str, config: dict, n: int | None = None) -> Family:
     if not _done(folder, cfg):
         write_family(iter_vit_like_family(n, blocks=cfg["blocks"], width=cfg["width"]), folder)
         _mark(folder, cfg)
-    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
-    ids = [os.path.basename(p)[: -len(".safetensors")] for p in paths]
+    paths, ids = _safetensors_in(folder)
     title = f"ViT-like ({cfg['blocks']} blocks, width {cfg['width']}), N={n}"
     return Family("vit", title, folder, paths, ids, paths, cfg)
 
@@ -101,8 +106,7 @@ def trained(workdir: str, config: dict) -> Family:
     if not _done(folder, config):
         write_family(fam.state_dicts, folder)
         _mark(folder, config)
-    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
-    ids = [os.path.basename(p)[: -len(".safetensors")] for p in paths]
+    paths, ids = _safetensors_in(folder)
     title = f"trained MLPs (digits, hidden {config['hidden']}), N={config['n']}"
     return Family("trained", title, folder, paths, ids, paths, config, evaluate=fam.evaluate, accuracies=fam.accuracies())
 
@@ -115,8 +119,7 @@ def many(workdir: str, config: dict) -> Family:
         shapes = {f"layers.{i}.weight": (config["side"], config["side"]) for i in range(config["tensors"])}
         write_family(synthetic_family(n_models=config["n"], shapes=shapes, rank=4, noise=1e-3, extra=False, seed=0), folder)
         _mark(folder, config)
-    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".safetensors"))
-    ids = [os.path.basename(p)[: -len(".safetensors")] for p in paths]
+    paths, ids = _safetensors_in(folder)
     title = f"many small tensors ({config['tensors']} x {config['side']}x{config['side']}, rank-4 deltas + noise), N={config['n']}"
     return Family("many", title, folder, paths, ids, paths, config)
 

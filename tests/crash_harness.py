@@ -271,13 +271,17 @@ class Harness:
                 problems.append(f"validate after the next append: {bad[:3]}")
         except uwsfmt.UWSError as e:
             problems.append(f"{type(e).__name__}: {e}")
+        return self._record("append", rec, problems, f"append {kind} delay={delay} write={at}", d)
+
+    def _record(self, campaign: str, rec: dict, problems: list[str], label: str, workdir) -> dict:
+        """File one crash's outcome; keep its folder for inspection only when something is wrong."""
         rec["ok"] = not problems
         rec["problems"] = problems
-        self.results["append"].append(rec)
+        self.results[campaign].append(rec)
         if problems:
-            self.failures.append(f"append {kind} delay={delay} write={at}: {problems}")
+            self.failures.append(f"{label}: {problems}")
         else:
-            shutil.rmtree(d)
+            shutil.rmtree(workdir)
         return rec
 
     # ---------------------------------------------------------------- convert
@@ -326,14 +330,7 @@ class Harness:
                 problems.append("a completed convert left its lock file")
         except uwsfmt.UWSError as e:
             problems.append(f"{type(e).__name__}: {e}")
-        rec["ok"] = not problems
-        rec["problems"] = problems
-        self.results["convert"].append(rec)
-        if problems:
-            self.failures.append(f"convert {kind} overwrite={overwrite} delay={delay} write={at}: {problems}")
-        else:
-            shutil.rmtree(d)
-        return rec
+        return self._record("convert", rec, problems, f"convert {kind} overwrite={overwrite} delay={delay} write={at}", d)
 
     # ---------------------------------------------------------------- campaigns
     def time_kills(self, cmd: str, kills: int) -> None:

@@ -167,6 +167,16 @@ def _override(name: str, patterns: dict[str, str]) -> str | None:
     return None
 
 
+def _headers(ck: Checkpoint, what: str) -> dict[str, TensorInfo]:
+    """``ck.infos()``; an unexpected failure (not one of ours) becomes a SourceError naming the file."""
+    try:
+        return ck.infos()
+    except UWSError:
+        raise
+    except Exception as e:
+        raise SourceError(f"{ck.path or ck.id}: cannot read {what} ({e})") from None
+
+
 def plan_family(checkpoints: list[Checkpoint], settings: Settings | None = None, *, strict: bool = True) -> FamilyPlan:
     """Read headers only; decide candidate encodings; collect every conflict at once."""
     settings = settings or Settings()
@@ -180,12 +190,7 @@ def plan_family(checkpoints: list[Checkpoint], settings: Settings | None = None,
     infos: list[dict[str, TensorInfo]] = []
     total = 0
     for c in checkpoints:
-        try:
-            inf = c.infos()
-        except UWSError:
-            raise
-        except Exception as e:
-            raise SourceError(f"{c.path or c.id}: cannot read checkpoint headers ({e})") from None
+        inf = _headers(c, "checkpoint headers")
         infos.append(inf)
         total += sum(t.nbytes for t in inf.values())
     names: list[str] = []
@@ -474,12 +479,7 @@ def _tensor_settings(s: Settings, tp: TensorPlan) -> Settings:
 
 def check_base(fam: FamilyPlan, base: Checkpoint) -> None:
     """Every tensor decomposed around the base must be in it with the same shape: report all misses at once."""
-    try:
-        have = base.infos()
-    except UWSError:
-        raise
-    except Exception as e:
-        raise SourceError(f"{base.path or base.id}: cannot read the base checkpoint's headers ({e})") from None
+    have = _headers(base, "the base checkpoint's headers")
     problems = []
     for tp in fam.tensors:
         if tp.encoding != "subspace" or tp.shape is None:
@@ -806,7 +806,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
             elif enc == "lora":  # one LoRA module: product basis, per-adapter cores (encodings/lora.py)
                 fit = lora_enc.fit(tp, cks, s, dev, prog)
                 e["shape"] = list(tp.shape)
-                _add_subspace(e, fit, zstore, npath, packs, dataclasses.replace(s, residual_bits=None), tp, write)
+                _add_subspace(e, fit, npath, packs, dataclasses.replace(s, residual_bits=None), tp, write)
                 e.update(encoding="subspace", reason=reason, lora=lora_enc.entry_record(tp))
                 fits[tp.name] = fit
             elif enc == "subspace":
@@ -817,10 +817,10 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                 if enc == "subspace" and s.error_budget is not None:
                     enc, fit, reason, ts = _budget_tensor(e, tp, fit, cks, s, dev, prog)
                 if enc == "subspace":
-                    _add_subspace(e, fit, zstore, npath, packs, ts, tp, write)
+                    _add_subspace(e, fit, npath, packs, ts, tp, write)
                     fits[tp.name] = fit
                 elif enc == "shared":
-                    _add_shared(e, fit, zstore, npath, write)
+                    _add_shared(e, fit, npath, write)
                     fits[tp.name] = fit
                 else:
                     e["data"] = packs.add(dtypes.storage_dtype(tp.dtype), int(np.prod(tp.shape)))
@@ -839,7 +839,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                 if enc == "shared" and not identical and N > 1:
                     raise ConflictError(f"tensor {tp.name!r} is forced to 'shared' but differs between models; use 'dense' or 'subspace'")
                 if identical:
-                    _add_shared(e, first, zstore, npath, write)
+                    _add_shared(e, first, npath, write)
                     fits[tp.name] = first
                     e["encoding"], e["reason"] = "shared", "bit-identical in every model"
                 else:
@@ -918,20 +918,13 @@ def _write_exceptions(zstore, entries: list[dict], idx: int, fixes: dict) -> lis
     return out
 
 
-def _direct(zstore):
-    return lambda path, data: layout.write_array(zstore, path, data)
-
-
-def _add_shared(e: dict, value: torch.Tensor, zstore, npath: str, write=None) -> None:
-    (write or _direct(zstore))(f"{npath}/value", dtypes.to_storage(value))
+def _add_shared(e: dict, value: torch.Tensor, npath: str, write) -> None:
+    write(f"{npath}/value", dtypes.to_storage(value))
     e["data"] = {"path": f"{npath}/value"}
 
 
-def _add_subspace(e: dict, fit: subspace.Fit, zstore, npath: str, packs: PackLayout, s: Settings, tp: TensorPlan,
-                  write=None) -> None:
-    """Write a subspace tensor's shared arrays (``write(path, array)``: direct unless given) and
-    fill its manifest entry."""
-    write = write or _direct(zstore)
+def _add_subspace(e: dict, fit: subspace.Fit, npath: str, packs: PackLayout, s: Settings, tp: TensorPlan, write) -> None:
+    """Write a subspace tensor's shared arrays with ``write(path, array)`` and fill its manifest entry."""
     m, n = linalg.matrix_view(tp.shape)
     view = (m * n, 1) if fit.mode == "flat" else (m, n)
     e.update(view=list(view), mode=fit.mode, center=fit.center)

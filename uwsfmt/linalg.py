@@ -472,10 +472,9 @@ class GramSketch:
         self.cdt = torch.float64 if reference.dtype == torch.float64 else torch.float32
         self.w_norms = w_norms  # sum ||W_i||^2 too (centring "none" needs it)
         self.reference = reference.to(torch.float64).reshape(m, n)
-        self._ref_c = reference.to(self.cdt).reshape(m, n)
         #: the reference in the compute dtype: pass it (not ``reference``, float64) to the later
         #: sweeps' GramSketch / GramRitz so that they compute in the same dtype
-        self.reference_c = self._ref_c
+        self.reference_c = reference.to(self.cdt).reshape(m, n)
         dev = self.reference.device
         self.xs = {side: x.to(device=dev, dtype=torch.float64) for side, x in xs.items()}
         self._xs_c = {side: x.to(self.cdt) for side, x in self.xs.items()}
@@ -513,7 +512,7 @@ class GramSketch:
         such values (the reference is a checked model or the base), or when the float32 delta
         overflows (callers then check the values themselves)."""
         w = w.to(device=self.reference.device).reshape(self.reference.shape)
-        d = delta(w, self._ref_c)
+        d = delta(w, self.reference_c)
         self.count += 1
         self._mu = None
         sq = None
@@ -562,7 +561,7 @@ class GramSketch:
         s = sums or self
         n = max(s.count, 1)
         mu64, mu = s.mean_delta()
-        ref = self._ref_c
+        ref = self.reference_c
         sd = s.delta_sum.to(self.cdt) if how == "none" else None
         out = {}
         for side, x in self._xs_c.items():
@@ -630,7 +629,7 @@ class GramRitz:
         ref = sums.reference
         for side in self.qs:
             q, u, h, gu = self.qs[side], self.us[side], self.h[side], self.gu[side]
-            mu, r, sd = (ds / n, ref, ds) if side == "left" else (ds.T / n, ref.T, ds.T)
+            r, sd = (ref, ds) if side == "left" else (ref.T, ds.T)
             if how == "mean":
                 # thin products with the full-size mu in the compute dtype, as the per-model ones
                 muc = sums.mean_delta()[1]

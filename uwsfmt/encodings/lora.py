@@ -496,12 +496,13 @@ def read(store, entries: list[dict], idx: int, rows: dict[str, torch.Tensor], de
         cshape = group[0]["coefficients"]["shape"]
         c = torch.stack([take(rows, x["coefficients"]).reshape(cshape) for x in group]).to(dev, torch.float64)
         k = min(key[1][0] or 0, key[1][1] or 0)
-        # the k x k SVDs in float64; the out x k and k x in products in the bases' compute dtype
-        # (float64 products of the wide bases were most of a read's time and memory traffic)
-        if into is not None and k > 0 and c.numel():
-            _read_into(store, group, ranks, left, right, c, k, into, dtype, out)
-            continue
-        bb, aa = factors(left, right, c, k, dtype=left.dtype)
+        # the k x k factorisations in float64; the out x k and k x in products in the bases' compute
+        # dtype (float64 products of the wide bases were most of a read's time and memory traffic)
+        direct = into is not None and k > 0 and c.numel() > 0
+        if direct:  # per factor, one GEMM into the caller's tensor
+            xb, xa = (x.to(left.dtype) for x in factor_cores(c, k))
+        else:
+            bb, aa = factors(left, right, c, k, dtype=left.dtype)
         for i, e in enumerate(group):
             rec = e["lora"]
             r = _stored_rank(store, ranks, e)
@@ -509,41 +510,28 @@ def read(store, entries: list[dict], idx: int, rows: dict[str, torch.Tensor], de
                 continue  # the adapter did not have this module
             rk = rank_of(e, r)
             want = dtype if dtype is not None else dtypes.torch_dtype(e["dtype"])
-            out[rec["a"]] = aa[i, :rk].reshape([rk] + rec["a_tail"]).to(want).contiguous()
-            out[rec["b"]] = bb[i, :, :rk].reshape([e["view"][0], rk] + rec["b_tail"]).to(want).contiguous()
+            b_shape, a_shape = [e["view"][0], rk] + rec["b_tail"], [rk] + rec["a_tail"]
+            if direct:
+                out[rec["b"]] = _product_into(into, rec["b"], b_shape, left[i], xb[i, :, :rk], want)
+                out[rec["a"]] = _product_into(into, rec["a"], a_shape, xa[i, :rk], right[i].T, want)
+            else:
+                out[rec["a"]] = aa[i, :rk].reshape(a_shape).to(want).contiguous()
+                out[rec["b"]] = bb[i, :, :rk].reshape(b_shape).to(want).contiguous()
             if rec.get("alpha"):
                 adt = dtype if dtype is not None else dtypes.torch_dtype(rec.get("alpha_dtype") or "float32")
                 out[rec["alpha"]] = torch.tensor(float(rk), dtype=adt, device=dev)
     return out
 
 
-def _read_into(store, group: list[dict], ranks, left, right, c, k: int, into: dict[str, torch.Tensor],
-               dtype: torch.dtype | None, out: dict[str, torch.Tensor]) -> None:
-    """:func:`read` for one group when the caller gave its tensors: each factor is one GEMM
-    written into the caller's tensor where it fits (else computed and returned as usual)."""
-    xb, xa = factor_cores(c, k)
-    dt = left.dtype
-    xb, xa = xb.to(dt), xa.to(dt)
-    for i, e in enumerate(group):
-        rec = e["lora"]
-        r = _stored_rank(store, ranks, e)
-        if r == 0:
-            continue
-        rk = rank_of(e, r)
-        want = dtype if dtype is not None else dtypes.torch_dtype(e["dtype"])
-        o, n = e["view"]
-        for name, shape, lhs, rhs in ((rec["b"], [o, rk] + rec["b_tail"], left[i], xb[i, :, :rk]),
-                                      (rec["a"], [rk] + rec["a_tail"], xa[i, :rk], right[i].T)):
-            d = into.get(name)
-            if (d is not None and d.dtype == dt == want and d.device == lhs.device and d.is_contiguous()
-                    and list(d.shape) == shape):
-                torch.mm(lhs, rhs, out=d.view(lhs.shape[0], rhs.shape[1]))
-                out[name] = d
-            else:
-                out[name] = (lhs @ rhs).reshape(shape).to(want)
-        if rec.get("alpha"):
-            adt = dtype if dtype is not None else dtypes.torch_dtype(rec.get("alpha_dtype") or "float32")
-            out[rec["alpha"]] = torch.tensor(float(rk), dtype=adt, device=left.device)
+def _product_into(into: dict[str, torch.Tensor], name: str, shape: list[int], lhs: torch.Tensor, rhs: torch.Tensor,
+                  want: torch.dtype) -> torch.Tensor:
+    """``lhs @ rhs`` as factor ``name``: written straight into the caller's tensor (and that tensor
+    returned) when it has this shape, dtype and device, else computed and cast to ``want``."""
+    d = into.get(name)
+    if d is not None and d.dtype == lhs.dtype == want and d.device == lhs.device and d.is_contiguous() and list(d.shape) == shape:
+        torch.mm(lhs, rhs, out=d.view(lhs.shape[0], rhs.shape[1]))
+        return d
+    return (lhs @ rhs).reshape(shape).to(want)
 
 
 def _stored_rank(store, ranks: list | None, e: dict) -> int:
