@@ -3,6 +3,7 @@ a build with them on writes the same store as one without."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -112,3 +113,107 @@ def test_build_with_overlap_equals_build_without(tmp_path, monkeypatch, basis):
         for k in a:
             assert torch.equal(a[k], b[k]), (mid, k)
     assert over.validate(deep=True) == []
+
+
+class _Hints:
+    """A checkpoint stand-in that records prefetch hints."""
+
+    def __init__(self):
+        self.asked: list[str] = []
+
+    def prefetch(self, name: str) -> None:
+        self.asked.append(name)
+
+
+def test_lookahead_hints_each_tensor_once_within_the_window():
+    cks = [_Hints(), _Hints()]
+    sizes = [("a", 10), ("b", 10), ("c", 30), ("d", 10), ("e", 10)]
+    ahead = overlap.Lookahead(cks, sizes, window=45)  # bytes over both models
+    ahead.advance(0)
+    assert cks[0].asked == ["b", "c"]  # b (20 ahead) then c (80): the window is full after c
+    ahead.advance(1)
+    assert cks[0].asked == ["b", "c"]  # c alone is 60 bytes ahead of b: nothing new
+    ahead.advance(2)
+    assert cks[0].asked == ["b", "c", "d", "e"]
+    ahead.advance(3)
+    ahead.advance(4)
+    assert cks[0].asked == cks[1].asked == ["b", "c", "d", "e"]  # every model, never twice, never the current one
+
+
+def test_build_hints_later_tensors_of_every_model(tmp_path, monkeypatch):
+    from uwsfmt.sources.safetensors_file import SafetensorsCheckpoint
+
+    paths = _save_family(tmp_path, synthetic_family(n_models=3, shapes={"a": (64, 32), "b": (48, 40), "c": (32, 32)},
+                                                    rank=2, noise=1e-3, seed=2))
+    hinted: list[tuple[str, str]] = []
+    real = SafetensorsCheckpoint.prefetch
+    monkeypatch.setattr(SafetensorsCheckpoint, "prefetch", lambda self, name: (hinted.append((self.path, name)), real(self, name)))
+    uwsfmt.convert(paths, tmp_path / "s.uws", rank=2)
+    for name in ("b", "c"):  # hinted ahead for each model (the tensor order of the plan: a, b, c)
+        assert {p for p, n in hinted if n == name} == set(paths), name
+
+
+def _save_family(tmp_path, fam) -> list[str]:
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = []
+    for mid, sd in fam.items():
+        p = src / f"{mid}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(p))
+        paths.append(str(p))
+    return paths
+
+
+def test_fingerprint_of_a_file_longer_than_the_read_buffer(tmp_path):
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    from uwsfmt.sources.safetensors_file import SafetensorsCheckpoint
+
+    p = tmp_path / "big.safetensors"
+    save_file({"w": torch.arange(9 * (1 << 20) // 4 + 3, dtype=torch.float32)}, str(p))  # > 2 buffers, odd tail
+    data = p.read_bytes()
+    assert SafetensorsCheckpoint(str(p), "m").fingerprint() == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def _faults_of_big_allocations(n: int = 8, mib: int = 64) -> int:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        t = torch.ones(mib << 18)  # mib MiB of float32, every page touched
+        del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings")
+def test_reuse_freed_memory_saves_page_faults_and_resets(monkeypatch):
+    from uwsfmt import allocator
+
+    monkeypatch.delenv("UWSFMT_MALLOPT", raising=False)
+    if allocator._glibc() is None:
+        pytest.skip("not glibc, or the allocator is configured by the environment")
+    outside = _faults_of_big_allocations()  # 64 MiB is above glibc's largest adaptive mmap threshold
+    with allocator.reuse_freed_memory() as changed:
+        with allocator.reuse_freed_memory():  # nested: the outer one owns the settings
+            pass
+        assert changed and allocator._depth == 1
+        inside = _faults_of_big_allocations()
+    assert allocator._depth == 0
+    assert inside * 3 < outside, (inside, outside)  # the block is reused: it faults once, not every time
+    assert _faults_of_big_allocations() * 3 > outside  # afterwards: back to mapping it fresh each time
+
+
+def test_reuse_freed_memory_leaves_a_configured_allocator_alone(monkeypatch):
+    from uwsfmt import allocator
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    with allocator.reuse_freed_memory() as changed:
+        assert changed is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("UWSFMT_MALLOPT", "0")
+    with allocator.reuse_freed_memory() as changed:
+        assert changed is False

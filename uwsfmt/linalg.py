@@ -503,7 +503,7 @@ class GramSketch:
 
     def _flush(self) -> None:
         if self._block is not None and self._in_block:
-            self._delta_sum.add_(self._block.to(torch.float64))
+            self._delta_sum.add_(self._block)  # cast on the fly: no float64 copy of the block
             self._block.zero_()
             self._in_block = 0
 

@@ -114,6 +114,11 @@ class HFFolderCheckpoint(Checkpoint):
             raise SourceError(f"{self.path}: no tensor {name!r} in this model folder") from None
         return self._shards[shard].get(name)
 
+    def prefetch(self, name: str) -> None:
+        shard = self._shard_of.get(name) if self._infos is not None else None
+        if shard is not None:
+            self._shards[shard].prefetch(name)
+
     def metadata(self) -> dict:
         cfg = os.path.join(self.path, "config.json")
         out: dict = {"shards": len(self._shards)}
