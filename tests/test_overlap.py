@@ -92,15 +92,7 @@ def test_background_result_and_error():
 @pytest.mark.parametrize("basis", ["exact", "sketch"])
 def test_build_with_overlap_equals_build_without(tmp_path, monkeypatch, basis):
     fam = synthetic_family(n_models=5, shapes={"a": (256, 96), "b": (64, 300)}, rank=3, noise=1e-3, extra=True, seed=4)
-    src = tmp_path / "src"
-    src.mkdir()
-    from safetensors.torch import save_file
-
-    paths = []
-    for mid, sd in fam.items():
-        p = src / f"{mid}.safetensors"
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(p))
-        paths.append(str(p))
+    paths = _save_family(tmp_path, fam)
     monkeypatch.setattr(overlap, "useful", lambda device: False)
     serial = uwsfmt.convert(paths, tmp_path / "serial.uws", rank=4, basis=basis)
     monkeypatch.setattr(overlap, "useful", lambda device: True)

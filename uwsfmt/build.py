@@ -906,7 +906,7 @@ def _model_bytes(tp: TensorPlan) -> int:
     LoRA modules, whose factors are read by name as they go)."""
     if tp.shape is None or tp.encoding == "lora":
         return 0
-    return math.prod(tp.shape) * torch.empty((), dtype=dtypes.torch_dtype(tp.dtype)).element_size()
+    return math.prod(tp.shape) * dtypes.torch_dtype(tp.dtype).itemsize
 
 
 def _fingerprints(cks: list[Checkpoint], stop: threading.Event) -> None:
