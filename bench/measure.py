@@ -84,7 +84,7 @@ def build(fam, out: str, settings: dict, device: str, *, cold: bool = False) -> 
     """Convert the family with ``settings``; wall time, size ratio, quality. ``cold``: also time
     a second build that starts with the checkpoints dropped from the page cache (``cold_seconds``),
     the fair comparison with reading them cold."""
-    # each timed build writes a new store: deleting the previous run's (seconds for 400 MB on
+    # each timed build writes a new store: deleting the previous run's (about a second for 400 MB on
     # this ext4 with online discard) is not part of converting checkpoints
     shutil.rmtree(out, ignore_errors=True)
     secs = timed(lambda: uwsfmt.convert(fam.paths, out, device=device, **settings), device)

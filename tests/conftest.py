@@ -40,3 +40,20 @@ def peft_family(tmp_path_factory):
     from tests.peft_family import train_adapters
 
     return train_adapters(tmp_path_factory.mktemp("peft_family"))
+
+
+def write_family(folder, fam: dict) -> list[str]:
+    """Save ``{model_id: state_dict}`` as one safetensors file per model in ``folder`` (made if
+    missing); the files' paths, in the family's order."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for mid, sd in fam.items():
+        p = folder / f"{mid}.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(p))
+        out.append(str(p))
+    return out

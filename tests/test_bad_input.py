@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 import uwsfmt
 from uwsfmt import cli
 
+from .conftest import write_family as write
+
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -33,16 +35,6 @@ def family(n: int = 3, seed: int = 0, **extra) -> dict[str, dict[str, torch.Tens
     for i in range(n):
         fam[f"m{i}"] = {"w": base + 0.1 * u @ torch.randn(2, 32, generator=g), "b": torch.randn(8, generator=g), **extra}
     return fam
-
-
-def write(folder: Path, fam: dict) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for mid, sd in fam.items():
-        p = folder / f"{mid}.safetensors"
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(p))
-        out.append(str(p))
-    return out
 
 
 def digest(paths) -> dict[str, str]:

@@ -15,6 +15,8 @@ import uwsfmt
 from uwsfmt import overlap
 from uwsfmt.families import synthetic_family
 
+from .conftest import write_family
+
 
 def test_read_ahead_keeps_order_and_reads_one_ahead():
     started: list[int] = []
@@ -92,7 +94,7 @@ def test_background_result_and_error():
 @pytest.mark.parametrize("basis", ["exact", "sketch"])
 def test_build_with_overlap_equals_build_without(tmp_path, monkeypatch, basis):
     fam = synthetic_family(n_models=5, shapes={"a": (256, 96), "b": (64, 300)}, rank=3, noise=1e-3, extra=True, seed=4)
-    paths = _save_family(tmp_path, fam)
+    paths = write_family(tmp_path / "src", fam)
     monkeypatch.setattr(overlap, "useful", lambda device: False)
     serial = uwsfmt.convert(paths, tmp_path / "serial.uws", rank=4, basis=basis)
     monkeypatch.setattr(overlap, "useful", lambda device: True)
@@ -135,7 +137,7 @@ def test_lookahead_hints_each_tensor_once_within_the_window():
 def test_build_hints_later_tensors_of_every_model(tmp_path, monkeypatch):
     from uwsfmt.sources.safetensors_file import SafetensorsCheckpoint
 
-    paths = _save_family(tmp_path, synthetic_family(n_models=3, shapes={"a": (64, 32), "b": (48, 40), "c": (32, 32)},
+    paths = write_family(tmp_path / "src", synthetic_family(n_models=3, shapes={"a": (64, 32), "b": (48, 40), "c": (32, 32)},
                                                     rank=2, noise=1e-3, seed=2))
     hinted: list[tuple[str, str]] = []
     real = SafetensorsCheckpoint.prefetch
@@ -143,19 +145,6 @@ def test_build_hints_later_tensors_of_every_model(tmp_path, monkeypatch):
     uwsfmt.convert(paths, tmp_path / "s.uws", rank=2)
     for name in ("b", "c"):  # hinted ahead for each model (the tensor order of the plan: a, b, c)
         assert {p for p, n in hinted if n == name} == set(paths), name
-
-
-def _save_family(tmp_path, fam) -> list[str]:
-    from safetensors.torch import save_file
-
-    src = tmp_path / "src"
-    src.mkdir()
-    paths = []
-    for mid, sd in fam.items():
-        p = src / f"{mid}.safetensors"
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(p))
-        paths.append(str(p))
-    return paths
 
 
 def test_fingerprint_of_a_file_longer_than_the_read_buffer(tmp_path):
