@@ -781,7 +781,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
     N = len(cks)
     zstore = LocalStore(path)
     root = zarr.open_group(zstore, mode="w", attributes={"uws": {"format_version": layout.FORMAT_VERSION, "state": "building"}})
-    zarr.open_group(zstore, path=layout.TENSORS, mode="w")
+    layout.create_group(zstore, layout.TENSORS)
     nodes = naming.unique_nodes([t.name for t in fam.tensors])
     prog = Progress(len(fam.tensors) * N + N, progress, cancel, "uwsfmt convert")
     packs = PackLayout()
@@ -801,7 +801,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
         for j, (tp, node) in enumerate(zip(fam.tensors, nodes)):
             ahead.advance(j)
             npath = layout.tensor_node(node)
-            zarr.open_group(zstore, path=npath, mode="w", attributes={"uws_tensor": tp.name})
+            layout.create_group(zstore, npath, {"uws_tensor": tp.name})
             e: dict[str, Any] = {"name": tp.name, "node": npath, "dtype": tp.dtype}
             enc, reason = tp.encoding, tp.reason
             if tp.shape is None:
@@ -923,7 +923,7 @@ def _write_exceptions(zstore, entries: list[dict], idx: int, fixes: dict) -> lis
     out = []
     for name, fix in fixes.items():
         where = f"{nodes[name]}/extra/{idx}"
-        zarr.open_group(zstore, path=where, mode="w")
+        layout.create_group(zstore, where)
         for key, arr in fix.arrays.items():
             layout.write_array(zstore, f"{where}/{key}", np.asarray(arr))
         out.append(fix.record(name, where))
