@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import zarr
 
 import uwsfmt
 from uwsfmt import linalg
@@ -280,13 +281,30 @@ def test_lora_load_into_writes_factors_in_place(tmp_path):
         assert torch.equal(half.get(k), v.to(torch.bfloat16)), k
 
 
-def test_recorded_errors_are_what_readers_get(tmp_path):
+@pytest.mark.parametrize("mode", ["left", "right", "both", "flat"])
+def test_recorded_errors_are_what_readers_get(tmp_path, mode):
+    # lossy float32 (the cheap E = D - L C path), near-lossless float32 and float64 (the
+    # reader's own rebuild below 1e-4), residuals and bfloat16 (always the reader's rebuild)
     fam = synthetic_family(n_models=5, shapes={"w": (128, 96)}, rank=5, noise=1e-2, extra=False, seed=3)
+    tiny = synthetic_family(n_models=5, shapes={"w": (128, 96)}, rank=3, noise=1e-9, extra=False, seed=4)
     fam16 = {k: {n: t.to(torch.bfloat16) for n, t in sd.items()} for k, sd in fam.items()}
-    for f, kw in ((fam, {"rank": 2}), (fam, {"rank": 1, "residual_bits": 4}), (fam16, {"rank": 2})):
-        st = uwsfmt.convert(f, tmp_path / "s.uws", overwrite=True, **kw)
+    fam64 = {k: {n: t.to(torch.float64) for n, t in sd.items()} for k, sd in fam.items()}
+    cases = [(fam, {"rank": 2}), (tiny, {"rank": 3}), (fam64, {"rank": 2}), (fam16, {"rank": 2})]
+    if mode != "flat":
+        cases.append((fam, {"rank": 1, "residual_bits": 4}))
+    paths = set()
+    for f, kw in cases:
+        st = uwsfmt.convert(f, tmp_path / "s.uws", overwrite=True, mode=mode, min_numel=256, **kw)
+        mean = torch.from_numpy(zarr.open_array(str(tmp_path / "s.uws"), path=st.tensor_entry("w")["mean"], mode="r")[...])
         for i, (mid, sd) in enumerate(f.items()):
-            assert st.errors()[i, 0] == pytest.approx(rel(st.tensor(mid, "w"), sd["w"]), rel=1e-5, abs=1e-7)
+            got, w = st.tensor(mid, "w").to(torch.float64), sd["w"].to(torch.float64)
+            err = float(torch.linalg.vector_norm(got - w))
+            assert st.errors()[i, 0] == pytest.approx(err / float(torch.linalg.vector_norm(w)), rel=3e-6, abs=1e-12)
+            dn = float(torch.linalg.vector_norm(w - mean.to(torch.float64).reshape(w.shape)))
+            assert st.errors("delta_error")[i, 0] == pytest.approx(err / dn, rel=3e-6, abs=1e-12)
+            paths.add(st.errors()[i, 0] >= 1e-4)
+        st.close()
+    assert paths == {True, False}  # both ways of measuring were exercised
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

@@ -500,6 +500,12 @@ def _mean_dtype(logical: str) -> torch.dtype:
 # ---------------------------------------------------------------------------- pass 2
 
 
+#: below this relative error pass 2 measures the error on the reader's own rebuild (see
+#: :func:`_encode_subspace`); above it, the reader's rounding cannot move the error by more than
+#: ~1e-7 relative, and the cheaper difference (W - M) - L C R^T is used
+EXACT_REBUILD_BELOW = 1e-4
+
+
 def _encode_subspace(e: dict, fit: subspace.Fit, w: torch.Tensor, rows: dict[str, np.ndarray], keep: dict | None = None
                      ) -> tuple[float, float | None]:
     """Project one model's tensor, fill its slots; return (error, delta error) of what a reader
@@ -507,13 +513,22 @@ def _encode_subspace(e: dict, fit: subspace.Fit, w: torch.Tensor, rows: dict[str
     the cast) under "rebuilt", and "error" (absolute), "wn" = ||W||, "dn" = ||W - M|| (error budgets).
 
     Everything is done in the compute dtype readers use (float32; float64 for float64 tensors):
-    D = W - M, the coefficients C = L^T D R (stored as float32 anyway), the rebuild exactly as the
-    reader does it (same dtype, same order of operations), so the recorded error is the one users
-    get back. Norms are summed in float64 (:func:`uwsfmt.linalg.sq_norm`). Every full-size
-    temporary costs a pass over memory, so there are few: D, the rebuild, their difference.
+    D = W - M, the coefficients C = L^T D R (stored as float32 anyway). Norms are summed in
+    float64 (:func:`uwsfmt.linalg.sq_norm`). The error is measured one of two ways:
+
+    - the difference E = D - L C R^T, in place in D: 9 passes over memory. A reader returns
+      fl(M + L C R^T), which differs from W - E by its rounding (at most half an ulp of W per
+      value); with the error ||E|| >= :data:`EXACT_REBUILD_BELOW` ||W||, that moves the error by
+      less than ~u^2 / (2 * 1e-8) ~ 2e-7 relative (u = 2^-24, float32), and the rounding is
+      uncorrelated with E. Used when the source dtype is the compute dtype and neither an error
+      budget (which needs the rebuild) nor a residual is involved.
+    - otherwise (small errors, float16/bfloat16 sources whose cast back rounds by ~1e-3, budgets,
+      residuals): the rebuild exactly as the reader does it (same dtype, same order of
+      operations, then the cast), compared with W: 14 passes.
     """
     view = tuple(e["view"])
     prep = subspace.prepared(fit, _compute_dtype(e["dtype"]))
+    want = dtypes.torch_dtype(e["dtype"])
     with linalg.no_tf32():
         w = w.to(prep.device).reshape(view)
         wc = w if w.dtype == prep.cdt else w.to(prep.cdt)
@@ -522,18 +537,27 @@ def _encode_subspace(e: dict, fit: subspace.Fit, w: torch.Tensor, rows: dict[str
         sl = e["coefficients"]
         rows[sl["pack"]][sl["offset"]: sl["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
         dn = math.sqrt(linalg.sq_norm(d)) if prep.mean is not None else None
-        del d
-        r = subspace.rebuild(prep, c, view)  # compute dtype, exactly as the reader
-        if e.get("residual"):
-            values, back = residual_enc.encode(e["residual"], (wc - r).to(torch.float32))
-            residual_enc.write(e["residual"], values, rows)
-            r.add_(back.to(prep.cdt))
-        want = dtypes.torch_dtype(e["dtype"])
-        out = r if want == prep.cdt else r.to(want).to(prep.cdt)
-        err = math.sqrt(linalg.sq_norm(out.sub_(wc) if out is not r else out - wc))
         wn = math.sqrt(linalg.sq_norm(wc))
-        if keep is not None:
-            keep.update(rebuilt=r.to(torch.float64), error=err, wn=wn, dn=dn)
+        err = None
+        if keep is None and not e.get("residual") and want == prep.cdt:
+            diff = subspace.subtract_expansion(prep, c, d if d is not wc else d.clone())
+            del d
+            err = math.sqrt(linalg.sq_norm(diff))
+            del diff
+            if not err >= EXACT_REBUILD_BELOW * wn:  # small (or NaN): measure it on the reader's rebuild
+                err = None
+        else:
+            del d
+        if err is None:
+            r = subspace.rebuild(prep, c, view)  # compute dtype, exactly as the reader
+            if e.get("residual"):
+                values, back = residual_enc.encode(e["residual"], (wc - r).to(torch.float32))
+                residual_enc.write(e["residual"], values, rows)
+                r.add_(back.to(prep.cdt))
+            out = r if want == prep.cdt else r.to(want).to(prep.cdt)
+            err = math.sqrt(linalg.sq_norm(out.sub_(wc) if out is not r else out - wc))
+            if keep is not None:
+                keep.update(rebuilt=r.to(torch.float64), error=err, wn=wn, dn=dn)
     rel = err / wn if wn > 0 else (0.0 if err == 0 else float("inf"))
     drel = None if dn is None else (err / dn if dn > 0 else (0.0 if err == 0 else float("inf")))
     return rel, drel

@@ -137,6 +137,18 @@ def prepared(fit: Fit, cdt: torch.dtype) -> Prepared:
     return p
 
 
+def subtract_expansion(p: Prepared, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """D - L @ C @ R^T in place in ``d`` (compute dtype): the part of D the coefficients miss."""
+    w = c.to(p.cdt)
+    if p.left is not None and p.right is not None:
+        return d.addmm_(p.left @ w, p.right.T, alpha=-1)
+    if p.left is not None:
+        return d.addmm_(p.left, w, alpha=-1)
+    if p.right is not None:
+        return d.addmm_(w, p.right.T, alpha=-1)
+    return d.sub_(w.reshape(d.shape))
+
+
 def rebuild(p: Prepared, c: torch.Tensor, view: tuple[int, int]) -> torch.Tensor:
     """M + L @ C @ R^T in the compute dtype, in the order :meth:`uwsfmt.store.Store.state_dict`
     computes it, so that errors measured on it are the errors readers see."""
