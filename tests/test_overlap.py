@@ -3,6 +3,8 @@ a build with them on writes the same store as one without."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -160,32 +162,42 @@ def test_fingerprint_of_a_file_longer_than_the_read_buffer(tmp_path):
     assert SafetensorsCheckpoint(str(p), "m").fingerprint() == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
 
 
-def _faults_of_big_allocations(n: int = 8, mib: int = 64) -> int:
-    import resource
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from uwsfmt import allocator
 
+def faults(n=8, mib=64):  # 64 MiB is above glibc's largest adaptive mmap threshold
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(n):
-        t = torch.ones(mib << 18)  # mib MiB of float32, every page touched
+        t = torch.ones(mib << 18)  # every page touched
         del t
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
+if allocator._glibc() is None:
+    print("skip"); sys.exit()
+outside = faults()
+with allocator.reuse_freed_memory() as changed:
+    with allocator.reuse_freed_memory():  # nested: the outer one owns the settings
+        pass
+    depth = allocator._depth
+    inside = faults()
+print(changed, depth, allocator._depth, outside, inside, faults())
+"""
+
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings")
-def test_reuse_freed_memory_saves_page_faults_and_resets(monkeypatch):
-    from uwsfmt import allocator
-
-    monkeypatch.delenv("UWSFMT_MALLOPT", raising=False)
-    if allocator._glibc() is None:
+def test_reuse_freed_memory_saves_page_faults_and_resets():
+    # page faults are counted per process: measured in a fresh one, where no thread or heap
+    # state left by other tests can add to them
+    env = {k: v for k, v in os.environ.items() if k != "UWSFMT_MALLOPT"}
+    out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, env=env, check=True).stdout.split()
+    if out == ["skip"]:
         pytest.skip("not glibc, or the allocator is configured by the environment")
-    outside = _faults_of_big_allocations()  # 64 MiB is above glibc's largest adaptive mmap threshold
-    with allocator.reuse_freed_memory() as changed:
-        with allocator.reuse_freed_memory():  # nested: the outer one owns the settings
-            pass
-        assert changed and allocator._depth == 1
-        inside = _faults_of_big_allocations()
-    assert allocator._depth == 0
+    changed, depth, depth_after = out[:3]
+    outside, inside, after = map(int, out[3:])
+    assert (changed, depth, depth_after) == ("True", "1", "0")
     assert inside * 3 < outside, (inside, outside)  # the block is reused: it faults once, not every time
-    assert _faults_of_big_allocations() * 3 > outside  # afterwards: back to mapping it fresh each time
+    assert after * 3 > outside, (after, outside)  # afterwards: back to mapping it fresh each time
 
 
 def test_reuse_freed_memory_leaves_a_configured_allocator_alone(monkeypatch):
