@@ -384,15 +384,23 @@ def _sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.dev
     return out
 
 
+#: tensors smaller than this are read inline: handing a read to a thread costs ~50 us, more
+#: than reading a small tensor (measured: 2,000 64x64 tensors x 8 models, 0.7 s of hand-offs)
+READ_AHEAD_MIN_BYTES = 1 << 20
+
+
 def _tensors(cks: list[Checkpoint], name: str, dev: torch.device, first: torch.Tensor | None = None):
     """Every model's copy of tensor ``name`` in order, each read while the caller works on the
     previous one where that pays (:mod:`uwsfmt.overlap`); ``first``: the first model's, already read."""
+    first = cks[0].get(name) if first is None else first
+
     def read(i):
         if i + 1 < len(cks):
             cks[i + 1].prefetch(name)  # the kernel reads the next one from disk meanwhile
-        return first if (i == 0 and first is not None) else cks[i].get(name)
+        return first if i == 0 else cks[i].get(name)
 
-    return overlap.read_ahead([(lambda i=i: read(i)) for i in range(len(cks))], enabled=overlap.useful(dev))
+    big = first.numel() * first.element_size() >= READ_AHEAD_MIN_BYTES
+    return overlap.read_ahead([(lambda i=i: read(i)) for i in range(len(cks))], enabled=big and overlap.useful(dev))
 
 
 def _sweep(cks: list[Checkpoint], name: str, dev: torch.device, stats, prog: Progress):

@@ -133,7 +133,7 @@ def create_group(zstore, path: str, attributes: dict | None = None) -> None:
 
 
 def _group_doc(attributes: dict) -> bytes:
-    return json.dumps({"attributes": attributes, "zarr_format": 3, "node_type": "group"}, indent=2, allow_nan=False).encode()
+    return json.dumps({"attributes": attributes, "zarr_format": 3, "node_type": "group"}, allow_nan=False).encode()
 
 
 def _parent_groups(root: str, path: str) -> None:
@@ -200,11 +200,11 @@ def _write_array_files(folder: str, template: dict, data: np.ndarray, chunks: tu
     doc["attributes"] = attributes
     _clear(folder)
     os.makedirs(folder)
-    _put(os.path.join(folder, "zarr.json"), json.dumps(doc, indent=2, allow_nan=False).encode())
+    _put(os.path.join(folder, "zarr.json"), json.dumps(doc, allow_nan=False).encode())
     if not data.size:
         return
     little = data.dtype.newbyteorder("<")
-    made = set()
+    made = {folder}  # the chunk folders below it are new: one mkdir each
     grid = [range(-(-s // c)) for s, c in zip(data.shape, chunks)]
     for idx in itertools.product(*grid):
         block = data[tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, chunks))]
@@ -213,10 +213,13 @@ def _write_array_files(folder: str, template: dict, data: np.ndarray, chunks: tu
             full[tuple(slice(0, s) for s in block.shape)] = block
             block = full
         raw = memoryview(np.ascontiguousarray(block, dtype=little)).cast("B")
-        parent = os.path.join(folder, "c", *map(str, idx[:-1]))
-        if parent not in made:
-            os.makedirs(parent, exist_ok=True)
-            made.add(parent)
+        parts = ["c", *map(str, idx[:-1])]
+        for i in range(1, len(parts) + 1):
+            sub = os.path.join(folder, *parts[:i])
+            if sub not in made:
+                os.mkdir(sub)
+                made.add(sub)
+        parent = os.path.join(folder, *parts)
         _put(os.path.join(parent, str(idx[-1])), raw, crc32c.crc32c(raw).to_bytes(4, "little"))
 
 
