@@ -548,14 +548,10 @@ def _encode_subspace(e: dict, fit: subspace.Fit, w: torch.Tensor, rows: dict[str
         wn = math.sqrt(linalg.sq_norm(wc))
         err = None
         if keep is None and not e.get("residual") and want == prep.cdt:
-            diff = subspace.subtract_expansion(prep, c, d if d is not wc else d.clone())
-            del d
-            err = math.sqrt(linalg.sq_norm(diff))
-            del diff
+            err = math.sqrt(linalg.sq_norm(subspace.subtract_expansion(prep, c, d if d is not wc else d.clone())))
             if not err >= EXACT_REBUILD_BELOW * wn:  # small (or NaN): measure it on the reader's rebuild
                 err = None
-        else:
-            del d
+        del d
         if err is None:
             r = subspace.rebuild(prep, c, view)  # compute dtype, exactly as the reader
             if e.get("residual"):
