@@ -113,6 +113,46 @@ def test_rank_by_tau_and_recorded_spectrum(tmp_path):
     assert e["rank"][0] <= 3  # B spans the shared 3-dim space only
 
 
+def _factor_store(tmp_path, dtype, rank: int):
+    fam = lora_family(3, layers=1, modules=("q_proj", "v_proj"), width=40, rank=4, shared_rank=2, seed=4, dtype=dtype)
+    src = write_peft_family(fam, tmp_path / f"src-{dtype}")
+    return uwsfmt.convert([str(d) for d in src], tmp_path / f"s-{dtype}-{rank}.uws", rank=rank)
+
+
+@pytest.mark.parametrize("dtype,rank,expect", [(torch.float32, 4, "basis"), (torch.float32, 3, "basis"),
+                                               (torch.float32, 6, "balanced"), (torch.float16, 4, "balanced")])
+def test_factor_convention_and_load_into_agree_with_state_dict(tmp_path, dtype, rank, expect):
+    """Adapter rank >= basis rank, float32/64: B' is the store's own left basis (no SVD) and A' = C R^T;
+    truncated or float16 factors: the balanced split (equal column / row norms). Either way the
+    product is L C R^T, and load_into writes the same factors that state_dict returns."""
+    st = _factor_store(tmp_path, dtype, rank)
+    mid = st.model_ids[1]
+    ka, kb = lora_key(0, "q_proj", "A"), lora_key(0, "q_proj", "B")
+    sd = st.state_dict(mid)
+    a, b = sd[ka].double(), sd[kb].double()
+    r = min(rank, 4)  # the adapters' own rank is 4: a wider basis gives rank-4 factors (truncated SVD)
+    assert sd[ka].dtype == dtype and a.shape == (r, 40) and b.shape == (40, r)
+    dense = st.delta(mid, "base_model.model.model.layers.0.self_attn.q_proj", dtype=torch.float64)
+    tol = 1e-5 if dtype == torch.float32 else 5e-3
+    assert _rel(b @ a, dense) < tol
+    e = st.tensor_entry("base_model.model.model.layers.0.self_attn.q_proj")
+    if expect == "basis":
+        assert torch.equal(sd[kb], torch.from_numpy(st.read_array(e["left"])).reshape(40, rank))
+    else:
+        col, row = b.norm(dim=0), a.norm(dim=1)
+        assert torch.allclose(col, row, rtol=5e-3 if dtype == torch.float16 else 1e-6)
+    module = torch.nn.Module()
+    for name, t in sd.items():  # a module with these names, holding other values
+        *path, leaf = name.split(".")
+        m = module
+        for part in path:
+            m = m._modules.setdefault(part, torch.nn.Module())
+        m.register_buffer(leaf, torch.full_like(t, 7.0))
+    st.load_into(module, mid)
+    got = module.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+
+
 # ---------------------------------------------------------------------------- kohya / A1111
 
 

@@ -11,9 +11,11 @@ accumulated in float64 without ever forming X_i; L and R are their leading eigen
 adapter i keeps the core C_i = L^T X_i R = s_i (L^T B_i)(A_i R) (kl x kr). In the manifest a
 module is one ``subspace`` entry (mode ``both``, centre ``none``, view ``(out, in)``) plus a
 ``lora`` record naming its factor tensors, so any reader rebuilds the dense update
-X_i ~= L C_i R^T from the spec alone. Readers that want factors back factor the core:
-C_i = U S V^T, B'_i = L U sqrt(S), A'_i = sqrt(S) V^T R^T, rank min(kl, kr, r_i): a valid LoRA
-with the scale folded in (so its own scale must be 1).
+X_i ~= L C_i R^T from the spec alone. Readers that want factors back get a valid LoRA of rank
+min(kl, kr, r_i) with the scale folded in (so its own scale must be 1): float32/float64 factors
+of full basis rank are the basis itself and its product with the core (B' = L, A' = C_i R^T: one
+GEMM per module, no SVD); a truncation, or half-precision factors, factor the core instead:
+C_i = U S V^T, B'_i = L U sqrt(S), A'_i = sqrt(S) V^T R^T (equal scales, for float16's range).
 
 Adapters may have different ranks, and different module sets: a module an adapter lacks is a
 zero update for it (per-model rank 0) and is left out again on export.
@@ -430,6 +432,11 @@ def encode(e: dict, fit: subspace.Fit, ck: Checkpoint, rows: dict[str, np.ndarra
     return math.sqrt(err2 / x2), r
 
 
+#: factor dtypes whose range needs no balancing: a full-rank read returns the basis itself as one
+#: factor (no SVD, one GEMM per module instead of two; float16 factors get the balanced split)
+BASIS_FACTOR_DTYPES = (torch.float32, torch.float64)
+
+
 def rank_of(e: dict, r: int) -> int:
     """Rank of the factors a reader returns: min(kl, kr, the adapter's own rank)."""
     kl, kr = e["rank"]
@@ -495,23 +502,36 @@ def read(store, entries: list[dict], idx: int, rows: dict[str, torch.Tensor], de
         _, left, right = store._group_arrays(("lora",) + _group_key(group[0]) + tuple(x["name"] for x in group), group, dev)
         cshape = group[0]["coefficients"]["shape"]
         c = torch.stack([take(rows, x["coefficients"]).reshape(cshape) for x in group]).to(dev, torch.float64)
-        k = min(key[1][0] or 0, key[1][1] or 0)
-        # the k x k factorisations in float64; the out x k and k x in products in the bases' compute
-        # dtype (float64 products of the wide bases were most of a read's time and memory traffic)
-        direct = into is not None and k > 0 and c.numel() > 0
-        if direct:  # per factor, one GEMM into the caller's tensor
-            xb, xa = (x.to(left.dtype) for x in factor_cores(c, k))
-        else:
-            bb, aa = factors(left, right, c, k, dtype=left.dtype)
+        kl, kr = key[1][0] or 0, key[1][1] or 0
+        k = min(kl, kr)
+        todo = []  # (entry, its rank, its dtype, basis factors?) for the modules this adapter has
         for i, e in enumerate(group):
-            rec = e["lora"]
             r = _stored_rank(store, ranks, e)
             if r == 0:
                 continue  # the adapter did not have this module
             rk = rank_of(e, r)
             want = dtype if dtype is not None else dtypes.torch_dtype(e["dtype"])
+            todo.append((i, e, rk, want, rk == k and want in BASIS_FACTOR_DTYPES))
+        # the k x k factorisations in float64; the out x k and k x in products in the bases' compute
+        # dtype (float64 products of the wide bases were most of a read's time and memory traffic)
+        direct = into is not None and k > 0 and c.numel() > 0
+        if any(not plain for *_, plain in todo):
+            if direct:  # per factor, one GEMM into the caller's tensor
+                xb, xa = (x.to(left.dtype) for x in factor_cores(c, k))
+            else:
+                bb, aa = factors(left, right, c, k, dtype=left.dtype)
+        for i, e, rk, want, plain in todo:
+            rec = e["lora"]
             b_shape, a_shape = [e["view"][0], rk] + rec["b_tail"], [rk] + rec["a_tail"]
-            if direct:
+            if plain:  # one factor is the store's basis itself, the other its product with the core
+                ci = c[i].to(left.dtype)
+                if kl <= kr:
+                    out[rec["b"]] = _product_into(into, rec["b"], b_shape, left[i], None, want)
+                    out[rec["a"]] = _product_into(into, rec["a"], a_shape, ci, right[i].T, want)
+                else:
+                    out[rec["b"]] = _product_into(into, rec["b"], b_shape, left[i], ci, want)
+                    out[rec["a"]] = _product_into(into, rec["a"], a_shape, right[i].T, None, want)
+            elif direct:
                 out[rec["b"]] = _product_into(into, rec["b"], b_shape, left[i], xb[i, :, :rk], want)
                 out[rec["a"]] = _product_into(into, rec["a"], a_shape, xa[i, :rk], right[i].T, want)
             else:
@@ -523,14 +543,18 @@ def read(store, entries: list[dict], idx: int, rows: dict[str, torch.Tensor], de
     return out
 
 
-def _product_into(into: dict[str, torch.Tensor], name: str, shape: list[int], lhs: torch.Tensor, rhs: torch.Tensor,
-                  want: torch.dtype) -> torch.Tensor:
-    """``lhs @ rhs`` as factor ``name``: written straight into the caller's tensor (and that tensor
-    returned) when it has this shape, dtype and device, else computed and cast to ``want``."""
-    d = into.get(name)
+def _product_into(into: dict[str, torch.Tensor] | None, name: str, shape: list[int], lhs: torch.Tensor,
+                  rhs: torch.Tensor | None, want: torch.dtype) -> torch.Tensor:
+    """``lhs @ rhs`` (``lhs`` itself when ``rhs`` is None) as factor ``name``: written straight into
+    the caller's tensor (and that tensor returned) when it has this shape, dtype and device, else
+    a new tensor in ``want`` (never a view of ``lhs``: that may be a cached basis)."""
+    d = None if into is None else into.get(name)
     if d is not None and d.dtype == lhs.dtype == want and d.device == lhs.device and d.is_contiguous() and list(d.shape) == shape:
-        torch.mm(lhs, rhs, out=d.view(lhs.shape[0], rhs.shape[1]))
+        dv = d.view(lhs.shape[0], lhs.shape[1] if rhs is None else rhs.shape[1])
+        dv.copy_(lhs) if rhs is None else torch.mm(lhs, rhs, out=dv)
         return d
+    if rhs is None:
+        return lhs.reshape(shape).to(want, copy=True, memory_format=torch.contiguous_format)
     return (lhs @ rhs).reshape(shape).to(want)
 
 
