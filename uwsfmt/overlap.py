@@ -16,6 +16,7 @@ it made the same builds ~5% faster warm and ~10% faster cold (it also reads the 
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -97,11 +98,12 @@ class Lookahead:
         self.tensors = tensors  # (name, bytes per model) in the order the build reads them
         self.window = window
         self._next = 0  # first tensor not hinted yet
+        self._before = [0, *itertools.accumulate(b for _, b in tensors)]  # bytes of the tensors before each
 
     def advance(self, j: int) -> None:
         """Tensor ``j`` starts: hint what follows it, up to ``window`` bytes (all models)."""
         self._next = max(self._next, j + 1)
-        ahead = sum(b for _, b in self.tensors[j + 1:self._next]) * len(self.checkpoints)
+        ahead = (self._before[self._next] - self._before[min(j + 1, self._next)]) * len(self.checkpoints)
         while self._next < len(self.tensors) and ahead < self.window:
             name, b = self.tensors[self._next]
             for ck in self.checkpoints:
