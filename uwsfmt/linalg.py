@@ -695,12 +695,13 @@ def sq_norm(x: torch.Tensor) -> float:
     if not f.is_floating_point() or f.dtype != torch.float32:
         f = f.to(torch.float32)
     k = f.numel() // _SQ_BLOCK * _SQ_BLOCK
-    total = torch.zeros((), dtype=torch.float64, device=f.device)
-    if k:
-        total += torch.linalg.vector_norm(f[:k].view(-1, _SQ_BLOCK), dim=1).to(torch.float64).square().sum()
-    if k < f.numel():
-        total += float(torch.linalg.vector_norm(f[k:])) ** 2
-    out = float(total)
+    if k == 0:  # one block: no float64 accumulator (small tensors call this thousands of times)
+        out = float(torch.linalg.vector_norm(f)) ** 2
+    else:
+        total = torch.linalg.vector_norm(f[:k].view(-1, _SQ_BLOCK), dim=1).to(torch.float64).square().sum()
+        if k < f.numel():
+            total += float(torch.linalg.vector_norm(f[k:])) ** 2
+        out = float(total)
     if not math.isfinite(out) and bool(torch.isfinite(x).all()):  # float32 overflow of finite values
         return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
     return out
