@@ -284,9 +284,11 @@ def test_lora_load_into_writes_factors_in_place(tmp_path):
 @pytest.mark.parametrize("mode", ["left", "right", "both", "flat"])
 def test_recorded_errors_are_what_readers_get(tmp_path, mode):
     # lossy float32 (the cheap E = D - L C path), near-lossless float32 and float64 (the
-    # reader's own rebuild below 1e-4), residuals and bfloat16 (always the reader's rebuild)
-    fam = synthetic_family(n_models=5, shapes={"w": (128, 96)}, rank=5, noise=1e-2, extra=False, seed=3)
-    tiny = synthetic_family(n_models=5, shapes={"w": (128, 96)}, rank=3, noise=1e-9, extra=False, seed=4)
+    # reader's own rebuild below 1e-4), residuals and bfloat16 (always the reader's rebuild);
+    # three tensors of one shape, so that pass 2 also encodes them as a batch
+    shapes = {"w": (128, 96), "v": (128, 96), "u": (128, 96)}
+    fam = synthetic_family(n_models=5, shapes=shapes, rank=5, noise=1e-2, extra=False, seed=3)
+    tiny = synthetic_family(n_models=5, shapes=shapes, rank=3, noise=1e-9, extra=False, seed=4)
     fam16 = {k: {n: t.to(torch.bfloat16) for n, t in sd.items()} for k, sd in fam.items()}
     fam64 = {k: {n: t.to(torch.float64) for n, t in sd.items()} for k, sd in fam.items()}
     cases = [(fam, {"rank": 2}), (tiny, {"rank": 3}), (fam64, {"rank": 2}), (fam16, {"rank": 2})]
@@ -295,16 +297,93 @@ def test_recorded_errors_are_what_readers_get(tmp_path, mode):
     paths = set()
     for f, kw in cases:
         st = uwsfmt.convert(f, tmp_path / "s.uws", overwrite=True, mode=mode, min_numel=256, **kw)
-        mean = torch.from_numpy(zarr.open_array(str(tmp_path / "s.uws"), path=st.tensor_entry("w")["mean"], mode="r")[...])
-        for i, (mid, sd) in enumerate(f.items()):
-            got, w = st.tensor(mid, "w").to(torch.float64), sd["w"].to(torch.float64)
-            err = float(torch.linalg.vector_norm(got - w))
-            assert st.errors()[i, 0] == pytest.approx(err / float(torch.linalg.vector_norm(w)), rel=3e-6, abs=1e-12)
-            dn = float(torch.linalg.vector_norm(w - mean.to(torch.float64).reshape(w.shape)))
-            assert st.errors("delta_error")[i, 0] == pytest.approx(err / dn, rel=3e-6, abs=1e-12)
-            paths.add(st.errors()[i, 0] >= 1e-4)
+        for j, name in enumerate(st.tensor_names):
+            mean = torch.from_numpy(zarr.open_array(str(tmp_path / "s.uws"), path=st.tensor_entry(name)["mean"], mode="r")[...])
+            for i, (mid, sd) in enumerate(f.items()):
+                got, w = st.tensor(mid, name).to(torch.float64), sd[name].to(torch.float64)
+                err = float(torch.linalg.vector_norm(got - w))
+                assert st.errors()[i, j] == pytest.approx(err / float(torch.linalg.vector_norm(w)), rel=3e-6, abs=1e-12)
+                dn = float(torch.linalg.vector_norm(w - mean.to(torch.float64).reshape(w.shape)))
+                assert st.errors("delta_error")[i, j] == pytest.approx(err / dn, rel=3e-6, abs=1e-12)
+                paths.add(st.errors()[i, j] >= 1e-4)
         st.close()
     assert paths == {True, False}  # both ways of measuring were exercised
+
+
+def test_small_tensors_are_encoded_in_batches_like_one_by_one(tmp_path, monkeypatch):
+    """Pass 2 batches small same-kind tensors: the same coefficients, errors to rounding, and
+    a NaN in one of them is still reported by name."""
+    from uwsfmt import build
+
+    shapes = {f"l{i}.weight": (24, 40) for i in range(7)} | {f"s{i}.weight": (30, 30) for i in range(4)}
+    fam = synthetic_family(n_models=4, shapes=shapes, rank=3, noise=1e-2, extra=False, seed=8)
+    calls = []
+    real = build._encode_batch
+    monkeypatch.setattr(build, "_encode_batch", lambda g, *a: calls.append(len(g)) or real(g, *a))
+    batched = uwsfmt.convert(fam, tmp_path / "b.uws", rank=2, min_numel=64)
+    assert sorted(set(calls)) == [4, 7]  # per model: one batch of each shape
+    monkeypatch.setattr(build, "BATCH_MAX_NUMEL", 0)
+    single = uwsfmt.convert(fam, tmp_path / "s.uws", rank=2, min_numel=64)
+    assert np.allclose(batched.errors(), single.errors(), rtol=1e-6, atol=0)
+    assert np.allclose(batched.errors("delta_error"), single.errors("delta_error"), rtol=1e-6, atol=0)
+    for mid in fam:
+        a, b = batched.state_dict(mid), single.state_dict(mid)
+        assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+    monkeypatch.undo()
+    batched.close()
+    bad = dict(fam["model-002"])
+    bad["l3.weight"] = bad["l3.weight"].clone()
+    bad["l3.weight"][0, 0] = float("nan")  # appended: only pass 2 sees it, inside a batch
+    with pytest.raises(uwsfmt.SourceError, match="l3.weight"):
+        uwsfmt.append(str(tmp_path / "b.uws"), bad, id="with-nan")
+    assert uwsfmt.open(tmp_path / "b.uws").n_models == 4  # nothing added
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_pass1_batches_fit_like_one_by_one(tmp_path, monkeypatch, dtype):
+    """Pass 1 gathers small same-kind tensors' statistics in batches: the same encodings (a
+    bit-identical tensor in a batch is still shared), bases and errors as one tensor at a time."""
+    from uwsfmt import build
+
+    shapes = {f"l{i}.weight": (24, 40) for i in range(5)} | {f"s{i}.weight": (30, 30) for i in range(3)}
+    fam = synthetic_family(n_models=4, shapes=shapes | {"big.weight": (300, 256)}, rank=3, noise=1e-2, extra=False, seed=9)
+    fam = {k: {n: t.to(dtype) for n, t in sd.items()} for k, sd in fam.items()}
+    for sd in fam.values():
+        sd["l1.weight"] = fam["model-000"]["l1.weight"].clone()
+    sizes = []
+    real = build._fit_batch
+    monkeypatch.setattr(build, "_fit_batch", lambda g, *a: sizes.append(len(g)) or real(g, *a))
+    for center in ("mean", "none"):
+        batched = uwsfmt.convert(fam, tmp_path / f"b-{center}.uws", rank=2, min_numel=64, center=center)
+        with monkeypatch.context() as mp:
+            mp.setattr(build, "BATCH_MAX_NUMEL", 0)
+            single = uwsfmt.convert(fam, tmp_path / f"s-{center}.uws", rank=2, min_numel=64, center=center)
+        encs = [(e["name"], e["encoding"]) for e in batched.manifest["tensors"]]
+        assert encs == [(e["name"], e["encoding"]) for e in single.manifest["tensors"]]
+        assert ("l1.weight", "shared") in encs and ("l0.weight", "subspace") in encs
+        assert np.allclose(batched.errors(), single.errors(), rtol=1e-6, atol=0, equal_nan=True)
+        for e in batched.manifest["tensors"]:
+            if e["encoding"] == "subspace":
+                a, b = batched.spectrum(e["name"]), single.spectrum(e["name"])
+                assert np.allclose(np.asarray(a["eigenvalues"]), np.asarray(b["eigenvalues"]), rtol=1e-9, atol=1e-12)
+        for mid in fam:
+            a, b = batched.state_dict(mid), single.state_dict(mid)
+            assert all(torch.allclose(a[k].double(), b[k].double(), rtol=0, atol=1e-6) for k in a)
+    assert sorted(set(sizes)) == [3, 5]  # per build: one batch of each small shape (the 300 x 256 one alone)
+
+
+def test_pass1_batch_reports_non_finite_values(tmp_path):
+    shapes = {f"l{i}.weight": (24, 40) for i in range(4)}
+    fam = synthetic_family(n_models=3, shapes=shapes, rank=2, noise=1e-2, extra=False, seed=2)
+    fam["model-001"]["l2.weight"] = fam["model-001"]["l2.weight"].clone()
+    fam["model-001"]["l2.weight"][3, 4] = float("inf")
+    with pytest.raises(uwsfmt.SourceError, match="l2.weight"):
+        uwsfmt.convert(fam, tmp_path / "a.uws", rank=2, min_numel=64)
+    assert not (tmp_path / "a.uws").exists()
+    st = uwsfmt.convert(fam, tmp_path / "b.uws", rank=2, min_numel=64, allow_nonfinite=True)
+    encs = {e["name"]: e["encoding"] for e in st.manifest["tensors"]}
+    assert encs == {"l0.weight": "subspace", "l1.weight": "subspace", "l2.weight": "dense", "l3.weight": "subspace"}
+    assert torch.equal(st.tensor("model-001", "l2.weight"), fam["model-001"]["l2.weight"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

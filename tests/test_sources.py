@@ -261,3 +261,21 @@ def test_plan_and_dry_run_print_the_report(tmp_path):
         assert p.returncode == 1, p.stderr  # conflicts -> non-zero
         assert "3 models (safetensors: 3)" in p.stdout and "CONFLICT" in p.stdout and "layers.0.attn.weight" in p.stdout
     assert not any(x.endswith(".uws") for x in os.listdir(tmp_path))
+
+
+def test_safetensors_headers_are_parsed_once_per_file_version(tmp_path):
+    """Format detection and the checkpoint share one parse of a header; a rewritten file (other
+    size, mtime or inode) is parsed again; the cache keeps a bounded number of headers."""
+    from uwsfmt.sources import safetensors_file as sf
+
+    p = tmp_path / "m.safetensors"
+    save_file({"x": torch.zeros(3)}, str(p))
+    first = sf.read_header(str(p))
+    assert sf.read_header(str(p)) is first
+    save_file({"x": torch.zeros(3), "y": torch.ones(2)}, str(p))
+    assert set(sf.read_header(str(p))) == {"x", "y"}
+    for i in range(sf._HEADERS_KEPT + 5):
+        q = tmp_path / f"{i}.safetensors"
+        save_file({"x": torch.zeros(1)}, str(q))
+        sf.read_header(str(q))
+    assert len(sf._HEADERS) <= sf._HEADERS_KEPT

@@ -280,6 +280,13 @@ def _check_finite(w: torch.Tensor, name: str, ck: Checkpoint) -> bool:
     return bool(torch.isfinite(w).all())
 
 
+def _projected_nonfinite_error(name: str, ck: Checkpoint) -> SourceError:
+    return SourceError(
+        f"{ck.path or ck.id}: tensor {name!r} of model {ck.id!r} has NaN/Inf but is a subspace tensor in the store; "
+        "non-finite values cannot be projected. Rebuild the store including this model with allow_nonfinite=True."
+    )
+
+
 def _nonfinite_error(name: str, ck: Checkpoint) -> SourceError:
     return SourceError(
         f"{ck.path or ck.id}: tensor {name!r} of model {ck.id!r} contains NaN or Inf values. "
@@ -371,6 +378,112 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
     if fit.mean is not None:
         fit.mean = fit.mean.to(_mean_dtype(tp.dtype))
     return "subspace", fit, "float matrix"
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+#: stacked statistics of one pass-1 batch are kept under this many bytes (sums and Grams, float64)
+BATCH_STATS_BYTES = 256 << 20
+
+
+def _fit_batch_key(tp: TensorPlan, s: Settings, dev: torch.device) -> tuple | None:
+    """Key under which pass 1 gathers the statistics of ``tp`` with others of its kind, or None:
+    small float subspace tensors on the exact (float64 Gram) path, without an error budget."""
+    if tp.encoding != "subspace" or tp.shape is None or s.error_budget is not None:
+        return None
+    if tp.dtype not in ("float16", "bfloat16", "float32", "float64"):
+        return None
+    m, n = linalg.matrix_view(tp.shape)
+    if m * n > BATCH_MAX_NUMEL:
+        return None
+    ts = _tensor_settings(s, tp)
+    mode = subspace.resolve_mode(ts.mode, m, n)
+    if mode == "flat" or _sketch_test_matrices(ts, mode, m, n, dev) is not None:
+        return None
+    return (tuple(tp.shape), tp.dtype, mode, repr(ts))
+
+
+def _fit_batches(tensors: list[TensorPlan], s: Settings, dev: torch.device) -> dict[str, list[TensorPlan]]:
+    """Tensor name -> the batch (2 or more plans) pass 1 fits it with; each batch's stacked
+    statistics stay under :data:`BATCH_STATS_BYTES`."""
+    groups: dict[tuple, list[TensorPlan]] = {}
+    for tp in tensors:
+        key = _fit_batch_key(tp, s, dev)
+        if key is not None:
+            groups.setdefault(key, []).append(tp)
+    out: dict[str, list[TensorPlan]] = {}
+    for (shape, _, mode, _), members in groups.items():
+        m, n = linalg.matrix_view(shape)
+        per_tensor = 8 * (3 * m * n + (m * m if mode in ("left", "both") else 0) + (n * n if mode in ("right", "both") else 0))
+        per = max(1, BATCH_STATS_BYTES // per_tensor)
+        for i in range(0, len(members), per):
+            chunk = members[i: i + per]
+            if len(chunk) > 1:
+                out.update((tp.name, chunk) for tp in chunk)
+    return out
+
+
+def _fit_batch(group: list[TensorPlan], cks: list[Checkpoint], s: Settings, dev: torch.device, base: Checkpoint | None,
+               prog: Progress) -> dict[str, tuple]:
+    """:func:`_fit_tensor` for a batch of same-kind small tensors: one read of each model's
+    tensors, stacked float64 sums and Grams (one batched GEMM per model and side), then each
+    tensor's own eigendecomposition. Name -> (encoding, Fit or shared value, reason)."""
+    tp0 = group[0]
+    ts = _tensor_settings(s, tp0)
+    m, n = linalg.matrix_view(tp0.shape)
+    mode = subspace.resolve_mode(ts.mode, m, n)
+    names = [tp.name for tp in group]
+    g = len(group)
+    if ts.center == "base" and base is None:
+        raise ConfigError("center='base' needs base=... (the checkpoint the family was fine-tuned from)")
+    out: dict[str, tuple] = {}
+    live = list(range(g))  # members still on the subspace path (not dropped as non-finite)
+    with linalg.no_tf32(), linalg.threads_for(g * m * n):
+        first = torch.stack([cks[0].get(x).to(dev).reshape(m, n) for x in names])
+        ref_src = torch.stack([base.get(x).to(dev).reshape(m, n) for x in names]) if ts.center == "base" else first
+        ref = ref_src.to(torch.float64)
+        delta_sum = torch.zeros(g, m, n, dtype=torch.float64, device=dev)
+        gl = torch.zeros(g, m, m, dtype=torch.float64, device=dev) if mode in ("left", "both") else None
+        gr = torch.zeros(g, n, n, dtype=torch.float64, device=dev) if mode in ("right", "both") else None
+        sq_sum = torch.zeros(g, dtype=torch.float64, device=dev)
+        identical = torch.ones(g, dtype=torch.bool, device=dev)
+        bits = _BITS[first.element_size()]  # bit patterns: -0.0 differs from 0.0, NaN payloads count
+        first_bits = first.reshape(g, -1).view(bits)
+        for i, ck in enumerate(cks):
+            w = first if i == 0 else torch.stack([ck.get(x).to(dev).reshape(m, n) for x in names])
+            if i > 0:
+                identical &= (w.reshape(g, -1).view(bits) == first_bits).all(dim=1)
+            sq = torch.linalg.vector_norm(w.reshape(g, -1), dim=1, dtype=torch.float64).square()
+            bad = ~torch.isfinite(sq)
+            if bool(bad.any()):
+                for t in bad.nonzero().flatten().tolist():
+                    if t in live and not _check_finite(w[t], names[t], ck):
+                        if not ts.allow_nonfinite:
+                            raise _nonfinite_error(names[t], ck)
+                        live.remove(t)
+                        out[names[t]] = ("dense", None, "non-finite values")
+            d = w.to(torch.float64, copy=True).sub_(ref)  # a copy also for float64 (w may be `first`)
+            delta_sum += d
+            if gl is not None:
+                gl.baddbmm_(d, d.transpose(1, 2))
+            if gr is not None:
+                gr.baddbmm_(d.transpose(1, 2), d)
+            sq_sum += sq
+            for x in names:
+                prog.step(x)
+        identical = identical.tolist()
+        sqs = sq_sum.tolist()
+        for t in live:
+            name = names[t]
+            if identical[t] and len(cks) > 1 and _override(name, ts.encodings) != "subspace":
+                out[name] = ("shared", first[t].reshape(group[t].shape).clone(), "bit-identical in every model")
+                continue
+            stats = linalg.GramStats(count=len(cks), reference=ref[t], delta_sum=delta_sum[t],
+                                     left=None if gl is None else gl[t], right=None if gr is None else gr[t], sq_norm=sqs[t])
+            fit = subspace.fit_gram(stats, mode=mode, center=ts.center, choose=ts.choose)
+            if fit.mean is not None:
+                fit.mean = fit.mean.to(_mean_dtype(tp0.dtype)).clone()
+            out[name] = ("subspace", fit, "float matrix")
+    return out
 
 
 def _sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.device) -> dict[str, torch.Tensor] | None:
@@ -574,6 +687,108 @@ def _encode_subspace(e: dict, fit: subspace.Fit, w: torch.Tensor, rows: dict[str
     return rel, drel
 
 
+#: subspace tensors up to this many values are encoded in batches of equal shape (pass 2)
+BATCH_MAX_NUMEL = 1 << 16
+#: values per batch (bounds the stacked temporaries: 4M float32 values = 16 MiB each)
+BATCH_MAX_VALUES = 1 << 22
+
+
+def _batch_key(e: dict, fit, info, budgeted: bool) -> tuple | None:
+    """Key under which pass 2 encodes ``e`` together with others of its kind, or None.
+
+    Small subspace tensors whose error takes the cheap path (:func:`_encode_subspace`: source in
+    the compute dtype, no residual, no budget) are batched when they share view, mode, rank,
+    dtype and centring: one stacked GEMM per group instead of Python work per tensor and model."""
+    if budgeted or e["encoding"] != "subspace" or e.get("lora") is not None or e.get("residual"):
+        return None
+    if e["dtype"] not in ("float32", "float64") or info is None or info.dtype != e["dtype"]:
+        return None
+    m, n = e["view"]
+    if m * n > BATCH_MAX_NUMEL or tuple(info.shape) != tuple(e["shape"]) or not isinstance(fit, subspace.Fit):
+        return None
+    return (tuple(e["view"]), e["mode"], tuple(x or 0 for x in e["rank"]), e["dtype"], fit.mean is not None)
+
+
+def _batch_plans(entries: list[dict], fits: dict[str, Any], infos: dict, budgeted: bool) -> list[list[dict]]:
+    """Groups (of 2 or more, at most :data:`BATCH_MAX_VALUES` values each) of entries that pass 2
+    encodes together, in the order of ``entries``."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in entries:
+        key = _batch_key(e, fits.get(e["name"]), infos.get(e["name"]), budgeted)
+        if key is not None:
+            groups.setdefault(key, []).append(e)
+    out = []
+    for key, members in groups.items():
+        per = max(1, BATCH_MAX_VALUES // (key[0][0] * key[0][1]))
+        out.extend(members[i: i + per] for i in range(0, len(members), per))
+    return [g for g in out if len(g) > 1]
+
+
+def _stacked(group: list[dict], fits: dict[str, Any], cache: dict) -> subspace.Prepared:
+    """The group's means and bases stacked (G, ...), in the dtypes of :func:`subspace.prepared`
+    (cached for the next models)."""
+    key = tuple(e["name"] for e in group)
+    st = cache.get(key)
+    if st is None:
+        view = tuple(group[0]["view"])
+        ps = [subspace.prepared(fits[e["name"]], _compute_dtype(e["dtype"])) for e in group]
+
+        def stack(field, shape=None):
+            parts = [getattr(p, field) for p in ps]
+            return None if parts[0] is None else torch.stack([t.reshape(shape) if shape else t for t in parts])
+
+        p0 = ps[0]
+        st = subspace.Prepared(p0.device, p0.cdt, stack("mean", view), None, None, stack("left"), stack("right"))
+        cache[key] = st
+    return st
+
+
+def _encode_batch(group: list[dict], ws: list[torch.Tensor], st: subspace.Prepared, rows: dict[str, np.ndarray]
+                  ) -> list[tuple[float, float | None] | None]:
+    """:func:`_encode_subspace` (cheap error path) for a group of same-kind tensors of one model:
+    (relative error, delta error) per member, or None where that member needs the exact
+    rebuild (an error below :data:`EXACT_REBUILD_BELOW`, or NaN): the caller encodes it alone."""
+    view = tuple(group[0]["view"])
+    g = len(group)
+    with linalg.no_tf32(), linalg.threads_for(g * view[0] * view[1]):
+        w = torch.stack([x.to(st.device).reshape(view) for x in ws])
+        if w.dtype != st.cdt:
+            w = w.to(st.cdt)
+        wn = torch.linalg.vector_norm(w.reshape(g, -1), dim=1, dtype=torch.float64)
+        d = w.sub_(st.mean) if st.mean is not None else w  # w is a fresh stack: in place
+        dn = torch.linalg.vector_norm(d.reshape(g, -1), dim=1, dtype=torch.float64) if st.mean is not None else None
+        c = d
+        if st.left is not None:
+            c = torch.bmm(st.left.transpose(1, 2), c)
+        if st.right is not None:
+            c = torch.bmm(c, st.right)
+        c = c.to(torch.float32)
+        cc = c.to(st.cdt)
+        if st.left is not None and st.right is not None:
+            d.baddbmm_(torch.bmm(st.left, cc), st.right.transpose(1, 2), alpha=-1)
+        elif st.left is not None:
+            d.baddbmm_(st.left, cc, alpha=-1)
+        elif st.right is not None:
+            d.baddbmm_(cc, st.right.transpose(1, 2), alpha=-1)
+        else:
+            d.sub_(cc.reshape(d.shape))
+        err = torch.linalg.vector_norm(d.reshape(g, -1), dim=1, dtype=torch.float64)
+    flat = c.reshape(g, -1).cpu().numpy()
+    wn, err = wn.tolist(), err.tolist()
+    dn = None if dn is None else dn.tolist()
+    out: list[tuple[float, float | None] | None] = []
+    for i, e in enumerate(group):
+        sl = e["coefficients"]
+        rows[sl["pack"]][sl["offset"]: sl["offset"] + flat.shape[1]] = flat[i]
+        if not err[i] >= EXACT_REBUILD_BELOW * wn[i]:
+            out.append(None)
+            continue
+        rel = err[i] / wn[i] if wn[i] > 0 else (0.0 if err[i] == 0 else float("inf"))
+        drel = None if dn is None else (err[i] / dn[i] if dn[i] > 0 else (0.0 if err[i] == 0 else float("inf")))
+        out.append((rel, drel))
+    return out
+
+
 def _compute_dtype(logical: str) -> torch.dtype:
     return torch.float64 if logical == "float64" else torch.float32
 
@@ -585,6 +800,7 @@ def _finite_or_none(x: float | None) -> float | None:
 def encode_model(
     entries: list[dict], fits: dict[str, Any], ck: Checkpoint, widths: dict[str, int], *, allow_nonfinite: bool, store_path: str,
     error_budget: budget.Budget | None = None, corrections: dict | None = None, read_ahead: bool = False,
+    stacks: dict | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], list, list]:
     """One model -> (pack rows, per-model dense arrays, errors, delta errors).
 
@@ -592,6 +808,9 @@ def encode_model(
     tensor whose projection misses the budget, a shared tensor this model differs in) gets a
     per-model exception (:func:`uwsfmt.budget.correct`) in ``corrections[name]``; its error
     is then the corrected one.
+
+    Small subspace tensors of one kind are encoded in batches (:func:`_batch_plans`); ``stacks``
+    keeps their stacked means and bases from one model to the next (a dict the caller keeps).
     """
     rows = {p: np.zeros(w, dtype=p) for p, w in widths.items()}
     per_model: dict[str, torch.Tensor] = {}
@@ -599,7 +818,12 @@ def encode_model(
     infos = ck.infos()
     # read each tensor while the previous one is encoded; not with LoRA entries, whose encoder
     # reads the same checkpoint itself (no two reads of one checkpoint at once)
-    names = [e["name"] for e in entries if e["name"] in infos]
+    budgeted = error_budget is not None and corrections is not None
+    batches = _batch_plans(entries, fits, infos, budgeted) if not any(e.get("lora") is not None for e in entries) else []
+    batch_of = {e["name"]: b for b in batches for e in b}
+    batched: dict[str, tuple] = {}  # name -> (result or None, w) once its batch ran
+    stacks = {} if stacks is None else stacks
+    names = [e["name"] for e in entries if e["name"] in infos and e["name"] not in batch_of]
     pos = {nm: i for i, nm in enumerate(names)}
     for nm in names[:2]:
         ck.prefetch(nm)
@@ -623,10 +847,25 @@ def encode_model(
             raise ConflictError(
                 f"{ck.path or ck.id}: tensor {name!r} has shape {list(info.shape)} but the store holds {e['shape']}"
             )
-        at = pos.get(name, -1) if ahead is None else -1
-        if 0 <= at < len(names) - 2:
-            ck.prefetch(names[at + 2])  # the kernel reads two tensors ahead while this one is encoded
-        w = ck.get(name) if ahead is None else next(ahead)
+        group = batch_of.get(name)
+        if group is not None:  # read the batch's tensors of this model, encode them together
+            if name not in batched:
+                ws = [ck.get(x["name"]) for x in group]
+                for x, res, wx in zip(group, _encode_batch(group, ws, _stacked(group, fits, stacks), rows), ws):
+                    batched[x["name"]] = (res, wx)
+            res, w = batched.pop(name)
+            if res is not None:
+                rel, drel = res
+                if not math.isfinite(rel) and not _check_finite(w, name, ck):
+                    raise _nonfinite_error(name, ck) if not allow_nonfinite else _projected_nonfinite_error(name, ck)
+                errs.append(_finite_or_none(rel))
+                derrs.append(_finite_or_none(drel))
+                continue
+        else:
+            at = pos.get(name, -1) if ahead is None else -1
+            if 0 <= at < len(names) - 2:
+                ck.prefetch(names[at + 2])  # the kernel reads two tensors ahead while this one is encoded
+            w = ck.get(name) if ahead is None else next(ahead)
         if enc != "subspace" and not allow_nonfinite and not _check_finite(w, name, ck):
             raise _nonfinite_error(name, ck)
         if enc == "shared":
@@ -656,10 +895,7 @@ def encode_model(
             with linalg.threads_for(w.numel()):
                 rel, drel = _encode_subspace(e, fits[name], w, rows, keep)
             if not math.isfinite(rel) and not _check_finite(w, name, ck):  # NaN/Inf in W make the error NaN or Inf: one pass saved
-                raise _nonfinite_error(name, ck) if not allow_nonfinite else SourceError(
-                    f"{ck.path or ck.id}: tensor {name!r} of model {ck.id!r} has NaN/Inf but is a subspace tensor in the store; "
-                    "non-finite values cannot be projected. Rebuild the store including this model with allow_nonfinite=True."
-                )
+                raise _nonfinite_error(name, ck) if not allow_nonfinite else _projected_nonfinite_error(name, ck)
             if keep is not None and not budget.meets(error_budget, keep["error"], keep["wn"], keep["dn"], e["dtype"]):
                 corrections[name] = fix = budget.correct(w, keep["rebuilt"], e["dtype"], error_budget, rel, keep["dn"])
                 rel, drel = fix.error, fix.delta_error
@@ -832,6 +1068,8 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
 
     # the next tensors' bytes come from disk while this one is computed (cold builds)
     ahead = overlap.Lookahead(cks, [(tp.name, _model_bytes(tp)) for tp in fam.tensors])
+    fit_batches = _fit_batches(fam.tensors, s, dev)  # small same-kind tensors: pass 1 in batches
+    batch_fits: dict[str, tuple] = {}
     try:
         for j, (tp, node) in enumerate(zip(fam.tensors, nodes)):
             ahead.advance(j)
@@ -849,8 +1087,13 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                 e.update(encoding="subspace", reason=reason, lora=lora_enc.entry_record(tp))
                 fits[tp.name] = fit
             elif enc == "subspace":
-                with linalg.threads_for(math.prod(tp.shape)):
-                    enc, fit, reason = _fit_tensor(tp, cks, _tensor_settings(s, tp), dev, base, prog)
+                if tp.name in fit_batches and tp.name not in batch_fits:  # this tensor's batch: all of it at once
+                    batch_fits.update(_fit_batch(fit_batches[tp.name], cks, s, dev, base, prog))
+                if tp.name in batch_fits:
+                    enc, fit, reason = batch_fits.pop(tp.name)
+                else:
+                    with linalg.threads_for(math.prod(tp.shape)):
+                        enc, fit, reason = _fit_tensor(tp, cks, _tensor_settings(s, tp), dev, base, prog)
                 e["shape"] = list(tp.shape)
                 ts = _tensor_settings(s, tp)
                 if enc == "subspace" and s.error_budget is not None:
@@ -889,11 +1132,12 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
         pack_arrays = {p: layout.create_pack(zstore, p, N, w) for p, w in packs.widths.items() if w > 0}
         manifest_packs = {p: {"path": layout.pack_path(p), "dtype": p, "width": w} for p, w in packs.widths.items() if w > 0}
         models = []
+        stacks: dict = {}  # pass 2's stacked means and bases of small same-kind tensors, for every model
         for i, ck in enumerate(cks):
             fixes: dict = {}
             rows, per_model, errs, derrs = encode_model(entries, fits, ck, packs.widths, allow_nonfinite=s.allow_nonfinite, store_path=path,
                                                         error_budget=s.error_budget, corrections=fixes,
-                                                        read_ahead=overlap.useful(dev))
+                                                        read_ahead=overlap.useful(dev), stacks=stacks)
             for p, arr in pack_arrays.items():  # one shard per row, one writer thread: no shard has two writers
                 wb.submit(arr.__setitem__, (i, slice(None)), rows[p])
             for name, w in per_model.items():
