@@ -475,7 +475,8 @@ def _fit_batch(group: list[TensorPlan], cks: list[Checkpoint], s: Settings, dev:
         for t in live:
             name = names[t]
             if identical[t] and len(cks) > 1 and _override(name, ts.encodings) != "subspace":
-                out[name] = ("shared", first[t].reshape(group[t].shape).clone(), "bit-identical in every model")
+                # on the CPU, as read (like _fit_tensor's): pass 2 compares each model's copy with it
+                out[name] = ("shared", first[t].reshape(group[t].shape).to("cpu", copy=True), "bit-identical in every model")
                 continue
             stats = linalg.GramStats(count=len(cks), reference=ref[t], delta_sum=delta_sum[t],
                                      left=None if gl is None else gl[t], right=None if gr is None else gr[t], sq_norm=sqs[t])
