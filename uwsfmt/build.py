@@ -261,6 +261,10 @@ def plan(sources, *, format: str | None = None, **settings) -> dict:
 # ---------------------------------------------------------------------------- helpers
 
 
+#: bytes compared before the rest in :func:`_same_bits`
+_SAME_BITS_HEAD = 4096
+
+
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
@@ -268,10 +272,6 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     # fine-tunes almost always differ in their first values: a full-size pass only for likely twins
     head = min(x.numel(), _SAME_BITS_HEAD)
     return torch.equal(x[:head], y[:head]) and torch.equal(x[head:], y[head:])
-
-
-#: bytes compared before the rest in :func:`_same_bits`
-_SAME_BITS_HEAD = 4096
 
 
 def _check_finite(w: torch.Tensor, name: str, ck: Checkpoint) -> bool:
@@ -380,6 +380,7 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
     return "subspace", fit, "float matrix"
 
 
+#: integer dtype of each element size: bit patterns of a batch compared in one pass
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 #: stacked statistics of one pass-1 batch are kept under this many bytes (sums and Grams, float64)
 BATCH_STATS_BYTES = 256 << 20
