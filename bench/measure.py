@@ -80,22 +80,30 @@ def quality(store: Store, fam=None) -> dict:
     return out
 
 
-def build(fam, out: str, settings: dict, device: str, *, cold: bool = False) -> dict:
-    """Convert the family with ``settings``; wall time, size ratio, quality. ``cold``: also time
-    a second build that starts with the checkpoints dropped from the page cache (``cold_seconds``),
-    the fair comparison with reading them cold."""
+def build(fam, out: str, settings: dict, device: str, *, cold_repeats: int = 0) -> dict:
+    """Convert the family with ``settings``; wall time, size ratio, quality. ``cold_repeats``:
+    also that many pairs of (read every checkpoint once, build), each from a page cache with the
+    checkpoints dropped, one right after the other: how long the kernel takes to read the same
+    files moves by 30% within an hour on a shared machine, so each build is compared with the
+    read next to it (``cold_ratio``: the median of the pairs' ratios)."""
     # each timed build writes a new store: deleting the previous run's (about a second for 400 MB on
     # this ext4 with online discard) is not part of converting checkpoints
     shutil.rmtree(out, ignore_errors=True)
     secs = timed(lambda: uwsfmt.convert(fam.paths, out, device=device, **settings), device)
-    cold_secs = None
-    if cold:
+    reads, builds = [], []
+    for _ in range(cold_repeats):
+        reads.append(read_once(fam.weights, cold=True))
         shutil.rmtree(out, ignore_errors=True)
         drop_cache(fam.weights)
-        cold_secs = timed(lambda: uwsfmt.convert(fam.paths, out, device=device, **settings), device)
+        builds.append(timed(lambda: uwsfmt.convert(fam.paths, out, device=device, **settings), device))
+    cold = {}
+    if builds:
+        cold = {"cold_seconds": statistics.median(builds), "cold_read_seconds": statistics.median(reads),
+                "cold_ratio": statistics.median(b / r for b, r in zip(builds, reads)),
+                "cold_pairs": [{"build_s": b, "read_s": r} for b, r in zip(builds, reads)]}
     with uwsfmt.open(out) as store:
         size = dir_bytes(out)
-        return {"settings": settings, "seconds": secs, "cold_seconds": cold_secs, "store_bytes": size, "source_bytes": fam.source_bytes,
+        return {"settings": settings, "seconds": secs, "cold_seconds": None, **cold, "store_bytes": size, "source_bytes": fam.source_bytes,
                 "size_ratio": size / fam.source_bytes, **quality(store, fam)}
 
 

@@ -52,7 +52,7 @@ def main(path: str) -> None:
         ro = f["read_once"]
         for bname, b in f["builds"].items():
             acc = f"{b['accuracy_drop_mean']:+.2f} / {b['accuracy_drop_max']:+.2f}" if "accuracy_drop_mean" in b else ""
-            cold = (f"{fmt_s(b['cold_seconds'])}: {b['ratio_cold']:.1f}x (read {fmt_s(ro['cold_s'])})"
+            cold = (f"{fmt_s(b['cold_seconds'])}: {b['ratio_cold']:.1f}x (read {fmt_s(b.get('cold_read_seconds') or ro['cold_s'])})"
                     if b.get("ratio_cold") else "")
             body.append([name, f"{bname} `{json.dumps(b['settings'])}`", fmt_s(b["seconds"]),
                          f"{b['ratio_warm']:.0f}x (read {fmt_s(ro['warm_s'])})", cold,
