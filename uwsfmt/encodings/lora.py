@@ -501,7 +501,7 @@ def read(store, entries: list[dict], idx: int, rows: dict[str, torch.Tensor], de
     for key, group in groups.items():
         _, left, right = store._group_arrays(("lora",) + _group_key(group[0]) + tuple(x["name"] for x in group), group, dev)
         cshape = group[0]["coefficients"]["shape"]
-        c = torch.stack([take(rows, x["coefficients"]).reshape(cshape) for x in group]).to(dev, torch.float64)
+        cw = torch.stack([take(rows, x["coefficients"]).reshape(cshape) for x in group]).to(dev)  # as stored
         kl, kr = key[1][0] or 0, key[1][1] or 0
         k = min(kl, kr)
         todo = []  # (entry, its rank, its dtype, basis factors?) for the modules this adapter has
@@ -514,26 +514,28 @@ def read(store, entries: list[dict], idx: int, rows: dict[str, torch.Tensor], de
             todo.append((i, e, rk, want, rk == k and want in BASIS_FACTOR_DTYPES))
         # the k x k factorisations in float64; the out x k and k x in products in the bases' compute
         # dtype (float64 products of the wide bases were most of a read's time and memory traffic)
-        direct = into is not None and k > 0 and c.numel() > 0
+        direct = into is not None and k > 0 and cw.numel() > 0
         if any(not plain for *_, plain in todo):
+            c = cw.to(torch.float64)
             if direct:  # per factor, one GEMM into the caller's tensor
                 xb, xa = (x.to(left.dtype) for x in factor_cores(c, k))
             else:
                 bb, aa = factors(left, right, c, k, dtype=left.dtype)
+        cs = cw.to(left.dtype)  # the cores in the bases' dtype, for the basis factors (one conversion)
+        rt = right.transpose(1, 2)
         for i, e, rk, want, plain in todo:
             rec = e["lora"]
             b_shape, a_shape = [e["view"][0], rk] + rec["b_tail"], [rk] + rec["a_tail"]
             if plain:  # one factor is the store's basis itself, the other its product with the core
-                ci = c[i].to(left.dtype)
                 if kl <= kr:
                     out[rec["b"]] = _product_into(into, rec["b"], b_shape, left[i], None, want)
-                    out[rec["a"]] = _product_into(into, rec["a"], a_shape, ci, right[i].T, want)
+                    out[rec["a"]] = _product_into(into, rec["a"], a_shape, cs[i], rt[i], want)
                 else:
-                    out[rec["b"]] = _product_into(into, rec["b"], b_shape, left[i], ci, want)
-                    out[rec["a"]] = _product_into(into, rec["a"], a_shape, right[i].T, None, want)
+                    out[rec["b"]] = _product_into(into, rec["b"], b_shape, left[i], cs[i], want)
+                    out[rec["a"]] = _product_into(into, rec["a"], a_shape, rt[i], None, want)
             elif direct:
                 out[rec["b"]] = _product_into(into, rec["b"], b_shape, left[i], xb[i, :, :rk], want)
-                out[rec["a"]] = _product_into(into, rec["a"], a_shape, xa[i, :rk], right[i].T, want)
+                out[rec["a"]] = _product_into(into, rec["a"], a_shape, xa[i, :rk], rt[i], want)
             else:
                 out[rec["a"]] = aa[i, :rk].reshape(a_shape).to(want).contiguous()
                 out[rec["b"]] = bb[i, :, :rk].reshape(b_shape).to(want).contiguous()
