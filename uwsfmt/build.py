@@ -759,21 +759,8 @@ def _encode_batch(group: list[dict], ws: list[torch.Tensor], st: subspace.Prepar
         wn = torch.linalg.vector_norm(w.reshape(g, -1), dim=1, dtype=torch.float64)
         d = w.sub_(st.mean) if st.mean is not None else w  # w is a fresh stack: in place
         dn = torch.linalg.vector_norm(d.reshape(g, -1), dim=1, dtype=torch.float64) if st.mean is not None else None
-        c = d
-        if st.left is not None:
-            c = torch.bmm(st.left.transpose(1, 2), c)
-        if st.right is not None:
-            c = torch.bmm(c, st.right)
-        c = c.to(torch.float32)
-        cc = c.to(st.cdt)
-        if st.left is not None and st.right is not None:
-            d.baddbmm_(torch.bmm(st.left, cc), st.right.transpose(1, 2), alpha=-1)
-        elif st.left is not None:
-            d.baddbmm_(st.left, cc, alpha=-1)
-        elif st.right is not None:
-            d.baddbmm_(cc, st.right.transpose(1, 2), alpha=-1)
-        else:
-            d.sub_(cc.reshape(d.shape))
+        c = linalg.project(d, st.left, st.right).to(torch.float32)
+        subspace.subtract_expansion(st, c, d)
         err = torch.linalg.vector_norm(d.reshape(g, -1), dim=1, dtype=torch.float64)
     flat = c.reshape(g, -1).cpu().numpy()
     wn, err = wn.tolist(), err.tolist()

@@ -249,10 +249,10 @@ def choose_rank(
 
 
 def project(d: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
-    """Coefficients C = L^T D R (absent side = identity)."""
+    """Coefficients C = L^T D R (absent side = identity); also batched (stacked along a leading dimension)."""
     c = d
     if left is not None:
-        c = left.T @ c
+        c = left.mT @ c
     if right is not None:
         c = c @ right
     return c

@@ -138,14 +138,16 @@ def prepared(fit: Fit, cdt: torch.dtype) -> Prepared:
 
 
 def subtract_expansion(p: Prepared, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """D - L @ C @ R^T in place in ``d`` (compute dtype): the part of D the coefficients miss."""
+    """D - L @ C @ R^T in place in ``d`` (compute dtype): the part of D the coefficients miss.
+    Also for a batch: ``d``, ``c`` and the prepared arrays stacked along a leading dimension."""
     w = c.to(p.cdt)
+    sub_product = d.baddbmm_ if d.dim() == 3 else d.addmm_
     if p.left is not None and p.right is not None:
-        return d.addmm_(p.left @ w, p.right.T, alpha=-1)
+        return sub_product(p.left @ w, p.right.mT, alpha=-1)
     if p.left is not None:
-        return d.addmm_(p.left, w, alpha=-1)
+        return sub_product(p.left, w, alpha=-1)
     if p.right is not None:
-        return d.addmm_(w, p.right.T, alpha=-1)
+        return sub_product(w, p.right.mT, alpha=-1)
     return d.sub_(w.reshape(d.shape))
 
 
