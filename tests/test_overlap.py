@@ -177,27 +177,59 @@ if allocator._glibc() is None:
     print("skip"); sys.exit()
 outside = faults()
 with allocator.reuse_freed_memory() as changed:
-    with allocator.reuse_freed_memory():  # nested: the outer one owns the settings
-        pass
-    depth = allocator._depth
     inside = faults()
-print(changed, depth, allocator._depth, outside, inside, faults())
+print(changed, outside, inside)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings")
-def test_reuse_freed_memory_saves_page_faults_and_resets():
+def test_reuse_freed_memory_saves_page_faults():
     # page faults are counted per process: measured in a fresh one, where no thread or heap
-    # state left by other tests can add to them
+    # state left by other tests can add to them. Only the effect inside is asserted: what glibc
+    # does after the reset depends on where the kernel placed the heap (when the heap cannot grow
+    # in place, glibc maps a non-contiguous top that malloc_trim cannot hand back, and later
+    # blocks are served from it: seen in 1 of 6 runs). The reset itself is pinned below.
     env = {k: v for k, v in os.environ.items() if k != "UWSFMT_MALLOPT"}
     out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, env=env, check=True).stdout.split()
     if out == ["skip"]:
         pytest.skip("not glibc, or the allocator is configured by the environment")
-    changed, depth, depth_after = out[:3]
-    outside, inside, after = map(int, out[3:])
-    assert (changed, depth, depth_after) == ("True", "1", "0")
-    assert inside * 3 < outside, (inside, outside)  # the block is reused: it faults once, not every time
-    assert after * 3 > outside, (after, outside)  # afterwards: back to mapping it fresh each time
+    changed, outside, inside = out[0], *map(int, out[1:])
+    assert changed == "True"
+    assert outside > 8 * (64 << 20) // 4096 // 2, outside  # outside: a fresh mapping (one fault per page) every time
+    assert inside * 3 < outside, (inside, outside)  # the block is reused: it faults once or twice, not every time
+
+
+class _FakeLibc:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_reuse_freed_memory_sets_once_and_resets_after_the_outermost(monkeypatch):
+    from uwsfmt import allocator
+
+    libc = _FakeLibc()
+    monkeypatch.setattr(allocator, "_glibc", lambda: libc)
+    during = [("mallopt", allocator.M_MMAP_THRESHOLD, allocator.DURING), ("mallopt", allocator.M_TRIM_THRESHOLD, allocator.DURING)]
+    after = [("mallopt", allocator.M_MMAP_THRESHOLD, allocator.AFTER_MMAP), ("mallopt", allocator.M_TRIM_THRESHOLD, allocator.AFTER_TRIM),
+             ("malloc_trim", 0)]
+    with allocator.reuse_freed_memory() as changed:
+        assert changed is True and libc.calls == during
+        with allocator.reuse_freed_memory() as inner:  # nested: the outer one owns the settings
+            assert inner is True and libc.calls == during
+        assert libc.calls == during and allocator._depth == 1
+    assert libc.calls == during + after and allocator._depth == 0
+    libc.calls.clear()
+    with pytest.raises(KeyError), allocator.reuse_freed_memory():  # an error in the body still resets
+        raise KeyError("x")
+    assert libc.calls == during + after and allocator._depth == 0
 
 
 def test_reuse_freed_memory_leaves_a_configured_allocator_alone(monkeypatch):
