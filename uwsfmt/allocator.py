@@ -13,9 +13,10 @@ because the per-tensor temporaries still faulted.
 :func:`reuse_freed_memory` raises both thresholds for the duration of a build. It cannot
 restore glibc's adaptive mode (``mallopt`` switches it off for good), so afterwards it sets the
 ceilings that mode reaches on its own in a process that handles tensors of 32 MiB (mmap 32 MiB,
-trim 64 MiB) and returns the free memory it can to the kernel (``malloc_trim``; a heap top that
-glibc had to map apart from the program break, when the break could not grow in place, stays
-mapped and serves later blocks). Nothing is changed
+trim 64 MiB) and returns the free memory to the kernel (``malloc_trim``). Blocks freed below
+memory still in use stay in glibc's free lists (trimming shortens the heap from its top only;
+their pages are released and fault again on first use) and serve later requests of their size
+before a fresh mapping is considered. Nothing is changed
 where the C library is not glibc, or where the user tuned the allocator (``MALLOC_*_``
 variables, ``GLIBC_TUNABLES`` malloc settings), or with ``UWSFMT_MALLOPT=0``.
 """
