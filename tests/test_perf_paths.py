@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from safetensors.torch import save_file
 
 import uwsfmt
-from uwsfmt import linalg
+from uwsfmt import build, linalg
 from uwsfmt.families import lora_family, synthetic_family, write_peft_family
 from uwsfmt.shards import row_reader
 
@@ -147,12 +148,26 @@ def test_gram_ritz_equals_explicit_gram(center):
     us = {side: torch.randn(q.shape[0], 2, generator=g, dtype=torch.float64) for side, q in qs.items()}
     us = {side: u - qs[side] @ (qs[side].T @ u) for side, u in us.items()}
     ritz = linalg.GramRitz(12, 9, qs, us, ref)
+    # centring "mean" also from deltas against another reference (the build uses the mean as
+    # readers store it, float32), given the family mean minus that reference
+    other = (sum(ws) / len(ws)).to(torch.float32).to(torch.float64) if center == "mean" else None
+    at_other = None if other is None else linalg.GramRitz(12, 9, qs, us, other, keep=True,
+                                                          mean_offset=sum(ws) / len(ws) - other)
     for w in ws:
         st.add(w)
         sums.add(w)
         ritz.add(w)
+        if at_other is not None:
+            at_other.add(w)
     _, gl, gr = st.center(center)
     got = ritz.centred(center, sums)
+    if at_other is not None:
+        for side, (h, gu) in at_other.centred(center, sums).items():
+            assert torch.allclose(h, got[side][0], rtol=1e-10, atol=1e-9)
+            assert torch.allclose(gu, got[side][1], rtol=1e-10, atol=1e-9)
+        zs, dsq, wsq = at_other.kept[2]
+        assert torch.allclose(zs["left"], (ws[2] - other).T @ qs["left"]) and torch.allclose(zs["right"], (ws[2] - other) @ qs["right"])
+        assert dsq == pytest.approx(float((ws[2] - other).square().sum())) and wsq == pytest.approx(float(ws[2].square().sum()))
     for side, gram in (("left", gl), ("right", gr)):
         h, gu = got[side]
         assert torch.allclose(h, qs[side].T @ gram @ qs[side], rtol=1e-10, atol=1e-9)
@@ -281,11 +296,17 @@ def test_lora_load_into_writes_factors_in_place(tmp_path):
         assert torch.equal(half.get(k), v.to(torch.bfloat16)), k
 
 
-@pytest.mark.parametrize("mode", ["left", "right", "both", "flat"])
-def test_recorded_errors_are_what_readers_get(tmp_path, mode):
+@pytest.mark.parametrize("mode,basis", [("left", "exact"), ("right", "exact"), ("both", "exact"), ("flat", "exact"),
+                                        ("left", "sketch"), ("right", "sketch")])
+def test_recorded_errors_are_what_readers_get(tmp_path, monkeypatch, mode, basis):
     # lossy float32 (the cheap E = D - L C path), near-lossless float32 and float64 (the
     # reader's own rebuild below 1e-4), residuals and bfloat16 (always the reader's rebuild);
-    # three tensors of one shape, so that pass 2 also encodes them as a batch
+    # three tensors of one shape, so that pass 2 also encodes them as a batch. With the sketch,
+    # one-sided lossy float32/float64 tensors get coefficients and errors from pass 1 (the
+    # norms' difference); the near-lossless ones fall back to pass 2's rebuild.
+    encoded = []
+    real = build._encode_subspace
+    monkeypatch.setattr(build, "_encode_subspace", lambda e, *a, **k: encoded.append(e["name"]) or real(e, *a, **k))
     shapes = {"w": (128, 96), "v": (128, 96), "u": (128, 96)}
     fam = synthetic_family(n_models=5, shapes=shapes, rank=5, noise=1e-2, extra=False, seed=3)
     tiny = synthetic_family(n_models=5, shapes=shapes, rank=3, noise=1e-9, extra=False, seed=4)
@@ -296,7 +317,12 @@ def test_recorded_errors_are_what_readers_get(tmp_path, mode):
         cases.append((fam, {"rank": 1, "residual_bits": 4}))
     paths = set()
     for f, kw in cases:
-        st = uwsfmt.convert(f, tmp_path / "s.uws", overwrite=True, mode=mode, min_numel=256, **kw)
+        encoded.clear()
+        st = uwsfmt.convert(f, tmp_path / "s.uws", overwrite=True, mode=mode, min_numel=256, basis=basis, **kw)
+        if basis == "sketch":
+            assert all(st.tensor_entry(x)["basis"]["method"] == "sketch" for x in shapes)
+            # pass 2 encodes a tensor only where pass 1 could not: bfloat16, residuals, tiny errors
+            assert bool(encoded) == (f is tiny or f is fam16 or "residual_bits" in kw)
         for j, name in enumerate(st.tensor_names):
             mean = torch.from_numpy(zarr.open_array(str(tmp_path / "s.uws"), path=st.tensor_entry(name)["mean"], mode="r")[...])
             for i, (mid, sd) in enumerate(f.items()):
@@ -308,6 +334,37 @@ def test_recorded_errors_are_what_readers_get(tmp_path, mode):
                 paths.add(st.errors()[i, j] >= 1e-4)
         st.close()
     assert paths == {True, False}  # both ways of measuring were exercised
+
+
+def test_coefficients_from_pass_1_equal_pass_2(tmp_path, monkeypatch, noisy_family):
+    """Sketched one-sided tensors take their coefficients and errors from the last sketch sweep
+    while the holding limit allows: the same store as pass 2 computes (to float32 rounding), for
+    every centring that has a mean, and partly held when the limit is reached mid-build."""
+    base = str(tmp_path / "base.safetensors")
+    save_file({k: v.contiguous() for k, v in next(iter(noisy_family.values())).items()}, base)
+    held = []
+    real = build._coefficients_from_ritz
+    monkeypatch.setattr(build, "_coefficients_from_ritz", lambda fit, *a: held.append(fit) or real(fit, *a))
+    for center in ("mean", "base"):
+        kw = {"rank": 4, "basis": "sketch", "center": center, "base": base if center == "base" else None}
+        monkeypatch.setattr(build, "KEEP_COEFFICIENTS_BYTES", 0)
+        plain = uwsfmt.convert(noisy_family, tmp_path / f"plain-{center}.uws", **kw)
+        assert not held
+        # all; room for "a"'s sweep (10 models x (4 + 16) columns x 512) but not for "b"'s after it
+        for limit in (1 << 30, 10 * 20 * 512 * 4):
+            monkeypatch.setattr(build, "KEEP_COEFFICIENTS_BYTES", limit)
+            st = uwsfmt.convert(noisy_family, tmp_path / f"kept-{center}-{limit}.uws", **kw)
+            assert len(held) == (2 if limit > 1 << 20 else 1)
+            held.clear()
+            for name in ("a", "b"):
+                j = st.tensor_names.index(name)
+                assert st.tensor_entry(name)["basis"] == plain.tensor_entry(name)["basis"]
+                np.testing.assert_allclose(st.errors()[:, j], plain.errors()[:, j], rtol=1e-6)
+                np.testing.assert_allclose(st.errors("delta_error")[:, j], plain.errors("delta_error")[:, j], rtol=1e-6)
+                for mid, sd in noisy_family.items():
+                    got, want = st.tensor(mid, name), plain.tensor(mid, name)
+                    # the same rebuild, to rounding: far closer to each other than to the source
+                    assert float((got - want).norm()) <= 1e-4 * float((want - sd[name]).norm()) + 1e-6 * float(sd[name].norm())
 
 
 def test_small_tensors_are_encoded_in_batches_like_one_by_one(tmp_path, monkeypatch):

@@ -324,8 +324,10 @@ class Progress:
 # ---------------------------------------------------------------------------- pass 1
 
 
-def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.device, base: Checkpoint | None, prog: Progress):
-    """Statistics sweep for one tensor -> (final encoding, Fit or shared value, reason)."""
+def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.device, base: Checkpoint | None, prog: Progress,
+                hold: Holdings | None = None):
+    """Statistics sweep for one tensor -> (final encoding, Fit or shared value, reason).
+    ``hold``: memory pass 1 may keep pass-2 results in (see :func:`_coefficients_from_ritz`)."""
     m, n = linalg.matrix_view(tp.shape)
     mode = budget.gram_mode(s.mode, m, n) if s.error_budget is not None else subspace.resolve_mode(s.mode, m, n)
     first = cks[0].get(tp.name)
@@ -370,7 +372,7 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
             basis, spectrum = linalg.flat_basis(q, proj)
             fit = subspace.fit_flat(mean, basis, spectrum, s.choose)
         elif sketch:
-            fit = _fit_sketch(tp, cks, s, dev, st, mode, prog)
+            fit = _fit_sketch(tp, cks, s, dev, st, mode, prog, hold)
             del st
         else:
             fit = subspace.fit_gram(st, mode=mode, center=s.center, choose=s.choose)
@@ -534,11 +536,15 @@ def _sweep(cks: list[Checkpoint], name: str, dev: torch.device, stats, prog: Pro
 
 
 def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.device, sk: linalg.GramSketch, mode: str,
-                prog: Progress) -> subspace.Fit:
+                prog: Progress, hold: Holdings | None = None) -> subspace.Fit:
     """Bases from a randomised range finder: orthonormalise the sketch G X, refine with
     ``sketch_power - 1`` power sweeps, then a last sweep gives G Q (exact energies of the found
     directions, Rayleigh-Ritz) and G P for fresh probes P (the a-posteriori check). Falls back to
-    the exact Gram when the check fails or tau is not met within the sketched directions."""
+    the exact Gram when the check fails or tau is not met within the sketched directions.
+
+    The last sweep's deltas are taken against the mean readers use (centring "mean"; the base
+    for "base"), so that where ``hold`` has room it also keeps what pass 2 would compute for a
+    one-sided tensor: every model's coefficients and error (:func:`_coefficients_from_ritz`)."""
     m, n = linalg.matrix_view(tp.shape)
     mean, ys, total = sk.products(s.center)
     qs = {side: linalg.orthonormal_columns(y) for side, y in ys.items()}
@@ -549,9 +555,30 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
     for i, (side, q) in enumerate(qs.items()):
         p = linalg.sketch_test_matrix(q.shape[0], SKETCH_PROBES, s.seed, dev, salt=20 + i)
         probes[side] = p - q @ (q.T @ p)  # the probes' parts outside span(Q)
-    last = _sweep(cks, tp.name, dev, linalg.GramRitz(m, n, qs, probes, sk.reference_c), prog).centred(s.center, sk)
+    held = 0
+    if _can_keep_coefficients(tp, s, mode) and hold is not None:
+        t = next(iter(qs.values())).shape[1]
+        held = len(cks) * t * max(m, n) * torch.finfo(sk.cdt).bits // 8
+        held = held if hold.take(held) else 0
+    if s.center == "mean":
+        # the mean as readers get it (stored in _mean_dtype, computed in the compute dtype), and the
+        # family's exact mean minus it (its rounding) for the centring
+        mean64, mean = mean, mean.to(_mean_dtype(tp.dtype))
+        centre = mean.to(sk.cdt)
+        ritz = linalg.GramRitz(m, n, qs, probes, centre, keep=held > 0,
+                               mean_offset=torch.sub(mean64, centre, out=torch.empty_like(centre)))
+        del mean64
+    else:
+        ritz = linalg.GramRitz(m, n, qs, probes, sk.reference_c, keep=held > 0)
+    try:
+        last = _sweep(cks, tp.name, dev, ritz, prog).centred(s.center, sk)
+    except BaseException:
+        if held:
+            hold.release(held)
+        raise
     fit = subspace.Fit(mode, s.center, mean, None, None,
                        method={"method": "sketch", "columns": {}, "power_sweeps": s.sketch_power, "check": {}})
+    coords = {}
     for side, q in qs.items():
         t = q.shape[1]
         res = linalg.ritz_from_h(q, last[side][0], probes[side], last[side][1], total)
@@ -564,6 +591,9 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
         elif not check["ok"]:
             why = f"{side}: a-posteriori check failed (a missed direction could lower the error by more than {s.sketch_tolerance:.0%})"
         if why:
+            ritz.kept.clear()
+            if held:
+                hold.release(held)
             exact = _sweep(cks, tp.name, dev, linalg.GramStats.empty(
                 m, n, left=mode in ("left", "both"), right=mode in ("right", "both"), reference=sk.reference), prog)
             fit = subspace.fit_gram(exact, mode=mode, center=s.center, choose=s.choose)
@@ -574,11 +604,85 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
         fit.method["columns"][side] = t
         fit.method["check"][side] = check
         basis = res.vectors[:, :k].to(torch.float32)
+        coords[side] = res.coords[:, :k]
         if side == "left":
             fit.left = basis
         else:
             fit.right = basis
+    if held:
+        fit.precomputed = _coefficients_from_ritz(fit, ritz.kept, coords)
+        ritz.kept.clear()
+        now = sum(c.numel() * c.element_size() for c, _, _ in filter(None, fit.precomputed))
+        hold.release(held - now)
+        fit.held = now
     return fit
+
+
+#: pass 1 keeps pass-2 results (coefficients) of sketched tensors up to this many bytes in all
+KEEP_COEFFICIENTS_BYTES = 128 << 20
+#: the error from norms (below) is used when err^2 >= this * ||W - M||^2: its rounding, ~1e-9
+#: of ||W - M||^2, then moves the error by at most ~5e-8 relative
+NORM_ERROR_MIN_RATIO = 1e-2
+
+
+class Holdings:
+    """Bytes pass 1 may still keep for pass 2 (thread-safe; :data:`KEEP_COEFFICIENTS_BYTES`)."""
+
+    def __init__(self, limit: int | None = None):
+        self.left = KEEP_COEFFICIENTS_BYTES if limit is None else limit
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> bool:
+        with self._lock:
+            if nbytes > self.left:
+                return False
+            self.left -= nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self.left += nbytes
+
+
+def _can_keep_coefficients(tp: TensorPlan, s: Settings, mode: str) -> bool:
+    """Whether the sketch's last sweep can stand in for pass 2 of ``tp``: a one-sided basis, the
+    mean or the base subtracted, the source already in the compute dtype (no cast to round back),
+    no error budget and no residual (both need the rebuild itself)."""
+    return (mode in ("left", "right") and s.center in ("mean", "base") and tp.dtype in ("float32", "float64")
+            and s.error_budget is None and not s.residual_bits)
+
+
+def _coefficients_from_ritz(fit: subspace.Fit, kept: list, coords: dict[str, torch.Tensor]) -> list:
+    """Every model's (coefficients, error, delta error) from the last sketch sweep, or None for a
+    model whose error pass 2 must measure on the rebuild.
+
+    The sweep kept Z_i = Q^T D_i (D_i = W_i - M, M the readers' mean) with ||D_i||^2 and
+    ||W_i||^2. With the basis L = Q V (V: ``coords``), C_i = V^T Z_i (float64, then stored as
+    float32: C_s), and the error of what readers rebuild, ||D_i - L C_s||^2 = ||D_i||^2 -
+    2 <C_s, L^T D_i> + C_s^T (L^T L) C_s, with L the stored float32 basis (so its rounding and
+    that of C_s are accounted for). The difference loses ||D_i||^2's rounding (~1e-9 relative,
+    :func:`uwsfmt.linalg.sq_norm`) relative to the error's square, so it is used only when that
+    is at least :data:`NORM_ERROR_MIN_RATIO` of ||D_i||^2, and, as pass 2 does, when the error is
+    at least :data:`EXACT_REBUILD_BELOW` of ||W_i|| (the reader's own rounding)."""
+    side = "left" if fit.left is not None else "right"
+    basis = (fit.left if side == "left" else fit.right).to(torch.float64)
+    gram = basis.T @ basis
+    v = coords[side]
+    out = []
+    for zs, dsq, wsq in kept:
+        z = zs[side].to(torch.float64)
+        c64 = (z @ v).T if side == "left" else z @ v  # k x n (left), m x k (right): as linalg.project
+        cs = c64.to(torch.float32)
+        c = cs.to(torch.float64)
+        quad = float((c * (gram @ c)).sum()) if side == "left" else float((c * (c @ gram)).sum())
+        esq = dsq - 2.0 * float((c * c64).sum()) + quad
+        wn, dn = math.sqrt(wsq), math.sqrt(dsq)
+        if not (math.isfinite(esq) and esq >= NORM_ERROR_MIN_RATIO * dsq and math.sqrt(esq) >= EXACT_REBUILD_BELOW * wn):
+            out.append(None)
+            continue
+        err = math.sqrt(esq)
+        out.append((cs.contiguous(), err / wn if wn > 0 else float("inf"), err / dn if dn > 0 else float("inf")))
+    return out
 
 
 def _budget_tensor(e: dict, tp: TensorPlan, fit, cks: list[Checkpoint], s: Settings, dev: torch.device, prog: Progress):
@@ -789,7 +893,7 @@ def _finite_or_none(x: float | None) -> float | None:
 def encode_model(
     entries: list[dict], fits: dict[str, Any], ck: Checkpoint, widths: dict[str, int], *, allow_nonfinite: bool, store_path: str,
     error_budget: budget.Budget | None = None, corrections: dict | None = None, read_ahead: bool = False,
-    stacks: dict | None = None,
+    stacks: dict | None = None, index: int | None = None, hold: Holdings | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], list, list]:
     """One model -> (pack rows, per-model dense arrays, errors, delta errors).
 
@@ -800,19 +904,34 @@ def encode_model(
 
     Small subspace tensors of one kind are encoded in batches (:func:`_batch_plans`); ``stacks``
     keeps their stacked means and bases from one model to the next (a dict the caller keeps).
+
+    ``index``: the model's position in the build; a fit holding this model's result from pass 1
+    (:func:`_coefficients_from_ritz`) is used as is, without reading the tensor, and dropped
+    (its bytes given back to ``hold``).
     """
     rows = {p: np.zeros(w, dtype=p) for p, w in widths.items()}
     per_model: dict[str, torch.Tensor] = {}
     errs, derrs = [], []
     infos = ck.infos()
+    done = {}  # name -> this model's (coefficients, error, delta error) found in pass 1
+    for e in entries:
+        fit = fits.get(e["name"])
+        pre = getattr(fit, "precomputed", None) if index is not None else None
+        if pre is not None and e["encoding"] == "subspace" and pre[index] is not None:
+            done[e["name"]] = pre[index]
+            pre[index] = None
+            c = done[e["name"]][0]
+            if hold is not None:
+                hold.release(c.numel() * c.element_size())
+    entries_left = [e for e in entries if e["name"] not in done] if done else entries
     # read each tensor while the previous one is encoded; not with LoRA entries, whose encoder
     # reads the same checkpoint itself (no two reads of one checkpoint at once)
     budgeted = error_budget is not None and corrections is not None
-    batches = _batch_plans(entries, fits, infos, budgeted) if not any(e.get("lora") is not None for e in entries) else []
+    batches = _batch_plans(entries_left, fits, infos, budgeted) if not any(e.get("lora") is not None for e in entries) else []
     batch_of = {e["name"]: b for b in batches for e in b}
     batched: dict[str, tuple] = {}  # name -> (result or None, w) once its batch ran
     stacks = {} if stacks is None else stacks
-    names = [e["name"] for e in entries if e["name"] in infos and e["name"] not in batch_of]
+    names = [e["name"] for e in entries_left if e["name"] in infos and e["name"] not in batch_of]
     pos = {nm: i for i, nm in enumerate(names)}
     for nm in names[:2]:
         ck.prefetch(nm)
@@ -836,6 +955,13 @@ def encode_model(
             raise ConflictError(
                 f"{ck.path or ck.id}: tensor {name!r} has shape {list(info.shape)} but the store holds {e['shape']}"
             )
+        if name in done:
+            c, rel, drel = done.pop(name)
+            sl = e["coefficients"]
+            rows[sl["pack"]][sl["offset"]: sl["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
+            errs.append(_finite_or_none(rel))
+            derrs.append(_finite_or_none(drel))
+            continue
         group = batch_of.get(name)
         if group is not None:  # read the batch's tensors of this model, encode them together
             if name not in batched:
@@ -1058,6 +1184,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
     # the next tensors' bytes come from disk while this one is computed (cold builds)
     ahead = overlap.Lookahead(cks, [(tp.name, _model_bytes(tp)) for tp in fam.tensors])
     fit_batches = _fit_batches(fam.tensors, s, dev)  # small same-kind tensors: pass 1 in batches
+    hold = Holdings()  # pass 2's results that pass 1 found on the way (sketched tensors)
     batch_fits: dict[str, tuple] = {}
     try:
         for j, (tp, node) in enumerate(zip(fam.tensors, nodes)):
@@ -1082,7 +1209,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                     enc, fit, reason = batch_fits.pop(tp.name)
                 else:
                     with linalg.threads_for(math.prod(tp.shape)):
-                        enc, fit, reason = _fit_tensor(tp, cks, _tensor_settings(s, tp), dev, base, prog)
+                        enc, fit, reason = _fit_tensor(tp, cks, _tensor_settings(s, tp), dev, base, prog, hold)
                 e["shape"] = list(tp.shape)
                 ts = _tensor_settings(s, tp)
                 if enc == "subspace" and s.error_budget is not None:
@@ -1126,7 +1253,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
             fixes: dict = {}
             rows, per_model, errs, derrs = encode_model(entries, fits, ck, packs.widths, allow_nonfinite=s.allow_nonfinite, store_path=path,
                                                         error_budget=s.error_budget, corrections=fixes,
-                                                        read_ahead=overlap.useful(dev), stacks=stacks)
+                                                        read_ahead=overlap.useful(dev), stacks=stacks, index=i, hold=hold)
             for p, arr in pack_arrays.items():  # one shard per row, one writer thread: no shard has two writers
                 wb.submit(arr.__setitem__, (i, slice(None)), rows[p])
             for name, w in per_model.items():

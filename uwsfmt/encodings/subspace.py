@@ -35,6 +35,10 @@ class Fit:
     spectra: dict[str, torch.Tensor] = field(default_factory=dict)  # side -> full eigenvalues
     kept: dict[str, int] = field(default_factory=dict)
     method: dict = field(default_factory=dict)  # how the bases were found (exact Gram or sketch + its check)
+    #: per model, pass 2's result found in pass 1 (build._coefficients_from_ritz): (coefficients,
+    #: error, delta error), or None; used and dropped by pass 2. ``held``: their bytes.
+    precomputed: list | None = field(default=None, repr=False, compare=False)
+    held: int = field(default=0, repr=False, compare=False)
 
     @property
     def rank(self) -> list[int | None]:
