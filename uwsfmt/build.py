@@ -1175,7 +1175,8 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
     fits: dict[str, Any] = {}
     # overlap: the sources' sha256 on a background thread, array writes behind the compute
     stop = threading.Event()
-    hashes = overlap.Background(lambda: _fingerprints(cks, stop))
+    fingerprints = _Fingerprints(cks, stop)
+    hashes = overlap.Background(fingerprints.work)
     wb = overlap.WriteBehind(enabled=overlap.useful(dev))
 
     def write(path, data):
@@ -1264,6 +1265,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
             if fixes:  # the budget's emulation and pass 2 disagreed by rounding: keep the promise anyway
                 models[-1]["exceptions"] = _write_exceptions(zstore, entries, i, fixes)
             prog.step(ck.id)
+        fingerprints.work()  # the sources the background thread has not reached yet
         hashes.result()
         for rec, ck in zip(models, cks):
             rec["source"] = _source_record(ck)
@@ -1304,12 +1306,23 @@ def _model_bytes(tp: TensorPlan) -> int:
     return math.prod(tp.shape) * dtypes.torch_dtype(tp.dtype).itemsize
 
 
-def _fingerprints(cks: list[Checkpoint], stop: threading.Event) -> None:
-    """Compute (and cache) every source's sha256; stops early when the build does."""
-    for ck in cks:
-        if stop.is_set():
-            return
-        ck.fingerprint()
+class _Fingerprints:
+    """Every source's sha256 (cached on the checkpoint), taken one source at a time by whichever
+    thread asks next: the low-priority background thread during the build, and the build's own
+    thread once its work is done (instead of waiting while a core idles). Stops with ``stop``."""
+
+    def __init__(self, cks: list[Checkpoint], stop: threading.Event):
+        self._todo = iter(cks)
+        self._lock = threading.Lock()
+        self._stop = stop
+
+    def work(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                ck = next(self._todo, None)
+            if ck is None:
+                return
+            ck.fingerprint()
 
 
 def _write_exceptions(zstore, entries: list[dict], idx: int, fixes: dict) -> list[dict]:
