@@ -612,9 +612,7 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
     if held:
         fit.precomputed = _coefficients_from_ritz(fit, ritz.kept, coords)
         ritz.kept.clear()
-        now = sum(c.numel() * c.element_size() for c, _, _ in filter(None, fit.precomputed))
-        hold.release(held - now)
-        fit.held = now
+        hold.release(held - sum(c.numel() * c.element_size() for c, _, _ in filter(None, fit.precomputed)))
     return fit
 
 

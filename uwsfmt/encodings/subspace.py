@@ -36,9 +36,8 @@ class Fit:
     kept: dict[str, int] = field(default_factory=dict)
     method: dict = field(default_factory=dict)  # how the bases were found (exact Gram or sketch + its check)
     #: per model, pass 2's result found in pass 1 (build._coefficients_from_ritz): (coefficients,
-    #: error, delta error), or None; used and dropped by pass 2. ``held``: their bytes.
+    #: error, delta error), or None; used and dropped by pass 2
     precomputed: list | None = field(default=None, repr=False, compare=False)
-    held: int = field(default=0, repr=False, compare=False)
 
     @property
     def rank(self) -> list[int | None]:
