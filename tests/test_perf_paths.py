@@ -114,7 +114,29 @@ def test_gram_sketch_products_equal_explicit_gram(center, dtype):
     assert torch.allclose(prods["left"], gl @ xs["left"], rtol=tol, atol=tol * scale)
     assert torch.allclose(prods["right"], gr @ xs["right"], rtol=tol, atol=tol * scale)
     assert total == pytest.approx(float(torch.trace(gl)), rel=tol)
-    assert (mean is None) == (m2 is None) and (mean is None or torch.allclose(mean, m2, rtol=tol, atol=tol))
+    assert (mean is None) == (m2 is None) and (mean is None or torch.allclose(mean, m2.to(mean.dtype), rtol=tol, atol=tol))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sketch_family_mean_and_its_rounding(dtype):
+    """The sketch's mean in the compute dtype, plus what its rounding left out: together the exact
+    mean, far below that rounding, for a family of fine-tunes (deltas small against the weights)."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(30, 20, generator=g, dtype=torch.float64)
+    ws = [(base + 1e-3 * torch.randn(30, 20, generator=g, dtype=torch.float64)).to(dtype) for _ in range(40)]
+    sk = linalg.GramSketch(30, 20, {}, ws[0])
+    for w in ws:
+        sk.add(w)
+    mc, offset = sk.family_mean()
+    m2, _, _ = sk.products("mean")
+    assert mc.dtype == offset.dtype == dtype and torch.equal(mc, m2)
+    exact = torch.stack([w.to(torch.float64) for w in ws]).mean(0)
+    rounding = float((mc.to(torch.float64) - exact).abs().max())
+    left = float((mc.to(torch.float64) + offset.to(torch.float64) - exact).abs().max())
+    if dtype == torch.float32:
+        assert 1e-8 < rounding < 1e-6 and left <= 0.01 * rounding
+    else:
+        assert rounding < 1e-15 and left < 1e-15
 
 
 @pytest.mark.parametrize("m", [3, 255, 257, 300])

@@ -563,11 +563,13 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
     if s.center == "mean":
         # the mean as readers get it (stored in _mean_dtype, computed in the compute dtype), and the
         # family's exact mean minus it (its rounding) for the centring
-        mean64, mean = mean, mean.to(_mean_dtype(tp.dtype))
+        mean_c, offset = sk.family_mean()
+        mean = mean_c.to(_mean_dtype(tp.dtype))
         centre = mean.to(sk.cdt)
-        ritz = linalg.GramRitz(m, n, qs, probes, centre, keep=held > 0,
-                               mean_offset=torch.sub(mean64, centre, out=torch.empty_like(centre)))
-        del mean64
+        if centre is not mean_c:  # stored in another dtype than computed: its rounding too
+            offset = offset + (mean_c - centre)
+        ritz = linalg.GramRitz(m, n, qs, probes, centre, keep=held > 0, mean_offset=offset)
+        del mean_c
     else:
         ritz = linalg.GramRitz(m, n, qs, probes, sk.reference_c, keep=held > 0)
     try:

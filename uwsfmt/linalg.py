@@ -453,10 +453,13 @@ class GramSketch:
 
     Precision: a sketch only has to find a subspace (the a-posteriori check judges it), so the
     per-model work is done in the *compute dtype* (float32, or float64 for float64 tensors): D_i,
-    its thin GEMMs and its norms. Everything that is summed over models is accumulated in float64:
-    the products, the energies, and the sum of the deltas (float32 partial sums over at most
-    :data:`SUM_BLOCK` models, flushed into float64). Each float64 full-size pass would cost
-    about as much as the GEMMs themselves (measured: 3x the time of the float32 path on 2 cores).
+    its thin GEMMs and its norms. What is summed over models is accumulated in float64: the
+    products, the energies, and the sum of the deltas (float32 partial sums over at most
+    :data:`SUM_BLOCK` models, flushed into float64). Full-size work once per tensor (the mean,
+    the centring) is done in the compute dtype too: each full-size float64 pass costs about as
+    much as a model's GEMMs (measured: the float64 mean and centring took ~12 ms of a 768 x 3072
+    tensor's ~60 ms on 2 cores). The centring's thin product mu^T X comes from the models' own
+    D_i^T X, summed as they go.
 
     >>> ref = torch.zeros(4, 3, dtype=torch.float64)
     >>> sk = GramSketch(4, 3, {"left": torch.eye(4, 2, dtype=torch.float64)}, ref)
@@ -471,39 +474,69 @@ class GramSketch:
                  w_norms: bool = True):
         self.cdt = torch.float64 if reference.dtype == torch.float64 else torch.float32
         self.w_norms = w_norms  # sum ||W_i||^2 too (centring "none" needs it)
-        self.reference = reference.to(torch.float64).reshape(m, n)
-        #: the reference in the compute dtype: pass it (not ``reference``, float64) to the later
-        #: sweeps' GramSketch / GramRitz so that they compute in the same dtype
+        #: the reference as given (no float64 copy); ``reference_c``: in the compute dtype, which
+        #: the later sweeps' GramSketch / GramRitz get so that they compute in the same dtype
+        self.reference = reference.reshape(m, n)
         self.reference_c = reference.to(self.cdt).reshape(m, n)
         dev = self.reference.device
         self.xs = {side: x.to(device=dev, dtype=torch.float64) for side, x in xs.items()}
         self._xs_c = {side: x.to(self.cdt) for side, x in self.xs.items()}
         self.y = {side: torch.zeros_like(x) for side, x in self.xs.items()}
+        #: per side, sum_i D_i^T X (left, n x t) or sum_i D_i X (right, m x t): n mu^T X, for the centring
+        self.v = {side: torch.zeros(n if side == "left" else m, x.shape[1], dtype=torch.float64, device=dev)
+                  for side, x in self.xs.items()}
         self.sums = sums
         self.count = 0
-        self._delta_sum = torch.zeros(m, n, dtype=torch.float64, device=dev) if sums else None
+        self._delta_sum: torch.Tensor | None = None  # float64, from the first flush on (float64 tensors: from the start)
         self._block: torch.Tensor | None = None  # float32 partial sum of the last < SUM_BLOCK deltas
         self._in_block = 0
         self.sq_norm = 0.0  # sum ||W_i||^2
         self.delta_sq = 0.0  # sum ||D_i||^2
-        self._mu: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._mu: torch.Tensor | None = None
+        self._mean: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def mean_delta(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """mu = the mean of the deltas, in float64 and in the compute dtype (cached until the next add)."""
+    def _sum_c(self) -> torch.Tensor:
+        """Sum of the deltas in the compute dtype (the float32 partial sum itself while there is no float64 one)."""
+        if self._delta_sum is None:
+            return self._block if self._block is not None else torch.zeros_like(self.reference_c)
+        self._flush()
+        return self._delta_sum.to(self.cdt)
+
+    def mean_delta(self) -> torch.Tensor:
+        """mu = the mean of the deltas, in the compute dtype (cached until the next add)."""
         if self._mu is None:
-            mu64 = self.delta_sum / max(self.count, 1)
-            self._mu = (mu64, mu64.to(self.cdt))
+            self._mu = self._sum_c().mul(1.0 / max(self.count, 1))
         return self._mu
+
+    def family_mean(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, E): the family mean reference + mu rounded to the compute dtype, and what the
+        rounding left out (the exact mean - M), in the compute dtype. E is exact to far below M's
+        rounding where the deltas are small against the reference (a family of fine-tunes: mu's
+        own rounding is then far below M's); elsewhere to about M's rounding. Three element-wise
+        passes, no float64 copy (cached until the next add)."""
+        if self._mean is None:
+            mu = self.mean_delta()
+            mean = torch.add(self.reference_c, mu)
+            err = torch.sub(mean, self.reference_c)  # what of mu the rounded mean holds (exact for small deltas)
+            self._mean = (mean, torch.sub(mu, err, out=err))
+        return self._mean
 
     @property
     def delta_sum(self) -> torch.Tensor | None:
-        """Sum of the deltas (float64), partial sums included."""
+        """Sum of the deltas (float64), partial sums included; None without sums."""
+        if not self.sums:
+            return None
+        if self._delta_sum is None:
+            return self._sum_c().to(torch.float64)
         self._flush()
         return self._delta_sum
 
     def _flush(self) -> None:
         if self._block is not None and self._in_block:
-            self._delta_sum.add_(self._block)  # cast on the fly: no float64 copy of the block
+            if self._delta_sum is None:
+                self._delta_sum = self._block.to(torch.float64)
+            else:
+                self._delta_sum.add_(self._block)  # cast on the fly: no float64 copy of the block
             self._block.zero_()
             self._in_block = 0
 
@@ -514,13 +547,15 @@ class GramSketch:
         w = w.to(device=self.reference.device).reshape(self.reference.shape)
         d = delta(w, self.reference_c)
         self.count += 1
-        self._mu = None
+        self._mu = self._mean = None
         sq = None
         if self.sums:
             dsq = sq_norm(d)
             if self.w_norms:  # only the uncentred energy ("none") needs it: a pass over W
                 self.sq_norm += sq_norm(w)
             if self.cdt == torch.float64:
+                if self._delta_sum is None:
+                    self._delta_sum = torch.zeros_like(d)
                 self._delta_sum.add_(d)
             else:
                 if self._block is None:
@@ -533,26 +568,36 @@ class GramSketch:
             sq = dsq
         for side, x in self._xs_c.items():
             if side == "left":
-                self.y[side].add_((d @ (d.T @ x)).to(torch.float64))
+                v = tmm(d, x)  # D^T X
+                self.y[side].add_((d @ v).to(torch.float64))
             else:
-                self.y[side].add_(tmm(d, d @ x).to(torch.float64))
+                v = d @ x
+                self.y[side].add_(tmm(d, v).to(torch.float64))
+            self.v[side].add_(v.to(torch.float64))
         return sq
 
     def merge(self, other: GramSketch) -> None:
         if not torch.equal(self.reference, other.reference):
             raise ValueError("GramSketch.merge needs statistics taken against the same reference")
         self.count += other.count
-        self._mu = None
+        self._mu = self._mean = None
         if self.sums:
-            self.delta_sum.add_(other.delta_sum)
+            total = self.delta_sum.add_(other.delta_sum)
+            if self._delta_sum is None:  # the sums were the partial block: now float64 (the block is cleared)
+                self._delta_sum = total
+                if self._block is not None:
+                    self._block.zero_()
+                    self._in_block = 0
             self.sq_norm += other.sq_norm
             self.delta_sq += other.delta_sq
         for side in self.y:
             self.y[side] += other.y[side]
+            self.v[side] += other.v[side]
 
     def products(self, how: str, sums: GramSketch | None = None
                  ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], float]:
-        """(M, {side: G_c X}, total energy trace(G_c)) for the centring ``how``.
+        """(M, {side: G_c X}, total energy trace(G_c)) for the centring ``how``; M: the family
+        mean in the compute dtype (:meth:`family_mean`), the reference, or None.
 
         ``sums``: the sketch holding the sums (this one unless it was built with ``sums=False``).
         The centring terms are thin products with full-size factors (mu, the reference): done in
@@ -560,23 +605,23 @@ class GramSketch:
         """
         s = sums or self
         n = max(s.count, 1)
-        mu64, mu = s.mean_delta()
         ref = self.reference_c
-        sd = s.delta_sum.to(self.cdt) if how == "none" else None
+        mu = s.mean_delta() if how == "mean" else None
+        sd = s._sum_c() if how == "none" else None
         out = {}
         for side, x in self._xs_c.items():
             y = self.y[side]
-            a, r = (mu, ref) if side == "left" else (mu.T, ref.T)
+            a, r = (mu, ref) if side == "left" else (None if mu is None else mu.T, ref.T)
             sdx = None if sd is None else (sd if side == "left" else sd.T)
-            if how == "mean":
-                y = y - n * (a @ tmm(a, x)).to(torch.float64)
+            if how == "mean":  # n mu mu^T X = mu (sum_i D_i^T X)
+                y = y - (a @ self.v[side].to(self.cdt)).to(torch.float64)
             elif how == "none":
                 y = y + (sdx @ tmm(r, x) + r @ tmm(sdx, x) + n * (r @ tmm(r, x))).to(torch.float64)
             elif how != "base":
                 raise ValueError(f"unknown centring {how!r}; use one of {CENTERS}")
             out[side] = y
         if how == "mean":
-            return self.reference + mu64, out, max(s.delta_sq - n * sq_norm(mu64), 0.0)
+            return s.family_mean()[0], out, max(s.delta_sq - n * sq_norm(mu), 0.0)
         if how == "base":
             return self.reference, out, s.delta_sq
         if not s.w_norms:
@@ -613,6 +658,9 @@ class GramRitz:
         self._qu_c = {side: torch.cat([self.qs[side], self.us[side]], 1).to(self.cdt) for side in qs}
         self.h = {side: torch.zeros(q.shape[1], q.shape[1], dtype=torch.float64, device=q.device) for side, q in self.qs.items()}
         self.gu = {side: torch.zeros_like(u) for side, u in self.us.items()}
+        #: per side, sum_i D_i^T [Q, U] (left, n x (t + p)) or sum_i D_i [Q, U] (right): n mu^T [Q, U], for the centring
+        self.zsum = {side: torch.zeros(n if side == "left" else m, qu.shape[1], dtype=torch.float64, device=qu.device)
+                     for side, qu in self._qu_c.items()}
         self.count = 0
         self.keep = keep
         #: per model, with ``keep``: ({side: Z_i}, ||D_i||^2, ||W_i||^2)
@@ -631,7 +679,9 @@ class GramRitz:
             else:
                 zv = d @ qu  # m x (t + p)
                 self.gu[side].add_(tmm(d, zv[:, t:]).to(torch.float64))
-            z = zv[:, :t].to(torch.float64)
+            zv64 = zv.to(torch.float64)
+            self.zsum[side].add_(zv64)
+            z = zv64[:, :t]
             self.h[side].addmm_(z.T, z)
             if self.keep:
                 zs[side] = zv[:, :t].clone()
@@ -648,17 +698,14 @@ class GramRitz:
             q, u, h, gu = self.qs[side], self.us[side], self.h[side], self.gu[side]
             r, sd = (ref, ds) if side == "left" else (ref.T, ds.T)
             if how == "mean":
-                # thin products with the full-size mean offset in the compute dtype, as the per-model ones
-                muc = sums.mean_delta()[1] if self._offset is None else self._offset
-                qu = self._qu_c[side]
+                # with S = sum_i D_i^T [Q, U] = n mu^T [Q, U] (summed as the models went):
+                # n (Q^T mu)(Q^T mu)^T = S_Q^T S_Q / n, and n mu mu^T U = mu S_U, one thin GEMM with
+                # the full-size mean offset (compute dtype)
+                muc = sums.mean_delta() if self._offset is None else self._offset
                 t = q.shape[1]
-                if side == "left":
-                    qm, mu_u = qu[:, :t].T @ muc, muc @ tmm(muc, qu[:, t:])  # Q^T mu (t x n); mu mu^T U
-                else:
-                    qm, mu_u = (muc @ qu[:, :t]).T, tmm(muc, muc @ qu[:, t:])  # (mu Q)^T (t x m); mu^T mu U
-                qm = qm.to(torch.float64)
-                h = h - n * (qm @ qm.T)
-                gu = gu - n * mu_u.to(torch.float64)
+                sq_, su = self.zsum[side][:, :t], self.zsum[side][:, t:].to(self.cdt)
+                h = h - (sq_.T @ sq_) / n
+                gu = gu - (muc @ su if side == "left" else tmm(muc, su)).to(torch.float64)
             elif how == "none":
                 if self._offset is not None:
                     raise ValueError("centring 'none' needs the sweep taken against the sums' reference")
