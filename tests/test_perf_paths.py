@@ -389,6 +389,31 @@ def test_coefficients_from_pass_1_equal_pass_2(tmp_path, monkeypatch, noisy_fami
                     assert float((got - want).norm()) <= 1e-4 * float((want - sd[name]).norm()) + 1e-6 * float(sd[name].norm())
 
 
+def test_sketch_sweeps_reuse_the_first_sweeps_tensors(tmp_path, monkeypatch, noisy_family):
+    """A sketched tensor's later sweeps take the first models' copies as the first sweep read
+    them, up to KEEP_SOURCES_BYTES, and read the rest again: the same store either way."""
+    from uwsfmt.sources.base import StateDictCheckpoint
+
+    reads = []
+    real = StateDictCheckpoint.get
+    monkeypatch.setattr(StateDictCheckpoint, "get", lambda self, name: reads.append(name) or real(self, name))
+    a_bytes = noisy_family[next(iter(noisy_family))]["a"].numel() * 4
+    stores, counts = {}, {}
+    for keep, room in (("none", 0), ("three", 3 * a_bytes + 1), ("all", 1 << 30)):
+        monkeypatch.setattr(build, "KEEP_SOURCES_BYTES", room)
+        reads.clear()
+        stores[keep] = uwsfmt.convert(noisy_family, tmp_path / f"{keep}.uws", rank=4, basis="sketch")
+        counts[keep] = reads.count("a")
+    n = len(noisy_family)  # one sketch sweep and one Rayleigh-Ritz sweep (sketch_power=1)
+    assert counts["none"] - counts["three"] == 3 and counts["none"] - counts["all"] == n
+    for keep in ("three", "all"):
+        for name in ("a", "b"):
+            assert stores[keep].tensor_entry(name)["basis"] == stores["none"].tensor_entry(name)["basis"]
+            for mid in noisy_family:
+                assert torch.equal(stores[keep].tensor(mid, name), stores["none"].tensor(mid, name))
+        assert np.array_equal(stores[keep].errors(), stores["none"].errors())
+
+
 def test_small_tensors_are_encoded_in_batches_like_one_by_one(tmp_path, monkeypatch):
     """Pass 2 batches small same-kind tensors: the same coefficients, errors to rounding, and
     a NaN in one of them is still reported by name."""

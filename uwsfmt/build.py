@@ -18,7 +18,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -340,6 +340,9 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
     identical = True
     with linalg.no_tf32():
         sketch = _sketch_test_matrices(s, mode, m, n, dev)
+        # the sketch's later sweeps reuse the first models' tensors as read here, up to KEEP_SOURCES_BYTES
+        keep = KEEP_SOURCES_BYTES // max(first.numel() * first.element_size(), 1) if sketch and mode != "flat" else 0
+        kept: list[torch.Tensor] = []
         if mode == "flat":
             width = min(len(cks), (s.rank or s.max_rank or len(cks)) + s.sketch_oversample)
             sk = linalg.FlatSketch(m * n, max(1, width), reference, seed=s.seed)
@@ -351,6 +354,8 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
             if i > 0:
                 identical = identical and _same_bits(w, first)
             sq = (sk if mode == "flat" else st).add(w.to(dev))
+            if len(kept) < keep:
+                kept.append(w)
             # the statistics' squared norm (of W; of W - reference for the sketch) is NaN/Inf when a value is: no separate pass
             if not (sq is not None and math.isfinite(sq)) and not _check_finite(w, tp.name, ck):
                 if s.allow_nonfinite:
@@ -372,8 +377,8 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
             basis, spectrum = linalg.flat_basis(q, proj)
             fit = subspace.fit_flat(mean, basis, spectrum, s.choose)
         elif sketch:
-            fit = _fit_sketch(tp, cks, s, dev, st, mode, prog, hold)
-            del st
+            fit = _fit_sketch(tp, cks, s, dev, st, mode, prog, hold, kept)
+            del st, kept
         else:
             fit = subspace.fit_gram(st, mode=mode, center=s.center, choose=s.choose)
             del st
@@ -513,30 +518,34 @@ def _sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.dev
 READ_AHEAD_MIN_BYTES = 1 << 20
 
 
-def _tensors(cks: list[Checkpoint], name: str, dev: torch.device, first: torch.Tensor | None = None):
+def _tensors(cks: list[Checkpoint], name: str, dev: torch.device, first: torch.Tensor | None = None,
+             kept: Sequence[torch.Tensor] = ()):
     """Every model's copy of tensor ``name`` in order, each read while the caller works on the
-    previous one where that pays (:mod:`uwsfmt.overlap`); ``first``: the first model's, already read."""
-    first = cks[0].get(name) if first is None else first
+    previous one where that pays (:mod:`uwsfmt.overlap`); ``first``: the first model's, already
+    read; ``kept``: the first models' copies, already read (an earlier sweep's)."""
+    kept = list(kept) or ([first] if first is not None else [])
+    first = kept[0] if kept else cks[0].get(name)
 
     def read(i):
-        if i + 1 < len(cks):
+        if i + 1 < len(cks) and i + 1 >= len(kept):
             cks[i + 1].prefetch(name)  # the kernel reads the next one from disk meanwhile
-        return first if i == 0 else cks[i].get(name)
+        return kept[i] if i < len(kept) else first if i == 0 else cks[i].get(name)
 
     big = first.numel() * first.element_size() >= READ_AHEAD_MIN_BYTES
     return overlap.read_ahead([(lambda i=i: read(i)) for i in range(len(cks))], enabled=big and overlap.useful(dev))
 
 
-def _sweep(cks: list[Checkpoint], name: str, dev: torch.device, stats, prog: Progress):
-    """One more pass over every model's copy of tensor ``name`` into ``stats``."""
-    for w in _tensors(cks, name, dev):
+def _sweep(cks: list[Checkpoint], name: str, dev: torch.device, stats, prog: Progress, kept: Sequence[torch.Tensor] = ()):
+    """One more pass over every model's copy of tensor ``name`` into ``stats`` (``kept``: the
+    first models' copies, as an earlier sweep read them)."""
+    for w in _tensors(cks, name, dev, kept=kept):
         prog.step(name, 0)  # cancellation point
         stats.add(w.to(dev))
     return stats
 
 
 def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.device, sk: linalg.GramSketch, mode: str,
-                prog: Progress, hold: Holdings | None = None) -> subspace.Fit:
+                prog: Progress, hold: Holdings | None = None, kept: Sequence[torch.Tensor] = ()) -> subspace.Fit:
     """Bases from a randomised range finder: orthonormalise the sketch G X, refine with
     ``sketch_power - 1`` power sweeps, then a last sweep gives G Q (exact energies of the found
     directions, Rayleigh-Ritz) and G P for fresh probes P (the a-posteriori check). Falls back to
@@ -549,7 +558,7 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
     mean, ys, total = sk.products(s.center)
     qs = {side: linalg.orthonormal_columns(y) for side, y in ys.items()}
     for _ in range(s.sketch_power - 1):
-        refine = _sweep(cks, tp.name, dev, linalg.GramSketch(m, n, qs, sk.reference_c, sums=False), prog)
+        refine = _sweep(cks, tp.name, dev, linalg.GramSketch(m, n, qs, sk.reference_c, sums=False), prog, kept)
         qs = {side: linalg.orthonormal_columns(y) for side, y in refine.products(s.center, sums=sk)[1].items()}
     probes = {}
     for i, (side, q) in enumerate(qs.items()):
@@ -573,7 +582,7 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
     else:
         ritz = linalg.GramRitz(m, n, qs, probes, sk.reference_c, keep=held > 0)
     try:
-        last = _sweep(cks, tp.name, dev, ritz, prog).centred(s.center, sk)
+        last = _sweep(cks, tp.name, dev, ritz, prog, kept).centred(s.center, sk)
     except BaseException:
         if held:
             hold.release(held)
@@ -597,7 +606,7 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
             if held:
                 hold.release(held)
             exact = _sweep(cks, tp.name, dev, linalg.GramStats.empty(
-                m, n, left=mode in ("left", "both"), right=mode in ("right", "both"), reference=sk.reference), prog)
+                m, n, left=mode in ("left", "both"), right=mode in ("right", "both"), reference=sk.reference), prog, kept)
             fit = subspace.fit_gram(exact, mode=mode, center=s.center, choose=s.choose)
             fit.method = {"method": "exact", "sketch_rejected": why}
             return fit
@@ -620,6 +629,10 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
 
 #: pass 1 keeps pass-2 results (coefficients) of sketched tensors up to this many bytes in all
 KEEP_COEFFICIENTS_BYTES = 128 << 20
+#: a sketched tensor's later sweeps reuse the first sweep's copies of the first models' tensors
+#: up to this many bytes (then read the rest again, from the page cache): a fixed amount, so the
+#: build's memory does not grow with the number of models
+KEEP_SOURCES_BYTES = 64 << 20
 #: the error from norms (below) is used when err^2 >= this * ||W - M||^2: its rounding, ~1e-9
 #: of ||W - M||^2, then moves the error by at most ~5e-8 relative
 NORM_ERROR_MIN_RATIO = 1e-2
