@@ -350,7 +350,7 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
             st = linalg.GramSketch(m, n, sketch, reference, w_norms=s.center == "none")
         else:
             st = linalg.GramStats.empty(m, n, left=mode in ("left", "both"), right=mode in ("right", "both"), reference=reference)
-        for i, (ck, w) in enumerate(zip(cks, _tensors(cks, tp.name, dev, first))):
+        for i, (ck, w) in enumerate(zip(cks, _tensors(cks, tp.name, dev, [first]))):
             if i > 0:
                 identical = identical and _same_bits(w, first)
             sq = (sk if mode == "flat" else st).add(w.to(dev))
@@ -518,18 +518,17 @@ def _sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.dev
 READ_AHEAD_MIN_BYTES = 1 << 20
 
 
-def _tensors(cks: list[Checkpoint], name: str, dev: torch.device, first: torch.Tensor | None = None,
-             kept: Sequence[torch.Tensor] = ()):
+def _tensors(cks: list[Checkpoint], name: str, dev: torch.device, kept: Sequence[torch.Tensor] = ()):
     """Every model's copy of tensor ``name`` in order, each read while the caller works on the
-    previous one where that pays (:mod:`uwsfmt.overlap`); ``first``: the first model's, already
-    read; ``kept``: the first models' copies, already read (an earlier sweep's)."""
-    kept = list(kept) or ([first] if first is not None else [])
-    first = kept[0] if kept else cks[0].get(name)
+    previous one where that pays (:mod:`uwsfmt.overlap`); ``kept``: the first models' copies,
+    already read (the first model's, or an earlier sweep's)."""
+    kept = list(kept) or [cks[0].get(name)]
+    first = kept[0]
 
     def read(i):
-        if i + 1 < len(cks) and i + 1 >= len(kept):
+        if len(kept) <= i + 1 < len(cks):
             cks[i + 1].prefetch(name)  # the kernel reads the next one from disk meanwhile
-        return kept[i] if i < len(kept) else first if i == 0 else cks[i].get(name)
+        return kept[i] if i < len(kept) else cks[i].get(name)
 
     big = first.numel() * first.element_size() >= READ_AHEAD_MIN_BYTES
     return overlap.read_ahead([(lambda i=i: read(i)) for i in range(len(cks))], enabled=big and overlap.useful(dev))

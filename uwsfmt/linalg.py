@@ -497,10 +497,9 @@ class GramSketch:
 
     def _sum_c(self) -> torch.Tensor:
         """Sum of the deltas in the compute dtype (the float32 partial sum itself while there is no float64 one)."""
-        if self._delta_sum is None:
-            return self._block if self._block is not None else torch.zeros_like(self.reference_c)
-        self._flush()
-        return self._delta_sum.to(self.cdt)
+        if self._delta_sum is None and self._block is not None:
+            return self._block
+        return self.delta_sum.to(self.cdt)
 
     def mean_delta(self) -> torch.Tensor:
         """mu = the mean of the deltas, in the compute dtype (cached until the next add)."""
@@ -526,12 +525,13 @@ class GramSketch:
         """Sum of the deltas (float64), partial sums included; None without sums."""
         if not self.sums:
             return None
-        if self._delta_sum is None:
-            return self._sum_c().to(torch.float64)
         self._flush()
+        if self._delta_sum is None:
+            self._delta_sum = torch.zeros_like(self.reference_c, dtype=torch.float64)
         return self._delta_sum
 
     def _flush(self) -> None:
+        """Add the float32 partial sum into the float64 one (made from it the first time)."""
         if self._block is not None and self._in_block:
             if self._delta_sum is None:
                 self._delta_sum = self._block.to(torch.float64)
@@ -554,9 +554,7 @@ class GramSketch:
             if self.w_norms:  # only the uncentred energy ("none") needs it: a pass over W
                 self.sq_norm += sq_norm(w)
             if self.cdt == torch.float64:
-                if self._delta_sum is None:
-                    self._delta_sum = torch.zeros_like(d)
-                self._delta_sum.add_(d)
+                self.delta_sum.add_(d)
             else:
                 if self._block is None:
                     self._block = torch.zeros_like(d)
@@ -582,12 +580,7 @@ class GramSketch:
         self.count += other.count
         self._mu = self._mean = None
         if self.sums:
-            total = self.delta_sum.add_(other.delta_sum)
-            if self._delta_sum is None:  # the sums were the partial block: now float64 (the block is cleared)
-                self._delta_sum = total
-                if self._block is not None:
-                    self._block.zero_()
-                    self._in_block = 0
+            self.delta_sum.add_(other.delta_sum)
             self.sq_norm += other.sq_norm
             self.delta_sq += other.delta_sq
         for side in self.y:
