@@ -685,11 +685,10 @@ class GramRitz:
         """{side: (H, G U)} of the Gram centred as ``how`` (``sums``: the sketch holding the sums)."""
         n = max(sums.count, 1)
         out = {}
-        ds = sums.delta_sum
-        ref = sums.reference
+        if how == "none":  # float64 sums and reference (given in the compute dtype)
+            ds, ref = sums.delta_sum, sums.reference.to(torch.float64)
         for side in self.qs:
             q, u, h, gu = self.qs[side], self.us[side], self.h[side], self.gu[side]
-            r, sd = (ref, ds) if side == "left" else (ref.T, ds.T)
             if how == "mean":
                 # with S = sum_i D_i^T [Q, U] = n mu^T [Q, U] (summed as the models went):
                 # n (Q^T mu)(Q^T mu)^T = S_Q^T S_Q / n, and n mu mu^T U = mu S_U, one thin GEMM with
@@ -702,6 +701,7 @@ class GramRitz:
             elif how == "none":
                 if self._offset is not None:
                     raise ValueError("centring 'none' needs the sweep taken against the sums' reference")
+                r, sd = (ref, ds) if side == "left" else (ref.T, ds.T)
                 qr, qs_ = q.T @ r, q.T @ sd
                 h = h + qs_ @ qr.T + qr @ qs_.T + n * (qr @ qr.T)
                 gu = gu + sd @ (r.T @ u) + r @ (sd.T @ u) + n * (r @ (r.T @ u))
