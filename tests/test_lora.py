@@ -153,6 +153,46 @@ def test_factor_convention_and_load_into_agree_with_state_dict(tmp_path, dtype, 
     assert all(torch.equal(got[k], v) for k, v in sd.items())
 
 
+def test_basis_factors_from_batched_gemms_split_where_a_module_is_missing(tmp_path, monkeypatch):
+    """The basis factors' products come from one batched GEMM per run of consecutive modules (a
+    run ends where an adapter lacks a module, and every PRODUCT_BATCH modules): every module's
+    B' A' is still the stored L C R^T, and load_into writes what state_dict returns."""
+    import uwsfmt.encodings.lora as lora_enc
+
+    monkeypatch.setattr(lora_enc, "PRODUCT_BATCH", 2)
+    fam = lora_family(3, layers=3, modules=("q_proj", "k_proj", "v_proj"), width=24, rank=4, shared_rank=2, seed=6)
+    holey = sorted(fam)[1]
+    gone = (lora_key(1, "k_proj", "A"), lora_key(1, "k_proj", "B"))
+    fam[holey] = {k: v for k, v in fam[holey].items() if k not in gone}
+    src = write_peft_family(fam, tmp_path / "src")
+    st = uwsfmt.convert([str(d) for d in src], tmp_path / "s.uws", rank=4)
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(lora_enc.torch, "bmm", lambda *a, **k: calls.append(a[0].shape[0]) or real_bmm(*a, **k))
+    for mid in st.model_ids:
+        calls.clear()
+        sd = st.state_dict(mid)
+        # 9 modules in one group: runs of at most 2, and the missing module splits one more
+        assert sorted(calls, reverse=True) == ([2, 2, 2, 1, 1] if mid == holey else [2, 2, 2, 2, 1])
+        assert (gone[0] in sd) is (mid != holey)
+        for layer in range(3):
+            for m in ("q_proj", "k_proj", "v_proj"):
+                if lora_key(layer, m, "A") in sd:
+                    b, a = sd[lora_key(layer, m, "B")].double(), sd[lora_key(layer, m, "A")].double()
+                    dense = st.delta(mid, f"base_model.model.model.layers.{layer}.self_attn.{m}", dtype=torch.float64)
+                    assert _rel(b @ a, dense) < 1e-6
+        module = torch.nn.Module()
+        for name, t in sd.items():
+            *path, leaf = name.split(".")
+            m = module
+            for part in path:
+                m = m._modules.setdefault(part, torch.nn.Module())
+            m.register_buffer(leaf, torch.full_like(t, 7.0))
+        st.load_into(module, mid)
+        got = module.state_dict()
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], v) for k, v in sd.items())
+
+
 # ---------------------------------------------------------------------------- kohya / A1111
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import platform
 
 import numpy as np
 import pytest
@@ -563,6 +564,37 @@ def test_zstd_pack_rows_are_checked(tmp_path):
     _flip_byte(reader.shard_file(1), 5)
     with pytest.raises(uwsfmt.FormatError, match="crc32c"):
         reader.read_into(1, buf)
+
+
+def test_thin_products_through_onednn_match_torch(monkeypatch):
+    """thin_mm / tmm (the sweeps' D X and D^T X): float32 CPU products go through oneDNN where
+    torch has it, to float32 accuracy; float64, small or autograd operands are torch's own
+    products exactly; UWSFMT_ONEDNN=0 turns oneDNN off."""
+    g = torch.Generator().manual_seed(3)
+    a, x, y = torch.randn(300, 700, generator=g), torch.randn(700, 24, generator=g), torch.randn(300, 24, generator=g)
+    calls = []
+    real = linalg._onednn_linear
+    monkeypatch.setattr(linalg, "_onednn_linear", lambda *t: calls.append(1) or real(*t))
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
+        assert linalg._onednn_usable()  # the fast path must not vanish silently where it exists
+    usable = linalg._onednn_usable()
+    calls.clear()
+    assert rel(linalg.thin_mm(a, x), a.double() @ x.double()) < 1e-6
+    assert rel(linalg.tmm(a, y), a.double().T @ y.double()) < 1e-6
+    assert len(calls) == (2 if usable else 0)
+    calls.clear()
+    a64 = a.double()
+    assert torch.equal(linalg.thin_mm(a64, x.double()), a64 @ x.double())
+    assert torch.equal(linalg.tmm(a64, y.double()), (y.double().T @ a64).T)
+    assert torch.equal(linalg.thin_mm(a[:20, :30], x[:30]), a[:20, :30] @ x[:30])
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_(True)
+        linalg.thin_mm(a, xg).sum().backward()
+    assert xg.grad is not None and calls == []
+    monkeypatch.setenv("UWSFMT_ONEDNN", "0")
+    monkeypatch.setattr(linalg, "_onednn", None)
+    assert not linalg._onednn_usable()
+    assert torch.equal(linalg.thin_mm(a, x), a @ x) and calls == []
 
 
 def test_small_tensors_run_single_threaded_and_restore():
