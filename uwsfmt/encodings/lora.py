@@ -458,7 +458,8 @@ def model_record(entries: list[dict], ck: Checkpoint, ranks: dict[str, int] | No
         raise ConflictError(f"{ck.path or ck.id}: adapter {ck.id!r} has LoRA modules the store has no basis for "
                             f"({', '.join(map(repr, extra[:5]))}); rebuild the store with this adapter included")
     if lora_entries:
-        rec["ranks"] = [None if e.get("lora") is None else (ranks or {}).get(e["name"], _rank_from(ck, pairs, e)) for e in entries]
+        infos = ck.infos() if any(e["name"] not in (ranks or {}) for e in lora_entries) else {}  # once, not per module
+        rec["ranks"] = [None if e.get("lora") is None else (ranks or {}).get(e["name"], _rank_from(infos, pairs, e)) for e in entries]
     else:  # factor-wise store: the scales stay in the adapter's own config
         rec["scales"] = {m: p.scale for m, p in pairs.items()}
     if "peft_config" in meta:
@@ -469,9 +470,9 @@ def model_record(entries: list[dict], ck: Checkpoint, ranks: dict[str, int] | No
     return {"adapter": rec}
 
 
-def _rank_from(ck: Checkpoint, pairs: dict[str, LoraPair], e: dict) -> int:
+def _rank_from(infos: dict, pairs: dict[str, LoraPair], e: dict) -> int:
     p = pairs.get(e["name"])
-    return 0 if p is None else int(ck.infos()[p.a].shape[0])
+    return 0 if p is None else int(infos[p.a].shape[0])
 
 
 # ---------------------------------------------------------------------------- read
