@@ -86,16 +86,20 @@ def build(fam, out: str, settings: dict, device: str, *, cold_repeats: int = 0) 
     checkpoints dropped, one right after the other: how long the kernel takes to read the same
     files moves by 30% within an hour on a shared machine, so each build is compared with the
     read next to it (``cold_ratio``: the median of the pairs' ratios)."""
-    # each timed build writes a new store: deleting the previous run's (about a second for 400 MB on
-    # this ext4 with online discard) is not part of converting checkpoints
-    shutil.rmtree(out, ignore_errors=True)
+    # each timed build writes a new store, and starts with no other file system work pending:
+    # deleting a previous store (about a second for 400 MB on this ext4 with online discard; many
+    # seconds for the 32,000 files of the many-tensor store) and writing back the last build's
+    # pages is not part of converting checkpoints, so it is done, and synced, before the clock starts
+    cold_outs = [f"{out}.cold{j}" for j in range(cold_repeats)]
+    _clear([out, *cold_outs])
     secs = timed(lambda: uwsfmt.convert(fam.paths, out, device=device, **settings), device)
     reads, builds = [], []
-    for _ in range(cold_repeats):
+    for path in cold_outs:
         reads.append(read_once(fam.weights, cold=True))
-        shutil.rmtree(out, ignore_errors=True)
+        _clear([])
         drop_cache(fam.weights)
-        builds.append(timed(lambda: uwsfmt.convert(fam.paths, out, device=device, **settings), device))
+        builds.append(timed(lambda path=path: uwsfmt.convert(fam.paths, path, device=device, **settings), device))
+    _clear(cold_outs)
     cold = {}
     if builds:
         cold = {"cold_seconds": statistics.median(builds), "cold_read_seconds": statistics.median(reads),
@@ -105,6 +109,13 @@ def build(fam, out: str, settings: dict, device: str, *, cold_repeats: int = 0) 
         size = dir_bytes(out)
         return {"settings": settings, "seconds": secs, "cold_seconds": None, **cold, "store_bytes": size, "source_bytes": fam.source_bytes,
                 "size_ratio": size / fam.source_bytes, **quality(store, fam)}
+
+
+def _clear(paths: list[str]) -> None:
+    """Delete ``paths`` and flush the file system (journal, discards, dirty pages) before timing."""
+    for p in paths:
+        shutil.rmtree(p, ignore_errors=True)
+    os.sync()
 
 
 # ---------------------------------------------------------------------------- loading

@@ -193,6 +193,32 @@ def test_basis_factors_from_batched_gemms_split_where_a_module_is_missing(tmp_pa
         assert got.keys() == sd.keys() and all(torch.equal(got[k], v) for k, v in sd.items())
 
 
+@pytest.mark.parametrize("basis", ["exact", "sketch"])
+def test_nonfinite_factors_are_refused_and_large_finite_ones_are_not(tmp_path, basis):
+    """A NaN/Inf in an adapter's factor stops the build naming the adapter and module; factors
+    whose float16 sum overflows (every value finite) are not mistaken for it."""
+    fam = lora_family(6, layers=1, modules=("q_proj",), width=96, rank=4, shared_rank=2, seed=8, dtype=torch.float16)
+    ka = lora_key(0, "q_proj", "A")
+    big = {mid: dict(sd) for mid, sd in fam.items()}
+    big[sorted(big)[0]][ka] = torch.full_like(fam[sorted(fam)[0]][ka], 60000.0)  # finite; its sum is inf in float16
+    assert not torch.isfinite(big[sorted(big)[0]][ka].sum())
+    src = write_peft_family(big, tmp_path / "big")
+    settings = {"rank": 2, "basis": basis}
+    st = uwsfmt.convert([str(d) for d in src], tmp_path / "big.uws", **settings)
+    assert st.n_models == 6 and torch.isfinite(torch.tensor(st.errors())).all()
+    rec = st.manifest["tensors"][0].get("basis") or {}
+    if basis == "sketch":  # 6 x rank 4 > 2 + 16 columns: the sketch's sweeps ran over the large factors
+        assert rec.get("method") == "sketch" or rec.get("sketch_rejected")
+    bad = {mid: dict(sd) for mid, sd in fam.items()}
+    mid = sorted(bad)[1]
+    bad[mid][ka] = bad[mid][ka].clone()
+    bad[mid][ka][1, 5] = float("nan")
+    src = write_peft_family(bad, tmp_path / "bad")
+    with pytest.raises(uwsfmt.SourceError, match="q_proj.*NaN or Inf"):
+        uwsfmt.convert([str(d) for d in src], tmp_path / "bad.uws", **settings)
+    assert not (tmp_path / "bad.uws").exists()
+
+
 # ---------------------------------------------------------------------------- kohya / A1111
 
 
