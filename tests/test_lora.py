@@ -113,6 +113,18 @@ def test_rank_by_tau_and_recorded_spectrum(tmp_path):
     assert e["rank"][0] <= 3  # B spans the shared 3-dim space only
 
 
+def _module_like(sd: dict) -> torch.nn.Module:
+    """A module with these names, shapes and dtypes, holding other values (7.0)."""
+    module = torch.nn.Module()
+    for name, t in sd.items():
+        *path, leaf = name.split(".")
+        m = module
+        for part in path:
+            m = m._modules.setdefault(part, torch.nn.Module())
+        m.register_buffer(leaf, torch.full_like(t, 7.0))
+    return module
+
+
 def _factor_store(tmp_path, dtype, rank: int):
     fam = lora_family(3, layers=1, modules=("q_proj", "v_proj"), width=40, rank=4, shared_rank=2, seed=4, dtype=dtype)
     src = write_peft_family(fam, tmp_path / f"src-{dtype}")
@@ -141,13 +153,7 @@ def test_factor_convention_and_load_into_agree_with_state_dict(tmp_path, dtype, 
     else:
         col, row = b.norm(dim=0), a.norm(dim=1)
         assert torch.allclose(col, row, rtol=5e-3 if dtype == torch.float16 else 1e-6)
-    module = torch.nn.Module()
-    for name, t in sd.items():  # a module with these names, holding other values
-        *path, leaf = name.split(".")
-        m = module
-        for part in path:
-            m = m._modules.setdefault(part, torch.nn.Module())
-        m.register_buffer(leaf, torch.full_like(t, 7.0))
+    module = _module_like(sd)
     st.load_into(module, mid)
     got = module.state_dict()
     assert all(torch.equal(got[k], v) for k, v in sd.items())
@@ -181,13 +187,7 @@ def test_basis_factors_from_batched_gemms_split_where_a_module_is_missing(tmp_pa
                     b, a = sd[lora_key(layer, m, "B")].double(), sd[lora_key(layer, m, "A")].double()
                     dense = st.delta(mid, f"base_model.model.model.layers.{layer}.self_attn.{m}", dtype=torch.float64)
                     assert _rel(b @ a, dense) < 1e-6
-        module = torch.nn.Module()
-        for name, t in sd.items():
-            *path, leaf = name.split(".")
-            m = module
-            for part in path:
-                m = m._modules.setdefault(part, torch.nn.Module())
-            m.register_buffer(leaf, torch.full_like(t, 7.0))
+        module = _module_like(sd)
         st.load_into(module, mid)
         got = module.state_dict()
         assert got.keys() == sd.keys() and all(torch.equal(got[k], v) for k, v in sd.items())

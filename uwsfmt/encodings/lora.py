@@ -548,8 +548,8 @@ def read(store, entries: list[dict], idx: int, rows: dict[str, torch.Tensor], de
         for i, e, rk, want, plain in todo:
             rec = e["lora"]
             b_shape, a_shape = [e["view"][0], rk] + rec["b_tail"], [rk] + rec["a_tail"]
-            if plain:
-                pass  # written above
+            if plain:  # written above
+                pass
             elif direct:  # balanced factors, one GEMM each straight into the caller's tensor
                 out[rec["b"]] = _product_into(into, rec["b"], b_shape, left[i], xb[i, :, :rk], want)
                 out[rec["a"]] = _product_into(into, rec["a"], a_shape, xa[i, :rk], rt[i], want)
@@ -562,7 +562,7 @@ def read(store, entries: list[dict], idx: int, rows: dict[str, torch.Tensor], de
     return out
 
 
-#: modules per batched GEMM of :func:`_basis_factors_into` (its scratch: 8 MiB for 4096 x 16 factors)
+#: modules per batched GEMM of :func:`_basis_factors` (its scratch: 8 MiB for 4096 x 16 factors)
 PRODUCT_BATCH = 32
 
 
