@@ -96,7 +96,7 @@ def build(fam, out: str, settings: dict, device: str, *, cold_repeats: int = 0) 
     reads, builds = [], []
     for path in cold_outs:
         reads.append(read_once(fam.weights, cold=True))
-        _clear([])
+        os.sync()
         drop_cache(fam.weights)
         builds.append(timed(lambda path=path: uwsfmt.convert(fam.paths, path, device=device, **settings), device))
     _clear(cold_outs)
