@@ -193,6 +193,42 @@ def test_basis_factors_from_batched_gemms_split_where_a_module_is_missing(tmp_pa
         assert got.keys() == sd.keys() and all(torch.equal(got[k], v) for k, v in sd.items())
 
 
+def test_batched_pass_two_records_each_modules_own_error(tmp_path, monkeypatch):
+    """Pass 2 encodes runs of same-kind modules together (split at PRODUCT_BATCH, where an
+    adapter lacks a module, and where ranks differ): every recorded error is still that module's
+    own ||s B A - B' A'|| / ||s B A||, with s B A from the adapter's files and B' A' as read back."""
+    import uwsfmt.encodings.lora as lora_enc
+
+    monkeypatch.setattr(lora_enc, "PRODUCT_BATCH", 2)
+    mods = ("q_proj", "k_proj", "v_proj")
+    narrow = lora_family(3, layers=2, modules=mods, width=24, rank=4, shared_rank=3, seed=11)
+    wide = lora_family(2, layers=2, modules=mods, width=24, rank=6, shared_rank=3, seed=12)
+    fam = {**narrow, **{f"wide-{k}": v for k, v in wide.items()}}
+    holey = sorted(narrow)[1]
+    gone = (lora_key(0, "k_proj", "A"), lora_key(0, "k_proj", "B"))
+    fam[holey] = {k: v for k, v in fam[holey].items() if k not in gone}
+    src = write_peft_family(fam, tmp_path / "src", alpha=8.0)
+    st = uwsfmt.convert([str(d) for d in src], tmp_path / "s.uws", rank=3)  # truncated: errors well above round-off
+    errs = st.errors()
+    names = [e["name"] for e in st.manifest["tensors"]]
+    seen = 0
+    for i, (mid, folder) in enumerate(zip(st.model_ids, src)):
+        files = load_file(str(folder / "adapter_model.safetensors"))
+        sd = st.state_dict(mid)
+        for j, name in enumerate(names):
+            layer, m = int(name.split(".")[4]), name.rsplit(".", 1)[1]
+            ka, kb = lora_key(layer, m, "A"), lora_key(layer, m, "B")
+            if ka not in files:
+                assert errs[i, j] == 0.0 and ka not in sd
+                continue
+            r = files[ka].shape[0]
+            source = (8.0 / r) * files[kb].double() @ files[ka].double()
+            assert errs[i, j] == pytest.approx(_rel(sd[kb].double() @ sd[ka].double(), source), rel=1e-6, abs=1e-9)
+            assert errs[i, j] > 1e-3
+            seen += 1
+    assert seen == 5 * 6 - 1
+
+
 @pytest.mark.parametrize("basis", ["exact", "sketch"])
 def test_nonfinite_factors_are_refused_and_large_finite_ones_are_not(tmp_path, basis):
     """A NaN/Inf in an adapter's factor stops the build naming the adapter and module; factors

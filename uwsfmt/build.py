@@ -949,10 +949,12 @@ def encode_model(
         ck.prefetch(nm)
     ahead = None if not read_ahead or any(e.get("lora") is not None for e in entries) else overlap.read_ahead(
         [(lambda nm=nm: ck.get(nm)) for nm in names])
+    lora_entries = [e for e in entries if e.get("lora") is not None]
+    lora_errors = dict(zip((e["name"] for e in lora_entries), lora_enc.encode(lora_entries, fits, ck, rows, stacks))) if lora_entries else {}
     for e in entries:
         name = e["name"]
         if e.get("lora") is not None:
-            rel, _ = lora_enc.encode(e, fits[name], ck, rows)
+            rel, _ = lora_errors[name]
             errs.append(_finite_or_none(rel))
             derrs.append(_finite_or_none(rel))
             continue

@@ -90,10 +90,12 @@ class ProductGramStats:
         self.count += other.count
 
 
-def core(left: torch.Tensor, right: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """C = s (L^T B)(A R) in float64: the adapter's coordinates in the shared bases."""
+def core(left: torch.Tensor, right: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """C = s (L^T B)(A R) in float64: the adapter's coordinates in the shared bases. Batched
+    over leading dimensions (``scale`` then a tensor of one scale per module)."""
     f = torch.float64
-    return float(scale) * ((left.to(f).T @ b.to(f)) @ (a.to(f) @ right.to(f)))
+    s = scale.to(f)[..., None, None] if isinstance(scale, torch.Tensor) else float(scale)
+    return s * ((left.to(f).mT @ b.to(f)) @ (a.to(f) @ right.to(f)))
 
 
 def factors(left: torch.Tensor, right: torch.Tensor, c: torch.Tensor, rank: int,
@@ -415,40 +417,97 @@ def entry_record(tp) -> dict:
     return mp.record(tuple(mp.shape[1:]), mp.b_tail)
 
 
-def encode(e: dict, fit: subspace.Fit, ck: Checkpoint, rows: dict[str, np.ndarray]) -> tuple[float, int]:
-    """Pass 2 for one module of one adapter: write its core; return (relative error, rank).
+def encode(entries: list[dict], fits: dict[str, subspace.Fit], ck: Checkpoint, rows: dict[str, np.ndarray],
+           stacks: dict | None = None) -> list[tuple[float, int]]:
+    """Pass 2 for the LoRA modules ``entries`` of one adapter: write each core into ``rows``;
+    return each module's (relative error, adapter rank), in order (0.0, 0 for a module the
+    adapter lacks: a zero update, its core left zero).
 
     The error is that of the factors a reader gets back (cast to the source dtype) against
-    the adapter's own s * B @ A, computed from r x r products only.
+    the adapter's own s * B @ A, computed from r x r products only, in float64. Runs of
+    consecutive modules of one kind (shapes, ranks, dtype) are computed together with batched
+    GEMMs, a run's float64 operands kept to :data:`ENCODE_RUN_BYTES` (cache-sized; at most
+    :data:`PRODUCT_BATCH` modules). Measured on 2 cores, 32 adapters x 128 modules, rank 16:
+    pass 2 took 1.15-1.25 s instead of 1.57 s 1024 wide, 3.3-3.5 s instead of 3.6-3.75 s
+    4096 wide (float64 products: the flops, not the calls, are most of it there). ``stacks``
+    (a dict the caller keeps from one adapter to the next) holds each run's bases, stacked.
     """
-    pair = ck.lora_pairs().get(e["name"])
-    if pair is None:
-        return 0.0, 0  # an adapter without this module: zero update, zero core (the row is zero-filled)
-    out, inp = e["view"]
-    a, b = _factor_matrices(ck, pair, out, inp)
-    r = a.shape[0]
-    dev = fit.left.device
-    if "bases64" not in fit.derived:  # once per module, not per adapter
-        fit.derived["bases64"] = (fit.left.to(torch.float64), fit.right.to(torch.float64))
-    left64, right64 = fit.derived["bases64"]
+    stacks = {} if stacks is None else stacks
+    pairs = ck.lora_pairs()
+    infos = ck.infos()
+    out: list[tuple[float, int] | None] = [None] * len(entries)
+    runs: list[list[tuple[int, dict, LoraPair]]] = []
+    run_key, most = None, 1
+    for i, e in enumerate(entries):
+        pair = pairs.get(e["name"])
+        if pair is None:
+            out[i] = (0.0, 0)
+            continue
+        fit = fits[e["name"]]
+        r = int(infos[pair.a].shape[0])
+        key = (tuple(e["view"]), tuple(e["rank"]), e["dtype"], r, infos[pair.a].dtype, infos[pair.b].dtype,
+               fit.left.dtype, fit.left.device)
+        if runs and key == run_key and runs[-1][-1][0] + 1 == i and len(runs[-1]) < most:
+            runs[-1].append((i, e, pair))
+        else:
+            runs.append([(i, e, pair)])
+            run_key = key
+            out_dim, in_dim = e["view"]
+            module_bytes = 8 * (out_dim + in_dim) * (r + max(e["rank"][0] or 0, e["rank"][1] or 0))
+            most = max(1, min(PRODUCT_BATCH, ENCODE_RUN_BYTES // module_bytes))
+    for run in runs:
+        for (i, _, _), res in zip(run, _encode_run(run, fits, ck, rows, stacks)):
+            out[i] = res
+    return out  # type: ignore[return-value]
+
+
+#: most bytes of float64 operands (A, B and the two bases) in one run of :func:`encode`: runs
+#: of 32 4096-wide modules (64 MiB) were slower than runs of 4 (8 MiB)
+ENCODE_RUN_BYTES = 8 << 20
+
+
+def _encode_run(run: list[tuple[int, dict, LoraPair]], fits: dict[str, subspace.Fit], ck: Checkpoint,
+                rows: dict[str, np.ndarray], stacks: dict) -> list[tuple[float, int]]:
+    """:func:`encode` for one run of modules of one kind, batched over the run."""
+    e0 = run[0][1]
+    out, inp = e0["view"]
+    f = torch.float64
+    names = tuple(e["name"] for _, e, _ in run)
+    bases = stacks.get(("lora",) + names)
+    if bases is None:  # once per run of modules, not per adapter
+        bases = stacks[("lora",) + names] = (torch.stack([fits[n].left for n in names]).to(f),
+                                             torch.stack([fits[n].right for n in names]).to(f))
+    left, right = bases
+    dev = left.device
+    mats = [_factor_matrices(ck, pair, out, inp) for _, _, pair in run]
+    r = mats[0][0].shape[0]
+    a = torch.empty((len(run), r, inp), dtype=f, device=dev)
+    b = torch.empty((len(run), out, r), dtype=f, device=dev)
+    for j, (aj, bj) in enumerate(mats):
+        a[j].copy_(aj)
+        b[j].copy_(bj)
+    del mats
+    s = torch.tensor([float(pair.scale) for _, _, pair in run], dtype=f, device=dev)
     with linalg.no_tf32():
-        a64, b64 = a.to(dev, torch.float64), b.to(dev, torch.float64)
-        c = core(left64, right64, a64, b64, pair.scale).to(torch.float32)
-        sl = e["coefficients"]
-        if c.numel():
-            rows[sl["pack"]][sl["offset"]: sl["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
-        bb, aa = factors(left64, right64, c.to(torch.float64), rank_of(e, r))
-        want = dtypes.torch_dtype(e["dtype"])
-        bb, aa = bb.to(want).to(torch.float64), aa.to(want).to(torch.float64)
-        s = float(pair.scale)
-        aat, btb = a64 @ a64.T, b64.T @ b64
-        x2 = s * s * float(torch.sum(aat * btb))
-        y2 = float(torch.sum((aa @ aa.T) * (bb.T @ bb)))
-        xy = s * float(torch.sum((b64.T @ bb) * (a64 @ aa.T)))  # <sBA, B'A'> = s tr((B^T B')(A' A^T))
-    err2 = max(x2 - 2 * xy + y2, 0.0)
-    if x2 <= 0.0:
-        return (0.0 if err2 <= 0.0 else math.inf), r
-    return math.sqrt(err2 / x2), r
+        c = core(left, right, a, b, s).to(torch.float32)
+        if c.shape[1] * c.shape[2]:
+            host = c.cpu().numpy()
+            for j, (_, e, _) in enumerate(run):
+                sl = e["coefficients"]
+                rows[sl["pack"]][sl["offset"]: sl["offset"] + host[j].size] = host[j].reshape(-1)
+        bb, aa = factors(left, right, c.to(f), rank_of(e0, r))
+        want = dtypes.torch_dtype(e0["dtype"])
+        bb, aa = bb.to(want).to(f), aa.to(want).to(f)
+        x2 = s * s * torch.sum((a @ a.mT) * (b.mT @ b), dim=(1, 2))
+        y2 = torch.sum((aa @ aa.mT) * (bb.mT @ bb), dim=(1, 2))
+        xy = s * torch.sum((b.mT @ bb) * (a @ aa.mT), dim=(1, 2))  # <sBA, B'A'> = s tr((B^T B')(A' A^T))
+    res = []
+    for x2j, err2 in zip(x2.tolist(), (x2 - 2 * xy + y2).clamp_min(0).tolist()):
+        if x2j <= 0.0:
+            res.append((0.0 if err2 <= 0.0 else math.inf, r))
+        else:
+            res.append((math.sqrt(err2 / x2j), r))
+    return res
 
 
 #: factor dtypes whose range needs no balancing: a full-rank read returns the basis itself as one

@@ -38,8 +38,6 @@ class Fit:
     #: per model, pass 2's result found in pass 1 (build._coefficients_from_ritz): (coefficients,
     #: error, delta error), or None; used and dropped by pass 2
     precomputed: list | None = field(default=None, repr=False, compare=False)
-    #: values derived from the fit once for all models (e.g. the LoRA bases in float64)
-    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def rank(self) -> list[int | None]:
