@@ -38,6 +38,64 @@ def test_product_grams_equal_the_dense_ones():
     assert st.sq_norm == pytest.approx(sq)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_adapters_added_together_equal_the_dense_grams_and_sketches(dtype):
+    """add_many (n adapters in one GEMM per side) gives the dense product Grams, and the
+    sketch's G X, for wide enough shapes that the sketch's products take the oneDNN path."""
+    from uwsfmt.encodings.lora import ProductGramSketch
+
+    g = torch.Generator().manual_seed(3)
+    out, inp, r, scales = 300, 260, 4, [0.5, 2.0, 1.0, 3.0]
+    a = torch.randn(len(scales), r, inp, generator=g, dtype=dtype)
+    b = torch.randn(len(scales), out, r, generator=g, dtype=dtype)
+    xs = {"left": torch.randn(out, 6, generator=g, dtype=torch.float64),
+          "right": torch.randn(inp, 6, generator=g, dtype=torch.float64)}
+    st = ProductGramStats.empty(out, inp, device=torch.device("cpu"))
+    sk = ProductGramSketch(xs)
+    st.add_many(a, b, scales)
+    sk.add_many(a, b, scales)
+    st.add_zero()
+    x = [s * b[i].double() @ a[i].double() for i, s in enumerate(scales)]
+    dense_l, dense_r = sum(xi @ xi.T for xi in x), sum(xi.T @ xi for xi in x)
+    sq = sum(float((xi * xi).sum()) for xi in x)
+    assert st.count == 5 and sk.count == 4
+    assert torch.allclose(st.left, dense_l, rtol=1e-10, atol=1e-9) and torch.allclose(st.right, dense_r, rtol=1e-10, atol=1e-9)
+    assert st.sq_norm == pytest.approx(sq, rel=1e-12) and sk.sq_norm == pytest.approx(sq, rel=1e-12)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for side, dense in (("left", dense_l), ("right", dense_r)):
+        want = dense @ xs[side]
+        assert float((sk.y[side] - want).norm() / want.norm()) < tol
+    one = ProductGramStats.empty(out, inp, device=torch.device("cpu"))
+    for i, s in enumerate(scales):  # one at a time: the same sums
+        one.add(a[i], b[i], s)
+    assert torch.allclose(one.left, st.left, rtol=1e-12, atol=1e-9)
+
+
+def test_sketch_sweeps_add_adapters_in_runs_split_by_rank_and_batch(tmp_path, monkeypatch):
+    """A sketch build adds consecutive adapters of one rank together, at most SWEEP_BATCH; the
+    store is the one built adding them one by one (same ranks, errors to float32 round-off)."""
+    import uwsfmt.encodings.lora as lora_enc
+
+    a = lora_family(5, layers=1, modules=("q_proj", "v_proj"), width=160, rank=4, shared_rank=3, seed=21)
+    b = lora_family(2, layers=1, modules=("q_proj", "v_proj"), width=160, rank=8, shared_rank=3, seed=22)
+    fam = {**a, **{f"wide-{k}": v for k, v in b.items()}}
+    fam["adapter-002"] = {k: v for k, v in fam["adapter-002"].items() if "v_proj" not in k}
+    src = [str(d) for d in write_peft_family(fam, tmp_path / "src")]
+    sizes = []
+    real = lora_enc.ProductGramSketch.add_many
+    monkeypatch.setattr(lora_enc.ProductGramSketch, "add_many", lambda self, x, y, s: sizes.append(len(s)) or real(self, x, y, s))
+    monkeypatch.setattr(lora_enc, "SWEEP_BATCH", 3)
+    together = uwsfmt.convert(src, tmp_path / "together.uws", rank=4, basis="sketch")
+    # two sweeps per module: q_proj's 5 rank-4 adapters in runs of 3 + 2, then the 2 rank-8 ones;
+    # v_proj, which adapter-002 lacks: 000, 001, 003 | 004 | the 2 rank-8 ones
+    assert sizes == [3, 2, 2] * 2 + [3, 1, 2] * 2
+    assert [(e.get("basis") or {}).get("method") for e in together.manifest["tensors"]] == ["sketch", "sketch"]
+    monkeypatch.setattr(lora_enc, "SWEEP_BATCH", 1)
+    alone = uwsfmt.convert(src, tmp_path / "alone.uws", rank=4, basis="sketch")
+    assert [e["rank"] for e in together.manifest["tensors"]] == [e["rank"] for e in alone.manifest["tensors"]]
+    assert together.errors() == pytest.approx(alone.errors(), rel=1e-4, abs=1e-6)
+
+
 def test_core_and_factors_rebuild_the_projection():
     g = torch.Generator().manual_seed(1)
     left = torch.linalg.qr(torch.randn(10, 4, generator=g, dtype=torch.float64))[0]
