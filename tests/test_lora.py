@@ -266,7 +266,14 @@ def test_batched_pass_two_records_each_modules_own_error(tmp_path, monkeypatch):
     gone = (lora_key(0, "k_proj", "A"), lora_key(0, "k_proj", "B"))
     fam[holey] = {k: v for k, v in fam[holey].items() if k not in gone}
     src = write_peft_family(fam, tmp_path / "src", alpha=8.0)
+    kept = []
+    real = lora_enc.encode
+    monkeypatch.setattr(lora_enc, "encode", lambda *a: kept.append(a[4]) or real(*a))
     st = uwsfmt.convert([str(d) for d in src], tmp_path / "s.uws", rank=3)  # truncated: errors well above round-off
+    # the stacked bases kept between adapters hold each module once, however the runs split
+    runs = [k[1:] for k in kept[-1] if isinstance(k, tuple) and k[:1] == ("lora",)]
+    assert len(kept) == len(src) and all(k is kept[0] for k in kept)
+    assert runs and sorted(n for r in runs for n in r) == sorted(set(n for r in runs for n in r))
     errs = st.errors()
     names = [e["name"] for e in st.manifest["tensors"]]
     seen = 0

@@ -471,7 +471,8 @@ def encode(entries: list[dict], fits: dict[str, subspace.Fit], ck: Checkpoint, r
     :data:`PRODUCT_BATCH` modules). Measured on 2 cores, 32 adapters x 128 modules, rank 16:
     pass 2 took 1.15-1.25 s instead of 1.57 s 1024 wide, 3.3-3.5 s instead of 3.6-3.75 s
     4096 wide (float64 products: the flops, not the calls, are most of it there). ``stacks``
-    (a dict the caller keeps from one adapter to the next) holds each run's bases, stacked.
+    (a dict the caller keeps from one adapter to the next) holds runs' bases, stacked in
+    float64, each module in one run at most.
     """
     stacks = {} if stacks is None else stacks
     pairs = ck.lora_pairs()
@@ -516,8 +517,13 @@ def _encode_run(run: list[tuple[int, dict, LoraPair]], fits: dict[str, subspace.
     names = tuple(e["name"] for _, e, _ in run)
     bases = stacks.get(("lora",) + names)
     if bases is None:  # once per run of modules, not per adapter
-        bases = stacks[("lora",) + names] = (torch.stack([fits[n].left for n in names]).to(f),
-                                             torch.stack([fits[n].right for n in names]).to(f))
+        bases = (torch.stack([fits[n].left for n in names]).to(f), torch.stack([fits[n].right for n in names]).to(f))
+        # kept for the next adapters, unless a module of it is kept in another run already (adapters
+        # that lack different modules split the runs differently): one float64 copy per module at most
+        covered = stacks.setdefault("lora_modules_kept", set())
+        if covered.isdisjoint(names):
+            stacks[("lora",) + names] = bases
+            covered.update(names)
     left, right = bases
     dev = left.device
     mats = [_factor_matrices(ck, pair, out, inp) for _, _, pair in run]
