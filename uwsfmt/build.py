@@ -939,7 +939,8 @@ def encode_model(
     # read each tensor while the previous one is encoded; not with LoRA entries, whose encoder
     # reads the same checkpoint itself (no two reads of one checkpoint at once)
     budgeted = error_budget is not None and corrections is not None
-    batches = _batch_plans(entries_left, fits, infos, budgeted) if not any(e.get("lora") is not None for e in entries) else []
+    lora_entries = [e for e in entries if e.get("lora") is not None]
+    batches = _batch_plans(entries_left, fits, infos, budgeted) if not lora_entries else []
     batch_of = {e["name"]: b for b in batches for e in b}
     batched: dict[str, tuple] = {}  # name -> (result or None, w) once its batch ran
     stacks = {} if stacks is None else stacks
@@ -947,9 +948,7 @@ def encode_model(
     pos = {nm: i for i, nm in enumerate(names)}
     for nm in names[:2]:
         ck.prefetch(nm)
-    ahead = None if not read_ahead or any(e.get("lora") is not None for e in entries) else overlap.read_ahead(
-        [(lambda nm=nm: ck.get(nm)) for nm in names])
-    lora_entries = [e for e in entries if e.get("lora") is not None]
+    ahead = None if not read_ahead or lora_entries else overlap.read_ahead([(lambda nm=nm: ck.get(nm)) for nm in names])
     lora_errors = dict(zip((e["name"] for e in lora_entries), lora_enc.encode(lora_entries, fits, ck, rows, stacks))) if lora_entries else {}
     for e in entries:
         name = e["name"]
