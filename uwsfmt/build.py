@@ -34,7 +34,7 @@ from .encodings import lora as lora_enc
 from .encodings import residual as residual_enc
 from .encodings import subspace
 from .encodings.slots import PackLayout
-from .errors import ConfigError, ConflictError, SourceError, StoreError, StoreExistsError, UWSError
+from .errors import BudgetError, ConfigError, ConflictError, SourceError, StoreError, StoreExistsError, UWSError
 from .sources import Checkpoint, TensorInfo, discover, open_checkpoint
 from .store import BUILDING_MARK, Store, _open_zarr_store, default_device, open, read_manifest
 
@@ -950,6 +950,8 @@ def encode_model(
         ck.prefetch(nm)
     ahead = None if not read_ahead or lora_entries else overlap.read_ahead([(lambda nm=nm: ck.get(nm)) for nm in names])
     lora_errors = dict(zip((e["name"] for e in lora_entries), lora_enc.encode(lora_entries, fits, ck, rows, stacks))) if lora_entries else {}
+    if budgeted and lora_entries:
+        _check_lora_budget(lora_entries, lora_errors, ck, error_budget)
     for e in entries:
         name = e["name"]
         if e.get("lora") is not None:
@@ -1030,6 +1032,20 @@ def encode_model(
             errs.append(_finite_or_none(rel))
             derrs.append(_finite_or_none(drel))
     return rows, per_model, errs, derrs
+
+
+def _check_lora_budget(entries: list[dict], errors: dict[str, tuple[float, int]], ck: Checkpoint, error_budget: budget.Budget) -> None:
+    """Refuse a model whose LoRA modules come back over the budget: unlike other tensors, a LoRA
+    module has no per-model exception, so the store's promise holds only if the model stays out."""
+    limit = min(x for x in (error_budget.max_error, error_budget.max_delta_error) if x is not None)
+    over = [(e["name"], errors[e["name"]][0]) for e in entries if not errors[e["name"]][0] <= limit]
+    if over:
+        worst = max(over, key=lambda x: x[1])
+        raise BudgetError(
+            f"{ck.path or ck.id}: adapter {ck.id!r} comes back from the store's bases over the error budget "
+            f"({error_budget.describe()}) in {len(over)} LoRA module(s), worst {worst[0]!r} at {worst[1]:.3g}; "
+            "a LoRA module has no per-model exception, so it was not added (the store is unchanged). Rebuild the "
+            "store with this adapter among its sources (uwsfmt convert), or append it with a looser budget (--max-error)")
 
 
 # ---------------------------------------------------------------------------- convert
@@ -1115,6 +1131,11 @@ def convert(
         if center == "mean":
             s.center = "base"
     fam = plan_family(cks, s)
+    if s.error_budget is not None and s.error_budget.exact and any(tp.encoding == "lora" for tp in fam.tensors):
+        raise BudgetError(
+            f"{out}: a budget of 0 (exact bits) cannot hold LoRA modules in the product mode: a reader rebuilds new factors "
+            "from the shared bases, exact only to rounding. Give a budget above 0 (e.g. --max-error 1e-6), or convert "
+            "with --lora-mode factors (A and B stored as ordinary tensors, exact where the budget says so)")
     if base_ck is not None:
         check_base(fam, base_ck)
     dev = torch.device(device or default_device())
@@ -1212,6 +1233,9 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                 prog.step(tp.name, N)
             elif enc == "lora":  # one LoRA module: product basis, per-adapter cores (encodings/lora.py)
                 fit = lora_enc.fit(tp, cks, s, dev, prog)
+                if s.error_budget is not None:  # the smallest rank every adapter meets the budget at
+                    e["budget"] = lora_enc.fit_budget(tp, fit, cks, s, dev)
+                    reason = f"{reason}; error budget ({s.error_budget.describe()}): rank {e['budget']['rank']}"
                 e["shape"] = list(tp.shape)
                 _add_subspace(e, fit, npath, packs, dataclasses.replace(s, residual_bits=None), tp, write)
                 e.update(encoding="subspace", reason=reason, lora=lora_enc.entry_record(tp))

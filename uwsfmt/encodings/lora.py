@@ -439,6 +439,114 @@ def fit(tp, cks: list[Checkpoint], s, dev: torch.device, prog) -> subspace.Fit:
     return f
 
 
+def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.device) -> dict:
+    """Error-budget mode for one module: cut ``fit`` (pass 1's bases, every candidate direction)
+    to the ranks (kl, kr) with the fewest bytes at which every adapter, as a reader gets it back,
+    is within ``s.error_budget``; return the manifest's ``budget`` record of the module.
+
+    One sweep gives every pair of ranks' error at once: with the bases orthonormalised in
+    float64 (QR keeps them nested: the first k columns of Q span the first k stored ones), the
+    two-sided projection loses ||X||^2 - ||C[:kl, :kr]||^2 of X = s B A, C = Q_L^T X Q_R (r x r
+    and k x r products only; the two sides' spans differ, so kl and kr are chosen together). The
+    stored bases are float32 and a reader's factors are cast to the source dtype, so the pair
+    found is checked with pass 2's own error (:func:`read_back`) and raised until every adapter
+    meets the budget; a budget no ranks meet (below the factors' rounding, or beyond
+    ``max_rank`` directions) is a :class:`BudgetError` naming the module and adapter.
+    """
+    from .. import budget as budget_mod
+    from ..errors import BudgetError
+
+    mp: ModulePlan = tp.lora
+    out, inp = linalg.matrix_view(mp.shape)
+    bud = s.error_budget
+    f = torch.float64
+    cap_l, cap_r = fit.left.shape[1], fit.right.shape[1]
+    held = [(ck, pair) for ck in cks if (pair := ck.lora_pairs().get(mp.module)) is not None]
+    spanned = sum(mp.ranks.values())
+
+    def matrices(ck, pair):
+        a, b = _factor_matrices(ck, pair, out, inp)
+        return a.to(dev, f), b.to(dev, f), float(pair.scale)
+
+    worst = np.zeros((cap_l + 1, cap_r + 1))  # worst adapter's relative error at (kl, kr)
+    fits_all = np.ones((cap_l + 1, cap_r + 1), dtype=bool)
+    norms, allowed = [], []
+    with linalg.no_tf32():
+        ql = torch.linalg.qr(fit.left.to(f)).Q
+        qr = torch.linalg.qr(fit.right.to(f)).Q
+        for ck, pair in held:
+            a, b, sc = matrices(ck, pair)
+            c = sc * ((ql.T @ b) @ (a @ qr))
+            kept = torch.nn.functional.pad(torch.cumsum(torch.cumsum(c * c, 0), 1), (1, 0, 1, 0))  # ||C[:kl, :kr]||^2
+            x2 = sc * sc * float(torch.sum((a @ a.T) * (b.T @ b)))
+            lost = (x2 - kept).clamp_min(0).sqrt().cpu().numpy()
+            wn = math.sqrt(x2)
+            norms.append(wn)
+            allowed.append(bud.allowed(wn, wn, tp.dtype))
+            fits_all &= lost <= allowed[-1]
+            if wn > 0:
+                np.maximum(worst, lost / wn, out=worst)
+    kl_grid, kr_grid = np.meshgrid(np.arange(cap_l + 1), np.arange(cap_r + 1), indexing="ij")
+
+    def nbytes(kl: int, kr: int) -> int:  # bases, spectra and cores, as budget.tensor_bytes counts them
+        return int(4 * (out * kl + inp * kr) + 8 * (fit.spectra["left"].numel() + fit.spectra["right"].numel())
+                   + 2 * budget_mod.ARRAY_OVERHEAD + 4 * len(cks) * kl * kr)
+
+    sizes = 4 * (out * kl_grid + inp * kr_grid) + 4 * len(cks) * kl_grid * kr_grid
+    if fits_all.any():
+        flat = np.lexsort((worst.ravel(), np.where(fits_all, sizes, np.iinfo(np.int64).max).ravel()))[0]
+        kl, kr = (int(x) for x in np.unravel_index(flat, fits_all.shape))
+    else:
+        kl, kr = cap_l, cap_r
+
+    def read_errors(kl: int, kr: int) -> list[float]:
+        left, right = fit.left[:, :kl].to(f), fit.right[:, :kr].to(f)
+        errs = []
+        for ck, pair in held:
+            a, b, sc = matrices(ck, pair)
+            _, _, err2 = read_back(left, right, a[None], b[None], torch.tensor([sc], dtype=f, device=dev),
+                                   min(kl, kr, a.shape[0]), tp.dtype)
+            errs.append(math.sqrt(float(err2[0])))
+        return errs
+
+    while True:
+        got = read_errors(kl, kr)
+        bad = [j for j, (g, lim) in enumerate(zip(got, allowed)) if not g <= lim]
+        if not bad:
+            break
+        if (kl, kr) == (cap_l, cap_r):
+            j = max(bad, key=lambda j: got[j] / max(norms[j], 1e-300))
+            err = got[j] / norms[j] if norms[j] > 0 else math.inf
+            capped = max(cap_l, cap_r) < spanned and max(cap_l, cap_r) == (s.max_rank or budget_mod.MAX_CANDIDATE_RANK)
+            why = (f"keeping all {max(cap_l, cap_r)} candidate directions (the adapters span up to {spanned})" if capped else
+                   f"keeping every direction the adapters span: the {tp.dtype} factors a reader gets back round by about that much")
+            raise BudgetError(
+                f"LoRA module {mp.module!r}: the error budget ({bud.describe()}) cannot be met; adapter {held[j][0].id!r} "
+                f"comes back with relative error {err:.3g} even {why}. Raise the budget to at least {err:.2g}"
+                + (", or raise --max-rank" if capped else "")
+                + ", or convert with --lora-mode factors (A and B stored as ordinary tensors, held to the budget one by one)")
+        kl, kr = min(cap_l, kl + max(1, kl // 4)), min(cap_r, kr + max(1, kr // 4))
+    fit.left, fit.right = fit.left[:, :kl].contiguous(), fit.right[:, :kr].contiguous()
+    fit.kept = {"left": kl, "right": kr}
+    frontier, floor = [], math.inf
+    order = np.lexsort((worst.ravel(), sizes.ravel()))
+    for flat in order:  # fewest bytes first; a pair counts when it cuts the worst error by 20% (predicted, before rounding)
+        w = float(worst.ravel()[flat])
+        if w < 0.8 * floor:
+            floor = w
+            i, j = (int(x) for x in np.unravel_index(flat, worst.shape))
+            frontier.append(["both", [i, j], None, nbytes(i, j), budget_mod._g4(w), budget_mod._g4(w)])
+    rel = max((g / w if w > 0 else 0.0 for g, w in zip(got, norms)), default=0.0)
+    itemsize = dtypes.torch_dtype(tp.dtype).itemsize
+    return {
+        "max_error": bud.max_error, "max_delta_error": bud.max_delta_error,
+        "error": rel, "delta_error": rel, "mode": "both", "rank": kl if kl == kr else None, "ranks": [kl, kr],
+        "residual_bits": None, "bytes": nbytes(kl, kr),
+        "dense_bytes": int(sum((out + inp) * r * itemsize for r in mp.ranks.values())),  # the adapters' own factors
+        "frontier": frontier,
+    }
+
+
 def _factor_matrices(ck: Checkpoint, pair: LoraPair, out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor]:
     a = ck.get(pair.a)
     b = ck.get(pair.b)
@@ -535,26 +643,38 @@ def _encode_run(run: list[tuple[int, dict, LoraPair]], fits: dict[str, subspace.
         b[j].copy_(bj)
     del mats
     s = torch.tensor([float(pair.scale) for _, _, pair in run], dtype=f, device=dev)
+    c, x2, err2 = read_back(left, right, a, b, s, rank_of(e0, r), e0["dtype"])
+    if c.shape[1] * c.shape[2]:
+        host = c.cpu().numpy()
+        for j, (_, e, _) in enumerate(run):
+            sl = e["coefficients"]
+            rows[sl["pack"]][sl["offset"]: sl["offset"] + host[j].size] = host[j].reshape(-1)
+    return [(_relative(x2j, e2j), r) for x2j, e2j in zip(x2.tolist(), err2.tolist())]
+
+
+def read_back(left: torch.Tensor, right: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, rank: int,
+              dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a reader gets back for adapters' modules (batched over the leading dimension of
+    ``a``, ``b``, ``s``; the bases batched alike, or one pair for all): the cores as stored
+    (float32), each ||s B A||^2 and each squared error of the factors a reader returns (rank
+    ``rank``, cast to ``dtype``) against s B A, from r x r products only, in float64."""
+    f = torch.float64
     with linalg.no_tf32():
         c = core(left, right, a, b, s).to(torch.float32)
-        if c.shape[1] * c.shape[2]:
-            host = c.cpu().numpy()
-            for j, (_, e, _) in enumerate(run):
-                sl = e["coefficients"]
-                rows[sl["pack"]][sl["offset"]: sl["offset"] + host[j].size] = host[j].reshape(-1)
-        bb, aa = factors(left, right, c.to(f), rank_of(e0, r))
-        want = dtypes.torch_dtype(e0["dtype"])
+        bb, aa = factors(left, right, c.to(f), rank)
+        want = dtypes.torch_dtype(dtype)
         bb, aa = bb.to(want).to(f), aa.to(want).to(f)
         x2 = s * s * torch.sum((a @ a.mT) * (b.mT @ b), dim=(1, 2))
         y2 = torch.sum((aa @ aa.mT) * (bb.mT @ bb), dim=(1, 2))
         xy = s * torch.sum((b.mT @ bb) * (a @ aa.mT), dim=(1, 2))  # <sBA, B'A'> = s tr((B^T B')(A' A^T))
-    res = []
-    for x2j, err2 in zip(x2.tolist(), (x2 - 2 * xy + y2).clamp_min(0).tolist()):
-        if x2j <= 0.0:
-            res.append((0.0 if err2 <= 0.0 else math.inf, r))
-        else:
-            res.append((math.sqrt(err2 / x2j), r))
-    return res
+    return c, x2, (x2 - 2 * xy + y2).clamp_min(0)
+
+
+def _relative(x2: float, err2: float) -> float:
+    """||X - X'|| / ||X|| from the squares (0 for a zero update rebuilt exactly, else inf)."""
+    if x2 <= 0.0:
+        return 0.0 if err2 <= 0.0 else math.inf
+    return math.sqrt(err2 / x2)
 
 
 #: factor dtypes whose range needs no balancing: a full-rank read returns the basis itself as one
