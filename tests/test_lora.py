@@ -518,3 +518,25 @@ def test_damaged_lora_record_is_a_format_error(tmp_path):
     st.close()
     with pytest.raises(uwsfmt.FormatError, match="malformed LoRA record"):
         uwsfmt.open(tmp_path / "s.uws")
+
+
+def test_factored_exact_bases_equal_the_gram_ones(tmp_path, monkeypatch):
+    """Exact bases from QRs of the stacked factors (few directions) = those of the product Grams."""
+    from uwsfmt.encodings import lora
+
+    a = lora_family(4, layers=1, modules=("q_proj", "v_proj"), width=40, rank=4, shared_rank=2, seed=8)
+    b = lora_family(2, layers=1, modules=("q_proj",), width=40, rank=2, shared_rank=2, seed=9)
+    src = [str(d) for d in write_peft_family(a, tmp_path / "a", alpha=8.0) + write_peft_family({f"x-{k}": v for k, v in b.items()}, tmp_path / "b", alpha=1.0)]
+    stores = {}  # scales 2 and 0.5
+    for share in (0.0, 1.0):  # every module by its Grams, then every module by its factors
+        monkeypatch.setattr(lora, "FACTORED_SHARE", share)
+        stores[share] = uwsfmt.convert(src, tmp_path / f"s{share}.uws", tau=0.95)
+    g, q = stores[0.0], stores[1.0]
+    for eg, eq in zip(g.manifest["tensors"], q.manifest["tensors"]):
+        assert eg["rank"] == eq["rank"]
+        for side in ("left", "right"):
+            sg, sq = (torch.from_numpy(s.read_array(e["spectrum"][side])) for s, e in ((g, eg), (q, eq)))
+            assert sg.shape == sq.shape and torch.allclose(sg, sq, rtol=1e-9, atol=1e-12 * float(sg[0]))
+            bg, bq = (torch.from_numpy(s.read_array(e[side])).double() for s, e in ((g, eg), (q, eq)))
+            assert torch.allclose(bg @ bg.T, bq @ bq.T, atol=1e-5)  # the same subspace (signs may differ)
+    assert torch.allclose(torch.from_numpy(g.errors()), torch.from_numpy(q.errors()), atol=1e-6)

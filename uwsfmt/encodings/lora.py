@@ -360,23 +360,71 @@ def _sweep(stats, cks: list[Checkpoint], mp, out: int, inp: int, prog, step: boo
             stats.add_many(torch.stack([x[0] for x in run]), torch.stack([x[1] for x in run]), [x[2] for x in run])
             run.clear()
 
+    for got in _module_factors(cks, mp, out, inp, prog, step):
+        if got is None:
+            stats.add_zero()
+            continue
+        a, b, scale = got
+        if run and (a.shape != run[0][0].shape or a.dtype != run[0][0].dtype or b.dtype != run[0][1].dtype
+                    or len(run) >= SWEEP_BATCH
+                    or (len(run) + 1) * (a.numel() * a.element_size() + b.numel() * b.element_size()) > SWEEP_BATCH_BYTES):
+            flush()
+        run.append((a, b, scale))
+    flush()
+    return stats
+
+
+def _module_factors(cks: list[Checkpoint], mp, out: int, inp: int, prog, step: bool):
+    """Each adapter's (A, B, scale) of module ``mp`` (None where it lacks the module), NaN/Inf refused."""
     for ck in cks:
         pair = ck.lora_pairs().get(mp.module)
         if pair is None:
-            stats.add_zero()
+            yield None
         else:
             a, b = _factor_matrices(ck, pair, out, inp)
             # a sum is NaN/Inf when a value is (one pass, no mask); only then (or when a large sum overflows) look closer
             if not math.isfinite(float(a.sum()) + float(b.sum())) and not (torch.isfinite(a).all() and torch.isfinite(b).all()):
                 raise SourceError(f"{ck.path or ck.id}: LoRA module {mp.module!r} of {ck.id!r} contains NaN or Inf values; fix the adapter")
-            if run and (a.shape != run[0][0].shape or a.dtype != run[0][0].dtype or b.dtype != run[0][1].dtype
-                        or len(run) >= SWEEP_BATCH
-                        or (len(run) + 1) * (a.numel() * a.element_size() + b.numel() * b.element_size()) > SWEEP_BATCH_BYTES):
-                flush()
-            run.append((a, b, pair.scale))
+            yield a, b, pair.scale
         prog.step(mp.module, 1 if step else 0)
-    flush()
-    return stats
+
+
+def _fit_factored(mp, cks: list[Checkpoint], s, dev: torch.device, prog, step: bool) -> subspace.Fit:
+    """The exact bases of a module whose adapters span few directions (sum of ranks R well
+    below its sides), without its out x out and in x in Grams: with B_cat = [B_1 ... B_N] = Q T
+    (QR, out x R), the left Gram sum_i s_i^2 B_i (A_i A_i^T) B_i^T = Q (T M T^T) Q^T, M the
+    block diagonal of the s_i^2 A_i A_i^T, so its eigenvectors are Q V from the R x R
+    eigenproblem T M T^T = V diag(vals) V^T (likewise on the right, with the A_i^T and the
+    B_i^T B_i). Same spectrum (zero beyond R), more accurate (B is not squared); 4096 wide with
+    R = 512 it replaces two 4096 x 4096 Grams and their eigendecompositions by two QRs of
+    4096 x 512 per module."""
+    out, inp = linalg.matrix_view(mp.shape)
+    f64 = torch.float64
+    a_s, b_s, scales = [], [], []
+    for got in _module_factors(cks, mp, out, inp, prog, step):
+        if got is not None:
+            a, b, scale = got
+            a_s.append(a.to(dev, f64))
+            b_s.append(b.to(dev, f64))
+            scales.append(float(scale))
+    fit = subspace.Fit("both", "none", None, None, None)
+    cap = sum(x.shape[0] for x in a_s)
+    sides = (("left", out, torch.cat(b_s, 1), [s2 * (a @ a.T) for a, s2 in zip(a_s, (x * x for x in scales))]),
+             ("right", inp, torch.cat(a_s, 0).T, [s2 * (b.T @ b) for b, s2 in zip(b_s, (x * x for x in scales))]))
+    for side, dim, stacked, blocks in sides:
+        q, t = torch.linalg.qr(stacked)
+        tm = torch.cat([t[:, j: j + m.shape[0]] @ m for j, m in zip(np.cumsum([0] + [m.shape[0] for m in blocks[:-1]]), blocks)], 1)
+        vals, v = linalg.eig_desc(tm @ t.T)
+        vals = torch.cat([vals, vals.new_zeros(dim - vals.numel())])  # the Gram's spectrum: zero beyond R
+        k = s.choose(side, vals, cap)
+        fit.spectra[side], fit.kept[side] = vals, k
+        setattr(fit, side, (q @ v[:, :k]).to(torch.float32))
+    return fit
+
+
+#: the exact bases of a module come from its factors (:func:`_fit_factored`) when the adapters'
+#: ranks add up to at most this share of its smaller side; else from its product Grams
+FACTORED_SHARE = 0.5
 
 
 def _fit_sketch(tp, cks: list[Checkpoint], s, dev: torch.device, prog) -> tuple[subspace.Fit | None, bool]:
@@ -423,6 +471,12 @@ def fit(tp, cks: list[Checkpoint], s, dev: torch.device, prog) -> subspace.Fit:
             f, swept = _fit_sketch(tp, cks, s, dev, prog)
         if f is not None:
             return f
+    if sum(mp.ranks.values()) <= FACTORED_SHARE * min(out, inp):
+        with linalg.no_tf32():
+            f = _fit_factored(mp, cks, s, dev, prog, not swept)
+        if swept:
+            f.method = {"method": "exact", "sketch_rejected": "tau not met within the sketch, or the a-posteriori check failed"}
+        return f
     st = ProductGramStats.empty(out, inp, device=dev)
     with linalg.no_tf32():
         _sweep(st, cks, mp, out, inp, prog, not swept)
