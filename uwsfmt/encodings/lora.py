@@ -418,7 +418,10 @@ def _fit_factored(mp, cks: list[Checkpoint], s, dev: torch.device, prog, step: b
         vals = torch.cat([vals, vals.new_zeros(dim - vals.numel())])  # the Gram's spectrum: zero beyond R
         k = s.choose(side, vals, cap)
         fit.spectra[side], fit.kept[side] = vals, k
-        setattr(fit, side, (q @ v[:, :k]).to(torch.float32))
+        vecs = q @ v[:, :k]
+        setattr(fit, side, vecs.to(torch.float32))
+        if getattr(s, "error_budget", None) is not None:
+            fit.bases64 = (fit.bases64 or {}) | {side: vecs}
     return fit
 
 
@@ -490,6 +493,8 @@ def fit(tp, cks: list[Checkpoint], s, dev: torch.device, prog) -> subspace.Fit:
             f.spectra[side] = vals
             f.kept[side] = k
             setattr(f, side, vecs[:, :k].to(torch.float32))
+            if getattr(s, "error_budget", None) is not None:
+                f.bases64 = (f.bases64 or {}) | {side: vecs[:, :k].clone()}  # not a view of every eigenvector
     return f
 
 
@@ -498,8 +503,8 @@ def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.devic
     to the ranks (kl, kr) with the fewest bytes at which every adapter, as a reader gets it back,
     is within ``s.error_budget``; return the manifest's ``budget`` record of the module.
 
-    One sweep gives every pair of ranks' error at once: with the bases orthonormalised in
-    float64 (QR keeps them nested: the first k columns of Q span the first k stored ones), the
+    One sweep gives every pair of ranks' error at once: with pass 1's float64 bases
+    (``fit.bases64``: orthonormal, best first, rounded to float32 for the store), the
     two-sided projection loses ||X||^2 - ||C[:kl, :kr]||^2 of X = s B A, C = Q_L^T X Q_R (r x r
     and k x r products only; the two sides' spans differ, so kl and kr are chosen together). The
     stored bases are float32 and a reader's factors are cast to the source dtype, so the pair
@@ -526,8 +531,8 @@ def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.devic
     fits_all = np.ones((cap_l + 1, cap_r + 1), dtype=bool)
     norms, allowed = [], []
     with linalg.no_tf32():
-        ql = torch.linalg.qr(fit.left.to(f)).Q
-        qr = torch.linalg.qr(fit.right.to(f)).Q
+        ql, qr = fit.bases64["left"], fit.bases64["right"]  # pass 1's float64 eigenvectors: orthonormal, nested
+        fit.bases64 = None
         for ck, pair in held:
             a, b, sc = matrices(ck, pair)
             c = sc * ((ql.T @ b) @ (a @ qr))
@@ -582,14 +587,19 @@ def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.devic
         kl, kr = min(cap_l, kl + max(1, kl // 4)), min(cap_r, kr + max(1, kr // 4))
     fit.left, fit.right = fit.left[:, :kl].contiguous(), fit.right[:, :kr].contiguous()
     fit.kept = {"left": kl, "right": kr}
-    frontier, floor = [], math.inf
-    order = np.lexsort((worst.ravel(), sizes.ravel()))
-    for flat in order:  # fewest bytes first; a pair counts when it cuts the worst error by 20% (predicted, before rounding)
-        w = float(worst.ravel()[flat])
-        if w < 0.8 * floor:
-            floor = w
-            i, j = (int(x) for x in np.unravel_index(flat, worst.shape))
-            frontier.append(["both", [i, j], None, nbytes(i, j), budget_mod._g4(w), budget_mod._g4(w)])
+    frontier = []
+    order = np.lexsort((worst.ravel(), sizes.ravel()))  # fewest bytes first
+    by_size = worst.ravel()[order]
+    at, floor = 0, math.inf
+    while at < len(order):  # a pair counts when it cuts the worst error by 20% (predicted, before rounding)
+        hits = np.flatnonzero(by_size[at:] < 0.8 * floor)
+        if not hits.size:
+            break
+        at += int(hits[0])
+        floor = w = float(by_size[at])
+        i, j = (int(x) for x in np.unravel_index(order[at], worst.shape))
+        frontier.append(["both", [i, j], None, nbytes(i, j), budget_mod._g4(w), budget_mod._g4(w)])
+        at += 1
     rel = max((g / w if w > 0 else 0.0 for g, w in zip(got, norms)), default=0.0)
     itemsize = dtypes.torch_dtype(tp.dtype).itemsize
     return {

@@ -38,6 +38,9 @@ class Fit:
     #: per model, pass 2's result found in pass 1 (build._coefficients_from_ritz): (coefficients,
     #: error, delta error), or None; used and dropped by pass 2
     precomputed: list | None = field(default=None, repr=False, compare=False)
+    #: side -> the float64 bases ``left`` / ``right`` were rounded from (orthonormal), where
+    #: pass 1 keeps them for a later step of the build (LoRA error budgets); dropped after it
+    bases64: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def rank(self) -> list[int | None]:
