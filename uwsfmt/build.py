@@ -1233,7 +1233,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                 prog.step(tp.name, N)
             elif enc == "lora":  # one LoRA module: product basis, per-adapter cores (encodings/lora.py)
                 fit = lora_enc.fit(tp, cks, s, dev, prog)
-                if s.error_budget is not None:  # the smallest rank every adapter meets the budget at
+                if s.error_budget is not None:  # the cheapest ranks at which every adapter meets the budget
                     e["budget"] = lora_enc.fit_budget(tp, fit, cks, s, dev)
                     reason = f"{reason}; error budget ({s.error_budget.describe()}): rank {e['budget']['rank']}"
                 e["shape"] = list(tp.shape)
