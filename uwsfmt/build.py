@@ -1037,8 +1037,8 @@ def encode_model(
 def _check_lora_budget(entries: list[dict], errors: dict[str, tuple[float, int]], ck: Checkpoint, error_budget: budget.Budget) -> None:
     """Refuse a model whose LoRA modules come back over the budget: unlike other tensors, a LoRA
     module has no per-model exception, so the store's promise holds only if the model stays out."""
-    limit = min(x for x in (error_budget.max_error, error_budget.max_delta_error) if x is not None)
-    over = [(e["name"], errors[e["name"]][0]) for e in entries if not errors[e["name"]][0] <= limit]
+    # relative errors: the allowed absolute error of a unit update (for an update, W - M is W)
+    over = [(e["name"], errors[e["name"]][0]) for e in entries if not errors[e["name"]][0] <= error_budget.allowed(1.0, 1.0, e["dtype"])]
     if over:
         worst = max(over, key=lambda x: x[1])
         raise BudgetError(

@@ -546,12 +546,9 @@ def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.devic
             if wn > 0:
                 np.maximum(worst, lost / wn, out=worst)
     kl_grid, kr_grid = np.meshgrid(np.arange(cap_l + 1), np.arange(cap_r + 1), indexing="ij")
-
-    def nbytes(kl: int, kr: int) -> int:  # bases, spectra and cores, as budget.tensor_bytes counts them
-        return int(4 * (out * kl + inp * kr) + 8 * (fit.spectra["left"].numel() + fit.spectra["right"].numel())
-                   + 2 * budget_mod.ARRAY_OVERHEAD + 4 * len(cks) * kl * kr)
-
-    sizes = 4 * (out * kl_grid + inp * kr_grid) + 4 * len(cks) * kl_grid * kr_grid
+    # bytes at (kl, kr): bases, spectra and cores, as budget.tensor_bytes counts them
+    sizes = (4 * (out * kl_grid + inp * kr_grid) + 4 * len(cks) * kl_grid * kr_grid
+             + 8 * (fit.spectra["left"].numel() + fit.spectra["right"].numel()) + 2 * budget_mod.ARRAY_OVERHEAD)
     if fits_all.any():
         flat = np.lexsort((worst.ravel(), np.where(fits_all, sizes, np.iinfo(np.int64).max).ravel()))[0]
         kl, kr = (int(x) for x in np.unravel_index(flat, fits_all.shape))
@@ -598,14 +595,14 @@ def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.devic
         at += int(hits[0])
         floor = w = float(by_size[at])
         i, j = (int(x) for x in np.unravel_index(order[at], worst.shape))
-        frontier.append(["both", [i, j], None, nbytes(i, j), budget_mod._g4(w), budget_mod._g4(w)])
+        frontier.append(["both", [i, j], None, int(sizes[i, j]), budget_mod._g4(w), budget_mod._g4(w)])
         at += 1
     rel = max((g / w if w > 0 else 0.0 for g, w in zip(got, norms)), default=0.0)
     itemsize = dtypes.torch_dtype(tp.dtype).itemsize
     return {
         "max_error": bud.max_error, "max_delta_error": bud.max_delta_error,
         "error": rel, "delta_error": rel, "mode": "both", "rank": kl if kl == kr else None, "ranks": [kl, kr],
-        "residual_bits": None, "bytes": nbytes(kl, kr),
+        "residual_bits": None, "bytes": int(sizes[kl, kr]),
         "dense_bytes": int(sum((out + inp) * r * itemsize for r in mp.ranks.values())),  # the adapters' own factors
         "frontier": frontier,
     }
