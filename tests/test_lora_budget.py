@@ -145,3 +145,92 @@ def test_cli_budgeted_lora_convert_and_its_clear_failure(tmp_path):
     p = run("convert", *src, "-o", str(tmp_path / "t.uws"), "--max-error", "1e-4", "-q")
     assert p.returncode != 0 and "cannot be met" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "t.uws").exists()
+
+
+def _wide_family(tmp_path, dtype=torch.float32):
+    """Twelve rank-8 adapters of two 256-wide modules: 96 directions per side, more than a
+    sketch of 64 (+16) columns, so basis="sketch" sketches."""
+    fam = lora_family(12, layers=1, modules=("q_proj", "v_proj"), width=256, rank=8, shared_rank=3, seed=5,
+                      dtype=dtype, noise=0.002)
+    return [str(d) for d in write_peft_family(fam, tmp_path / "wide")]
+
+
+def _check_budget_met(st, src, budget):
+    assert st.summary()["budget_met"] is True and max(_worst_by_module(st)) <= budget
+    for mid, path in zip(st.model_ids, src):  # what a reader gets back, against the sources' s B A
+        back = st.state_dict(mid)
+        for module in ("q_proj", "v_proj"):
+            want = _source_update(path, module)
+            assert float((_update(back, module) - want).norm() / want.norm()) <= budget + 1e-6
+
+
+def _cost(e) -> int:  # values the ranks cost: bases and every adapter's core
+    kl, kr = e["budget"]["ranks"]
+    out, inp = e["view"]
+    return out * kl + inp * kr + 12 * kl * kr
+
+
+def test_sketched_budget_is_met_at_about_the_exact_ranks(tmp_path):
+    src = _wide_family(tmp_path)
+    budget = 0.2
+    steps = []
+    st = uwsfmt.convert(src, tmp_path / "s.uws", max_error=budget, basis="sketch", progress=lambda *a: steps.append(a[:2]))
+    assert steps[-1][0] == steps[-1][1]  # progress counts each adapter once per module
+    exact = uwsfmt.convert(src, tmp_path / "e.uws", max_error=budget)
+    _check_budget_met(st, src, budget)
+    for e, ex in zip(st.manifest["tensors"], exact.manifest["tensors"]):
+        assert e["basis"]["method"] == "sketch" and e["basis"]["columns"] == {"left": 80, "right": 80}
+        assert all(c["ok"] for c in e["basis"]["check"].values())
+        assert e["rank"] == e["budget"]["ranks"] and e["rank"][0] < 64 and e["rank"][1] < 64
+        assert "basis" not in ex  # exact bases, none sketched
+        assert _cost(e) <= 1.1 * _cost(ex), (e["rank"], ex["rank"])
+
+
+def test_sketched_budget_widens_the_sketch_when_its_candidates_run_short(tmp_path, monkeypatch):
+    src = _wide_family(tmp_path)
+    monkeypatch.setattr(uwsfmt.linalg, "SKETCH_RANK", 8)  # 8 candidates: the budget needs more, 4x more do
+    st = uwsfmt.convert(src, tmp_path / "s.uws", max_error=0.2, basis="sketch")
+    _check_budget_met(st, src, 0.2)
+    for e in st.manifest["tensors"]:
+        assert e["basis"]["method"] == "sketch" and e["basis"]["columns"] == {"left": 32 + 16, "right": 32 + 16}
+        assert 32 > e["rank"][0] > 8
+    # met with every sketched direction of a side (B's 8 here): widened too, in case more fit better
+    st = uwsfmt.convert(src, tmp_path / "edge.uws", max_error=0.3, basis="sketch")
+    exact = uwsfmt.convert(src, tmp_path / "e.uws", max_error=0.3)
+    for e, ex in zip(st.manifest["tensors"], exact.manifest["tensors"]):
+        assert e["basis"]["columns"] == {"left": 32 + 16, "right": 32 + 16} and e["rank"] == ex["rank"] == [3, 8]
+
+
+def test_sketched_budget_falls_back_to_the_exact_bases(tmp_path, monkeypatch):
+    src = _wide_family(tmp_path)
+    exact = uwsfmt.convert(src, tmp_path / "e.uws", max_error=0.2)
+    # too few adapters to sketch (their 96 directions against 64 + 16 sketched columns): exact
+    few = uwsfmt.convert(src[:9], tmp_path / "few.uws", max_error=0.2, basis="sketch")
+    assert all("basis" not in e for e in few.manifest["tensors"])
+    # a sketch whose check fails at the ranks picked: the exact bases, and the exact ranks
+    real = uwsfmt.linalg.SketchResult.check
+    monkeypatch.setattr(uwsfmt.linalg.SketchResult, "check", lambda self, k, tol: real(self, k, tol) | {"ok": False})
+    st = uwsfmt.convert(src, tmp_path / "s.uws", max_error=0.2, basis="sketch")
+    _check_budget_met(st, src, 0.2)
+    for e, ex in zip(st.manifest["tensors"], exact.manifest["tensors"]):
+        assert e["basis"]["method"] == "exact" and "a-posteriori check failed" in e["basis"]["sketch_rejected"]
+        assert e["rank"] == ex["rank"]
+    monkeypatch.undo()
+    # a budget nothing meets is the exact path's clear error, nothing written
+    bf = _wide_family(tmp_path / "bf", dtype=torch.bfloat16)
+    with pytest.raises(uwsfmt.BudgetError, match=r"cannot be met.*bfloat16"):
+        uwsfmt.convert(bf, tmp_path / "tight.uws", max_error=1e-4, basis="sketch")
+    assert not (tmp_path / "tight.uws").exists()
+
+
+def test_cli_sketched_budget(tmp_path):
+    src = _wide_family(tmp_path)
+    p = subprocess.run([sys.executable, "-m", "uwsfmt.cli", "convert", *src, "-o", str(tmp_path / "s.uws"),
+                        "--max-error", "0.2", "--basis", "sketch", "--seed", "3", "-q"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "met for every tensor of every model" in p.stdout
+    st = uwsfmt.open(tmp_path / "s.uws")
+    assert [e["basis"]["method"] for e in st.manifest["tensors"]] == ["sketch", "sketch"]
+    p = subprocess.run([sys.executable, "-m", "uwsfmt.cli", "convert", *src, "-o", str(tmp_path / "x.uws"), "--basis", "fast"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "invalid choice: 'fast'" in p.stderr and not (tmp_path / "x.uws").exists()

@@ -1232,10 +1232,11 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                 e.update(shape=None, encoding="dense", data={"per_model": True}, reason=reason)
                 prog.step(tp.name, N)
             elif enc == "lora":  # one LoRA module: product basis, per-adapter cores (encodings/lora.py)
-                fit = lora_enc.fit(tp, cks, s, dev, prog)
                 if s.error_budget is not None:  # the cheapest ranks at which every adapter meets the budget
-                    e["budget"] = lora_enc.fit_budget(tp, fit, cks, s, dev)
+                    fit, e["budget"] = lora_enc.fit_budgeted(tp, cks, s, dev, prog)
                     reason = f"{reason}; error budget ({s.error_budget.describe()}): rank {e['budget']['rank']}"
+                else:
+                    fit = lora_enc.fit(tp, cks, s, dev, prog)
                 e["shape"] = list(tp.shape)
                 _add_subspace(e, fit, npath, packs, dataclasses.replace(s, residual_bits=None), tp, write)
                 e.update(encoding="subspace", reason=reason, lora=lora_enc.entry_record(tp))

@@ -66,6 +66,7 @@ def _cmd_convert(a) -> int:
         center="none" if a.no_center else a.center, residual_bits=a.residual_bits, encodings=enc,
         min_numel=a.min_numel, allow_nonfinite=a.allow_nonfinite, base=a.base, device=a.device,
         format=a.format, overwrite=a.overwrite, progress=not a.quiet, max_error=a.max_error, max_delta_error=a.max_delta_error, lora_mode=a.lora_mode,
+        basis=a.basis, seed=a.seed,
     )
     print_summary(st)
     return 0
@@ -194,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-center", action="store_true", help="same as --center none")
     c.add_argument("--base", help="checkpoint the family was fine-tuned from: stored once, deltas decomposed from it")
     c.add_argument("--residual-bits", type=int, choices=[1, 2, 4, 8, 16])
+    c.add_argument("--basis", default="exact", choices=["exact", "sketch"],
+                   help="how bases are found: exact (float64 Gram + eigendecomposition) or sketch (randomised range finder, "
+                        "checked a-posteriori, exact where the check fails; much faster for wide tensors and LoRA families)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the sketch's random test matrices (--basis sketch)")
     c.add_argument("--max-error", type=float, metavar="E",
                    help="error budget: relative error ||W - W_hat|| / ||W|| of every tensor of every model stays <= E; "
                         "rank, mode and residual bits are chosen per tensor for the fewest bytes (0 = lossless)")

@@ -41,6 +41,9 @@ class Fit:
     #: side -> the float64 bases ``left`` / ``right`` were rounded from (orthonormal), where
     #: pass 1 keeps them for a later step of the build (LoRA error budgets); dropped after it
     bases64: dict | None = field(default=None, repr=False, compare=False)
+    #: side -> the sketch's :class:`uwsfmt.linalg.SketchResult`, where a later step checks the
+    #: ranks it picks (LoRA error budgets); dropped after it
+    ritz: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def rank(self) -> list[int | None]:
