@@ -88,6 +88,7 @@ class Converter(anywidget.AnyWidget):
     residual_bits = t.Int(0).tag(sync=True)
     residual_choices = t.List(list(RESIDUAL_BITS)).tag(sync=True)
     max_error = t.Float(None, allow_none=True).tag(sync=True)
+    basis = t.Unicode("exact").tag(sync=True)  # how bases are found: exact | sketch
     device = t.Unicode("cpu").tag(sync=True)
     devices = t.List(["cpu"]).tag(sync=True)
     overwrite = t.Bool(False).tag(sync=True)
@@ -161,6 +162,8 @@ class Converter(anywidget.AnyWidget):
             kw["residual_bits"] = int(self.residual_bits)
         if self.max_error is not None and "max_error" in params:
             kw["max_error"] = float(self.max_error)
+        if self.basis != "exact" and "basis" in params:
+            kw["basis"] = self.basis
         if self.overwrite and "overwrite" in params:
             kw["overwrite"] = True
         return kw
@@ -174,6 +177,8 @@ class Converter(anywidget.AnyWidget):
             return f"The rank must be a whole number >= 0, not {self.rank}."
         if self.mode not in self.modes:
             return f"Unknown basis side {self.mode!r}; choose one of {', '.join(self.modes)}."
+        if self.basis not in ("exact", "sketch"):
+            return f"Unknown basis method {self.basis!r}; choose exact or sketch."
         if self.max_error is not None and self.max_error < 0:
             return f"The error budget must be >= 0 (relative error, e.g. 0.001), not {self.max_error:g}."
         if self.device not in self.devices:

@@ -219,10 +219,12 @@ def test_converter_kwargs_follow_the_form():
     c.rank_mode, c.rank, c.center = "rank", 8, False
     kw = c.convert_kwargs()
     assert kw["rank"] == 8 and kw["tau"] is None and kw["center"] in ("none", False)
-    assert "mode" not in kw  # auto: the library's own default
+    assert "mode" not in kw and "basis" not in kw  # the library's own defaults
     c.residual_bits, c.max_error, c.overwrite, c.mode = 4, 1e-3, True, "left"
     kw = c.convert_kwargs()
     assert kw["residual_bits"] == 4 and kw["max_error"] == 1e-3 and kw["overwrite"] is True and kw["mode"] == "left"
+    c.basis = "sketch"
+    assert c.convert_kwargs()["basis"] == "sketch"
 
 
 def test_converter_rejects_bad_options_with_messages():
@@ -233,7 +235,9 @@ def test_converter_rejects_bad_options_with_messages():
     assert c.run() is None and "output path" in c.message
     c.output, c.rank_mode, c.tau = "o.uws", "tau", 1.5
     assert c.run() is None and "tau" in c.message
-    c.rank_mode, c.device = "auto", "cuda:7"
+    c.rank_mode, c.basis = "auto", "fast"
+    assert c.run() is None and "Unknown basis method 'fast'" in c.message
+    c.basis, c.device = "exact", "cuda:7"
     assert c.run() is None and "not available" in c.message
 
 

@@ -52,6 +52,10 @@ function render({ model, el }) {
   const mode = h("select", { class: "uws-input uws-mode" });
   const maxError = bind(h("input", { type: "number", class: "uws-input uws-max-error", min: "0", step: "any",
                                      placeholder: "none" }), "max_error", "float?");
+  const basis = bind(h("select", { class: "uws-input uws-basis" }, [
+    h("option", { value: "exact", text: "exact" }),
+    h("option", { value: "sketch", text: "sketch (randomised)" }),
+  ]), "basis");
   const device = h("select", { class: "uws-input uws-device" });
   const output = bind(h("input", { type: "text", class: "uws-input uws-output", placeholder: "family.uws" }), "output");
   const overwrite = bind(h("input", { type: "checkbox", class: "uws-overwrite" }), "overwrite");
@@ -85,6 +89,7 @@ function render({ model, el }) {
     opt("Centering", h("label", { class: "uws-check" }, [center, " subtract the family mean first"])),
     opt("Residual", residual, "quantized per-model correction on top of the basis"),
     opt("Error budget", maxError, "max relative error per tensor and model (blank: none)"),
+    opt("Bases", basis, "sketch: much faster for wide layers and large LoRA families; exact where its check fails"),
     opt("Device", device),
     h("div", { class: "uws-opt uws-opt-wide" }, [h("label", { text: "Output" }),
       h("div", { class: "uws-row uws-tight" }, [output, h("label", { class: "uws-check" }, [overwrite, " overwrite an existing store"])])]),

@@ -166,6 +166,7 @@ def test_converter_plan_run_open(lab):
 
     root.locator(".uws-rank-mode").select_option("rank")
     root.locator(".uws-rank").fill("3")
+    root.locator(".uws-basis").select_option("sketch")
     root.locator(".uws-run-button").click()
     page.wait_for_function("() => document.querySelector('.uws-converter').dataset.status === 'done'", timeout=120_000)
     assert "Done in" in msg.inner_text()
