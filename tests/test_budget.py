@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import uwsfmt
-from uwsfmt import budget
+from uwsfmt import budget, build
 from uwsfmt.cli import main as cli_main
 from uwsfmt.families import synthetic_family, trained_family, write_family
 
@@ -215,3 +215,52 @@ def test_quantizer_round_trip_and_one_bit_sign(bits):
         assert torch.allclose(scales, r.abs().mean(dim=1))
     plain = linalg.dequantize_rows(*linalg.quantize_rows(r, bits, search=False), (7, 37), bits)
     assert (back - r).norm() <= (plain - r).norm() + 1e-6  # the clip search never does worse than absmax
+
+
+def _wide():
+    """Two tensors wide enough on both sides for a sketch of 64 (+16) directions."""
+    return synthetic_family(8, shapes={"w.weight": (256, 192), "v.weight": (320, 256)}, rank=6, noise=2e-3, extra=False)
+
+
+def _budget_held(st, fam, E):
+    assert st.summary()["budget_met"] is True and float(st.errors().max()) <= E
+    for mid, sd in fam.items():  # what a reader gets back
+        back = st.state_dict(mid)
+        for name, w in sd.items():
+            assert float((back[name].double() - w.double()).norm() / w.double().norm()) <= E * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("E", [1e-3, 2e-4])
+def test_sketched_budget_meets_it_with_about_the_exact_bytes(tmp_path, E):
+    fam = _wide()
+    steps = []
+    st = uwsfmt.convert(fam, tmp_path / "s.uws", max_error=E, basis="sketch", progress=lambda *a: steps.append(a[:2]))
+    assert steps[-1][0] == steps[-1][1]
+    exact = uwsfmt.convert(fam, tmp_path / "e.uws", max_error=E)
+    _budget_held(st, fam, E)
+    for e, ex in zip(st.manifest["tensors"], exact.manifest["tensors"]):
+        b = e["budget"]
+        assert e["basis"]["method"] == "sketch" and "basis" not in ex
+        used = [s for s in ("left", "right") if b["mode"] in (s, "both")]
+        assert sorted(e["basis"]["check"]) == used and all(e["basis"]["check"][s]["ok"] for s in used)
+        assert b["bytes"] <= 1.05 * ex["budget"]["bytes"], (b, ex["budget"])
+
+
+def test_sketched_budget_widens_then_falls_back_to_exact(tmp_path, monkeypatch):
+    fam = _wide()
+    exact = uwsfmt.convert(fam, tmp_path / "e.uws", max_error=1e-3)
+    want = [(e["budget"]["mode"], e["budget"]["rank"], e["budget"]["residual_bits"]) for e in exact.manifest["tensors"]]
+    assert all(r == 8 for _, r, _ in want)
+    monkeypatch.setattr(build, "SKETCH_RANK", 4)  # 4 candidates: rank 4 is the edge, 16 hold the 8 needed
+    st = uwsfmt.convert(fam, tmp_path / "w.uws", max_error=1e-3, basis="sketch")
+    _budget_held(st, fam, 1e-3)
+    assert [(e["budget"]["mode"], e["budget"]["rank"], e["budget"]["residual_bits"]) for e in st.manifest["tensors"]] == want
+    assert all(e["basis"]["columns"] == {"left": 16 + 16, "right": 16 + 16} for e in st.manifest["tensors"])
+    monkeypatch.undo()
+    real = uwsfmt.linalg.SketchResult.check
+    monkeypatch.setattr(uwsfmt.linalg.SketchResult, "check", lambda self, k, tol: real(self, k, tol) | {"ok": False})
+    st = uwsfmt.convert(fam, tmp_path / "x.uws", max_error=1e-3, basis="sketch")
+    _budget_held(st, fam, 1e-3)
+    for e, ex in zip(st.manifest["tensors"], exact.manifest["tensors"]):
+        assert e["basis"]["method"] == "exact" and "a-posteriori check failed at rank 8" in e["basis"]["sketch_rejected"]
+        assert e["budget"] == ex["budget"]

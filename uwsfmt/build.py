@@ -325,9 +325,11 @@ class Progress:
 
 
 def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.device, base: Checkpoint | None, prog: Progress,
-                hold: Holdings | None = None):
+                hold: Holdings | None = None, target: int | None = None, count: bool = True):
     """Statistics sweep for one tensor -> (final encoding, Fit or shared value, reason).
-    ``hold``: memory pass 1 may keep pass-2 results in (see :func:`_coefficients_from_ritz`)."""
+    ``hold``: memory pass 1 may keep pass-2 results in (see :func:`_coefficients_from_ritz`).
+    ``target``: directions a sketch looks for (error budgets, see :func:`_budget_tensor`);
+    ``count``: whether this sweep counts as the tensor's progress (a refit does not)."""
     m, n = linalg.matrix_view(tp.shape)
     mode = budget.gram_mode(s.mode, m, n) if s.error_budget is not None else subspace.resolve_mode(s.mode, m, n)
     first = cks[0].get(tp.name)
@@ -339,7 +341,7 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
         reference = first.to(dev)
     identical = True
     with linalg.no_tf32():
-        sketch = _sketch_test_matrices(s, mode, m, n, dev)
+        sketch = _sketch_test_matrices(s, mode, m, n, dev, target)
         # the sketch's later sweeps reuse the first models' tensors as read here, up to KEEP_SOURCES_BYTES
         keep = KEEP_SOURCES_BYTES // max(first.numel() * first.element_size(), 1) if sketch and mode != "flat" else 0
         kept: list[torch.Tensor] = []
@@ -359,13 +361,13 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
             # the statistics' squared norm (of W; of W - reference for the sketch) is NaN/Inf when a value is: no separate pass
             if not (sq is not None and math.isfinite(sq)) and not _check_finite(w, tp.name, ck):
                 if s.allow_nonfinite:
-                    prog.step(tp.name, len(cks) - i)
+                    prog.step(tp.name, len(cks) - i if count else 0)
                     return "dense", None, "non-finite values"
                 raise _nonfinite_error(tp.name, ck)
             if sketch and not math.isfinite(sq):  # finite values whose float32 delta overflows
                 raise ConfigError(f"{ck.path or ck.id}: tensor {tp.name!r} has values too large for basis='sketch' (its deltas "
                                   "overflow float32); build with basis='exact'")
-            prog.step(tp.name)
+            prog.step(tp.name, 1 if count else 0)
         if identical and len(cks) > 1 and _override(tp.name, s.encodings) != "subspace":
             return "shared", first, "bit-identical in every model"
         if mode == "flat":
@@ -495,13 +497,18 @@ def _fit_batch(group: list[TensorPlan], cks: list[Checkpoint], s: Settings, dev:
     return out
 
 
-def _sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.device) -> dict[str, torch.Tensor] | None:
+def _sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.device,
+                          target: int | None = None) -> dict[str, torch.Tensor] | None:
     """Gaussian test matrices per basis side for basis="sketch", or None where the exact Gram is
-    used: the setting asks for it, an error budget needs the full spectrum, or the sketch would be
-    nearly as wide as the Gram itself."""
-    if s.basis != "sketch" or s.error_budget is not None or mode == "flat":
+    used: the setting asks for it, or the sketch would be nearly as wide as the Gram itself.
+    ``target``: directions to look for (default: the rank, else max_rank, else
+    :data:`SKETCH_RANK`; under an error budget, the candidates it picks from, SKETCH_RANK at first)."""
+    if s.basis != "sketch" or mode == "flat":
         return None
-    target = s.rank if s.rank is not None else (s.max_rank if s.max_rank is not None else SKETCH_RANK)
+    if target is None:
+        target = s.rank if s.rank is not None else (s.max_rank if s.max_rank is not None else SKETCH_RANK)
+        if s.error_budget is not None and s.rank is None:
+            target = min(target, SKETCH_RANK)
     width = target + s.sketch_oversample
     out = {}
     for i, side in enumerate(("left", "right")):
@@ -596,7 +603,10 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
         k = s.choose(side, spectrum, t)
         check = res.check(k, s.sketch_tolerance)
         why = None
-        if s.rank is None and k > t - s.sketch_oversample:
+        if s.error_budget is not None:  # candidates: the well-found directions; _budget_tensor checks the rank it picks
+            k = min(k, t - s.sketch_oversample)
+            fit.ritz = (fit.ritz or {}) | {side: res}
+        elif s.rank is None and k > t - s.sketch_oversample:
             why = f"{side}: tau needs more than the {t - s.sketch_oversample} directions sketched"
         elif not check["ok"]:
             why = f"{side}: a-posteriori check failed (a missed direction could lower the error by more than {s.sketch_tolerance:.0%})"
@@ -697,24 +707,73 @@ def _coefficients_from_ritz(fit: subspace.Fit, kept: list, coords: dict[str, tor
     return out
 
 
-def _budget_tensor(e: dict, tp: TensorPlan, fit, cks: list[Checkpoint], s: Settings, dev: torch.device, prog: Progress):
+def _budget_tensor(e: dict, tp: TensorPlan, fit, cks: list[Checkpoint], s: Settings, dev: torch.device, prog: Progress,
+                   base: Checkpoint | None = None):
     """Error-budget mode: sweep the models once more and let :mod:`uwsfmt.budget` pick the
-    rank, mode and residual bits (or dense). Returns (encoding, fit, reason, settings for it)."""
+    rank, mode and residual bits (or dense). Returns (encoding, fit, reason, settings for it).
+
+    A sketched ``fit`` (basis="sketch": its Ritz vectors are the candidates, ``fit.ritz``) is
+    sketched again with 4x the directions (up to ``max_rank``) while the pick is dense, rank 0
+    or uses every candidate of a side and the directions missed may hold more than
+    ``sketch_tolerance`` of the energy missed (:func:`_more_directions_matter`), and replaced by the exact Gram's when the a-posteriori check
+    fails at the rank picked. The errors the pick is made on are exact for the bases it gets,
+    so the budget holds either way; the sketch only decides how close to the fewest bytes."""
 
     def models():
         for w in _tensors(cks, tp.name, dev):
             prog.step(tp.name, 0)  # cancellation point
             yield w
 
-    choice, chosen = budget.choose(
-        fit, models(), name=tp.name, shape=tp.shape, dtype=tp.dtype, n_models=len(cks), budget=s.error_budget,
-        residual_bits=s.residual_bits, fixed_rank=s.rank is not None or s.tau is not None, mode=s.mode,
-        forced=_override(tp.name, s.encodings) == "subspace",
-    )
+    ts = _tensor_settings(s, tp)
+    most = s.max_rank or budget.MAX_CANDIDATE_RANK
+    target = min(SKETCH_RANK, most)
+    while True:
+        widen = bool(fit.ritz) and target < most and s.rank is None
+        choice, chosen = budget.choose(
+            fit, models(), name=tp.name, shape=tp.shape, dtype=tp.dtype, n_models=len(cks), budget=s.error_budget,
+            residual_bits=s.residual_bits, fixed_rank=s.rank is not None or s.tau is not None, mode=s.mode,
+            forced=_override(tp.name, s.encodings) == "subspace" and not widen,
+        )
+        if not fit.ritz:
+            break
+        c = choice.candidate
+        sides = [] if c is None or c.rank == 0 else [x for x in ("left", "right") if c.mode in (x, "both")]
+        edge = c is None or c.rank == 0 or any(c.rank >= fit.kept[x] for x in sides)
+        if widen and edge and _more_directions_matter(fit, most, s.sketch_tolerance):
+            target = min(4 * target, most)  # dense, rank 0 or every candidate of a side: more might do with fewer bytes
+            with linalg.threads_for(math.prod(tp.shape)):
+                _, fit, _ = _fit_tensor(tp, cks, ts, dev, base, prog, target=target, count=False)
+            continue
+        checks = {x: fit.ritz[x].check(c.rank, s.sketch_tolerance) for x in sides}
+        if not all(x["ok"] for x in checks.values()):
+            why = (f"a-posteriori check failed at rank {c.rank} (a missed direction could lower the error by more "
+                   f"than {s.sketch_tolerance:.0%})")
+            with linalg.threads_for(math.prod(tp.shape)):
+                _, fit, _ = _fit_tensor(tp, cks, dataclasses.replace(ts, basis="exact"), dev, base, prog, count=False)
+            fit.method = {"method": "exact", "sketch_rejected": why}
+            continue
+        if chosen is not None:
+            chosen.method = fit.method | {"check": checks}
+        break
+    if chosen is not None and fit.method and not chosen.method:
+        chosen.method = fit.method
     e["budget"] = choice.record()
     if chosen is None:
         return "dense", None, choice.reason(), s
     return "subspace", chosen, choice.reason(), dataclasses.replace(s, residual_bits=choice.candidate.bits)
+
+
+def _more_directions_matter(fit: subspace.Fit, most: int, tolerance: float) -> bool:
+    """Whether up to ``most`` candidate directions per side could hold more than ``tolerance`` of
+    the energy the ``fit.kept`` candidates miss: the sketch's own directions beyond them hold
+    their Ritz values, each one it missed at most the check's estimate of the largest missed
+    eigenvalue (``residual_top``)."""
+    for side, res in fit.ritz.items():
+        k, t = fit.kept[side], res.values.numel()
+        tail = max(res.total - float(res.values[:k].sum()), 0.0)
+        if float(res.values[k:most].sum()) + max(most - t, 0) * res.residual_top > tolerance * tail:
+            return True
+    return False
 
 
 def _tensor_settings(s: Settings, tp: TensorPlan) -> Settings:
@@ -1252,7 +1311,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                 e["shape"] = list(tp.shape)
                 ts = _tensor_settings(s, tp)
                 if enc == "subspace" and s.error_budget is not None:
-                    enc, fit, reason, ts = _budget_tensor(e, tp, fit, cks, s, dev, prog)
+                    enc, fit, reason, ts = _budget_tensor(e, tp, fit, cks, s, dev, prog, base)
                 if enc == "subspace":
                     _add_subspace(e, fit, npath, packs, ts, tp, write)
                     fits[tp.name] = fit
