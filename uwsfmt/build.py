@@ -714,10 +714,11 @@ def _budget_tensor(e: dict, tp: TensorPlan, fit, cks: list[Checkpoint], s: Setti
 
     A sketched ``fit`` (basis="sketch": its Ritz vectors are the candidates, ``fit.ritz``) is
     sketched again with 4x the directions (up to ``max_rank``) while the pick is dense, rank 0
-    or uses every candidate of a side and the directions missed may hold more than
-    ``sketch_tolerance`` of the energy missed (:func:`_more_directions_matter`), and replaced by the exact Gram's when the a-posteriori check
-    fails at the rank picked. The errors the pick is made on are exact for the bases it gets,
-    so the budget holds either way; the sketch only decides how close to the fewest bytes."""
+    or uses every candidate of a side and more directions could hold more than
+    ``sketch_tolerance`` of the energy missed (:func:`_more_directions_matter`); it is replaced
+    by the exact Gram's when the a-posteriori check fails at the rank picked. The errors the
+    pick is made on are exact for the bases it gets, so the budget holds either way; the sketch
+    only decides how close to the fewest bytes."""
 
     def models():
         for w in _tensors(cks, tp.name, dev):

@@ -536,13 +536,14 @@ def fit_budgeted(tp, cks: list[Checkpoint], s, dev: torch.device, prog) -> tuple
     which every adapter meets the budget, and the manifest's ``budget`` record (:func:`fit_budget`).
 
     basis="sketch": the candidates are a sketch's Ritz vectors, :data:`uwsfmt.linalg.SKETCH_RANK`
-    per side at first, 4x more (up to ``max_rank``) while the budget is not met within them.
+    per side at first, 4x more (up to ``max_rank``) while the budget is not met within them or
+    only with every candidate of a side.
     The errors the ranks are picked by are exact for those bases; the sketch only decides how
     close to the fewest bytes they are, so the ranks picked are checked a-posteriori
     (``sketch_tolerance``, as for tau) and the exact bases are used when the check fails, when
     ``max_rank`` sketched directions do not meet the budget, or when the sketch would cost about
     as much as they do (the adapters span few directions). 4096 wide, 256 adapters of rank 16:
-    ~0.5 s per module instead of ~15 s for the product Grams and their eigendecompositions.
+    ~1.4 s per module, build included, instead of ~15 s (``bench/budget_sketch.py``).
     """
     from .. import budget as budget_mod
 
