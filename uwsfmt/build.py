@@ -772,6 +772,8 @@ def _more_directions_matter(fit: subspace.Fit, most: int, tolerance: float) -> b
     for side, res in fit.ritz.items():
         k, t = fit.kept[side], res.values.numel()
         tail = max(res.total - float(res.values[:k].sum()), 0.0)
+        if tail <= 1e-12 * res.total:
+            continue  # the candidates hold it all (up to rounding): e.g. a vector over fewer models than candidates
         if float(res.values[k:most].sum()) + max(most - t, 0) * res.residual_top > tolerance * tail:
             return True
     return False
