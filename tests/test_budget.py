@@ -264,3 +264,16 @@ def test_sketched_budget_widens_then_falls_back_to_exact(tmp_path, monkeypatch):
     for e, ex in zip(st.manifest["tensors"], exact.manifest["tensors"]):
         assert e["basis"]["method"] == "exact" and "a-posteriori check failed at rank 8" in e["basis"]["sketch_rejected"]
         assert e["budget"] == ex["budget"]
+
+
+def test_sketched_budget_does_not_widen_when_its_candidates_hold_everything(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(768, generator=g)
+    fam = {f"m{i}": {"norm.weight": base + 0.01 * torch.randn(768, generator=g)} for i in range(8)}
+    st = uwsfmt.convert(fam, tmp_path / "s.uws", max_delta_error=0.3, basis="sketch")
+    assert st.summary()["budget_met"] is True
+    e = st.manifest["tensors"][0]
+    assert (e["budget"]["rank"], e["budget"]["residual_bits"]) == (0, 4)  # mean + int4 deltas
+    # eight models span at most 7 directions around their mean: the candidates hold all of it (the
+    # rest is rounding), so rank 0 is not for want of directions: no wider sketch
+    assert e["basis"]["method"] == "sketch" and e["basis"]["columns"] == {"right": 64 + 16}
