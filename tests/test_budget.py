@@ -244,6 +244,8 @@ def test_sketched_budget_meets_it_with_about_the_exact_bytes(tmp_path, E):
         used = [s for s in ("left", "right") if b["mode"] in (s, "both")]
         assert sorted(e["basis"]["check"]) == used and all(e["basis"]["check"][s]["ok"] for s in used)
         assert b["bytes"] <= 1.05 * ex["budget"]["bytes"], (b, ex["budget"])
+    assert [r["basis"] for r in st.tensor_table()] == ["sketch", "sketch"]
+    assert [(r["basis"], r["basis_note"]) for r in exact.tensor_table()] == [("exact", None), ("exact", None)]
 
 
 def test_sketched_budget_widens_then_falls_back_to_exact(tmp_path, monkeypatch):
@@ -264,6 +266,8 @@ def test_sketched_budget_widens_then_falls_back_to_exact(tmp_path, monkeypatch):
     for e, ex in zip(st.manifest["tensors"], exact.manifest["tensors"]):
         assert e["basis"]["method"] == "exact" and "a-posteriori check failed at rank 8" in e["basis"]["sketch_rejected"]
         assert e["budget"] == ex["budget"]
+    row = st.tensor_table()[0]  # what info --json and the inspector show
+    assert row["basis"] == "exact" and "a-posteriori check failed" in row["basis_note"]
 
 
 def test_sketched_budget_does_not_widen_when_its_candidates_hold_everything(tmp_path):

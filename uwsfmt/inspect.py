@@ -113,6 +113,9 @@ def tensor_table(store) -> list[dict]:
             "error_mean": mean, "error_max": mx, "reason": e.get("reason"),
             "max_error": (e.get("budget") or {}).get("max_error"), "bytes": (e.get("budget") or {}).get("bytes"),
             "dense_bytes": (e.get("budget") or {}).get("dense_bytes"), "exceptions": exc.get(e["name"], 0),
+            # how the bases were found: exact (Gram), sketch (randomised, checked); why a sketch was not kept
+            "basis": ((e.get("basis") or {}).get("method") or "exact") if sub else None,
+            "basis_note": (e.get("basis") or {}).get("sketch_rejected") if sub else None,
         })
     return out
 

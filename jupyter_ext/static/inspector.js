@@ -345,9 +345,11 @@ function render({ model, el }) {
     const facts = h("div", { class: "uws-facts" }, [
       h("div", { class: "uws-section-title uws-mono", text: name }),
       h("div", {}, [encodingPill(row.encoding), ` ${fmtShape(row.shape)} · ${row.dtype || ""}`
-        + (row.mode ? ` · mode ${row.mode}` : "") + (row.residual_bits ? ` · ${row.residual_bits}-bit residual` : "")]),
+        + (row.mode ? ` · mode ${row.mode}` : "") + (row.residual_bits ? ` · ${row.residual_bits}-bit residual` : "")
+        + (row.basis ? ` · ${row.basis} bases` : "")]),
       h("div", { text: `error mean ${fmtErr(row.error_mean)} · max ${fmtErr(row.error_max)}` }),
       row.reason ? h("div", { class: "uws-dim", text: "why: " + row.reason }) : null,
+      row.basis_note ? h("div", { class: "uws-dim", text: "exact bases, sketch not kept: " + row.basis_note }) : null,
     ]);
     if (sp.unavailable) {
       put(spectrumBox, facts, h("div", { class: "uws-placeholder", text: sp.unavailable }));

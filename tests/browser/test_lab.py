@@ -182,6 +182,7 @@ def test_converter_plan_run_open(lab):
     insp.locator("tbody tr", has_text="layer.weight").first.click()
     insp.locator(".uws-spectrum svg.uws-chart").first.wait_for()
     assert "kept k=3" in insp.locator(".uws-spectrum").inner_text()
+    assert "exact bases" in insp.locator(".uws-spectrum").inner_text()  # 48 columns: too narrow to sketch
     lab.screenshot(page, "converter-inspector")
     assert not lab.js_errors, lab.js_errors
 
