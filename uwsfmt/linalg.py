@@ -296,10 +296,13 @@ CLIPS = {2: (1.0, 0.7, 0.5, 0.38), 4: (1.0, 0.85, 0.7), 8: (1.0,)}
 
 def row_codes(r: torch.Tensor, bits: int, *, search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Signed integer codes q (float32, m x n) and float32 row scales s of :func:`quantize_rows`;
-    the dequantized matrix is ``q * s[:, None]``. 1 bit: q = +-1 (the sign), s = mean|row|."""
+    the dequantized matrix is ``q * s[:, None]``. 1 bit: q = +-1 (the sign bit, so -0.0 gives -1),
+    s = mean|row|."""
     r = r.to(torch.float32)
     if bits == 1:  # s = mean|row| minimises the squared error of sign codes (BitDelta, per row)
-        return torch.where(r >= 0, 1.0, -1.0), r.abs().mean(dim=1)
+        # copysign, not where(r >= 0, 1, -1): the same codes but for -0.0, 12x faster on the CPU
+        # (torch.where over a full matrix: 4.5 ms against 0.38 ms for 768 x 3072)
+        return torch.copysign(torch.ones_like(r), r), r.abs().mean(dim=1)
     q = qmax(bits)
     amax = r.abs().amax(dim=1)
     scales = amax / q
@@ -344,6 +347,9 @@ def quantize_rows(r: torch.Tensor, bits: int, *, search: bool = True) -> tuple[t
 
 def fake_quantize_rows(r: torch.Tensor, bits: int) -> torch.Tensor:
     """``dequantize_rows(*quantize_rows(r, bits), r.shape, bits)`` without packing (bit-identical)."""
+    if bits == 1:  # +-s straight from the sign bits: one pass fewer than codes times scales
+        r = r.to(torch.float32)
+        return torch.copysign(r.abs().mean(dim=1)[:, None].expand_as(r), r)
     q, scales = row_codes(r, bits)
     return q.mul_(scales[:, None])
 
