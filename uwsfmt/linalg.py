@@ -347,9 +347,6 @@ def quantize_rows(r: torch.Tensor, bits: int, *, search: bool = True) -> tuple[t
 
 def fake_quantize_rows(r: torch.Tensor, bits: int) -> torch.Tensor:
     """``dequantize_rows(*quantize_rows(r, bits), r.shape, bits)`` without packing (bit-identical)."""
-    if bits == 1:  # +-s straight from the sign bits: one pass fewer than codes times scales
-        r = r.to(torch.float32)
-        return torch.copysign(r.abs().mean(dim=1)[:, None].expand_as(r), r)
     q, scales = row_codes(r, bits)
     return q.mul_(scales[:, None])
 

@@ -41,8 +41,8 @@ class Fit:
     #: side -> the float64 bases ``left`` / ``right`` were rounded from (orthonormal), where
     #: pass 1 keeps them for a later step of the build (LoRA error budgets); dropped after it
     bases64: dict | None = field(default=None, repr=False, compare=False)
-    #: side -> the sketch's :class:`uwsfmt.linalg.SketchResult`, where a later step checks the
-    #: ranks it picks (LoRA error budgets); dropped after it
+    #: side -> the sketch's :class:`uwsfmt.linalg.SketchResult`, where an error budget picks the
+    #: rank later and checks the sketch there (``build._budget_tensor``, ``lora.fit_budget``)
     ritz: dict | None = field(default=None, repr=False, compare=False)
 
     @property
