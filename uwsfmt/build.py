@@ -726,7 +726,7 @@ def _budget_tensor(e: dict, tp: TensorPlan, fit, cks: list[Checkpoint], s: Setti
             yield w
 
     ts = _tensor_settings(s, tp)
-    most = s.max_rank or budget.MAX_CANDIDATE_RANK
+    most = budget.MAX_CANDIDATE_RANK if s.max_rank is None else s.max_rank
     target = min(SKETCH_RANK, most)
     while True:
         widen = bool(fit.ritz) and target < most and s.rank is None

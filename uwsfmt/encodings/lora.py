@@ -552,7 +552,7 @@ def fit_budgeted(tp, cks: list[Checkpoint], s, dev: torch.device, prog) -> tuple
     mp: ModulePlan = tp.lora
     swept, rejected = False, None
     if getattr(s, "basis", "exact") == "sketch":
-        most = min(s.max_rank or budget_mod.MAX_CANDIDATE_RANK, sum(mp.ranks.values()))
+        most = min(budget_mod.MAX_CANDIDATE_RANK if s.max_rank is None else s.max_rank, sum(mp.ranks.values()))
         target = min(linalg.SKETCH_RANK, most)
         while True:
             with linalg.no_tf32():
@@ -560,22 +560,22 @@ def fit_budgeted(tp, cks: list[Checkpoint], s, dev: torch.device, prog) -> tuple
             swept = swept or now
             if f is None:
                 break
-            record, rejected = fit_budget(tp, f, cks, s, dev, final=False, widen=target < most)
+            record, rejected, more = fit_budget(tp, f, cks, s, dev, final=False, widen=target < most)
             if record is not None:
                 return f, record
-            if target >= most or not rejected.startswith("budget"):
+            if target >= most or not more:
                 break
             target = min(4 * target, most)
     f = _fit_exact(tp, cks, s, dev, prog, not swept, rejected)
-    record, _ = fit_budget(tp, f, cks, s, dev)
+    record, _, _ = fit_budget(tp, f, cks, s, dev)
     return f, record
 
 
 def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.device,
-               final: bool = True, widen: bool = False) -> tuple[dict | None, str | None]:
+               final: bool = True, widen: bool = False) -> tuple[dict | None, str | None, bool]:
     """Error-budget mode for one module: cut ``fit`` (pass 1's bases, every candidate direction)
     to the ranks (kl, kr) with the fewest bytes at which every adapter, as a reader gets it back,
-    is within ``s.error_budget``; return (the manifest's ``budget`` record of the module, None).
+    is within ``s.error_budget``; return (the manifest's ``budget`` record of the module, None, False).
 
     One sweep gives every pair of ranks' error at once: with pass 1's float64 bases
     (``fit.bases64``: orthonormal, best first, rounded to float32 for the store), the
@@ -586,10 +586,10 @@ def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.devic
     meets the budget; a budget no ranks meet (below the factors' rounding, or beyond
     ``max_rank`` directions) is a :class:`BudgetError` naming the module and adapter.
 
-    Not ``final`` (``fit`` is a sketch's, with its ``ritz``): (None, why) instead of the error,
-    or when the sketch's a-posteriori check fails at the ranks picked; ``why`` starts with
-    "budget" when more candidate directions could meet the budget, or (``widen``) meet it with
-    fewer bytes: the ranks picked use every candidate on a side.
+    Not ``final`` (``fit`` is a sketch's, with its ``ritz``): (None, why, more) instead of the
+    error, or when the sketch's a-posteriori check fails at the ranks picked; ``more``: more
+    candidate directions could meet the budget, or (``widen``) meet it with fewer bytes (the
+    ranks picked use every candidate on a side).
     """
     from .. import budget as budget_mod
     from ..errors import BudgetError
@@ -634,7 +634,7 @@ def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.devic
         flat = np.lexsort((worst.ravel(), np.where(fits_all, sizes, np.iinfo(np.int64).max).ravel()))[0]
         kl, kr = (int(x) for x in np.unravel_index(flat, fits_all.shape))
     elif not final:
-        return None, f"budget not met within the {cap_l} x {cap_r} sketched directions"
+        return None, f"budget not met within the {cap_l} x {cap_r} sketched directions", True
     else:
         kl, kr = cap_l, cap_r
 
@@ -652,7 +652,7 @@ def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.devic
             break
         if (kl, kr) == (cap_l, cap_r):
             if not final:
-                return None, f"budget not met within the {cap_l} x {cap_r} sketched directions, read back"
+                return None, f"budget not met within the {cap_l} x {cap_r} sketched directions, read back", True
             j = max(bad, key=lambda j: got[j] / max(norms[j], 1e-300))
             err = got[j] / norms[j] if norms[j] > 0 else math.inf
             capped = max(cap_l, cap_r) < spanned and max(cap_l, cap_r) == (s.max_rank or budget_mod.MAX_CANDIDATE_RANK)
@@ -665,12 +665,12 @@ def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.devic
                 + ", or convert with --lora-mode factors (A and B stored as ordinary tensors, held to the budget one by one)")
         kl, kr = min(cap_l, kl + max(1, kl // 4)), min(cap_r, kr + max(1, kr // 4))
     if widen and (kl == cap_l or kr == cap_r):
-        return None, f"budget met at ranks ({kl}, {kr}), every sketched direction on a side"
+        return None, f"budget met at ranks ({kl}, {kr}), every sketched direction on a side", True
     if fit.ritz:  # a sketch's candidates: are these ranks' directions near the best ones?
         checks = {side: fit.ritz[side].check(k, s.sketch_tolerance) for side, k in (("left", kl), ("right", kr))}
         if not all(c["ok"] for c in checks.values()):
             return None, (f"a-posteriori check failed at ranks ({kl}, {kr}) (a missed direction could lower "
-                          f"the error by more than {s.sketch_tolerance:.0%})")
+                          f"the error by more than {s.sketch_tolerance:.0%})"), False
         fit.method["check"], fit.ritz = checks, None
     fit.left, fit.right = fit.left[:, :kl].contiguous(), fit.right[:, :kr].contiguous()
     fit.kept = {"left": kl, "right": kr}
@@ -695,7 +695,7 @@ def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.devic
         "residual_bits": None, "bytes": int(sizes[kl, kr]),
         "dense_bytes": int(sum((out + inp) * r * itemsize for r in mp.ranks.values())),  # the adapters' own factors
         "frontier": frontier,
-    }, None
+    }, None, False
 
 
 def _factor_matrices(ck: Checkpoint, pair: LoraPair, out: int, inp: int) -> tuple[torch.Tensor, torch.Tensor]:
