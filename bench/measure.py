@@ -7,6 +7,8 @@
   ``module.load_state_dict(safetensors.torch.load_file(path, device=...))``; plus the lazy
   ``load_file`` alone and the floor (bytes that must move / memory bandwidth).
 - :func:`switch`: cycling through models, per-switch median and p95, both ways.
+- :func:`first_load`: a freshly opened store, nothing cached (directory and zip), vs the same baseline.
+- :func:`append`: adding one checkpoint to a store vs reading it once.
 - :func:`random_access`: bytes read from storage for one tensor of one model, by kind.
 - :func:`memory`: peak RSS of builds at several N, each in a fresh process.
 """
@@ -204,6 +206,50 @@ def switch(fam, store_path: str, device: str, *, switches: int = 100) -> dict:
     s, b = summary(t_store), summary(t_base)
     return {"switches": switches, "models_cycled": n, "store": s, "baseline": b,
             "ratio_median": s["median"] / b["median"], "ratio_p95": s["p95"] / b["p95"]}
+
+
+def first_load(fam, store_path: str, device: str, *, repeats: int = 3) -> dict:
+    """Open the store and load one model into a module with nothing cached (every mean and basis
+    read from storage: what a fresh process pays once), vs the same baseline as :func:`materialise`
+    (page cache warm for both). Also the store zipped (``uwsfmt.pack``), read the same way."""
+    ids = fam.ids[: max(1, min(repeats, len(fam.ids)))]
+    with uwsfmt.open(store_path) as store:
+        mod = module_for(store.state_dict(ids[0], device=device), device)
+    mod_base = module_for(load_file(fam.weights[0]), device)
+    zipped = store_path + ".zip"
+    if os.path.exists(zipped):
+        os.remove(zipped)
+    uwsfmt.pack(store_path, zipped)
+
+    def fresh(path: str, mid: str) -> None:
+        with uwsfmt.open(path) as st:
+            st.load_into(mod, mid)
+
+    t_dir, t_zip, t_base = [], [], []
+    for i, mid in enumerate(ids):  # interleaved, page cache warm for all three
+        t_dir.append(timed(lambda mid=mid: fresh(store_path, mid), device))
+        t_zip.append(timed(lambda mid=mid: fresh(zipped, mid), device))
+        t_base.append(timed(lambda i=i: mod_base.load_state_dict(load_file(fam.weights[i], device=device)), device))
+    os.remove(zipped)
+    d, z, b = summary(t_dir), summary(t_zip), summary(t_base)
+    return {"store": d, "zip": z, "baseline": b, "ratio": d["median"] / b["median"], "zip_ratio": z["median"] / b["median"]}
+
+
+def append(fam, store_path: str, workdir: str, device: str, *, repeats: int = 3) -> dict:
+    """``Store.append`` of one checkpoint (projected onto the bases, its row written, the manifest
+    committed) into a copy of the store, vs reading that checkpoint once (warm page cache both)."""
+    copy = os.path.join(workdir, os.path.basename(store_path) + ".append")
+    _clear([copy])
+    shutil.copytree(store_path, copy)
+    t_app, t_read = [], []
+    with uwsfmt.open(copy, mode="a") as store:
+        for j in range(repeats):  # the same checkpoints again under new ids; timings alternate
+            i = j % len(fam.paths)
+            t_read.append(read_once([fam.weights[i]]))
+            t_app.append(timed(lambda i=i, j=j: store.append(fam.paths[i], id=f"again-{j}", device=device), device))
+    _clear([copy])
+    a, r = summary(t_app), summary(t_read)
+    return {"append": a, "read_once": r, "ratio": a["median"] / r["median"]}
 
 
 # ---------------------------------------------------------------------------- random access

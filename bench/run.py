@@ -68,6 +68,9 @@ def run_family(name: str, mode: str, workdir: str, device: str, log) -> dict:
     res["materialise"] = measure.materialise(fam, store_path, device, models=4 if quick else 6, seconds=1.0 if quick else 3.0)
     log("  switch ...")
     res["switch"] = measure.switch(fam, store_path, device, switches=30 if quick else 100)
+    log("  first load, append ...")
+    res["first_load"] = measure.first_load(fam, store_path, device, repeats=2 if quick else 3)
+    res["append"] = measure.append(fam, store_path, workdir, device, repeats=2 if quick else 3)
     log("  random access ...")
     res["random_access"] = measure.random_access(fam, store_path)
     log(report(name, res))
@@ -90,7 +93,7 @@ def run_memory(mode: str, workdir: str, device: str, log) -> dict:
 
 
 def report(name: str, r: dict) -> str:
-    m, sw = r["materialise"], r["switch"]
+    m, sw, fl, ap = r["materialise"], r["switch"], r["first_load"], r["append"]
     ro = r["read_once"]
     lines = [
         f"read every checkpoint once (touch all values): warm {fmt_s(ro['warm_s'])}, cold {fmt_s(ro['cold_s'])}",
@@ -104,7 +107,11 @@ def report(name: str, r: dict) -> str:
             [f"switch x{sw['switches']} ({sw['models_cycled']} models), median", fmt_s(sw["store"]["median"]),
              fmt_s(sw["baseline"]["median"]), f"{sw['ratio_median']:.2f}x", ""],
             ["switch p95", fmt_s(sw["store"]["p95"]), fmt_s(sw["baseline"]["p95"]), f"{sw['ratio_p95']:.2f}x", ""],
+            ["first load: fresh store, nothing cached", fmt_s(fl["store"]["median"]), fmt_s(fl["baseline"]["median"]), f"{fl['ratio']:.2f}x", ""],
+            ["first load: the same store zipped", fmt_s(fl["zip"]["median"]), fmt_s(fl["baseline"]["median"]), f"{fl['zip_ratio']:.2f}x", ""],
         ], ["load one model into a module", "store", "load_state_dict(load_file)", "ratio", "floor store / baseline"]),
+        f"append one model: {fmt_s(ap['append']['median'])} (reading that checkpoint once: {fmt_s(ap['read_once']['median'])}, "
+        f"{ap['ratio']:.1f}x)",
         f"(floor = bytes moved / bandwidth {m['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s: store {fmt_bytes(m['store_bytes_moved'])}, "
         f"baseline {fmt_bytes(m['baseline_bytes_moved'])})",
         "",

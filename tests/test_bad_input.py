@@ -323,6 +323,24 @@ def test_a_rank_larger_than_possible(tmp_path, srcs, capsys):
             ["convert", *srcs, "-o", tmp_path / "neg.uws", "--rank", "-1"], uwsfmt.ConfigError, "rank must be a non-negative integer")
 
 
+@pytest.mark.parametrize("device, expect", [("gpu0", "is not a torch device"), ("cuda:99", "CUDA GPU")])
+def test_a_device_torch_does_not_have(tmp_path, srcs, store, capsys, device, expect):
+    if device == "cuda:99" and torch.cuda.device_count() >= 100:
+        pytest.skip("this machine has 100 GPUs")
+    before = digest(store.rglob("*"))
+    refused(capsys, lambda: uwsfmt.convert(srcs, tmp_path / "d.uws", rank=2, device=device),
+            ["convert", *srcs, "-o", tmp_path / "d.uws", "--rank", "2", "-q", "--device", device], uwsfmt.ConfigError, device, expect)
+    assert_no_store(tmp_path / "d.uws")
+    refused(capsys, lambda: uwsfmt.open(store, mode="a").append(srcs[0], id="again", device=device),
+            ["append", store, srcs[0], "--id", "again", "--device", device], uwsfmt.ConfigError, device, expect)
+    with uwsfmt.open(store) as st:
+        for read in (lambda: st.state_dict(0, device=device), lambda: st.tensor(0, "w", device=device)):
+            with pytest.raises(uwsfmt.ConfigError, match=expect):
+                read()
+        assert st.n_models == 3
+    assert digest(store.rglob("*")) == before
+
+
 # ---------------------------------------------------------------------------- broken stores
 
 

@@ -36,7 +36,7 @@ from .encodings import subspace
 from .encodings.slots import PackLayout
 from .errors import BudgetError, ConfigError, ConflictError, SourceError, StoreError, StoreExistsError, UWSError
 from .sources import Checkpoint, TensorInfo, discover, open_checkpoint
-from .store import BUILDING_MARK, Store, _open_zarr_store, default_device, open, read_manifest
+from .store import BUILDING_MARK, Store, _device, _open_zarr_store, default_device, open, read_manifest
 
 ENCODING_NAMES = ("subspace", "shared", "dense")
 
@@ -1200,7 +1200,7 @@ def convert(
             "with --lora-mode factors (A and B stored as ordinary tensors, exact where the budget says so)")
     if base_ck is not None:
         check_base(fam, base_ck)
-    dev = torch.device(device or default_device())
+    dev = _device(device, default_device())
     parent, name = os.path.split(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise StoreError(f"{out}: the parent folder {parent} does not exist")
@@ -1499,7 +1499,7 @@ def project(store: Store, source, *, format: str | None = None, device: str | No
     Returns ``{"id", "coefficients": {name: tensor}, "error": {name: float}, "delta_error": {...}}``.
     """
     ck = _one_checkpoint(source, format=format)
-    dev = torch.device(device or "cpu")
+    dev = _device(device, default_device())
     widths = {p: info["width"] for p, info in store.manifest["packs"].items()}
     entries = store.manifest["tensors"]
     rows, _, errs, derrs = encode_model(entries, _fits_from_store(store, dev), ck, widths,
@@ -1543,6 +1543,7 @@ def append(store: Store, source, *, id: str | None = None, format: str | None = 
 
     if not os.path.isdir(store.path):
         raise StoreError(f"{store.path}: only directory stores can be appended to; unpack the zip first (uwsfmt unpack)")
+    dev = _device(device, default_device())  # before the lock: a bad device touches nothing
     ck = _one_checkpoint(source, format=format, id=id)
     bad = naming.check_string(ck.id, "model id")
     if bad:
@@ -1552,7 +1553,6 @@ def append(store: Store, source, *, id: str | None = None, format: str | None = 
         current = read_manifest(zstore, store.path)  # re-read under the lock: another writer may have committed
         if any(m["id"] == ck.id for m in current["models"]):
             raise ConflictError(f"{store.path}: a model with id {ck.id!r} is already in the store; pass another id (CLI: --id)")
-        dev = torch.device(device or "cpu")
         fresh = Store(store.path, zstore, current)
         widths = {p: info["width"] for p, info in current["packs"].items()}
         if max_error is None and max_delta_error is None:
@@ -1593,4 +1593,5 @@ def append(store: Store, source, *, id: str | None = None, format: str | None = 
     store._index_cache()
     store._arrays.clear()
     store._row_readers.clear()
+    store._chunked.clear()
     return entry

@@ -145,7 +145,7 @@ def _cmd_append(a) -> int:
     from .store import open as open_store
 
     with open_store(a.store, mode="w") as st:
-        e = st.append(a.source, id=a.id, format=a.format, max_error=a.max_error, max_delta_error=a.max_delta_error)
+        e = st.append(a.source, id=a.id, format=a.format, max_error=a.max_error, max_delta_error=a.max_delta_error, device=a.device)
         errs = [x for x in e["error"] if x is not None]
         print(f"appended {e['id']!r} as model #{st.n_models - 1}: max relative error {_fmt(max(errs, default=0.0))}")
         if e.get("exceptions"):
@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format")
     c.add_argument("--max-error", type=float, metavar="E", help="error budget for this model (default: the store's)")
     c.add_argument("--max-delta-error", type=float, metavar="E", help="delta error budget for this model (default: the store's)")
+    c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     c.set_defaults(func=_cmd_append)
 
     c = sub.add_parser("pack", help="directory store -> single .zip (readable in place)")

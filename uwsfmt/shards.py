@@ -1,4 +1,6 @@
-"""Reading one row of a pack array straight from its shard file (Zarr v3 ``sharding_indexed``).
+"""Direct readers: one row of a pack array straight from its shard file (Zarr v3
+``sharding_indexed``), and a whole per-tensor array (mean, basis, spectrum, shared value)
+straight from its chunk files.
 
 A pack row is one shard (spec: one shard per model row). zarr-python reads it correctly but
 pays a fixed cost per call (codec pipeline, event-loop hop, an extra copy) that dominates when
@@ -12,10 +14,19 @@ shards per row, a non-zero fill value, a store that is not a local directory) ma
 
 >>> reader = row_reader(store._zstore, "packs/float32", store._array("packs/float32"))  # doctest: +SKIP
 >>> reader.read_into(3, np.empty(reader.width, reader.dtype))  # doctest: +SKIP
+
+The per-tensor arrays are small and many (3-4 per tensor: a model with 2,000 tensors has
+8,000), and zarr-python spends ~0.8 ms opening and reading each one, so the first read of a
+store's bases took seconds. :func:`chunked_reader` reads arrays laid out as uwsfmt writes them
+(``bytes`` little endian + ``crc32c``, a regular grid of whole-row blocks, ``/`` chunk keys, fill
+value 0) from their files: the chunks go straight into the caller's buffer, each checked with
+its crc32c. Metadata in any other form is left to zarr-python.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import crc32c
@@ -152,3 +163,153 @@ def row_reader(zstore, path: str, arr) -> RowReader | None:
         return RowReader(str(zstore.root), path, (rows, width), dtype, chunk[1], shard[1], md.encode_chunk_key, zstd)
     except Exception:  # any metadata this reader does not know: zarr-python reads it
         return None
+
+
+class ChunkedReader:
+    """Reads a whole array whose chunks are blocks of whole rows (chunk shape ``(r, *shape[1:])``),
+    each stored as its little-endian bytes (the edge chunk padded to full size) and a crc32c:
+    from the files under ``folder``, or, with ``zip`` (an open ``zipfile.ZipFile``), from the
+    members under the name ``folder``."""
+
+    def __init__(self, folder: str, shape: tuple[int, ...], dtype: np.dtype, rows: int, zip=None):
+        self.folder, self.shape, self.dtype, self.rows, self.zip = folder, shape, np.dtype(dtype), rows, zip
+
+    def read_into(self, out: np.ndarray) -> np.ndarray:
+        """The array into ``out`` (``shape``, ``dtype``, C-contiguous); a chunk never written
+        reads as the fill value 0, as in zarr."""
+        if out.dtype != self.dtype or out.shape != self.shape or not out.flags.c_contiguous:
+            raise ValueError(f"{self.folder}: the buffer must be a contiguous {self.dtype} array of shape {list(self.shape)}")
+        if out.size == 0:
+            return out
+        dest = out.reshape(-1).view(np.uint8)
+        payload = self.rows * (dest.size // self.shape[0])
+        tail = np.empty(payload + 4, dtype=np.uint8)  # the edge chunk's padding, and the checksum
+        keys = (len(self.shape) - 1) * ["0"]
+        for j in range(-(-self.shape[0] // self.rows)):
+            start, stop = j * payload, min((j + 1) * payload, dest.size)
+            key = "/".join(["c", str(j), *keys])
+            extra = payload - (stop - start)
+            got = self._read_zip(key, dest[start:stop], tail[: extra + 4]) if self.zip else self._read_file(key, dest[start:stop], tail[: extra + 4])
+            if not got:
+                dest[start:stop] = 0
+                continue
+            crc = crc32c.crc32c(tail[:extra], crc32c.crc32c(dest[start:stop]))
+            if crc != int.from_bytes(tail[extra: extra + 4].tobytes(), "little"):
+                raise FormatError(f"{self._name(key)}: chunk fails its crc32c check; the store is damaged")
+        return out
+
+    def _name(self, key: str) -> str:
+        return f"{self.folder}/{key}" if self.zip else os.path.join(self.folder, *key.split("/"))
+
+    def _check_size(self, key: str, size: int, want: int) -> None:
+        if size != want:
+            raise FormatError(f"{self._name(key)}: chunk of {size} bytes, not the {want} an uncompressed chunk with "
+                              "its checksum takes; the store is damaged")
+
+    def _read_file(self, key: str, dest: np.ndarray, tail: np.ndarray) -> bool:
+        """The chunk's bytes into ``dest`` then ``tail``; False when it was never written."""
+        path = self._name(key)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise FormatError(f"{path}: chunk cannot be read ({e.strerror or e}); the store is damaged") from None
+        try:
+            size = os.fstat(fd).st_size
+            self._check_size(key, size, dest.size + tail.size)
+            got = os.preadv(fd, [memoryview(dest), memoryview(tail)], 0)
+        finally:
+            os.close(fd)
+        if got != size:
+            raise FormatError(f"{path}: chunk is truncated ({got} of {size} bytes); the store is damaged")
+        return True
+
+    def _read_zip(self, key: str, dest: np.ndarray, tail: np.ndarray) -> bool:
+        try:
+            info = self.zip.getinfo(self._name(key))
+        except KeyError:
+            return False
+        self._check_size(key, info.file_size, dest.size + tail.size)
+        try:
+            raw = self.zip.read(info)
+        except Exception as e:  # zipfile's own CRC, a truncated archive, ...
+            raise FormatError(f"{self._name(key)}: chunk cannot be read ({e}); the store is damaged") from None
+        dest[...] = np.frombuffer(raw, np.uint8, count=dest.size)
+        tail[...] = np.frombuffer(raw, np.uint8, offset=dest.size)
+        return True
+
+
+#: keys of an array's zarr.json that the direct reader understands; any other sends it to zarr
+_DOC_KEYS = frozenset({"zarr_format", "node_type", "shape", "data_type", "chunk_grid", "chunk_key_encoding",
+                       "fill_value", "codecs", "attributes", "dimension_names", "storage_transformers"})
+
+
+def chunked_reader(folder: str, doc: dict, dtypes: frozenset, max_chunk_bytes: int, zip=None) -> ChunkedReader | None:
+    """A :class:`ChunkedReader` for the array in ``folder`` (of ``zip``) whose parsed zarr.json is ``doc``, or
+    None when the document is not exactly the plain layout (the caller then uses zarr-python,
+    which applies its own checks). ``dtypes``: the data types allowed; a chunk above
+    ``max_chunk_bytes`` is left to the caller's checks too."""
+    try:
+        if not isinstance(doc, dict) or not set(doc) <= _DOC_KEYS or doc.get("storage_transformers"):
+            return None
+        if doc.get("zarr_format") != 3 or doc.get("node_type") != "array" or doc.get("data_type") not in dtypes:
+            return None
+        dtype = np.dtype(doc["data_type"])
+        shape, grid = doc.get("shape"), doc.get("chunk_grid")
+        if grid != {"name": "regular", "configuration": {"chunk_shape": grid["configuration"]["chunk_shape"]}}:
+            return None
+        chunks = grid["configuration"]["chunk_shape"]
+        if (not isinstance(shape, list) or not isinstance(chunks, list) or not shape or len(chunks) != len(shape)
+                or not all(type(x) is int and x >= 0 for x in shape) or not all(type(x) is int and x >= 1 for x in chunks)):
+            return None
+        if chunks[1:] != shape[1:] or doc.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}:
+            return None
+        fill = doc.get("fill_value")
+        if type(fill) not in (int, float, bool) or fill != 0:
+            return None
+        codecs = doc.get("codecs")
+        if not isinstance(codecs, list) or len(codecs) != 2:
+            return None
+        b, c = codecs
+        if b.get("name") != "bytes" or set(b) - {"name", "configuration"} or c.get("name") != "crc32c" or set(c) - {"name", "configuration"}:
+            return None
+        if (b.get("configuration") or {}) not in ({}, {"endian": "little"}) or (c.get("configuration") or {}) != {}:
+            return None
+        if (b.get("configuration") or {}).get("endian") is None and dtype.itemsize > 1:
+            return None
+        if math.prod(chunks) * dtype.itemsize > max_chunk_bytes:
+            return None
+        return ChunkedReader(folder, tuple(shape), dtype, chunks[0], zip)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def read_doc(path: str, limit: int, zip=None) -> dict | None:
+    """The parsed JSON document at ``path`` (a member of ``zip`` when given); None when absent.
+    Raises FormatError when it is larger than ``limit`` bytes (before reading it) or not JSON."""
+
+    def size_ok(size: int) -> None:
+        if size > limit:
+            raise FormatError(f"{path} is {size} bytes, above the {limit}-byte limit for array metadata; refusing to "
+                              "parse it (the store is damaged or hostile)")
+
+    try:
+        if zip is not None:
+            info = zip.getinfo(path)
+            size_ok(info.file_size)
+            raw = zip.read(info)
+        else:
+            with open(path, "rb") as f:
+                size_ok(os.fstat(f.fileno()).st_size)
+                raw = f.read(limit + 1)
+    except (KeyError, FileNotFoundError):
+        return None
+    except FormatError:
+        raise
+    except Exception as e:  # a directory in its place, a damaged archive, ...
+        raise FormatError(f"{path} cannot be read ({e}); the store is damaged") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path} is not valid JSON ({e}); the store is damaged") from None

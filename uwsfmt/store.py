@@ -30,7 +30,7 @@ from .encodings import exception as exception_enc
 from .encodings import lora as lora_enc
 from .encodings import residual as residual_enc
 from .encodings.slots import take
-from .errors import ConflictError, FormatError, NotFoundError, StoreError, UWSError, VersionError
+from .errors import ConfigError, ConflictError, FormatError, NotFoundError, StoreError, UWSError, VersionError
 
 #: a manifest larger than this is refused on open (hostile stores must not exhaust memory)
 MAX_MANIFEST_BYTES = 256 << 20
@@ -48,10 +48,23 @@ BUILDING_MARK = ".uws-building-"
 ModelRef = str | int
 
 
-def _device(device: str | torch.device | None) -> torch.device:
+def _device(device: str | torch.device | None, default: str = "cpu") -> torch.device:
+    """The torch device ``device`` names (``default`` when None), checked: a name torch does not
+    know, or a GPU it cannot see, is a clear ConfigError rather than torch's own assertion."""
     if device is None:
-        return torch.device("cpu")
-    return torch.device(device)
+        device = default
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {device!r} is not a torch device; use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"device {device!r}: torch {torch.__version__} sees no CUDA GPU on this machine; use 'cpu' "
+                              "(or install a CUDA build of torch where there is a GPU)")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"device {device!r}: torch sees {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}")
+    return dev
 
 
 def default_device() -> str:
@@ -198,6 +211,9 @@ class Store:
         self._arrays: dict[str, Any] = {}
         self._cache: dict[tuple, Any] = {}
         self._row_readers: dict[str, Any] = {}
+        self._chunked: dict[str, shards.ChunkedReader | None] = {}
+        self._zip: zipfile.ZipFile | None = None
+        self._lock = threading.Lock()
         self._local = threading.local()  # per-thread reusable row buffers
 
     # ------------------------------------------------------------------ metadata
@@ -250,7 +266,13 @@ class Store:
     def _array(self, path: str):
         a = self._arrays.get(path)
         if a is None:
-            size = _json_size(self._zstore, self.path, f"{path}/zarr.json")
+            if type(self._zstore) is ZipStore:
+                try:
+                    size = self._zipfile().getinfo(f"{path}/zarr.json").file_size
+                except KeyError:
+                    size = None
+            else:
+                size = _json_size(self._zstore, self.path, f"{path}/zarr.json")
             if size is None:
                 raise FormatError(f"{self.path}: array {path!r} named by the manifest is missing (no {path}/zarr.json); the store is damaged")
             if size > MAX_ARRAY_METADATA_BYTES:
@@ -264,8 +286,38 @@ class Store:
             self._arrays[path] = a
         return a
 
-    def read_array(self, path: str, shape: Iterable[int] | None = None) -> np.ndarray:
-        """The whole array at ``path``; ``shape``: what the manifest implies (checked before reading)."""
+    def _zipfile(self) -> zipfile.ZipFile:
+        """The store's archive, opened once (its directory parsed once, not per array)."""
+        with self._lock:
+            if self._zip is None:
+                self._zip = zipfile.ZipFile(self.path)
+            return self._zip
+
+    def _chunked_reader(self, path: str) -> shards.ChunkedReader | None:
+        """The direct reader of the array at ``path`` (None: read it with zarr-python)."""
+        if path not in self._chunked:
+            reader = None
+            if type(self._zstore) in (LocalStore, ZipStore):
+                zf = self._zipfile() if type(self._zstore) is ZipStore else None
+                folder = path if zf else os.path.join(self.path, *path.split("/"))
+                doc = shards.read_doc(f"{path}/zarr.json" if zf else os.path.join(folder, "zarr.json"), MAX_ARRAY_METADATA_BYTES, zf)
+                if doc is None:
+                    raise FormatError(f"{self.path}: array {path!r} named by the manifest is missing (no {path}/zarr.json); the store is damaged")
+                reader = shards.chunked_reader(folder, doc, STORAGE_DTYPES, MAX_CHUNK_BYTES, zf)
+            self._chunked[path] = reader
+        return self._chunked[path]
+
+    def read_array(self, path: str, shape: Iterable[int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """The whole array at ``path``; ``shape``: what the manifest implies (checked before reading).
+        ``out``: a C-contiguous buffer of the array's shape and storage dtype to read into (used
+        when it fits, else a new array is returned)."""
+        reader = self._chunked_reader(path)
+        if reader is not None:
+            if shape is not None and reader.shape != tuple(shape):
+                raise FormatError(f"{self.path}: array {path!r} has shape {list(reader.shape)} but the manifest implies "
+                                  f"{list(shape)}; the store is damaged or was tampered with")
+            fits = out is not None and out.dtype == reader.dtype and out.shape == reader.shape and out.flags.c_contiguous
+            return reader.read_into(out if fits else np.empty(reader.shape, reader.dtype))
         arr = self._array(path)
         if shape is not None and tuple(arr.shape) != tuple(shape):
             raise FormatError(f"{self.path}: array {path!r} has shape {list(arr.shape)} but the manifest implies "
@@ -346,9 +398,7 @@ class Store:
         self._cache.clear()
         self._arrays.clear()
         self._row_readers.clear()
-
-    def _float_array(self, path: str, device: torch.device, dtype: torch.dtype, shape=None) -> torch.Tensor:
-        return torch.from_numpy(self.read_array(path, shape)).to(device=device, dtype=dtype)
+        self._chunked.clear()
 
     def _compute_dtype(self, e: dict) -> torch.dtype:
         return torch.float64 if e["dtype"] == "float64" else torch.float32
@@ -361,7 +411,14 @@ class Store:
             def stack(field):
                 if entries[0].get(field) is None:
                     return None
-                return torch.stack([self._float_array(e[field], device, cdt, _implied_shape(e, field)) for e in entries])
+                # read straight into the stacked host tensor (no per-array allocation and copy)
+                out = torch.empty((len(entries), *_implied_shape(entries[0], field)), dtype=cdt)
+                for e, o in zip(entries, out):
+                    view = o.numpy()
+                    got = self.read_array(e[field], _implied_shape(e, field), out=view)
+                    if got is not view:  # another storage dtype, or read by zarr-python
+                        o.copy_(torch.from_numpy(got))
+                return out.to(device)
             return stack("mean"), stack("left"), stack("right")
 
         return self._shared(("group", key, str(device)), make)
@@ -614,21 +671,23 @@ class Store:
 
     # ------------------------------------------------------------------ writing
     def append(self, source, *, id: str | None = None, format: str | None = None, progress: bool = False,
-               max_error: float | None = None, max_delta_error: float | None = None) -> dict:
+               max_error: float | None = None, max_delta_error: float | None = None, device: str | None = None) -> dict:
         """Project a new checkpoint onto the existing bases and commit it as a new model.
 
         The store's error budget (or ``max_error`` / ``max_delta_error``) holds for it: what the bases miss is fixed
-        by per-model exceptions (see ``summary()["refit_suggested"]``).
+        by per-model exceptions (see ``summary()["refit_suggested"]``). ``device``: where the
+        projection runs (default: "cuda" when torch sees a GPU, as for ``convert``).
         """
         from .build import append
 
-        return append(self, source, id=id, format=format, progress=progress, max_error=max_error, max_delta_error=max_delta_error)
+        return append(self, source, id=id, format=format, progress=progress, max_error=max_error,
+                      max_delta_error=max_delta_error, device=device)
 
-    def project(self, source, *, format: str | None = None) -> dict:
+    def project(self, source, *, format: str | None = None, device: str | None = None) -> dict:
         """Coefficients and errors of an unseen checkpoint, without adding it."""
         from .build import project
 
-        return project(self, source, format=format)
+        return project(self, source, format=format, device=device)
 
     def export(self, model: ModelRef, out: str, *, format: str = "safetensors", **kw) -> str:
         from .export import export
@@ -643,6 +702,10 @@ class Store:
 
     def close(self) -> None:
         self.clear_cache()
+        with self._lock:
+            if self._zip is not None:
+                self._zip.close()
+                self._zip = None
         try:
             self._zstore.close()
         except Exception:
