@@ -30,6 +30,17 @@ def test_convert_info_export_append_pack(tmp_path, family_files):
     run("validate", str(out))
     run("append", str(out), family_files[-1], "--id", "late")
     assert json.loads(run("info", str(out), "--json").stdout)["summary"]["n_models"] == len(family_files)
+    p = run("append", str(out), family_files[-1], family_files[0], "--id", "x", ok=False)
+    assert p.returncode == 2 and "--id names one model" in p.stderr
+    p = run("append", str(out), *family_files[:2], ok=False)  # their stems are taken: nothing is added
+    assert p.returncode == 2 and "are already in the store" in p.stderr
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for name in ("n1", "n2"):
+        (batch / f"{name}.safetensors").write_bytes(open(family_files[0], "rb").read())
+    p = run("append", str(out), str(batch / "*.safetensors"), "-q")
+    assert "appended 'n1' as model #%d" % len(family_files) in p.stdout and "'n2'" in p.stdout
+    assert json.loads(run("info", str(out), "--json").stdout)["summary"]["n_models"] == len(family_files) + 2
     run("export", str(out), "late", "-o", str(tmp_path / "late.safetensors"))
     from safetensors.torch import load_file
 

@@ -297,3 +297,56 @@ def test_single_tensor_read_matches_state_dict(tmp_path, small_family):
         store.state_dict("nope")
     with pytest.raises(uwsfmt.NotFoundError, match="no tensor"):
         store.tensor("model-003", "nope")
+
+
+def test_extend_equals_appending_one_by_one_with_one_commit(tmp_path):
+    fam = synthetic_family(n_models=9, shapes=SHAPES, rank=3, noise=1e-3, seed=11)
+    ids = sorted(fam)
+    uwsfmt.convert({i: fam[i] for i in ids[:5]}, tmp_path / "a.uws", rank=3, residual_bits=8, min_numel=256).close()
+    shutil.copytree(tmp_path / "a.uws", tmp_path / "b.uws")
+    for i in ids[5:]:
+        uwsfmt.append(tmp_path / "a.uws", fam[i], id=i)
+    with uwsfmt.open(tmp_path / "b.uws", mode="a") as st:
+        gen = st.manifest["generation"]
+        entries = st.extend({i: fam[i] for i in ids[5:]})
+        assert [e["id"] for e in entries] == ids[5:] and st.model_ids == ids
+        assert st.manifest["generation"] == gen + 1  # one commit for the four
+    with uwsfmt.open(tmp_path / "a.uws") as one, uwsfmt.open(tmp_path / "b.uws") as many:
+        assert one.model_ids == many.model_ids
+        for a, b in zip(one.manifest["models"], many.manifest["models"]):
+            assert a["error"] == b["error"] and a["delta_error"] == b["delta_error"]
+        for m in ids:
+            x, y = one.state_dict(m), many.state_dict(m)
+            assert all(torch.equal(x[k], y[k]) for k in x), m
+        assert many.validate(deep=True) == []
+
+
+def test_extend_is_all_or_nothing(tmp_path, small_family):
+    fam, _ = small_family
+    uwsfmt.convert(fam, tmp_path / "s.uws", rank=2).close()
+    with uwsfmt.open(tmp_path / "s.uws") as st:
+        before = {m: st.state_dict(m) for m in st.model_ids}
+    good = {f"new-{i}": sd for i, sd in enumerate(fam.values())}
+    bad = dict(fam["model-000"])
+    bad["blocks.0.mlp.fc1.weight"] = torch.zeros(3, 3)
+    with uwsfmt.open(tmp_path / "s.uws", mode="a") as st:
+        with pytest.raises(uwsfmt.ConflictError, match="shape"):  # the third model fails after two were written
+            st.extend({"new-0": good["new-0"], "new-1": good["new-1"], "bad": bad})
+        assert st.n_models == len(fam)
+        with pytest.raises(uwsfmt.ConflictError, match="models with ids 'model-000', 'model-001' are already in the store"):
+            st.extend({"model-000": fam["model-000"], "model-001": fam["model-001"], "fresh": fam["model-002"]})
+        sources = [uwsfmt.sources.StateDictCheckpoint("twin", fam["model-000"]), uwsfmt.sources.StateDictCheckpoint("twin", fam["model-001"])]
+        with pytest.raises(uwsfmt.ConflictError, match="the same model id: 'twin'"):
+            st.extend(sources)
+    assert uwsfmt.validate(tmp_path / "s.uws", deep=True) == []
+    with uwsfmt.open(tmp_path / "s.uws") as st:
+        assert st.n_models == len(fam)
+        # the failed batch's rows lie beyond the committed models; the next extend takes their place
+        st2 = uwsfmt.open(tmp_path / "s.uws", mode="a")
+        st2.extend({"new-0": good["new-0"], "new-1": good["new-1"]})
+        assert st2.model_ids[-2:] == ["new-0", "new-1"]
+        back, same = st2.state_dict("new-1"), st2.state_dict("model-001")  # the same weights, projected again
+        assert all(torch.allclose(back[k], same[k], rtol=1e-4, atol=1e-5) for k in back)
+        for m, sd in before.items():  # the models committed before are bit-identical
+            now = st2.state_dict(m)
+            assert all(torch.equal(now[k], v) for k, v in sd.items()), m

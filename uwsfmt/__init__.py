@@ -28,16 +28,29 @@ from .store import Store, open  # noqa: E402,A004
 from .validate import validate  # noqa: E402
 
 
-def append(store, source, *, id=None, format=None, progress=False, max_error=None, max_delta_error=None):
+def _with_store(store, mode: str, call):
+    """``call(st)`` on ``store`` (a path, opened and closed here, or an open Store)."""
+    if isinstance(store, Store):
+        return call(store)
+    with open(store, mode=mode) as st:
+        return call(st)
+
+
+def append(store, source, *, id=None, format=None, progress=False, max_error=None, max_delta_error=None, device=None):
     """Add a model to a store (path or open Store) by projection onto its bases."""
-    st = open(store, mode="w") if not isinstance(store, Store) else store
-    return st.append(source, id=id, format=format, progress=progress, max_error=max_error, max_delta_error=max_delta_error)
+    return _with_store(store, "w", lambda st: st.append(source, id=id, format=format, progress=progress, max_error=max_error,
+                                                         max_delta_error=max_delta_error, device=device))
 
 
-def project(store, source, *, format=None):
+def extend(store, sources, *, format=None, progress=False, max_error=None, max_delta_error=None, device=None):
+    """Add every checkpoint ``sources`` names to a store (path or open Store), with one commit."""
+    return _with_store(store, "w", lambda st: st.extend(sources, format=format, progress=progress, max_error=max_error,
+                                                         max_delta_error=max_delta_error, device=device))
+
+
+def project(store, source, *, format=None, device=None):
     """Coefficients and errors of ``source`` against ``store``'s bases; nothing is written."""
-    st = open(store) if not isinstance(store, Store) else store
-    return st.project(source, format=format)
+    return _with_store(store, "r", lambda st: st.project(source, format=format, device=device))
 
 
 def export(store, model, out, *, format="safetensors", **kw):
@@ -49,5 +62,5 @@ def export(store, model, out, *, format="safetensors", **kw):
 __all__ = [
     "BudgetError", "Cancelled", "ConfigError", "ConflictError", "FormatError", "LockError", "NotFoundError",
     "SourceError", "Store", "StoreError", "StoreExistsError", "UWSError", "VersionError",
-    "append", "convert", "evaluate", "export", "open", "pack", "plan", "project", "unpack", "validate",
+    "append", "convert", "evaluate", "export", "extend", "open", "pack", "plan", "project", "unpack", "validate",
 ]

@@ -1528,70 +1528,111 @@ def _one_checkpoint(source, *, format: str | None, id: str | None = None) -> Che
     return cks[0]
 
 
-def append(store: Store, source, *, id: str | None = None, format: str | None = None, progress: bool = False,
+def append(store: Store, source, *, id: str | None = None, format: str | None = None, progress: bool | Callable | None = False,
            device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None) -> dict:
-    """Add one model to a directory store: project, write its row, commit the manifest.
+    """Add one model to a directory store (see :func:`append_checkpoints`); its manifest entry."""
+    ck = _one_checkpoint(source, format=format, id=id)
+    return append_checkpoints(store, [ck], progress=progress, device=device, max_error=max_error,
+                              max_delta_error=max_delta_error)[0]
+
+
+def extend(store: Store, sources, *, format: str | None = None, progress: bool | Callable | None = False,
+           device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None) -> list[dict]:
+    """Add every checkpoint ``sources`` name (paths, folders, globs, Checkpoint objects or
+    ``{model_id: state_dict}``, as for :func:`convert`) with one commit; their manifest entries."""
+    return append_checkpoints(store, discover(sources, format=format), progress=progress, device=device,
+                              max_error=max_error, max_delta_error=max_delta_error)
+
+
+def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | Callable | None = False, device: str | None = None,
+                       max_error: float | None = None, max_delta_error: float | None = None) -> list[dict]:
+    """Add models to a directory store: project each onto the bases, write its rows, then commit
+    the manifest once (all of them become visible together, or none does).
 
     The store's error budget (``max_error`` / ``max_delta_error`` of its build, or those given here) holds for the
-    new model too: a tensor whose projection misses it gets a per-model exception (a quantized
+    new models too: a tensor whose projection misses it gets a per-model exception (a quantized
     correction, or the tensor itself), listed in the model's entry, and ``info`` suggests a refit.
 
-    Existing data is never rewritten: the new model's rows go into new shards, and the
-    manifest (root zarr.json) is replaced atomically last. A lock serialises appenders.
+    Existing data is never rewritten: the new models' rows go into new shards, and the
+    manifest (root zarr.json) is replaced atomically last. A lock serialises appenders. The
+    means and bases are read once for all the models.
     """
-    from .commit import StoreLock
+    from .commit import StoreLock, commit_manifest
 
     if not os.path.isdir(store.path):
         raise StoreError(f"{store.path}: only directory stores can be appended to; unpack the zip first (uwsfmt unpack)")
     dev = _device(device, default_device())  # before the lock: a bad device touches nothing
-    ck = _one_checkpoint(source, format=format, id=id)
-    bad = naming.check_string(ck.id, "model id")
-    if bad:
-        raise ConflictError(f"{store.path}: cannot append {ck.path or ck.id!r}: {bad[0]}; pass another id (CLI: --id)")
-    with StoreLock(store.path):
-        zstore = _open_zarr_store(store.path, "w")
-        current = read_manifest(zstore, store.path)  # re-read under the lock: another writer may have committed
-        if any(m["id"] == ck.id for m in current["models"]):
-            raise ConflictError(f"{store.path}: a model with id {ck.id!r} is already in the store; pass another id (CLI: --id)")
-        fresh = Store(store.path, zstore, current)
-        widths = {p: info["width"] for p, info in current["packs"].items()}
-        if max_error is None and max_delta_error is None:
-            built = current["build"]["settings"]
-            max_error, max_delta_error = built.get("max_error"), built.get("max_delta_error")
-        error_budget = None if (max_error, max_delta_error) == (None, None) else budget.Budget(max_error, max_delta_error)
-        fixes: dict = {}
-        rows, per_model, errs, derrs = encode_model(current["tensors"], _fits_from_store(fresh, dev), ck, widths,
-                                                    allow_nonfinite=bool(current["build"]["settings"].get("allow_nonfinite")),
-                                                    store_path=store.path,
-                                                    error_budget=error_budget, corrections=fixes)
-        idx = len(current["models"])
-        entry = {"id": ck.id, "added": _now(), "source": _source_record(ck), "error": errs, "delta_error": derrs,
-                 **lora_enc.model_record(current["tensors"], ck)}
-        try:  # new files only (rows >= n_models are uncommitted); the manifest, replaced last, commits them
-            for p, info in current["packs"].items():
-                arr = zarr.open_array(zstore, path=info["path"], mode="r+")
-                if arr.shape[0] < idx + 1:
-                    arr.resize((idx + 1, arr.shape[1]))
-                arr[idx, :] = rows[p]
-            for e in current["tensors"]:
-                if e["name"] in per_model:
-                    layout.write_array(zstore, f"{e['node']}/models/{idx}", dtypes.to_storage(per_model[e["name"]]))
-            if fixes:
-                entry["exceptions"] = _write_exceptions(zstore, current["tensors"], idx, fixes)
-        except OSError as e:
-            raise StoreError(f"{store.path}: could not write model {ck.id!r} ({_os_reason(e)}); the store keeps its "
-                             f"previous committed state ({idx} models)") from None
-        new = dict(current)
-        new["models"] = current["models"] + [entry]
-        new["generation"] = int(current.get("generation", 0)) + 1
-        new["updated"] = _now()
-        from .commit import commit_manifest
-
-        commit_manifest(zstore, store.path, new)
-        ck.close()
+    hint = "pass another id (CLI: --id)" if len(cks) == 1 else "rename the sources, or append them one by one with --id"
+    for ck in cks:
+        bad = naming.check_string(ck.id, "model id")
+        if bad:
+            raise ConflictError(f"{store.path}: cannot append {ck.path or ck.id!r}: {bad[0]}; {hint}")
+    twice = sorted({ck.id for ck in cks if sum(c.id == ck.id for c in cks) > 1})
+    if twice:
+        raise ConflictError(f"{store.path}: these sources would get the same model id: {', '.join(map(repr, twice))}; {hint}")
+    prog = Progress(len(cks), progress, None, "append")
+    stop = threading.Event()  # the sources' sha256 on a background thread, as in convert
+    fingerprints = _Fingerprints(cks, stop)
+    hashes = overlap.Background(fingerprints.work)
+    try:
+        with StoreLock(store.path):
+            zstore = _open_zarr_store(store.path, "w")
+            current = read_manifest(zstore, store.path)  # re-read under the lock: another writer may have committed
+            taken = sorted({m["id"] for m in current["models"]} & {ck.id for ck in cks})
+            if taken:
+                raise ConflictError(f"{store.path}: {'a model with id' if len(taken) == 1 else 'models with ids'} "
+                                    f"{', '.join(map(repr, taken))} {'is' if len(taken) == 1 else 'are'} already in the store; {hint}")
+            fresh = Store(store.path, zstore, current)
+            widths = {p: info["width"] for p, info in current["packs"].items()}
+            if max_error is None and max_delta_error is None:
+                built = current["build"]["settings"]
+                max_error, max_delta_error = built.get("max_error"), built.get("max_delta_error")
+            error_budget = None if (max_error, max_delta_error) == (None, None) else budget.Budget(max_error, max_delta_error)
+            fits = _fits_from_store(fresh, dev)
+            first = len(current["models"])
+            entries = []
+            for k, ck in enumerate(cks):
+                idx = first + k
+                fixes: dict = {}
+                rows, per_model, errs, derrs = encode_model(current["tensors"], fits, ck, widths,
+                                                            allow_nonfinite=bool(current["build"]["settings"].get("allow_nonfinite")),
+                                                            store_path=store.path, error_budget=error_budget, corrections=fixes)
+                entry = {"id": ck.id, "added": _now(), "source": None, "error": errs, "delta_error": derrs,  # source: below
+                         **lora_enc.model_record(current["tensors"], ck)}
+                try:  # new files only (rows >= n_models are uncommitted); the manifest, replaced last, commits them
+                    for p, info in current["packs"].items():
+                        arr = zarr.open_array(zstore, path=info["path"], mode="r+")
+                        if arr.shape[0] < first + len(cks):
+                            arr.resize((first + len(cks), arr.shape[1]))
+                        arr[idx, :] = rows[p]
+                    for e in current["tensors"]:
+                        if e["name"] in per_model:
+                            layout.write_array(zstore, f"{e['node']}/models/{idx}", dtypes.to_storage(per_model[e["name"]]))
+                    if fixes:
+                        entry["exceptions"] = _write_exceptions(zstore, current["tensors"], idx, fixes)
+                except OSError as e:
+                    raise StoreError(f"{store.path}: could not write model {ck.id!r} ({_os_reason(e)}); the store keeps its "
+                                     f"previous committed state ({first} models)") from None
+                entries.append(entry)
+                ck.close()
+                prog.step(ck.id)
+            fingerprints.work()  # the sources the background thread has not reached yet
+            hashes.result()
+            for ck, entry in zip(cks, entries):
+                entry["source"] = _source_record(ck)
+            new = dict(current)
+            new["models"] = current["models"] + entries
+            new["generation"] = int(current.get("generation", 0)) + 1
+            new["updated"] = _now()
+            commit_manifest(zstore, store.path, new)
+    finally:
+        stop.set()
+        prog.close()
+        for ck in cks:
+            ck.close()
     store.manifest = new
     store._index_cache()
     store._arrays.clear()
     store._row_readers.clear()
     store._chunked.clear()
-    return entry
+    return entries

@@ -142,15 +142,24 @@ def _cmd_export(a) -> int:
 
 
 def _cmd_append(a) -> int:
+    from .errors import ConfigError
     from .store import open as open_store
 
+    if a.id is not None and len(a.source) > 1:
+        raise ConfigError(f"--id names one model, but {len(a.source)} sources were given; append them one by one to name each")
+    kw = {"format": a.format, "max_error": a.max_error, "max_delta_error": a.max_delta_error, "device": a.device}
     with open_store(a.store, mode="w") as st:
-        e = st.append(a.source, id=a.id, format=a.format, max_error=a.max_error, max_delta_error=a.max_delta_error, device=a.device)
-        errs = [x for x in e["error"] if x is not None]
-        print(f"appended {e['id']!r} as model #{st.n_models - 1}: max relative error {_fmt(max(errs, default=0.0))}")
-        if e.get("exceptions"):
-            print(f"  {len(e['exceptions'])} tensor(s) needed a per-model exception to meet the error budget "
-                  "(the bases do not fit this model; `uwsfmt info` suggests a refit)")
+        first = st.n_models
+        if a.id is not None:
+            added = [st.append(a.source[0], id=a.id, **kw)]
+        else:
+            added = st.extend(a.source, progress=not a.quiet and sys.stderr.isatty(), **kw)
+        for i, e in enumerate(added):
+            errs = [x for x in e["error"] if x is not None]
+            print(f"appended {e['id']!r} as model #{first + i}: max relative error {_fmt(max(errs, default=0.0))}")
+            if e.get("exceptions"):
+                print(f"  {len(e['exceptions'])} tensor(s) needed a per-model exception to meet the error budget "
+                      "(the bases do not fit this model; `uwsfmt info` suggests a refit)")
     return 0
 
 
@@ -241,10 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_cmd_export)
 
-    c = sub.add_parser("append", help="add a model by projection onto the existing bases")
+    c = sub.add_parser("append", help="add models by projection onto the existing bases (one commit for all)")
     c.add_argument("store")
-    c.add_argument("source")
-    c.add_argument("--id")
+    c.add_argument("source", nargs="+", help="checkpoint files, folders or globs")
+    c.add_argument("--id", help="the model's id (one source only; default: the file stem or folder name)")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.add_argument("--format")
     c.add_argument("--max-error", type=float, metavar="E", help="error budget for this model (default: the store's)")
     c.add_argument("--max-delta-error", type=float, metavar="E", help="delta error budget for this model (default: the store's)")
