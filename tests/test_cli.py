@@ -39,7 +39,7 @@ def test_convert_info_export_append_pack(tmp_path, family_files):
     for name in ("n1", "n2"):
         (batch / f"{name}.safetensors").write_bytes(open(family_files[0], "rb").read())
     p = run("append", str(out), str(batch / "*.safetensors"), "-q")
-    assert "appended 'n1' as model #%d" % len(family_files) in p.stdout and "'n2'" in p.stdout
+    assert f"appended 'n1' as model #{len(family_files)}" in p.stdout and "'n2'" in p.stdout
     assert json.loads(run("info", str(out), "--json").stdout)["summary"]["n_models"] == len(family_files) + 2
     run("export", str(out), "late", "-o", str(tmp_path / "late.safetensors"))
     from safetensors.torch import load_file

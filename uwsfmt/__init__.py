@@ -42,7 +42,7 @@ def append(store, source, *, id=None, format=None, progress=False, max_error=Non
                                                          max_delta_error=max_delta_error, device=device))
 
 
-def extend(store, sources, *, format=None, progress=False, max_error=None, max_delta_error=None, device=None):
+def extend(store, sources, *, format=None, progress=False, max_error=None, max_delta_error=None, device=None):  # noqa: F811 (the parameter, as in convert)
     """Add every checkpoint ``sources`` names to a store (path or open Store), with one commit."""
     return _with_store(store, "w", lambda st: st.extend(sources, format=format, progress=progress, max_error=max_error,
                                                          max_delta_error=max_delta_error, device=device))
