@@ -1,8 +1,9 @@
-"""Converter: turn a family of checkpoints into a UWS store from a notebook.
+"""Converter: turn a family of checkpoints into a UWS store from a notebook, or add new
+checkpoints to an existing store.
 
-Sources (paths, folders, globs) -> "Plan" (headers only) -> options -> "Run" (uwsfmt.convert in
-a worker thread driven from the kernel's asyncio loop) with progress, ETA, Cancel and a log ->
-summary -> "Open in Inspector".
+Sources (paths, folders, globs) -> "Plan" (headers only) -> options -> "Run" (uwsfmt.convert, or
+Store.extend for "add to an existing store", in a worker thread driven from the kernel's asyncio
+loop) with progress, ETA, Cancel and a log -> summary -> "Open in Inspector".
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Converter(anywidget.AnyWidget):
 
     sources = t.Unicode("").tag(sync=True)
     output = t.Unicode("").tag(sync=True)
+    action = t.Unicode("create").tag(sync=True)  # create (a new store) | add (to the store at output)
     rank_mode = t.Unicode("auto").tag(sync=True)  # auto | tau | rank
     tau = t.Float(0.99).tag(sync=True)
     rank = t.Int(16).tag(sync=True)
@@ -121,6 +123,11 @@ class Converter(anywidget.AnyWidget):
     def _repr_mimebundle_(self, **kwargs: Any):
         # Shown together with the slot where "Open in Inspector" puts the Inspector.
         return self._layout._repr_mimebundle_(**kwargs)
+
+    @t.observe("sources")
+    def _sources_changed(self, _change: Any) -> None:
+        if self.status != "planning":  # the report was about the sources before
+            self.plan_report = {}
 
     # ------------------------------------------------------------------ helpers
     def _say(self, message: str, kind: str = "info") -> None:
@@ -168,7 +175,29 @@ class Converter(anywidget.AnyWidget):
             kw["overwrite"] = True
         return kw
 
+    def add_kwargs(self) -> dict:
+        """The keyword arguments the form passes to ``Store.extend`` when adding to a store (the
+        store's own bases decide ranks, sides and residuals; only these apply)."""
+        kw: dict[str, Any] = {"device": self.device or None}
+        if self.max_error is not None:
+            kw["max_error"] = float(self.max_error)
+        return kw
+
     def _check_options(self) -> str | None:
+        if self.action not in ("create", "add"):
+            return f"Unknown action {self.action!r}; choose create (a new store) or add (to an existing store)."
+        if self.action == "add":
+            out = os.path.expanduser(self.output.strip())
+            if self.max_error is not None and self.max_error < 0:
+                return f"The error budget must be >= 0 (relative error, e.g. 0.001), not {self.max_error:g}."
+            if self.device not in self.devices:
+                return f"Device {self.device!r} is not available here; choose one of {', '.join(self.devices)}."
+            if not out:
+                return "Enter the path of the store to add the models to, e.g. family.uws."
+            if not os.path.isdir(out):
+                return (f"{out} is not a store directory to add to" + (" (a zipped store is read-only: unpack it first)"
+                        if os.path.isfile(out) else "") + ". Choose 'create a new store' to make one.")
+            return None
         if self.rank_mode not in ("auto", "tau", "rank"):
             return f"Unknown rank choice {self.rank_mode!r}."
         if self.rank_mode == "tau" and not (0.0 < self.tau <= 1.0):
@@ -230,7 +259,8 @@ class Converter(anywidget.AnyWidget):
             return None
         import uwsfmt
 
-        kwargs = self.convert_kwargs()
+        adding = self.action == "add"
+        kwargs = self.add_kwargs() if adding else self.convert_kwargs()
         out = os.path.expanduser(self.output.strip())
         cancel = threading.Event()
         relay = jobs.ProgressRelay(self._show_progress)
@@ -240,15 +270,24 @@ class Converter(anywidget.AnyWidget):
         with self.hold_sync():
             self.status = "running"
             self.summary = {}
-            self.log = [f"convert {len(sources)} source(s) -> {out}  "
+            self.log = [f"{'add' if adding else 'convert'} {len(sources)} source(s) -> {out}  "
                         + " ".join(f"{k}={v}" for k, v in kwargs.items() if v is not None)]
             self.progress = {"done": 0, "total": 0, "message": "starting", "elapsed": 0.0, "eta": None}
-            self._say("Converting …", "info")
+            self._say("Adding to the store …" if adding else "Converting …", "info")
 
         def work():
-            return uwsfmt.convert(sources, out, progress=relay, cancel=cancel, **kwargs)
+            if not adding:
+                return uwsfmt.convert(sources, out, progress=relay, cancel=cancel, **kwargs)
+            store = uwsfmt.open(out, mode="a")
+            try:
+                added = store.extend(sources, progress=relay, cancel=cancel, **kwargs)
+            except BaseException:
+                store.close()
+                raise
+            return store, added
 
-        self._task = jobs.start(work, on_result=self._converted, on_error=self._failed, on_finally=relay.flush)
+        self._task = jobs.start(work, on_result=self._added if adding else self._converted, on_error=self._failed,
+                                on_finally=relay.flush)
         return self._task
 
     def cancel(self) -> None:
@@ -267,7 +306,16 @@ class Converter(anywidget.AnyWidget):
             if lines:
                 self.log = (list(self.log) + [f"[{done}/{total}] {ln}" for ln in lines])[-LOG_LINES:]
 
-    def _converted(self, store: Any) -> None:
+    def _added(self, result: tuple) -> None:
+        store, added = result
+        errs = [x for e in added for x in e.get("error") or () if x is not None]
+        fixed = sum(1 for e in added if e.get("exceptions"))
+        extra = f" The new models' max relative error: {max(errs):.3g}." if errs else ""
+        if fixed:
+            extra += f" {fixed} of them needed per-model exceptions to meet the error budget (the Inspector suggests a refit)."
+        self._converted(store, done=f"Added {len(added)} model(s)", extra=extra)
+
+    def _converted(self, store: Any, done: str = "Done", extra: str = "") -> None:
         self.store = store
         try:
             summary = payload.jsonable(store.summary())
@@ -291,7 +339,7 @@ class Converter(anywidget.AnyWidget):
             if emax is not None:
                 bits.append(f"max relative error {emax:.3g}")
             self.log = [*self.log, f"done in {elapsed:.1f} s"]
-            self._say(f"Done in {elapsed:.1f} s: {', '.join(bits)}.", "success")
+            self._say(f"{done} in {elapsed:.1f} s: {', '.join(bits)}.{extra}", "success")
 
     def _failed(self, e: BaseException) -> None:
         cancelled = type(e).__name__ == "Cancelled" or (
@@ -301,7 +349,7 @@ class Converter(anywidget.AnyWidget):
                 self.status = "cancelled"
                 out = self.output.strip()
                 self.log = [*self.log, "cancelled"]
-                self._say(f"Cancelled. Nothing was written at {out}." if out and not os.path.exists(out)
+                self._say(f"Cancelled. Nothing was written at {out}." if out and not os.path.exists(out) and self.action != "add"
                           else f"Cancelled: {describe_error(e)}", "info")
             else:
                 self.status = "error"

@@ -437,3 +437,57 @@ def test_converter_cancel_real_library(tmp_path):
     asyncio.run(main())
     assert c.status == "cancelled", c.message
     assert not out.exists()
+
+
+def test_converter_adds_checkpoints_to_an_existing_store(tmp_path):
+    import threading
+
+    import uwsfmt
+
+    src = _family(tmp_path / "fam", n=6)
+    out = tmp_path / "fam.uws"
+    uwsfmt.convert(sorted(map(str, src.glob("m[0-3].safetensors"))), out, rank=2).close()
+    c = Converter(sources=str(src / "m4.safetensors") + "\n" + str(src / "m5.safetensors"), output=str(out), device="cpu")
+    c.action = "add"
+    assert c.add_kwargs() == {"device": "cpu"}
+    c.max_error = 0.5
+    assert c.add_kwargs() == {"device": "cpu", "max_error": 0.5}
+    _run(c)
+    assert c.status == "done" and c.message.startswith("Added 2 model(s)"), c.message
+    assert c.summary["n_models"] == 6 and c.progress["done"] == c.progress["total"] == 2
+    with uwsfmt.open(out) as st:
+        assert st.model_ids[-2:] == ["m4", "m5"]
+    # again: the ids are taken, the library's message, the store unchanged
+    c2 = Converter(sources=str(src / "m4.safetensors"), output=str(out), device="cpu", action="add")
+    _run(c2)
+    assert c2.status == "error" and "already in the store" in c2.message
+    # cancelled before the first model: nothing is added
+    for i in (6, 7):
+        (src / f"m{i}.safetensors").write_bytes((src / "m0.safetensors").read_bytes())
+    c3 = Converter(sources=str(src / "m[67].safetensors"), output=str(out), device="cpu", action="add")
+
+    started = threading.Event()
+    real = uwsfmt.Store.extend
+
+    def slow_extend(self, sources, **kw):
+        kw["cancel"].set()  # the user presses Cancel as the work starts
+        started.set()
+        return real(self, sources, **kw)
+
+    uwsfmt.Store.extend = slow_extend
+    try:
+        _run(c3)
+    finally:
+        uwsfmt.Store.extend = real
+    assert started.is_set() and c3.status == "cancelled" and "keeps its previous committed state" in c3.message, c3.message
+    with uwsfmt.open(out) as st:
+        assert st.n_models == 6
+
+
+@pytest.mark.parametrize("where, expect", [("missing", "is not a store directory"), ("zip", "unpack it first"), ("", "Enter the path")])
+def test_converter_add_needs_a_store_directory(tmp_path, where, expect):
+    path = {"missing": str(tmp_path / "nope.uws"), "zip": str(tmp_path / "s.zip"), "": ""}[where]
+    if where == "zip":
+        (tmp_path / "s.zip").write_bytes(b"PK")
+    c = Converter(sources="x.safetensors", output=path, device="cpu", action="add")
+    assert c.run() is None and c.status == "error" and expect in c.message

@@ -42,7 +42,8 @@ ENCODING_NAMES = ("subspace", "shared", "dense")
 
 
 class Cancelled(UWSError):
-    """The build was cancelled; nothing was left at the target path."""
+    """The build (or append) was cancelled; nothing was left at the target path (the store
+    appended to keeps its previous committed state)."""
 
 
 @dataclass
@@ -297,8 +298,9 @@ def _nonfinite_error(name: str, ck: Checkpoint) -> SourceError:
 class Progress:
     """tqdm bar, user callback ``(done, total, message)``, and cancellation, in one place."""
 
-    def __init__(self, total: int, progress: bool | Callable | None, cancel: threading.Event | None, desc: str):
-        self.total, self.done, self.cancel = total, 0, cancel
+    def __init__(self, total: int, progress: bool | Callable | None, cancel: threading.Event | None, desc: str,
+                 stopped: str = "cancelled by the user; nothing was written at the target"):
+        self.total, self.done, self.cancel, self.stopped = total, 0, cancel, stopped
         self.callback = progress if callable(progress) else None
         self.bar = None
         if progress is True:
@@ -308,7 +310,7 @@ class Progress:
 
     def step(self, msg: str, n: int = 1) -> None:
         if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled("cancelled by the user; nothing was written at the target")
+            raise Cancelled(self.stopped)
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
@@ -1537,15 +1539,17 @@ def append(store: Store, source, *, id: str | None = None, format: str | None = 
 
 
 def extend(store: Store, sources, *, format: str | None = None, progress: bool | Callable | None = False,
-           device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None) -> list[dict]:
-    """Add every checkpoint ``sources`` name (paths, folders, globs, Checkpoint objects or
+           device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None,
+           cancel: threading.Event | None = None) -> list[dict]:
+    """Add every checkpoint ``sources`` names (paths, folders, globs, Checkpoint objects or
     ``{model_id: state_dict}``, as for :func:`convert`) with one commit; their manifest entries."""
     return append_checkpoints(store, discover(sources, format=format), progress=progress, device=device,
-                              max_error=max_error, max_delta_error=max_delta_error)
+                              max_error=max_error, max_delta_error=max_delta_error, cancel=cancel)
 
 
 def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | Callable | None = False, device: str | None = None,
-                       max_error: float | None = None, max_delta_error: float | None = None) -> list[dict]:
+                       max_error: float | None = None, max_delta_error: float | None = None,
+                       cancel: threading.Event | None = None) -> list[dict]:
     """Add models to a directory store: project each onto the bases, write its rows, then commit
     the manifest once (all of them become visible together, or none does).
 
@@ -1555,7 +1559,9 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
 
     Existing data is never rewritten: the new models' rows go into new shards, and the
     manifest (root zarr.json) is replaced atomically last. A lock serialises appenders. The
-    means and bases are read once for all the models.
+    means and bases are read once for all the models. ``progress``: True (a tqdm bar) or a
+    callback ``(done, total, model id)``; setting ``cancel`` stops before the next model and
+    commits nothing (:class:`Cancelled`).
     """
     from .commit import StoreLock, commit_manifest
 
@@ -1570,7 +1576,8 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
     twice = sorted({ck.id for ck in cks if sum(c.id == ck.id for c in cks) > 1})
     if twice:
         raise ConflictError(f"{store.path}: these sources would get the same model id: {', '.join(map(repr, twice))}; {hint}")
-    prog = Progress(len(cks), progress, None, "append")
+    prog = Progress(len(cks), progress, cancel, "append",
+                    stopped=f"{store.path}: cancelled by the user; the store keeps its previous committed state")
     stop = threading.Event()  # the sources' sha256 on a background thread, as in convert
     fingerprints = _Fingerprints(cks, stop)
     hashes = overlap.Background(fingerprints.work)
@@ -1592,6 +1599,7 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
             first = len(current["models"])
             entries = []
             for k, ck in enumerate(cks):
+                prog.step(ck.id, 0)  # a cancel stops here, before the model
                 idx = first + k
                 fixes: dict = {}
                 rows, per_model, errs, derrs = encode_model(current["tensors"], fits, ck, widths,

@@ -40,6 +40,10 @@ function render({ model, el }) {
   const planBox = h("div", { class: "uws-plan" });
 
   // ------------------------------------------------------------------ options
+  const action = bind(h("select", { class: "uws-input uws-action" }, [
+    h("option", { value: "create", text: "create a new store" }),
+    h("option", { value: "add", text: "add to an existing store" }),
+  ]), "action");
   const rankMode = bind(h("select", { class: "uws-input uws-rank-mode" }, [
     h("option", { value: "auto", text: "automatic (library default)" }),
     h("option", { value: "tau", text: "explained variance τ" }),
@@ -83,23 +87,38 @@ function render({ model, el }) {
     h("label", { text: label }), input, hint ? h("div", { class: "uws-hint", text: hint }) : null]);
   const tauOpt = opt("τ", tau, "smallest k whose explained variance reaches τ");
   const rankOpt = opt("k", rank, "directions kept per basis side");
-  const options = h("div", { class: "uws-options" }, [
-    opt("Rank", rankMode), tauOpt, rankOpt,
+  const outputLabel = h("label", { text: "Output" });
+  const overwriteBox = h("label", { class: "uws-check" }, [overwrite, " overwrite an existing store"]);
+  // options that shape a new store's bases: adding to a store projects onto the bases it has
+  const createOnly = [opt("Rank", rankMode),
     opt("Basis side", mode, "which mode of each matrix the shared basis spans"),
     opt("Centering", h("label", { class: "uws-check" }, [center, " subtract the family mean first"])),
     opt("Residual", residual, "quantized per-model correction on top of the basis"),
+    opt("Bases", basis, "sketch: much faster for wide layers and large LoRA families; exact where its check fails")];
+  const addHint = h("div", { class: "uws-opt uws-opt-wide uws-add-hint" }, [h("div", { class: "uws-hint",
+    text: "The new checkpoints are projected onto the store's own bases and committed together (all or none); "
+      + "the store's error budget holds for them unless you give one here." })]);
+  const options = h("div", { class: "uws-options" }, [
+    opt("Action", action), addHint, createOnly[0], tauOpt, rankOpt, ...createOnly.slice(1),
     opt("Error budget", maxError, "max relative error per tensor and model (blank: none)"),
-    opt("Bases", basis, "sketch: much faster for wide layers and large LoRA families; exact where its check fails"),
     opt("Device", device),
-    h("div", { class: "uws-opt uws-opt-wide" }, [h("label", { text: "Output" }),
-      h("div", { class: "uws-row uws-tight" }, [output, h("label", { class: "uws-check" }, [overwrite, " overwrite an existing store"])])]),
+    h("div", { class: "uws-opt uws-opt-wide" }, [outputLabel, h("div", { class: "uws-row uws-tight" }, [output, overwriteBox])]),
   ]);
+  const stepTitle = h("div", { class: "uws-section-title", text: "3 · Convert" });
   const drawRankMode = () => {
+    const adding = model.get("action") === "add";
     const m = model.get("rank_mode");
-    tauOpt.style.display = m === "tau" ? "" : "none";
-    rankOpt.style.display = m === "rank" ? "" : "none";
+    tauOpt.style.display = m === "tau" && !adding ? "" : "none";
+    rankOpt.style.display = m === "rank" && !adding ? "" : "none";
+    for (const o of createOnly) o.style.display = adding ? "none" : "";
+    addHint.style.display = adding ? "" : "none";
+    overwriteBox.style.display = adding ? "none" : "";
+    outputLabel.textContent = adding ? "Store" : "Output";
+    output.placeholder = adding ? "the store to add to, e.g. family.uws" : "family.uws";
+    stepTitle.textContent = adding ? "3 · Add to the store" : "3 · Convert";
   };
   model.on("change:rank_mode", drawRankMode);
+  model.on("change:action", drawRankMode);
 
   // ------------------------------------------------------------------ run
   const runBtn = h("button", { class: "uws-button uws-primary uws-run-button", text: "Run", onclick: send("run") });
@@ -123,7 +142,7 @@ function render({ model, el }) {
     planBox,
     h("div", { class: "uws-section-title", text: "2 · Options" }),
     options,
-    h("div", { class: "uws-section-title", text: "3 · Convert" }),
+    stepTitle,
     h("div", { class: "uws-row" }, [runBtn, cancelBtn, h("div", { class: "uws-progress-box" }, [progress, progressText])]),
     msg, summaryBox, logBox,
   );

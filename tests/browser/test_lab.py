@@ -133,6 +133,10 @@ CONVERTER_CELLS = [
             w = base + 0.05 * basis @ torch.randn(3, 48, generator=g)
             save_file({"layer.weight": w.contiguous(), "layer.bias": torch.full((64,), float(i))}, f"fam/m{i}.safetensors")
         Path("empty").mkdir(exist_ok=True)
+        Path("more").mkdir(exist_ok=True)
+        for i in (6, 7):  # two fine-tunes that arrive later
+            w = base + 0.05 * basis @ torch.randn(3, 48, generator=g)
+            save_file({"layer.weight": w.contiguous(), "layer.bias": torch.full((64,), float(i))}, f"more/m{i}.safetensors")
     '''),
     textwrap.dedent('''
         from jupyter_ext import Converter
@@ -184,6 +188,18 @@ def test_converter_plan_run_open(lab):
     assert "kept k=3" in insp.locator(".uws-spectrum").inner_text()
     assert "exact bases" in insp.locator(".uws-spectrum").inner_text()  # 48 columns: too narrow to sketch
     lab.screenshot(page, "converter-inspector")
+
+    # later fine-tunes go into the same store: the options that shape new bases disappear
+    root.locator(".uws-action").select_option("add")
+    root.locator(".uws-rank-mode").wait_for(state="hidden")
+    assert root.locator(".uws-add-hint").is_visible() and not root.locator(".uws-overwrite").is_visible()
+    root.locator(".uws-sources").fill("more/*.safetensors")
+    root.locator(".uws-run-button").click()
+    page.wait_for_function("() => document.querySelector('.uws-converter').dataset.status === 'done' && "
+                           "document.querySelector('.uws-converter .uws-message').textContent.startsWith('Added')", timeout=120_000)
+    assert "Added 2 model(s)" in msg.inner_text()
+    assert root.locator(".uws-summary .uws-card-value").first.inner_text() == "8"
+    lab.screenshot(page, "converter-added", ".uws-converter")
     assert not lab.js_errors, lab.js_errors
 
 
