@@ -8,7 +8,7 @@
   ``load_file`` alone and the floor (bytes that must move / memory bandwidth).
 - :func:`switch`: cycling through models, per-switch median and p95, both ways.
 - :func:`first_load`: a freshly opened store, nothing cached (directory and zip), vs the same baseline.
-- :func:`append`: adding one checkpoint to a store vs reading it once.
+- :func:`append`: adding one checkpoint to a store vs reading it once; several with one ``extend``.
 - :func:`random_access`: bytes read from storage for one tensor of one model, by kind.
 - :func:`memory`: peak RSS of builds at several N, each in a fresh process.
 """
@@ -241,15 +241,24 @@ def append(fam, store_path: str, workdir: str, device: str, *, repeats: int = 3)
     copy = os.path.join(workdir, os.path.basename(store_path) + ".append")
     _clear([copy])
     shutil.copytree(store_path, copy)
+    from uwsfmt.sources import discover
+
     t_app, t_read = [], []
     with uwsfmt.open(copy, mode="a") as store:
         for j in range(repeats):  # the same checkpoints again under new ids; timings alternate
             i = j % len(fam.paths)
             t_read.append(read_once([fam.weights[i]]))
             t_app.append(timed(lambda i=i, j=j: store.append(fam.paths[i], id=f"again-{j}", device=device), device))
+        cks = []
+        for j in range(repeats):  # the same ones once more, with one extend (bases read once, one commit)
+            ck = discover([fam.paths[j % len(fam.paths)]])[0]
+            ck.id = f"batch-{j}"
+            cks.append(ck)
+        t_ext = timed(lambda: store.extend(cks, device=device), device)
     _clear([copy])
     a, r = summary(t_app), summary(t_read)
-    return {"append": a, "read_once": r, "ratio": a["median"] / r["median"]}
+    return {"append": a, "read_once": r, "ratio": a["median"] / r["median"], "extend_models": repeats,
+            "extend_s": t_ext, "extend_per_model_s": t_ext / repeats}
 
 
 # ---------------------------------------------------------------------------- random access

@@ -50,10 +50,12 @@ def main(path: str) -> None:
         fl, ap = f.get("first_load"), f.get("append")
         if fl and ap:
             body.append([name, f"{fmt_s(fl['store']['median'])} ({fl['ratio']:.1f}x)", f"{fmt_s(fl['zip']['median'])} ({fl['zip_ratio']:.1f}x)",
-                         fmt_s(fl["baseline"]["median"]), fmt_s(ap["append"]["median"]), fmt_s(ap["read_once"]["median"]), f"{ap['ratio']:.1f}x"])
+                         fmt_s(fl["baseline"]["median"]), fmt_s(ap["append"]["median"]),
+                         fmt_s(ap["extend_per_model_s"]) if "extend_per_model_s" in ap else "",
+                         fmt_s(ap["read_once"]["median"]), f"{ap['ratio']:.1f}x"])
     if body:
         print(rows(["family", "first load: directory store", "first load: zipped", "baseline", "append one model",
-                    "read that checkpoint once", "append / read"], body))
+                    "extend: per model", "read that checkpoint once", "append / read"], body))
         print()
     body = []
     for name, f in fams.items():

@@ -111,7 +111,7 @@ def report(name: str, r: dict) -> str:
             ["first load: the same store zipped", fmt_s(fl["zip"]["median"]), fmt_s(fl["baseline"]["median"]), f"{fl['zip_ratio']:.2f}x", ""],
         ], ["load one model into a module", "store", "load_state_dict(load_file)", "ratio", "floor store / baseline"]),
         f"append one model: {fmt_s(ap['append']['median'])} (reading that checkpoint once: {fmt_s(ap['read_once']['median'])}, "
-        f"{ap['ratio']:.1f}x)",
+        f"{ap['ratio']:.1f}x); extend with {ap['extend_models']}: {fmt_s(ap['extend_per_model_s'])} per model",
         f"(floor = bytes moved / bandwidth {m['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s: store {fmt_bytes(m['store_bytes_moved'])}, "
         f"baseline {fmt_bytes(m['baseline_bytes_moved'])})",
         "",
