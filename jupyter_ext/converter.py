@@ -81,6 +81,7 @@ class Converter(anywidget.AnyWidget):
     sources = t.Unicode("").tag(sync=True)
     output = t.Unicode("").tag(sync=True)
     action = t.Unicode("create").tag(sync=True)  # create (a new store) | add (to the store at output)
+    skip_existing = t.Bool(True).tag(sync=True)  # add: leave out sources whose model id the store has
     rank_mode = t.Unicode("auto").tag(sync=True)  # auto | tau | rank
     tau = t.Float(0.99).tag(sync=True)
     rank = t.Int(16).tag(sync=True)
@@ -178,7 +179,7 @@ class Converter(anywidget.AnyWidget):
     def add_kwargs(self) -> dict:
         """The keyword arguments the form passes to ``Store.extend`` when adding to a store (the
         store's own bases decide ranks, sides and residuals; only these apply)."""
-        kw: dict[str, Any] = {"device": self.device or None}
+        kw: dict[str, Any] = {"device": self.device or None, "skip_existing": bool(self.skip_existing)}
         if self.max_error is not None:
             kw["max_error"] = float(self.max_error)
         return kw
@@ -308,6 +309,9 @@ class Converter(anywidget.AnyWidget):
 
     def _added(self, result: tuple) -> None:
         store, added = result
+        if not added:
+            self._converted(store, done="Nothing to add (the store already has every model these sources name)")
+            return
         errs = [x for e in added for x in e.get("error") or () if x is not None]
         fixed = sum(1 for e in added if e.get("exceptions"))
         extra = f" The new models' max relative error: {max(errs):.3g}." if errs else ""

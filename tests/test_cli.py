@@ -41,6 +41,11 @@ def test_convert_info_export_append_pack(tmp_path, family_files):
     p = run("append", str(out), str(batch / "*.safetensors"), "-q")
     assert f"appended 'n1' as model #{len(family_files)}" in p.stdout and "'n2'" in p.stdout
     assert json.loads(run("info", str(out), "--json").stdout)["summary"]["n_models"] == len(family_files) + 2
+    (batch / "n3.safetensors").write_bytes(open(family_files[1], "rb").read())
+    p = run("append", str(out), str(batch), "--skip-existing", "-q")  # only n3 is new
+    assert "'n3'" in p.stdout and "'n1'" not in p.stdout
+    assert "nothing to add" in run("append", str(out), str(batch), "--skip-existing", "-q").stdout
+    assert json.loads(run("info", str(out), "--json").stdout)["summary"]["n_models"] == len(family_files) + 3
     run("export", str(out), "late", "-o", str(tmp_path / "late.safetensors"))
     from safetensors.torch import load_file
 

@@ -335,16 +335,22 @@ def test_extend_is_all_or_nothing(tmp_path, small_family):
         assert st.n_models == len(fam)
         with pytest.raises(uwsfmt.ConflictError, match="models with ids 'model-000', 'model-001' are already in the store"):
             st.extend({"model-000": fam["model-000"], "model-001": fam["model-001"], "fresh": fam["model-002"]})
+        # or those already there are left out: a folder synced into its store again
+        gen = st.manifest["generation"]
+        assert st.extend({"model-000": fam["model-000"], "model-001": fam["model-001"]}, skip_existing=True) == []
+        assert st.manifest["generation"] == gen  # nothing to add: nothing committed
+        added = st.extend({"model-000": fam["model-000"], "fresh": fam["model-002"]}, skip_existing=True)
+        assert [e["id"] for e in added] == ["fresh"] and st.model_ids[-1] == "fresh" and st.manifest["generation"] == gen + 1
         sources = [uwsfmt.sources.StateDictCheckpoint("twin", fam["model-000"]), uwsfmt.sources.StateDictCheckpoint("twin", fam["model-001"])]
         with pytest.raises(uwsfmt.ConflictError, match="the same model id: 'twin'"):
             st.extend(sources)
     assert uwsfmt.validate(tmp_path / "s.uws", deep=True) == []
     with uwsfmt.open(tmp_path / "s.uws") as st:
-        assert st.n_models == len(fam)
+        assert st.n_models == len(fam) + 1
         # the failed batch's rows lie beyond the committed models; the next extend takes their place
         st2 = uwsfmt.open(tmp_path / "s.uws", mode="a")
         st2.extend({"new-0": good["new-0"], "new-1": good["new-1"]})
-        assert st2.model_ids[-2:] == ["new-0", "new-1"]
+        assert st2.model_ids[-3:] == ["fresh", "new-0", "new-1"]
         back, same = st2.state_dict("new-1"), st2.state_dict("model-001")  # the same weights, projected again
         assert all(torch.allclose(back[k], same[k], rtol=1e-4, atol=1e-5) for k in back)
         for m, sd in before.items():  # the models committed before are bit-identical

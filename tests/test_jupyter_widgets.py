@@ -449,18 +449,21 @@ def test_converter_adds_checkpoints_to_an_existing_store(tmp_path):
     uwsfmt.convert(sorted(map(str, src.glob("m[0-3].safetensors"))), out, rank=2).close()
     c = Converter(sources=str(src / "m4.safetensors") + "\n" + str(src / "m5.safetensors"), output=str(out), device="cpu")
     c.action = "add"
-    assert c.add_kwargs() == {"device": "cpu"}
-    c.max_error = 0.5
-    assert c.add_kwargs() == {"device": "cpu", "max_error": 0.5}
+    assert c.add_kwargs() == {"device": "cpu", "skip_existing": True}
+    c.max_error, c.skip_existing = 0.5, False
+    assert c.add_kwargs() == {"device": "cpu", "skip_existing": False, "max_error": 0.5}
     _run(c)
     assert c.status == "done" and c.message.startswith("Added 2 model(s)"), c.message
     assert c.summary["n_models"] == 6 and c.progress["done"] == c.progress["total"] == 2
     with uwsfmt.open(out) as st:
         assert st.model_ids[-2:] == ["m4", "m5"]
-    # again: the ids are taken, the library's message, the store unchanged
-    c2 = Converter(sources=str(src / "m4.safetensors"), output=str(out), device="cpu", action="add")
+    # again: the ids are taken, the library's message, the store unchanged; or skipped
+    c2 = Converter(sources=str(src / "m4.safetensors"), output=str(out), device="cpu", action="add", skip_existing=False)
     _run(c2)
     assert c2.status == "error" and "already in the store" in c2.message
+    c2.skip_existing = True
+    _run(c2)
+    assert c2.status == "done" and c2.message.startswith("Nothing to add") and c2.summary["n_models"] == 6
     # cancelled before the first model: nothing is added
     for i in (6, 7):
         (src / f"m{i}.safetensors").write_bytes((src / "m0.safetensors").read_bytes())

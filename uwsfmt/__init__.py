@@ -42,10 +42,12 @@ def append(store, source, *, id=None, format=None, progress=False, max_error=Non
                                                          max_delta_error=max_delta_error, device=device))
 
 
-def extend(store, sources, *, format=None, progress=False, max_error=None, max_delta_error=None, device=None):  # noqa: F811 (the parameter, as in convert)
+def extend(store, sources, *, format=None, progress=False, max_error=None, max_delta_error=None, device=None,  # noqa: F811 (the parameter, as in convert)
+           skip_existing=False):
     """Add every checkpoint ``sources`` names to a store (path or open Store), with one commit."""
     return _with_store(store, "w", lambda st: st.extend(sources, format=format, progress=progress, max_error=max_error,
-                                                         max_delta_error=max_delta_error, device=device))
+                                                         max_delta_error=max_delta_error, device=device,
+                                                         skip_existing=skip_existing))
 
 
 def project(store, source, *, format=None, device=None):

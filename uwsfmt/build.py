@@ -1540,16 +1540,17 @@ def append(store: Store, source, *, id: str | None = None, format: str | None = 
 
 def extend(store: Store, sources, *, format: str | None = None, progress: bool | Callable | None = False,
            device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None,
-           cancel: threading.Event | None = None) -> list[dict]:
+           cancel: threading.Event | None = None, skip_existing: bool = False) -> list[dict]:
     """Add every checkpoint ``sources`` names (paths, folders, globs, Checkpoint objects or
     ``{model_id: state_dict}``, as for :func:`convert`) with one commit; their manifest entries."""
     return append_checkpoints(store, discover(sources, format=format), progress=progress, device=device,
-                              max_error=max_error, max_delta_error=max_delta_error, cancel=cancel)
+                              max_error=max_error, max_delta_error=max_delta_error, cancel=cancel,
+                              skip_existing=skip_existing)
 
 
 def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | Callable | None = False, device: str | None = None,
                        max_error: float | None = None, max_delta_error: float | None = None,
-                       cancel: threading.Event | None = None) -> list[dict]:
+                       cancel: threading.Event | None = None, skip_existing: bool = False) -> list[dict]:
     """Add models to a directory store: project each onto the bases, write its rows, then commit
     the manifest once (all of them become visible together, or none does).
 
@@ -1561,7 +1562,9 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
     manifest (root zarr.json) is replaced atomically last. A lock serialises appenders. The
     means and bases are read once for all the models. ``progress``: True (a tqdm bar) or a
     callback ``(done, total, model id)``; setting ``cancel`` stops before the next model and
-    commits nothing (:class:`Cancelled`).
+    commits nothing (:class:`Cancelled`). ``skip_existing``: leave out the checkpoints whose id
+    the store already has (a folder synced into its store again) instead of refusing them all;
+    nothing to add commits nothing and returns [].
     """
     from .commit import StoreLock, commit_manifest
 
@@ -1579,13 +1582,20 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
     prog = Progress(len(cks), progress, cancel, "append",
                     stopped=f"{store.path}: cancelled by the user; the store keeps its previous committed state")
     stop = threading.Event()  # the sources' sha256 on a background thread, as in convert
-    fingerprints = _Fingerprints(cks, stop)
-    hashes = overlap.Background(fingerprints.work)
+    all_cks = cks
     try:
         with StoreLock(store.path):
             zstore = _open_zarr_store(store.path, "w")
             current = read_manifest(zstore, store.path)  # re-read under the lock: another writer may have committed
-            taken = sorted({m["id"] for m in current["models"]} & {ck.id for ck in cks})
+            have = {m["id"] for m in current["models"]}
+            if skip_existing:
+                cks = [ck for ck in cks if ck.id not in have]
+                if not cks:
+                    return []
+                prog.total = len(cks)
+            fingerprints = _Fingerprints(cks, stop)
+            hashes = overlap.Background(fingerprints.work)
+            taken = sorted(have & {ck.id for ck in cks})
             if taken:
                 raise ConflictError(f"{store.path}: {'a model with id' if len(taken) == 1 else 'models with ids'} "
                                     f"{', '.join(map(repr, taken))} {'is' if len(taken) == 1 else 'are'} already in the store; {hint}")
@@ -1636,7 +1646,7 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
     finally:
         stop.set()
         prog.close()
-        for ck in cks:
+        for ck in all_cks:
             ck.close()
     store.manifest = new
     store._index_cache()

@@ -147,13 +147,17 @@ def _cmd_append(a) -> int:
 
     if a.id is not None and len(a.source) > 1:
         raise ConfigError(f"--id names one model, but {len(a.source)} sources were given; append them one by one to name each")
+    if a.id is not None and a.skip_existing:
+        raise ConfigError("--skip-existing goes with sources named by their files; with --id, the one model is added or refused")
     kw = {"format": a.format, "max_error": a.max_error, "max_delta_error": a.max_delta_error, "device": a.device}
     with open_store(a.store, mode="w") as st:
         first = st.n_models
         if a.id is not None:
             added = [st.append(a.source[0], id=a.id, **kw)]
         else:
-            added = st.extend(a.source, progress=not a.quiet and sys.stderr.isatty(), **kw)
+            added = st.extend(a.source, progress=not a.quiet and sys.stderr.isatty(), skip_existing=a.skip_existing, **kw)
+            if a.skip_existing and not added:
+                print(f"nothing to add: the store already has every model these sources name ({first} models)")
         for i, e in enumerate(added):
             errs = [x for x in e["error"] if x is not None]
             print(f"appended {e['id']!r} as model #{first + i}: max relative error {_fmt(max(errs, default=0.0))}")
@@ -219,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     c.add_argument("--format", help="force the source format")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--skip-existing", action="store_true",
+                   help="leave out sources whose model id the store already has (default: refuse them all)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_convert)
 
@@ -254,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("store")
     c.add_argument("source", nargs="+", help="checkpoint files, folders or globs")
     c.add_argument("--id", help="the model's id (one source only; default: the file stem or folder name)")
+    c.add_argument("--skip-existing", action="store_true",
+                   help="leave out sources whose model id the store already has (default: refuse them all)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.add_argument("--format")
     c.add_argument("--max-error", type=float, metavar="E", help="error budget for this model (default: the store's)")

@@ -684,12 +684,15 @@ class Store:
                       max_delta_error=max_delta_error, device=device)
 
     def extend(self, sources, *, format: str | None = None, progress: bool = False, max_error: float | None = None,
-               max_delta_error: float | None = None, device: str | None = None, cancel=None) -> list[dict]:
+               max_delta_error: float | None = None, device: str | None = None, cancel=None,
+               skip_existing: bool = False) -> list[dict]:
         """Append every checkpoint ``sources`` names (paths, folders, globs, Checkpoint objects or
         ``{model_id: state_dict}``, as for ``convert``) with one commit: all of them become visible
         together, or none does; the means and bases are read once. Their manifest entries.
         ``progress``: True or a callback ``(done, total, model id)``; ``cancel``: a
-        ``threading.Event`` that stops before the next model (nothing is committed).
+        ``threading.Event`` that stops before the next model (nothing is committed);
+        ``skip_existing``: leave out checkpoints whose id the store already has (else they are
+        refused, and nothing is added).
 
         >>> store = uwsfmt.open("family.uws", mode="a")  # doctest: +SKIP
         >>> [e["id"] for e in store.extend("ft/new/*.safetensors")]  # doctest: +SKIP
@@ -698,7 +701,7 @@ class Store:
         from .build import extend
 
         return extend(self, sources, format=format, progress=progress, max_error=max_error,
-                      max_delta_error=max_delta_error, device=device, cancel=cancel)
+                      max_delta_error=max_delta_error, device=device, cancel=cancel, skip_existing=skip_existing)
 
     def project(self, source, *, format: str | None = None, device: str | None = None) -> dict:
         """Coefficients and errors of an unseen checkpoint, without adding it."""

@@ -95,9 +95,12 @@ function render({ model, el }) {
     opt("Centering", h("label", { class: "uws-check" }, [center, " subtract the family mean first"])),
     opt("Residual", residual, "quantized per-model correction on top of the basis"),
     opt("Bases", basis, "sketch: much faster for wide layers and large LoRA families; exact where its check fails")];
-  const addHint = h("div", { class: "uws-opt uws-opt-wide uws-add-hint" }, [h("div", { class: "uws-hint",
-    text: "The new checkpoints are projected onto the store's own bases and committed together (all or none); "
-      + "the store's error budget holds for them unless you give one here." })]);
+  const skipExisting = bind(h("input", { type: "checkbox", class: "uws-skip-existing" }), "skip_existing");
+  const addHint = h("div", { class: "uws-opt uws-opt-wide uws-add-hint" }, [
+    h("label", { class: "uws-check" }, [skipExisting, " skip checkpoints whose model id the store already has"]),
+    h("div", { class: "uws-hint",
+      text: "The new checkpoints are projected onto the store's own bases and committed together (all or none); "
+        + "the store's error budget holds for them unless you give one here." })]);
   const options = h("div", { class: "uws-options" }, [
     opt("Action", action), addHint, createOnly[0], tauOpt, rankOpt, ...createOnly.slice(1),
     opt("Error budget", maxError, "max relative error per tensor and model (blank: none)"),
