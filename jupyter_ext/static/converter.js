@@ -96,13 +96,13 @@ function render({ model, el }) {
     opt("Residual", residual, "quantized per-model correction on top of the basis"),
     opt("Bases", basis, "sketch: much faster for wide layers and large LoRA families; exact where its check fails")];
   const skipExisting = bind(h("input", { type: "checkbox", class: "uws-skip-existing" }), "skip_existing");
-  const addHint = h("div", { class: "uws-opt uws-opt-wide uws-add-hint" }, [
-    h("label", { class: "uws-check" }, [skipExisting, " skip checkpoints whose model id the store already has"]),
-    h("div", { class: "uws-hint",
-      text: "The new checkpoints are projected onto the store's own bases and committed together (all or none); "
-        + "the store's error budget holds for them unless you give one here." })]);
+  const addHint = h("div", { class: "uws-opt uws-opt-wide uws-add-hint" }, [h("div", { class: "uws-hint",
+    text: "The new checkpoints are projected onto the store's own bases and committed together (all or none); "
+      + "the store's error budget holds for them unless you give one here." })]);
+  const skipOpt = opt("Known ids", h("label", { class: "uws-check" }, [skipExisting, " skip models the store already has"]),
+                      "else a source whose model id is taken stops the whole run");
   const options = h("div", { class: "uws-options" }, [
-    opt("Action", action), addHint, createOnly[0], tauOpt, rankOpt, ...createOnly.slice(1),
+    opt("Action", action), addHint, skipOpt, createOnly[0], tauOpt, rankOpt, ...createOnly.slice(1),
     opt("Error budget", maxError, "max relative error per tensor and model (blank: none)"),
     opt("Device", device),
     h("div", { class: "uws-opt uws-opt-wide" }, [outputLabel, h("div", { class: "uws-row uws-tight" }, [output, overwriteBox])]),
@@ -115,6 +115,7 @@ function render({ model, el }) {
     rankOpt.style.display = m === "rank" && !adding ? "" : "none";
     for (const o of createOnly) o.style.display = adding ? "none" : "";
     addHint.style.display = adding ? "" : "none";
+    skipOpt.style.display = adding ? "" : "none";
     overwriteBox.style.display = adding ? "none" : "";
     outputLabel.textContent = adding ? "Store" : "Output";
     output.placeholder = adding ? "the store to add to, e.g. family.uws" : "family.uws";
