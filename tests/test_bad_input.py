@@ -447,6 +447,23 @@ def test_tampered_array_shapes(tmp_path, capsys, what):
             uwsfmt.FormatError, store, path, expect)
     assert uwsfmt.validate(str(store))
     assert not (tmp_path / "o.safetensors").exists()
+    if what in ("basis shape", "shared shape"):  # appending reads the bases too: checked the same way, nothing added
+        with pytest.raises(uwsfmt.FormatError, match="manifest implies"):
+            uwsfmt.open(store, mode="a").append(fam["m0"], id="again")
+        assert json.loads((store / "zarr.json").read_text())["attributes"]["uws"]["models"][-1]["id"] == "m2"
+
+
+def test_a_tampered_spectrum_length_is_refused_before_reading(tmp_path):
+    st = uwsfmt.convert(family(), tmp_path / "s.uws", rank=2)
+    e = st.tensor_entry("w")
+    path = next(iter(e["spectrum"].values()))
+    st.close()
+    meta = tmp_path / "s.uws" / path / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["shape"], doc["chunk_grid"]["configuration"]["chunk_shape"] = [10**12], [1024]
+    meta.write_text(json.dumps(doc))
+    with uwsfmt.open(tmp_path / "s.uws") as st, pytest.raises(uwsfmt.FormatError, match="more than the 1024 values"):
+        st.spectrum("w")
 
 
 # ---------------------------------------------------------------------------- outputs

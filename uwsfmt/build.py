@@ -36,7 +36,7 @@ from .encodings import subspace
 from .encodings.slots import PackLayout
 from .errors import BudgetError, ConfigError, ConflictError, SourceError, StoreError, StoreExistsError, UWSError
 from .sources import Checkpoint, TensorInfo, discover, open_checkpoint
-from .store import BUILDING_MARK, Store, _device, _open_zarr_store, default_device, open, read_manifest
+from .store import BUILDING_MARK, Store, _device, _implied_shape, _open_zarr_store, default_device, open, read_manifest
 
 ENCODING_NAMES = ("subspace", "shared", "dense")
 
@@ -1486,12 +1486,13 @@ def _fits_from_store(store: Store, dev: torch.device) -> dict[str, Any]:
     for e in store.manifest["tensors"]:
         if e["encoding"] == "subspace":
             cdt = torch.float64 if e["dtype"] == "float64" else torch.float32
-            def arr(p, cdt=cdt):
-                return None if p is None else torch.from_numpy(store.read_array(p)).to(dev, cdt)
+            def arr(field, e=e, cdt=cdt):  # the shape the manifest implies is checked before reading
+                p = e.get(field)
+                return None if p is None else torch.from_numpy(store.read_array(p, _implied_shape(e, field))).to(dev, cdt)
             kept = {"left": e["rank"][0], "right": e["rank"][1]}
-            fits[e["name"]] = subspace.Fit(e["mode"], e["center"], arr(e["mean"]), arr(e["left"]), arr(e["right"]), {}, kept)
+            fits[e["name"]] = subspace.Fit(e["mode"], e["center"], arr("mean"), arr("left"), arr("right"), {}, kept)
         elif e["encoding"] == "shared":
-            fits[e["name"]] = dtypes.from_storage(store.read_array(e["data"]["path"]), e["dtype"]).reshape(e["shape"])
+            fits[e["name"]] = dtypes.from_storage(store.read_array(e["data"]["path"], e["shape"] or [1]), e["dtype"]).reshape(e["shape"])
     return fits
 
 

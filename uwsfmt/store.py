@@ -307,21 +307,24 @@ class Store:
             self._chunked[path] = reader
         return self._chunked[path]
 
-    def read_array(self, path: str, shape: Iterable[int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        """The whole array at ``path``; ``shape``: what the manifest implies (checked before reading).
+    def read_array(self, path: str, shape: Iterable[int] | None = None, out: np.ndarray | None = None,
+                   most: int | None = None) -> np.ndarray:
+        """The whole array at ``path``; ``shape``: what the manifest implies, or ``most``: how many
+        values it may hold at most (either checked before anything is allocated or read).
         ``out``: a C-contiguous buffer of the array's shape and storage dtype to read into (used
         when it fits, else a new array is returned)."""
         reader = self._chunked_reader(path)
+        arr = self._array(path) if reader is None else None
+        have = reader.shape if reader is not None else tuple(arr.shape)
+        if shape is not None and have != tuple(shape):
+            raise FormatError(f"{self.path}: array {path!r} has shape {list(have)} but the manifest implies "
+                              f"{list(shape)}; the store is damaged or was tampered with")
+        if most is not None and math.prod(have) > most:
+            raise FormatError(f"{self.path}: array {path!r} has shape {list(have)}, more than the {most} values the "
+                              "manifest allows it; the store is damaged or was tampered with")
         if reader is not None:
-            if shape is not None and reader.shape != tuple(shape):
-                raise FormatError(f"{self.path}: array {path!r} has shape {list(reader.shape)} but the manifest implies "
-                                  f"{list(shape)}; the store is damaged or was tampered with")
             fits = out is not None and out.dtype == reader.dtype and out.shape == reader.shape and out.flags.c_contiguous
             return reader.read_into(out if fits else np.empty(reader.shape, reader.dtype))
-        arr = self._array(path)
-        if shape is not None and tuple(arr.shape) != tuple(shape):
-            raise FormatError(f"{self.path}: array {path!r} has shape {list(arr.shape)} but the manifest implies "
-                              f"{list(shape)}; the store is damaged or was tampered with")
         try:
             return arr[...]
         except Exception as e:
@@ -631,7 +634,7 @@ class Store:
             raise NotFoundError(f"{self.path}: tensor {name!r} is {e['encoding']}, it has no spectrum")
         sides = [s for s in ("left", "right") if e["spectrum"].get(s)]
         side = side or sides[0]
-        vals = self.read_array(e["spectrum"][side]).astype(np.float64)
+        vals = self.read_array(e["spectrum"][side], most=math.prod(e["view"])).astype(np.float64)
         k = e["rank"][0 if side == "left" else 1]
         total = vals.sum()
         cum = np.cumsum(vals) / total if total > 0 else np.ones_like(vals)
