@@ -681,7 +681,7 @@ class Store:
         by per-model exceptions (see ``summary()["refit_suggested"]``). ``device``: where the
         projection runs (default: "cuda" when torch sees a GPU, as for ``convert``).
         """
-        from .build import append
+        from .appending import append
 
         return append(self, source, id=id, format=format, progress=progress, max_error=max_error,
                       max_delta_error=max_delta_error, device=device)
@@ -701,14 +701,14 @@ class Store:
         >>> [e["id"] for e in store.extend("ft/new/*.safetensors")]  # doctest: +SKIP
         ['task-41', 'task-42']
         """
-        from .build import extend
+        from .appending import extend
 
         return extend(self, sources, format=format, progress=progress, max_error=max_error,
                       max_delta_error=max_delta_error, device=device, cancel=cancel, skip_existing=skip_existing)
 
     def project(self, source, *, format: str | None = None, device: str | None = None) -> dict:
         """Coefficients and errors of an unseen checkpoint, without adding it."""
-        from .build import project
+        from .appending import project
 
         return project(self, source, format=format, device=device)
 

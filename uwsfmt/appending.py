@@ -1,0 +1,201 @@
+"""Add models to a store: project each new checkpoint onto the store's bases, write its rows
+into new shards, commit the manifest once (spec section 10). Also ``project``: the same
+projection with nothing written.
+
+Existing data is never rewritten; the bases never change (a family whose new members the bases
+miss gets per-model exceptions under an error budget, and ``info`` suggests a refit).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import zarr
+
+from . import budget, dtypes, layout, naming, overlap
+from .build import Progress, _Fingerprints, _now, _os_reason, _source_record, _write_exceptions, encode_model
+from .encodings import lora as lora_enc
+from .encodings import subspace
+from .errors import ConflictError, SourceError, StoreError
+from .sources import Checkpoint, discover
+from .store import Store, _device, _implied_shape, _open_zarr_store, default_device, read_manifest
+
+
+def _fits_from_store(store: Store, dev: torch.device) -> dict[str, Any]:
+    fits: dict[str, Any] = {}
+    for e in store.manifest["tensors"]:
+        if e["encoding"] == "subspace":
+            cdt = torch.float64 if e["dtype"] == "float64" else torch.float32
+            def arr(field, e=e, cdt=cdt):  # the shape the manifest implies is checked before reading
+                p = e.get(field)
+                return None if p is None else torch.from_numpy(store.read_array(p, _implied_shape(e, field))).to(dev, cdt)
+            kept = {"left": e["rank"][0], "right": e["rank"][1]}
+            fits[e["name"]] = subspace.Fit(e["mode"], e["center"], arr("mean"), arr("left"), arr("right"), {}, kept)
+        elif e["encoding"] == "shared":
+            fits[e["name"]] = dtypes.from_storage(store.read_array(e["data"]["path"], e["shape"] or [1]), e["dtype"]).reshape(e["shape"])
+    return fits
+
+
+def project(store: Store, source, *, format: str | None = None, device: str | None = None) -> dict:
+    """Coefficients and errors of an unseen checkpoint against the store's bases (nothing written).
+
+    Returns ``{"id", "coefficients": {name: tensor}, "error": {name: float}, "delta_error": {...}}``.
+    """
+    ck = _one_checkpoint(source, format=format)
+    dev = _device(device, default_device())
+    widths = {p: info["width"] for p, info in store.manifest["packs"].items()}
+    entries = store.manifest["tensors"]
+    rows, _, errs, derrs = encode_model(entries, _fits_from_store(store, dev), ck, widths,
+                                        allow_nonfinite=False, store_path=store.path)
+    coefs = {}
+    for e in entries:
+        if e["encoding"] == "subspace":
+            sl = e["coefficients"]
+            coefs[e["name"]] = torch.from_numpy(rows[sl["pack"]][sl["offset"]: sl["offset"] + sl["length"]].copy()).reshape(sl["shape"])
+    names = [e["name"] for e in entries]
+    return {"id": ck.id, "coefficients": coefs, "error": dict(zip(names, errs)), "delta_error": dict(zip(names, derrs))}
+
+
+def _one_checkpoint(source, *, format: str | None, id: str | None = None) -> Checkpoint:
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, dict):
+        from .sources import StateDictCheckpoint
+
+        return StateDictCheckpoint(id or "model", source)
+    cks = discover([source], format=format)
+    if len(cks) != 1:
+        raise SourceError(f"{source}: expected one checkpoint, found {len(cks)}")
+    if id is not None:
+        cks[0].id = id
+    return cks[0]
+
+
+def append(store: Store, source, *, id: str | None = None, format: str | None = None, progress: bool | Callable | None = False,
+           device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None) -> dict:
+    """Add one model to a directory store (see :func:`append_checkpoints`); its manifest entry."""
+    ck = _one_checkpoint(source, format=format, id=id)
+    return append_checkpoints(store, [ck], progress=progress, device=device, max_error=max_error,
+                              max_delta_error=max_delta_error)[0]
+
+
+def extend(store: Store, sources, *, format: str | None = None, progress: bool | Callable | None = False,
+           device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None,
+           cancel: threading.Event | None = None, skip_existing: bool = False) -> list[dict]:
+    """Add every checkpoint ``sources`` names (paths, folders, globs, Checkpoint objects or
+    ``{model_id: state_dict}``, as for :func:`convert`) with one commit; their manifest entries."""
+    return append_checkpoints(store, discover(sources, format=format), progress=progress, device=device,
+                              max_error=max_error, max_delta_error=max_delta_error, cancel=cancel,
+                              skip_existing=skip_existing)
+
+
+def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | Callable | None = False, device: str | None = None,
+                       max_error: float | None = None, max_delta_error: float | None = None,
+                       cancel: threading.Event | None = None, skip_existing: bool = False) -> list[dict]:
+    """Add models to a directory store: project each onto the bases, write its rows, then commit
+    the manifest once (all of them become visible together, or none does).
+
+    The store's error budget (``max_error`` / ``max_delta_error`` of its build, or those given here) holds for the
+    new models too: a tensor whose projection misses it gets a per-model exception (a quantized
+    correction, or the tensor itself), listed in the model's entry, and ``info`` suggests a refit.
+
+    Existing data is never rewritten: the new models' rows go into new shards, and the
+    manifest (root zarr.json) is replaced atomically last. A lock serialises appenders. The
+    means and bases are read once for all the models. ``progress``: True (a tqdm bar) or a
+    callback ``(done, total, model id)``; setting ``cancel`` stops before the next model and
+    commits nothing (:class:`Cancelled`). ``skip_existing``: leave out the checkpoints whose id
+    the store already has (a folder synced into its store again) instead of refusing them all;
+    nothing to add commits nothing and returns [].
+    """
+    from .commit import StoreLock, commit_manifest
+
+    if not os.path.isdir(store.path):
+        raise StoreError(f"{store.path}: only directory stores can be appended to; unpack the zip first (uwsfmt unpack)")
+    dev = _device(device, default_device())  # before the lock: a bad device touches nothing
+    hint = "pass another id (CLI: --id)" if len(cks) == 1 else "rename the sources, or append them one by one with --id"
+    for ck in cks:
+        bad = naming.check_string(ck.id, "model id")
+        if bad:
+            raise ConflictError(f"{store.path}: cannot append {ck.path or ck.id!r}: {bad[0]}; {hint}")
+    twice = sorted({ck.id for ck in cks if sum(c.id == ck.id for c in cks) > 1})
+    if twice:
+        raise ConflictError(f"{store.path}: these sources would get the same model id: {', '.join(map(repr, twice))}; {hint}")
+    prog = Progress(len(cks), progress, cancel, "append",
+                    stopped=f"{store.path}: cancelled by the user; the store keeps its previous committed state")
+    stop = threading.Event()  # the sources' sha256 on a background thread, as in convert
+    all_cks = cks
+    try:
+        with StoreLock(store.path):
+            zstore = _open_zarr_store(store.path, "w")
+            current = read_manifest(zstore, store.path)  # re-read under the lock: another writer may have committed
+            have = {m["id"] for m in current["models"]}
+            if skip_existing:
+                cks = [ck for ck in cks if ck.id not in have]
+                if not cks:
+                    return []
+                prog.total = len(cks)
+            fingerprints = _Fingerprints(cks, stop)
+            hashes = overlap.Background(fingerprints.work)
+            taken = sorted(have & {ck.id for ck in cks})
+            if taken:
+                raise ConflictError(f"{store.path}: {'a model with id' if len(taken) == 1 else 'models with ids'} "
+                                    f"{', '.join(map(repr, taken))} {'is' if len(taken) == 1 else 'are'} already in the store; {hint}")
+            fresh = Store(store.path, zstore, current)
+            widths = {p: info["width"] for p, info in current["packs"].items()}
+            if max_error is None and max_delta_error is None:
+                built = current["build"]["settings"]
+                max_error, max_delta_error = built.get("max_error"), built.get("max_delta_error")
+            error_budget = None if (max_error, max_delta_error) == (None, None) else budget.Budget(max_error, max_delta_error)
+            fits = _fits_from_store(fresh, dev)
+            first = len(current["models"])
+            entries = []
+            for k, ck in enumerate(cks):
+                prog.step(ck.id, 0)  # a cancel stops here, before the model
+                idx = first + k
+                fixes: dict = {}
+                rows, per_model, errs, derrs = encode_model(current["tensors"], fits, ck, widths,
+                                                            allow_nonfinite=bool(current["build"]["settings"].get("allow_nonfinite")),
+                                                            store_path=store.path, error_budget=error_budget, corrections=fixes)
+                entry = {"id": ck.id, "added": _now(), "source": None, "error": errs, "delta_error": derrs,  # source: below
+                         **lora_enc.model_record(current["tensors"], ck)}
+                try:  # new files only (rows >= n_models are uncommitted); the manifest, replaced last, commits them
+                    for p, info in current["packs"].items():
+                        arr = zarr.open_array(zstore, path=info["path"], mode="r+")
+                        if arr.shape[0] < first + len(cks):
+                            arr.resize((first + len(cks), arr.shape[1]))
+                        arr[idx, :] = rows[p]
+                    for e in current["tensors"]:
+                        if e["name"] in per_model:
+                            layout.write_array(zstore, f"{e['node']}/models/{idx}", dtypes.to_storage(per_model[e["name"]]))
+                    if fixes:
+                        entry["exceptions"] = _write_exceptions(zstore, current["tensors"], idx, fixes)
+                except OSError as e:
+                    raise StoreError(f"{store.path}: could not write model {ck.id!r} ({_os_reason(e)}); the store keeps its "
+                                     f"previous committed state ({first} models)") from None
+                entries.append(entry)
+                ck.close()
+                prog.step(ck.id)
+            fingerprints.work()  # the sources the background thread has not reached yet
+            hashes.result()
+            for ck, entry in zip(cks, entries):
+                entry["source"] = _source_record(ck)
+            new = dict(current)
+            new["models"] = current["models"] + entries
+            new["generation"] = int(current.get("generation", 0)) + 1
+            new["updated"] = _now()
+            commit_manifest(zstore, store.path, new)
+    finally:
+        stop.set()
+        prog.close()
+        for ck in all_cks:
+            ck.close()
+    store.manifest = new
+    store._index_cache()
+    store._arrays.clear()
+    store._row_readers.clear()
+    store._chunked.clear()
+    return entries
