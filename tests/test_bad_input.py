@@ -341,6 +341,22 @@ def test_a_device_torch_does_not_have(tmp_path, srcs, store, capsys, device, exp
     assert digest(store.rglob("*")) == before
 
 
+def test_appending_models_that_do_not_fit_the_store(tmp_path, store, capsys):
+    """Every problem of every source at once, before anything is written; a tensor the store does
+    not hold is refused, not silently dropped."""
+    fam = family()
+    extra = {**fam["m0"], "new.head": torch.randn(4, 4)}
+    narrow = {**fam["m1"], "w": torch.randn(32, 16)}
+    paths = write(tmp_path / "more", {"x1": extra, "x2": narrow})
+    content = lambda: digest(p for p in store.rglob("*") if p.name != ".uws.lock")  # noqa: E731 (the lock file is not content)
+    before = content()
+    refused(capsys, lambda: uwsfmt.open(store, mode="a").extend(paths), ["append", store, *paths], uwsfmt.ConflictError,
+            "2 of the 2 source(s) do not fit", "'new.head'", "would be lost", "has shape [32, 16], the store holds [32, 32]")
+    with pytest.raises(uwsfmt.ConflictError, match="would be lost"):
+        uwsfmt.open(store).project(paths[0])
+    assert content() == before and uwsfmt.validate(store, deep=True) == []
+
+
 # ---------------------------------------------------------------------------- broken stores
 
 

@@ -40,6 +40,41 @@ def _fits_from_store(store: Store, dev: torch.device) -> dict[str, Any]:
     return fits
 
 
+def fit_problems(entries: list[dict], ck: Checkpoint) -> list[str]:
+    """Why checkpoint ``ck`` does not fit a store with tensor table ``entries``, from its header
+    alone: a tensor the store holds is missing or has another dtype or shape, or the checkpoint
+    has tensors the store does not hold (they would be lost: a store's tensors are fixed when it
+    is built). LoRA modules are checked by their encoder (:func:`uwsfmt.encodings.lora.encode`)."""
+    infos = ck.infos()
+    where = ck.path or ck.id
+    out = []
+    plain = [e for e in entries if e.get("lora") is None]
+    for e in plain:
+        info = infos.get(e["name"])
+        if info is None:
+            out.append(f"{where}: lacks tensor {e['name']!r}")
+        elif info.dtype != e["dtype"]:
+            out.append(f"{where}: tensor {e['name']!r} is {info.dtype}, the store holds {e['dtype']}")
+        elif not (e["encoding"] == "dense" and e["data"].get("per_model")) and tuple(info.shape) != tuple(e["shape"]):
+            out.append(f"{where}: tensor {e['name']!r} has shape {list(info.shape)}, the store holds {e['shape']}")
+    if len(plain) == len(entries):  # (a LoRA checkpoint names its factors, not the store's modules)
+        extra = sorted(set(infos) - {e["name"] for e in entries})
+        if extra:
+            shown = ", ".join(map(repr, extra[:5])) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            out.append(f"{where}: has tensor(s) the store does not hold, which would be lost: {shown}")
+    return out
+
+
+def _refuse_misfits(store: Store, entries: list[dict], cks: list[Checkpoint]) -> None:
+    found = [fit_problems(entries, ck) for ck in cks]
+    problems = [p for ps in found for p in ps]
+    if problems:
+        bad = sum(1 for ps in found if ps)
+        raise ConflictError(f"{store.path}: {bad} of the {len(cks)} source(s) do not fit the store's tensors (nothing was "
+                            "added; the tensors are fixed when a store is built: rebuild it with these models, or "
+                            "give checkpoints of the family's architecture):", problems)
+
+
 def project(store: Store, source, *, format: str | None = None, device: str | None = None) -> dict:
     """Coefficients and errors of an unseen checkpoint against the store's bases (nothing written).
 
@@ -49,6 +84,7 @@ def project(store: Store, source, *, format: str | None = None, device: str | No
     dev = _device(device, default_device())
     widths = {p: info["width"] for p, info in store.manifest["packs"].items()}
     entries = store.manifest["tensors"]
+    _refuse_misfits(store, entries, [ck])
     rows, _, errs, derrs = encode_model(entries, _fits_from_store(store, dev), ck, widths,
                                         allow_nonfinite=False, store_path=store.path)
     coefs = {}
@@ -144,6 +180,7 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
             if taken:
                 raise ConflictError(f"{store.path}: {'a model with id' if len(taken) == 1 else 'models with ids'} "
                                     f"{', '.join(map(repr, taken))} {'is' if len(taken) == 1 else 'are'} already in the store; {hint}")
+            _refuse_misfits(store, current["tensors"], cks)  # every problem of every source, before anything is written
             fresh = Store(store.path, zstore, current)
             widths = {p: info["width"] for p, info in current["packs"].items()}
             if max_error is None and max_delta_error is None:
