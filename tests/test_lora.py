@@ -484,6 +484,20 @@ def test_append_refuses_an_adapter_with_unknown_modules(tmp_path):
     assert uwsfmt.open(tmp_path / "s.uws").n_models == 3
 
 
+def test_append_refuses_an_adapter_with_tensors_the_store_does_not_hold(tmp_path):
+    fam = lora_family(3, layers=1, modules=("q_proj",), width=32, rank=4, seed=1)
+    src = write_peft_family(fam, tmp_path / "a")
+    st = uwsfmt.convert([str(d) for d in src], tmp_path / "s.uws", rank=4)
+    extra = dict(fam["adapter-000"])
+    extra["base_model.model.score.weight"] = torch.zeros(2, 32)  # e.g. a head saved beside the LoRA factors
+    new = write_peft_family({"new": extra}, tmp_path / "b")[0]
+    with pytest.raises(uwsfmt.ConflictError, match="'base_model.model.score.weight'.*|would be lost"):
+        st.append(str(new))
+    plain = write_peft_family({"fine": dict(fam["adapter-001"])}, tmp_path / "c")[0]
+    assert st.append(str(plain))["id"] == "fine"  # its own factors are not extra tensors
+    assert uwsfmt.open(tmp_path / "s.uws").n_models == 4
+
+
 def test_cli_plan_convert_export_kohya(tmp_path):
     import subprocess
     import sys

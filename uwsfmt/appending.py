@@ -44,7 +44,8 @@ def fit_problems(entries: list[dict], ck: Checkpoint) -> list[str]:
     """Why checkpoint ``ck`` does not fit a store with tensor table ``entries``, from its header
     alone: a tensor the store holds is missing or has another dtype or shape, or the checkpoint
     has tensors the store does not hold (they would be lost: a store's tensors are fixed when it
-    is built). LoRA modules are checked by their encoder (:func:`uwsfmt.encodings.lora.encode`)."""
+    is built). LoRA modules are checked by their encoder (:func:`uwsfmt.encodings.lora.model_record`);
+    the factors of the checkpoint's own LoRA pairs are not extra tensors."""
     infos = ck.infos()
     where = ck.path or ck.id
     out = []
@@ -57,11 +58,11 @@ def fit_problems(entries: list[dict], ck: Checkpoint) -> list[str]:
             out.append(f"{where}: tensor {e['name']!r} is {info.dtype}, the store holds {e['dtype']}")
         elif not (e["encoding"] == "dense" and e["data"].get("per_model")) and tuple(info.shape) != tuple(e["shape"]):
             out.append(f"{where}: tensor {e['name']!r} has shape {list(info.shape)}, the store holds {e['shape']}")
-    if len(plain) == len(entries):  # (a LoRA checkpoint names its factors, not the store's modules)
-        extra = sorted(set(infos) - {e["name"] for e in entries})
-        if extra:
-            shown = ", ".join(map(repr, extra[:5])) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-            out.append(f"{where}: has tensor(s) the store does not hold, which would be lost: {shown}")
+    factors = {n for pair in ck.lora_pairs().values() for n in (pair.a, pair.b, pair.alpha) if n}
+    extra = sorted(set(infos) - {e["name"] for e in plain} - factors)
+    if extra:
+        shown = ", ".join(map(repr, extra[:5])) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        out.append(f"{where}: has tensor(s) the store does not hold, which would be lost: {shown}")
     return out
 
 
