@@ -242,6 +242,30 @@ class Converter(anywidget.AnyWidget):
                 self._say(f"{self.plan_report.get('n_models', '?')} models form one family. "
                           "Choose the options and Run.", "success")
 
+        def done_add(report: dict) -> None:
+            self.plan_report = payload.jsonable(report)
+            conflicts = self.plan_report.get("conflicts") or []
+            self.status = "planned"
+            counts = f"{len(report['new'])} new model(s), {len(report['existing'])} already in the store"
+            if conflicts:
+                self._say(f"{counts}; {len(conflicts)} conflict(s) below would stop the run. Fix or remove those sources.", "error")
+            else:
+                self._say(f"{counts}: the sources fit the store. Run adds them.", "success")
+
+        if self.action == "add":
+            out = os.path.expanduser(self.output.strip())
+            if not os.path.isdir(out):
+                self.status = "error"
+                self._say(self._check_options() or f"{out} is not a store directory to add to.", "error")
+                return None
+            skip = bool(self.skip_existing)
+
+            def plan_add():
+                with uwsfmt.open(out) as st:
+                    return st.plan_append(sources, skip_existing=skip)
+
+            self._task = jobs.start(plan_add, on_result=done_add, on_error=self._failed)
+            return self._task
         self._task = jobs.start(lambda: uwsfmt.plan(sources), on_result=done, on_error=self._failed)
         return self._task
 

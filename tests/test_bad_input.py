@@ -355,6 +355,12 @@ def test_appending_models_that_do_not_fit_the_store(tmp_path, store, capsys):
     with pytest.raises(uwsfmt.ConflictError, match="would be lost"):
         uwsfmt.open(store).project(paths[0])
     assert content() == before and uwsfmt.validate(store, deep=True) == []
+    # the dry run says the same from the headers, exit 1
+    rep = uwsfmt.open(store).plan_append(paths)
+    assert rep["new"] == ["x1", "x2"] and len(rep["conflicts"]) == 2 and "would be lost" in rep["conflicts"][0]
+    code, out, _ = run_cli(capsys, "append", store, *paths, "--dry-run")
+    assert code == 1 and "2 new, 0 already in" in out and out.count("CONFLICT") == 2
+    assert content() == before
 
 
 # ---------------------------------------------------------------------------- broken stores

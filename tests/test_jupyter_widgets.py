@@ -449,6 +449,8 @@ def test_converter_adds_checkpoints_to_an_existing_store(tmp_path):
     uwsfmt.convert(sorted(map(str, src.glob("m[0-3].safetensors"))), out, rank=2).close()
     c = Converter(sources=str(src / "m4.safetensors") + "\n" + str(src / "m5.safetensors"), output=str(out), device="cpu")
     c.action = "add"
+    c.plan()
+    assert c.status == "planned" and c.plan_report["new"] == ["m4", "m5"] and c.message.startswith("2 new model(s)"), c.message
     assert c.add_kwargs() == {"device": "cpu", "skip_existing": True}
     c.max_error, c.skip_existing = 0.5, False
     assert c.add_kwargs() == {"device": "cpu", "skip_existing": False, "max_error": 0.5}
@@ -461,7 +463,11 @@ def test_converter_adds_checkpoints_to_an_existing_store(tmp_path):
     c2 = Converter(sources=str(src / "m4.safetensors"), output=str(out), device="cpu", action="add", skip_existing=False)
     _run(c2)
     assert c2.status == "error" and "already in the store" in c2.message
+    c2.plan()
+    assert c2.message_kind == "error" and "already in the store" in c2.plan_report["conflicts"][0]
     c2.skip_existing = True
+    c2.plan()
+    assert c2.message_kind == "success" and c2.plan_report["existing"] == ["m4"] and c2.plan_report["new"] == []
     _run(c2)
     assert c2.status == "done" and c2.message.startswith("Nothing to add") and c2.summary["n_models"] == 6
     # cancelled before the first model: nothing is added

@@ -66,6 +66,35 @@ def fit_problems(entries: list[dict], ck: Checkpoint) -> list[str]:
     return out
 
 
+def plan_append(store: Store, sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
+    """What appending ``sources`` to ``store`` would do, from the checkpoints' headers (nothing is
+    read beyond them, nothing written): ``{"n_models", "models", "formats", "total_bytes", "new",
+    "existing", "conflicts"}``; ``conflicts`` lists every reason the append would be refused.
+
+    >>> uwsfmt.open("family.uws").plan_append("ft/new/")["new"]  # doctest: +SKIP
+    ['task-41', 'task-42']
+    """
+    cks = discover(sources, format=format)
+    have = set(store.model_ids)
+    ids = [ck.id for ck in cks]
+    existing = [i for i in ids if i in have]
+    todo = [ck for ck in cks if not (skip_existing and ck.id in have)]
+    conflicts = [f"model id {i!r} is already in the store (append with skip_existing / --skip-existing to leave it out)"
+                 for i in existing if not skip_existing]
+    conflicts += [f"model id {i!r} is given by {ids.count(i)} sources" for i in sorted(set(ids)) if ids.count(i) > 1]
+    for ck in todo:
+        conflicts += fit_problems(store.manifest["tensors"], ck)
+    formats: dict[str, int] = {}
+    for ck in cks:
+        formats[ck.format] = formats.get(ck.format, 0) + 1
+    total = 0
+    for ck in cks:
+        total += sum(info.nbytes for info in ck.infos().values())
+        ck.close()
+    return {"store": store.path, "n_models": len(cks), "models": ids, "formats": formats, "total_bytes": total,
+            "new": [ck.id for ck in todo if ck.id not in have], "existing": existing, "conflicts": conflicts}
+
+
 def _refuse_misfits(store: Store, entries: list[dict], cks: list[Checkpoint]) -> None:
     found = [fit_problems(entries, ck) for ck in cks]
     problems = [p for ps in found for p in ps]

@@ -150,6 +150,17 @@ def _cmd_append(a) -> int:
     if a.id is not None and a.skip_existing:
         raise ConfigError("--skip-existing goes with sources named by their files; with --id, the one model is added or refused")
     kw = {"format": a.format, "max_error": a.max_error, "max_delta_error": a.max_delta_error, "device": a.device}
+    if a.dry_run:
+        with open_store(a.store) as st:
+            rep = st.plan_append(a.source, format=a.format, skip_existing=a.skip_existing)
+        if a.json:
+            print(json.dumps(rep, indent=1))
+        else:
+            print(f"{rep['n_models']} source(s), {_size(rep['total_bytes'])}: {len(rep['new'])} new, "
+                  f"{len(rep['existing'])} already in {rep['store']}")
+            for c in rep["conflicts"]:
+                print(f"  CONFLICT {c}")
+        return 1 if rep["conflicts"] else 0
     with open_store(a.store, mode="w") as st:
         first = st.n_models
         if a.id is not None:
@@ -223,8 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     c.add_argument("--format", help="force the source format")
     c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--skip-existing", action="store_true",
-                   help="leave out sources whose model id the store already has (default: refuse them all)")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_convert)
 
@@ -262,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--id", help="the model's id (one source only; default: the file stem or folder name)")
     c.add_argument("--skip-existing", action="store_true",
                    help="leave out sources whose model id the store already has (default: refuse them all)")
+    c.add_argument("--dry-run", action="store_true", help="headers only: what would be added, and every conflict (exit 1 if any)")
+    c.add_argument("--json", action="store_true", help="with --dry-run: the report as JSON")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.add_argument("--format")
     c.add_argument("--max-error", type=float, metavar="E", help="error budget for this model (default: the store's)")

@@ -706,6 +706,13 @@ class Store:
         return extend(self, sources, format=format, progress=progress, max_error=max_error,
                       max_delta_error=max_delta_error, device=device, cancel=cancel, skip_existing=skip_existing)
 
+    def plan_append(self, sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
+        """What ``extend(sources)`` would do, from the checkpoints' headers (nothing written): the
+        new model ids, those already here, and every reason it would be refused (``conflicts``)."""
+        from .appending import plan_append
+
+        return plan_append(self, sources, format=format, skip_existing=skip_existing)
+
     def project(self, source, *, format: str | None = None, device: str | None = None) -> dict:
         """Coefficients and errors of an unseen checkpoint, without adding it."""
         from .appending import project

@@ -159,16 +159,18 @@ function render({ model, el }) {
     const nT = r.n_tensors !== undefined ? r.n_tensors
       : Array.isArray(r.tensors) ? r.tensors.length : (r.tensors && typeof r.tensors === "object" ? Object.keys(r.tensors).length : r.tensors);
     const conflicts = r.conflicts || [];
-    const items = [
-      ["Models", fmtNum(r.n_models)], ["Formats", formats], ["Tensors", fmtNum(nT) + (enc ? ` (${enc})` : "")],
-      ["Size of sources", fmtBytes(r.total_bytes)],
-    ];
+    const items = [["Models", fmtNum(r.n_models)], ["Formats", formats]];
+    if (nT !== undefined) items.push(["Tensors", fmtNum(nT) + (enc ? ` (${enc})` : "")]);
+    items.push(["Size of sources", fmtBytes(r.total_bytes)]);
+    if (Array.isArray(r.new)) items.push(["New to the store", r.new.length + (r.new.length ? ": " + r.new.slice(0, 8).join(", ") + (r.new.length > 8 ? " …" : "") : "")]);
+    if (Array.isArray(r.existing) && r.existing.length) items.push(["Already in the store", r.existing.length + ": " + r.existing.slice(0, 8).join(", ") + (r.existing.length > 8 ? " …" : "")]);
     if (Array.isArray(r.varying_shapes) && r.varying_shapes.length) items.push(["Shapes vary", r.varying_shapes.length + " tensor(s), stored dense"]);
     if (r.lora) items.push(["LoRA", typeof r.lora === "object" ? Object.entries(r.lora).filter(([, v]) => typeof v !== "object").map(([k, v]) => `${k}: ${v}`).join(", ") : String(r.lora)]);
     put(planBox,
       kvTable(items, "uws-plan-facts"),
       conflicts.length ? h("div", { class: "uws-conflicts" }, [
-        h("div", { class: "uws-conflicts-title", text: `${conflicts.length} conflict(s): these sources are not one family` }),
+        h("div", { class: "uws-conflicts-title", text: `${conflicts.length} conflict(s): ` + (Array.isArray(r.new)
+          ? "these sources cannot be added to the store" : "these sources are not one family") }),
         h("ul", {}, conflicts.slice(0, 50).map((c) => h("li", { text: c }))),
         conflicts.length > 50 ? h("div", { class: "uws-dim", text: `… and ${conflicts.length - 50} more` }) : null,
       ]) : null,

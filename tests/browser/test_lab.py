@@ -194,6 +194,9 @@ def test_converter_plan_run_open(lab):
     root.locator(".uws-rank-mode").wait_for(state="hidden")
     assert root.locator(".uws-add-hint").is_visible() and not root.locator(".uws-overwrite").is_visible()
     root.locator(".uws-sources").fill("more/*.safetensors")
+    root.locator(".uws-plan-button").click()
+    msg.filter(has_text="2 new model(s), 0 already in the store").wait_for()
+    assert "m6, m7" in root.locator(".uws-plan-facts").inner_text()
     root.locator(".uws-run-button").click()
     page.wait_for_function("() => document.querySelector('.uws-converter').dataset.status === 'done' && "
                            "document.querySelector('.uws-converter .uws-message').textContent.startsWith('Added')", timeout=120_000)
