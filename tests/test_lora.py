@@ -482,6 +482,8 @@ def test_append_refuses_an_adapter_with_unknown_modules(tmp_path):
     with pytest.raises(uwsfmt.ConflictError, match="k_proj"):
         st.append(str(new))
     assert uwsfmt.open(tmp_path / "s.uws").n_models == 3
+    conflicts = st.plan_append(str(new))["conflicts"]  # the dry run says so from the headers
+    assert len(conflicts) == 1 and "has LoRA modules the store has no basis for" in conflicts[0] and "k_proj" in conflicts[0]
 
 
 def test_append_refuses_an_adapter_with_tensors_the_store_does_not_hold(tmp_path):

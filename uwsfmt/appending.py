@@ -44,11 +44,15 @@ def fit_problems(entries: list[dict], ck: Checkpoint) -> list[str]:
     """Why checkpoint ``ck`` does not fit a store with tensor table ``entries``, from its header
     alone: a tensor the store holds is missing or has another dtype or shape, or the checkpoint
     has tensors the store does not hold (they would be lost: a store's tensors are fixed when it
-    is built). LoRA modules are checked by their encoder (:func:`uwsfmt.encodings.lora.model_record`);
-    the factors of the checkpoint's own LoRA pairs are not extra tensors."""
+    is built), or LoRA modules the store has no basis for; its id is not one a store may hold."""
     infos = ck.infos()
     where = ck.path or ck.id
-    out = []
+    out = [f"{where}: {bad}" for bad in naming.check_string(ck.id, "model id")[:1]]
+    if ck.lora_pairs() or any(e.get("lora") is not None for e in entries):
+        try:
+            lora_enc.model_record(entries, ck)
+        except ConflictError as e:
+            out.append(str(e))
     plain = [e for e in entries if e.get("lora") is None]
     for e in plain:
         info = infos.get(e["name"])
@@ -58,7 +62,7 @@ def fit_problems(entries: list[dict], ck: Checkpoint) -> list[str]:
             out.append(f"{where}: tensor {e['name']!r} is {info.dtype}, the store holds {e['dtype']}")
         elif not (e["encoding"] == "dense" and e["data"].get("per_model")) and tuple(info.shape) != tuple(e["shape"]):
             out.append(f"{where}: tensor {e['name']!r} has shape {list(info.shape)}, the store holds {e['shape']}")
-    factors = {n for pair in ck.lora_pairs().values() for n in (pair.a, pair.b, pair.alpha) if n}
+    factors = {n for pair in ck.lora_pairs().values() for n in (pair.a, pair.b, pair.alpha) if n}  # not extra tensors
     extra = sorted(set(infos) - {e["name"] for e in plain} - factors)
     if extra:
         shown = ", ".join(map(repr, extra[:5])) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
