@@ -147,8 +147,9 @@ def _cmd_append(a) -> int:
 
     if a.id is not None and len(a.source) > 1:
         raise ConfigError(f"--id names one model, but {len(a.source)} sources were given; append them one by one to name each")
-    if a.id is not None and a.skip_existing:
-        raise ConfigError("--skip-existing goes with sources named by their files; with --id, the one model is added or refused")
+    if a.id is not None and (a.skip_existing or a.dry_run):
+        raise ConfigError(f"--{'skip-existing' if a.skip_existing else 'dry-run'} goes with sources named by their files; "
+                          "drop --id (with --id, the one model is added or refused)")
     kw = {"format": a.format, "max_error": a.max_error, "max_delta_error": a.max_delta_error, "device": a.device}
     if a.dry_run:
         with open_store(a.store) as st:
