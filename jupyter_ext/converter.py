@@ -187,12 +187,12 @@ class Converter(anywidget.AnyWidget):
     def _check_options(self) -> str | None:
         if self.action not in ("create", "add"):
             return f"Unknown action {self.action!r}; choose create (a new store) or add (to an existing store)."
+        if self.max_error is not None and self.max_error < 0:
+            return f"The error budget must be >= 0 (relative error, e.g. 0.001), not {self.max_error:g}."
+        if self.device not in self.devices:
+            return f"Device {self.device!r} is not available here; choose one of {', '.join(self.devices)}."
         if self.action == "add":
             out = os.path.expanduser(self.output.strip())
-            if self.max_error is not None and self.max_error < 0:
-                return f"The error budget must be >= 0 (relative error, e.g. 0.001), not {self.max_error:g}."
-            if self.device not in self.devices:
-                return f"Device {self.device!r} is not available here; choose one of {', '.join(self.devices)}."
             if not out:
                 return "Enter the path of the store to add the models to, e.g. family.uws."
             if not os.path.isdir(out):
@@ -209,10 +209,6 @@ class Converter(anywidget.AnyWidget):
             return f"Unknown basis side {self.mode!r}; choose one of {', '.join(self.modes)}."
         if self.basis not in ("exact", "sketch"):
             return f"Unknown basis method {self.basis!r}; choose exact or sketch."
-        if self.max_error is not None and self.max_error < 0:
-            return f"The error budget must be >= 0 (relative error, e.g. 0.001), not {self.max_error:g}."
-        if self.device not in self.devices:
-            return f"Device {self.device!r} is not available here; choose one of {', '.join(self.devices)}."
         if not self.output.strip():
             return "Enter the output path of the new store, e.g. family.uws."
         return None
