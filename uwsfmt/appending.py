@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -44,10 +45,10 @@ def fit_problems(entries: list[dict], ck: Checkpoint) -> list[str]:
     """Why checkpoint ``ck`` does not fit a store with tensor table ``entries``, from its header
     alone: a tensor the store holds is missing or has another dtype or shape, or the checkpoint
     has tensors the store does not hold (they would be lost: a store's tensors are fixed when it
-    is built), or LoRA modules the store has no basis for; its id is not one a store may hold."""
+    is built), or LoRA modules the store has no basis for."""
     infos = ck.infos()
     where = ck.path or ck.id
-    out = [f"{where}: {bad}" for bad in naming.check_string(ck.id, "model id")[:1]]
+    out = []
     if ck.lora_pairs() or any(e.get("lora") is not None for e in entries):
         try:
             lora_enc.model_record(entries, ck)
@@ -70,6 +71,13 @@ def fit_problems(entries: list[dict], ck: Checkpoint) -> list[str]:
     return out
 
 
+def _id_problems(cks: list[Checkpoint]) -> tuple[list[tuple[Checkpoint, str]], list[str]]:
+    """(checkpoints whose id a store may not hold, with why; ids more than one source would get)."""
+    bad = [(ck, why[0]) for ck in cks if (why := naming.check_string(ck.id, "model id"))]
+    counts = Counter(ck.id for ck in cks)
+    return bad, sorted(i for i, n in counts.items() if n > 1)
+
+
 def plan_append(store: Store, sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
     """What appending ``sources`` to ``store`` would do, from the checkpoints' headers (nothing is
     read beyond them, nothing written): ``{"n_models", "models", "formats", "total_bytes", "new",
@@ -85,7 +93,9 @@ def plan_append(store: Store, sources, *, format: str | None = None, skip_existi
     todo = [ck for ck in cks if not (skip_existing and ck.id in have)]
     conflicts = [f"model id {i!r} is already in the store (append with skip_existing / --skip-existing to leave it out)"
                  for i in existing if not skip_existing]
-    conflicts += [f"model id {i!r} is given by {ids.count(i)} sources" for i in sorted(set(ids)) if ids.count(i) > 1]
+    bad, twice = _id_problems(cks)
+    conflicts += [f"{ck.path or ck.id}: {why}" for ck, why in bad]
+    conflicts += [f"model id {i!r} is given by {ids.count(i)} sources" for i in twice]
     for ck in todo:
         conflicts += fit_problems(store.manifest["tensors"], ck)
     formats: dict[str, int] = {}
@@ -187,11 +197,10 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
         raise StoreError(f"{store.path}: only directory stores can be appended to; unpack the zip first (uwsfmt unpack)")
     dev = _device(device, default_device())  # before the lock: a bad device touches nothing
     hint = "pass another id (CLI: --id)" if len(cks) == 1 else "rename the sources, or append them one by one with --id"
-    for ck in cks:
-        bad = naming.check_string(ck.id, "model id")
-        if bad:
-            raise ConflictError(f"{store.path}: cannot append {ck.path or ck.id!r}: {bad[0]}; {hint}")
-    twice = sorted({ck.id for ck in cks if sum(c.id == ck.id for c in cks) > 1})
+    bad, twice = _id_problems(cks)
+    if bad:
+        ck, why = bad[0]
+        raise ConflictError(f"{store.path}: cannot append {ck.path or ck.id!r}: {why}; {hint}")
     if twice:
         raise ConflictError(f"{store.path}: these sources would get the same model id: {', '.join(map(repr, twice))}; {hint}")
     prog = Progress(len(cks), progress, cancel, "append",
@@ -208,13 +217,13 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
                 if not cks:
                     return []
                 prog.total = len(cks)
-            fingerprints = _Fingerprints(cks, stop)
-            hashes = overlap.Background(fingerprints.work)
             taken = sorted(have & {ck.id for ck in cks})
             if taken:
                 raise ConflictError(f"{store.path}: {'a model with id' if len(taken) == 1 else 'models with ids'} "
                                     f"{', '.join(map(repr, taken))} {'is' if len(taken) == 1 else 'are'} already in the store; {hint}")
             _refuse_misfits(store, current["tensors"], cks)  # every problem of every source, before anything is written
+            fingerprints = _Fingerprints(cks, stop)
+            hashes = overlap.Background(fingerprints.work)
             fresh = Store(store.path, zstore, current)
             widths = {p: info["width"] for p, info in current["packs"].items()}
             if max_error is None and max_delta_error is None:

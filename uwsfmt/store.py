@@ -87,12 +87,15 @@ def _open_zarr_store(path: str, mode: str):
     raise FormatError(f"{path}: not a UWS store (neither a directory nor a zip file)")
 
 
-def _json_size(zstore, path: str, key: str = "zarr.json") -> int | None:
-    """Size in bytes of the metadata document ``key`` (None when absent), read before parsing it."""
+def _json_size(zstore, path: str, key: str = "zarr.json", zf: zipfile.ZipFile | None = None) -> int | None:
+    """Size in bytes of the metadata document ``key`` (None when absent), read before parsing it;
+    ``zf``: the store's archive when it is already open."""
     if isinstance(zstore, LocalStore):
         p = os.path.join(path, *key.split("/"))
         return os.path.getsize(p) if os.path.isfile(p) else None
     try:
+        if zf is not None:
+            return zf.getinfo(key).file_size
         with zipfile.ZipFile(path) as z:
             return z.getinfo(key).file_size
     except KeyError:
@@ -266,13 +269,8 @@ class Store:
     def _array(self, path: str):
         a = self._arrays.get(path)
         if a is None:
-            if type(self._zstore) is ZipStore:
-                try:
-                    size = self._zipfile().getinfo(f"{path}/zarr.json").file_size
-                except KeyError:
-                    size = None
-            else:
-                size = _json_size(self._zstore, self.path, f"{path}/zarr.json")
+            zf = self._zipfile() if type(self._zstore) is ZipStore else None  # one archive, not one per array
+            size = _json_size(self._zstore, self.path, f"{path}/zarr.json", zf)
             if size is None:
                 raise FormatError(f"{self.path}: array {path!r} named by the manifest is missing (no {path}/zarr.json); the store is damaged")
             if size > MAX_ARRAY_METADATA_BYTES:
