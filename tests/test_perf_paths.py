@@ -287,11 +287,11 @@ def test_load_into_casts_and_checks_shapes(store, noisy_family):
 
 
 def test_direct_decode_path_is_taken_for_large_tensors(tmp_path):
-    from uwsfmt import store as store_mod
+    from uwsfmt.encodings import subspace
 
     fam = synthetic_family(n_models=4, shapes={"big": (512, 256)}, rank=3, noise=1e-3, extra=False, seed=2)
     st = uwsfmt.convert(fam, tmp_path / "s.uws", rank=3)
-    assert 512 * 256 >= store_mod.DIRECT_MIN_ELEMENTS
+    assert 512 * 256 >= subspace.EXPAND_MIN_ELEMENTS
     wrapper = _Named({"big": torch.zeros(512, 256)})
     target = wrapper.get("big")
     ptr = target.data_ptr()

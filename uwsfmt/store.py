@@ -29,6 +29,7 @@ from .encodings import dense as dense_enc
 from .encodings import exception as exception_enc
 from .encodings import lora as lora_enc
 from .encodings import residual as residual_enc
+from .encodings import subspace
 from .encodings.slots import take
 from .errors import ConfigError, ConflictError, FormatError, NotFoundError, StoreError, UWSError, VersionError
 
@@ -509,15 +510,17 @@ class Store:
         m, n = e0["view"]
         cshape = e0["coefficients"]["shape"]
         cs = [take(rows, e["coefficients"]).reshape(cshape).to(cdt) for e in group]  # views of the row
-        dests = [_target(into, e, cdt, dev) for e in group] if into is not None and m * n >= DIRECT_MIN_ELEMENTS else None
-        if dests is not None and all(d is not None for d in dests) and _rebuilt_shape(left, right, cs[0]) == (m, n):
-            # large tensors straight into the caller's tensors: mean + L C R^T in one GEMM per tensor,
-            # no full-size temporary (a fresh allocation costs page faults and a pass over memory),
-            # and no stacked copy of the coefficients (~1 ms of a ViT-B load)
-            for i, e in enumerate(group):
-                d = dests[i].view(m, n)
-                _expand_into(d, None if mean is None else mean[i], None if left is None else left[i], cs[i],
-                             None if right is None else right[i])
+        if m * n >= subspace.EXPAND_MIN_ELEMENTS and subspace.rebuilt_shape(left, right, cs[0]) == (m, n):
+            # large tensors one by one: straight into the caller's tensors where they can take the
+            # result (no full-size temporary: a fresh allocation costs page faults and a pass over
+            # memory), else into fresh ones; mean + L C R^T in one pass (the native kernel on the
+            # CPU, else one GEMM per tensor); no stacked copy of the coefficients
+            dests = [(_target(into, e, cdt, dev) if into is not None else None) for e in group]
+            dests = [d if d is not None else torch.empty(e["shape"], dtype=cdt, device=dev) for e, d in zip(group, dests)]
+            views = [d.view(m, n) for d in dests]
+            subspace.expand_into([(d, None if mean is None else mean[i], None if left is None else left[i], cs[i],
+                                   None if right is None else right[i]) for i, d in enumerate(views)])
+            for e, d in zip(group, views):
                 if e.get("residual"):
                     d.add_(residual_enc.decode(e["residual"], rows, m, n).to(cdt))
             return dests
@@ -765,11 +768,6 @@ def _damaged(store: Store, model: ModelRef, name: str | None = None):
                           "(run `uwsfmt validate` on it)") from None
 
 
-#: subspace tensors at least this large are rebuilt straight into a caller's tensor (load_into),
-#: one GEMM each; smaller ones are rebuilt batched (one bmm per group) and copied
-DIRECT_MIN_ELEMENTS = 1 << 16
-
-
 def _wants(into: dict[str, torch.Tensor] | None, name: str) -> bool:
     return into is not None and name in into
 
@@ -792,33 +790,6 @@ def _target(into: dict[str, torch.Tensor], e: dict, cdt: torch.dtype, dev: torch
     if d is None or d.dtype != cdt or d.device != dev or not d.is_contiguous() or list(d.shape) != list(e["shape"]):
         return None
     return d
-
-
-def _rebuilt_shape(left, right, c) -> tuple[int, int]:
-    """(rows, columns) of L C R^T for one tensor's coefficients ``c`` and its stacked group bases."""
-    return (left.shape[1] if left is not None else c.shape[0], right.shape[1] if right is not None else c.shape[1])
-
-
-def _expand_into(out: torch.Tensor, mean, left, c, right) -> None:
-    """out = mean + left @ c @ right^T (absent parts skipped), with one GEMM writing ``out``."""
-    if left is not None and right is not None:
-        a, b = left @ c, right.T
-    elif left is not None:
-        a, b = left, c
-    elif right is not None:
-        a, b = c, right.T
-    else:
-        out.copy_(c)
-        if mean is not None:
-            out.add_(mean)
-        return
-    if mean is None:
-        torch.mm(a, b, out=out)
-    else:
-        # copy M, then add the product in place: measured ~2x faster on CPU than
-        # torch.addmm(M, a, b, out=out), and faster than doing it in cache-sized row blocks
-        out.copy_(mean)
-        out.addmm_(a, b)
 
 
 def _implied_shape(e: dict, field: str) -> tuple[int, int]:

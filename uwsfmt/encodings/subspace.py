@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import linalg
+from .. import linalg, native
 
 
 def resolve_mode(mode: str, m: int, n: int) -> str:
@@ -161,9 +161,14 @@ def subtract_expansion(p: Prepared, c: torch.Tensor, d: torch.Tensor) -> torch.T
 
 
 def rebuild(p: Prepared, c: torch.Tensor, view: tuple[int, int]) -> torch.Tensor:
-    """M + L @ C @ R^T in the compute dtype, in the order :meth:`uwsfmt.store.Store.state_dict`
-    computes it, so that errors measured on it are the errors readers see."""
+    """M + L @ C @ R^T in the compute dtype, the way :meth:`uwsfmt.store.Store.state_dict`
+    computes it (:func:`expand_into` from :data:`EXPAND_MIN_ELEMENTS` values, else the product
+    then the mean), so that errors measured on it are the errors readers see."""
     w = c.to(p.cdt)
+    if view[0] * view[1] >= EXPAND_MIN_ELEMENTS and rebuilt_shape(p.left, p.right, w) == tuple(view):
+        out = torch.empty(view, dtype=p.cdt, device=p.device)
+        expand_into([(out, None if p.mean is None else p.mean.reshape(view), p.left, w, p.right)])
+        return out
     if p.left is not None:
         w = p.left @ w
     if p.right is not None:
@@ -175,3 +180,47 @@ def rebuild(p: Prepared, c: torch.Tensor, view: tuple[int, int]) -> torch.Tensor
         else:
             w = p.mean.reshape(view) + w
     return w
+
+
+#: subspace tensors from this many values are rebuilt one by one by :func:`expand_into` (straight
+#: into a caller's tensor when there is one); smaller ones in stacked batches (one bmm per group)
+EXPAND_MIN_ELEMENTS = 1 << 16
+
+
+def rebuilt_shape(left, right, c) -> tuple[int, int]:
+    """(rows, columns) of L C R^T for coefficients ``c`` (absent side = identity)."""
+    return (left.shape[-2] if left is not None else c.shape[-2], right.shape[-2] if right is not None else c.shape[-1])
+
+
+def expand_into(items: list[tuple]) -> None:
+    """``out = mean + left @ c @ right^T`` (None parts skipped) for each ``(out, mean, left, c,
+    right)``, ``out`` of the product's shape, all in one dtype on one device.
+
+    On the CPU in float32 all of them go through the fused kernel of :mod:`uwsfmt.native` in one
+    call (one pass over memory per tensor, split between torch's threads); otherwise one BLAS
+    GEMM writes each ``out`` (after a copy of the mean: on the CPU ~2x faster than
+    ``torch.addmm(M, a, b, out=out)``). Both compute the product, then add the mean."""
+    products = []
+    for out, mean, left, c, right in items:
+        if left is not None and right is not None:
+            a, b = left @ c, right.T
+        elif left is not None:
+            a, b = left, c
+        elif right is not None:
+            a, b = c, right.T
+        else:
+            out.copy_(c)
+            if mean is not None:
+                out.add_(mean)
+            continue
+        products.append((out, mean, a, b))
+    if not products:
+        return
+    if products[0][0].device.type == "cpu" and native.expand([(o, m, a.contiguous(), b.contiguous()) for o, m, a, b in products]):
+        return
+    for out, mean, a, b in products:
+        if mean is None:
+            torch.mm(a, b, out=out)
+        else:
+            out.copy_(mean)
+            out.addmm_(a, b)

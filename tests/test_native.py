@@ -1,0 +1,179 @@
+"""The fused CPU kernel (uwsfmt.native): same values as torch, the same bits on every path, and a
+quiet fallback to torch wherever it cannot be built."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import torch
+
+import uwsfmt
+from uwsfmt import native
+from uwsfmt.encodings import subspace
+from uwsfmt.errors import ConfigError
+
+from uwsfmt.families import synthetic_family
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+needs_kernel = pytest.mark.skipif(not (X86 and (shutil.which("cc") or shutil.which("gcc"))),
+                                  reason="the native kernel needs x86-64 and a C compiler")
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A kernel state of its own: nothing loaded yet, a private cache folder."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("UWSFMT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("UWSFMT_NATIVE", raising=False)
+    return tmp_path / "cache" / "native"
+
+
+def _items(m, n, k, *, mean=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    return (torch.full((m, n), float("nan")), torch.randn(m, n, generator=g) if mean else None, a, b)
+
+
+def _call(k, items, *, isa, parts=1, stream=True):
+    jobs = (native._Job * len(items))()
+    for job, (out, mean, a, b) in zip(jobs, items):
+        job.mean = 0 if mean is None else mean.data_ptr()
+        job.a, job.b, job.out = a.data_ptr(), b.data_ptr(), out.data_ptr()
+        job.m, job.n, job.k, job.stream = out.shape[0], out.shape[1], a.shape[1], int(stream)
+    for p in range(parts):
+        k.fn(jobs, len(items), p, parts, isa)
+
+
+SHAPES = [(1, 1, 1), (3, 7, 2), (4, 16, 16), (5, 17, 3), (9, 63, 33), (8, 64, 16), (6, 65, 5), (130, 200, 16), (13, 300, 64)]
+
+
+@needs_kernel
+def test_kernel_is_built_and_matches_float64(fresh):
+    st = native.status()
+    assert st["available"], st["detail"]
+    assert st["isa"] in ("avx512", "avx2")
+    assert str(fresh) in st["detail"] and list(fresh.glob("expand-*.so"))
+    for m, n, r in SHAPES:
+        for with_mean in (True, False):
+            out, mean, a, b = _items(m, n, r, mean=with_mean)
+            assert native.expand([(out, mean, a, b)])
+            want = a.double() @ b.double() + (mean.double() if with_mean else 0)
+            torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * r)
+
+
+@needs_kernel
+def test_every_path_gives_the_same_bits(fresh):
+    """Vector tiles, narrow and masked tails, AVX2 and AVX-512, any row split, streaming or not:
+    each value is the same fma chain then the mean (the portable scalar path, isa 0)."""
+    k = native.kernel()
+    isas = [i for i in (2, 1) if i <= k.isa]
+    for m, n, r in SHAPES:
+        items = _items(m, n, r)
+        ref = torch.empty_like(items[0])
+        _call(k, [(ref, *items[1:])], isa=0)
+        assert torch.isfinite(ref).all()
+        for isa in isas:
+            for parts, stream in ((1, True), (3, True), (7, False)):
+                out = torch.full_like(ref, float("nan"))
+                _call(k, [(out, *items[1:])], isa=isa, parts=parts, stream=stream)
+                assert torch.equal(out, ref), (m, n, r, isa, parts, stream)
+
+
+@needs_kernel
+def test_unaligned_output_and_batches(fresh):
+    """Streaming stores only where the output is aligned: an output one float into a buffer is
+    written correctly (no fault); several jobs in one call, split over threads."""
+    buf = torch.zeros(1 + 64 * 256)
+    out = buf[1:].view(64, 256)
+    _, mean, a, b = _items(64, 256, 16)
+    items = [(out, mean, a, b)] + [_items(40 + i, 96 + 16 * i, 8, seed=i) for i in range(3)]
+    with_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert native.expand(items)
+    finally:
+        torch.set_num_threads(with_threads)
+    assert buf[0] == 0
+    for o, m_, a_, b_ in items:
+        torch.testing.assert_close(o, torch.addmm(m_, a_, b_), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_items_that_do_not_fit_are_left_to_the_caller(fresh):
+    out, mean, a, b = _items(8, 32, 4)
+    for bad in ((out.double(), mean.double(), a.double(), b.double()),  # float64
+                (out, mean, a, b.T.contiguous().T),  # b not contiguous
+                (out, mean, a[:, :3], b),  # inner dimensions differ
+                (out, out, a, b),  # the output is also the mean
+                (out, mean[:4], a, b)):  # mean of another shape
+        assert not native.expand([bad])
+    assert not native.expand([(out, mean, a, b), (out, mean, a[:, :3], b)])  # one bad item: none written
+    assert torch.isnan(out).all()  # nothing written
+
+
+def test_turned_off_and_unbuildable_fall_back(fresh, monkeypatch):
+    monkeypatch.setenv("UWSFMT_NATIVE", "0")
+    st = native.status()
+    assert not st["available"] and "UWSFMT_NATIVE" in st["detail"]
+    out, mean, a, b = _items(8, 32, 4)
+    assert not native.expand([(out, mean, a, b)])
+
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("UWSFMT_NATIVE", "auto")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    st = native.status()
+    assert not st["available"] and ("could not build" in st["detail"] or "no native kernel" in st["detail"])
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("UWSFMT_NATIVE", "require")
+    with pytest.raises(ConfigError, match="UWSFMT_NATIVE=require"):
+        native.expand([(out, mean, a, b)])
+
+
+@needs_kernel
+def test_damaged_cache_entry_is_rebuilt_and_shared_folders_are_not_used(fresh, monkeypatch):
+    assert native.status()["available"]
+    (so,) = fresh.glob("expand-*.so")
+    monkeypatch.setattr(native, "_state", {})
+    other = fresh.parent.parent / "cache2"
+    monkeypatch.setenv("UWSFMT_CACHE_DIR", str(other))
+    (other / "native").mkdir(parents=True)
+    (other / "native" / so.name).write_bytes(b"not a shared library")
+    assert native.status()["available"]
+    assert (other / "native" / so.name).read_bytes()[:4] == b"\x7fELF"  # rebuilt in place
+
+    monkeypatch.setattr(native, "_state", {})
+    shared = fresh.parent.parent / "shared"
+    (shared / "native").mkdir(parents=True)
+    (shared / "native").chmod(0o777)
+    monkeypatch.setenv("UWSFMT_CACHE_DIR", str(shared))
+    st = native.status()
+    assert st["available"] and str(shared) not in st["detail"]  # a private temporary folder instead
+    assert not list((shared / "native").iterdir())
+
+
+@needs_kernel
+def test_store_reads_and_recorded_errors_agree_with_and_without_kernel(tmp_path, monkeypatch, fresh):
+    """The kernel changes no value beyond float32 rounding, and the errors recorded at build time
+    are those of what the reader gives back (rebuild uses the same function)."""
+    fam = synthetic_family(n_models=5, shapes={"w": (300, 260), "v": (260, 300), "s": (16, 16)}, rank=3, noise=1e-2,
+                           seed=4, extra=False)
+    st = uwsfmt.convert(fam, tmp_path / "s.uws", rank=3)
+    assert 300 * 260 >= subspace.EXPAND_MIN_ELEMENTS > 16 * 16
+    assert native.status()["available"]
+    ids = st.model_ids
+    names = [e["name"] for e in st.manifest["tensors"]]
+    recorded = st.errors()
+    fast = {i: st.state_dict(i) for i in ids}
+    for i in ids:
+        for name in ("w", "v"):
+            w = fam[i][name]
+            err = float((fast[i][name].double() - w.double()).norm() / w.double().norm())
+            assert err == pytest.approx(recorded[ids.index(i), names.index(name)], rel=1e-6)
+    monkeypatch.setenv("UWSFMT_NATIVE", "0")
+    monkeypatch.setattr(native, "_state", {})
+    slow = uwsfmt.open(tmp_path / "s.uws")
+    for i in ids:
+        for name, t in slow.state_dict(i).items():
+            torch.testing.assert_close(fast[i][name], t, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,225 @@
+"""A fused CPU kernel for rebuilding subspace tensors: ``out = mean + a @ b`` in one pass.
+
+With BLAS the rebuild is two passes over memory (copy the mean into the output, then a GEMM of
+inner dimension k that reads and writes it again); for a ViT-B model that is ~30 ms of a 2-core
+CPU's memory bandwidth. ``native_expand.c`` computes each output tile in registers, adds the mean
+and writes it once (streaming stores where the output is aligned).
+
+The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``/
+``clang``) into the user's cache (``$UWSFMT_CACHE_DIR``, else ``$XDG_CACHE_HOME/uwsfmt``, else
+``~/.cache/uwsfmt``) and loaded with ctypes; it picks AVX-512 or AVX2 + FMA at run time. Where
+that is impossible (no compiler, another CPU architecture, a failed self-test) :func:`expand`
+returns False and callers use torch, so the kernel is an accelerator, never a requirement.
+``UWSFMT_NATIVE=0`` turns it off; ``UWSFMT_NATIVE=require`` makes its absence an error (CI).
+:func:`status` says which it is and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+SOURCE = Path(__file__).with_name("native_expand.c")
+ISA_NAMES = {2: "avx512", 1: "avx2"}
+#: rows of output per thread below which the work is not split between threads
+ROWS_PER_THREAD = 64
+
+
+class _Job(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_int64) for f in ("mean", "a", "b", "out", "m", "n", "k", "stream")]
+
+
+class _Kernel:
+    def __init__(self, lib: ctypes.CDLL, path: Path):
+        self.path = path
+        self.isa = int(lib.uws_isa())
+        self.fn = lib.uws_expand
+        self.fn.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        self.fn.restype = None
+
+
+_lock = threading.Lock()
+_state: dict = {}  # "kernel": _Kernel | None, "reason": str
+_pool: list = [None, 0]  # the executor and its number of workers
+
+
+def _mode() -> str:
+    v = os.environ.get("UWSFMT_NATIVE", "auto").strip().lower()
+    if v in ("0", "off", "false", "no"):
+        return "off"
+    if v == "require":
+        return "require"
+    return "auto"
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("UWSFMT_CACHE_DIR"):
+        return Path(os.environ["UWSFMT_CACHE_DIR"]) / "native"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "uwsfmt" / "native"
+
+
+def _private(d: Path) -> bool:
+    """Only load code from a folder this user owns and others cannot write to."""
+    try:
+        st = d.stat()
+    except OSError:
+        return False
+    return (not hasattr(os, "getuid") or st.st_uid == os.getuid()) and not st.st_mode & 0o022
+
+
+def _compiler() -> list[str] | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return shlex.split(cc)
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return [found]
+    return None
+
+
+def _build(cc: list[str], out: Path) -> None:
+    """Compile SOURCE into ``out`` (atomically: a reader never loads half a file)."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    cmd = [*cc, "-O3", "-shared", "-fPIC", "-ffp-contract=off", "-o", str(tmp), str(SOURCE), "-lm"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise OSError(f"{' '.join(cmd)} failed: {(r.stderr or r.stdout).strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _self_test(k: _Kernel) -> str | None:
+    """Compare the kernel with torch on shapes that take every path (tiles, narrow, masked tails)."""
+    g = torch.Generator().manual_seed(0)
+    for m, n, r in ((7, 83, 3), (9, 200, 17), (4, 16, 1)):
+        a, b, mean = (torch.randn(s, generator=g) for s in ((m, r), (r, n), (m, n)))
+        out = torch.empty(m, n)
+        _run(k, [(out, mean, a, b)], parts=2)
+        want = mean.double() + a.double() @ b.double()
+        if not torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5):
+            return f"self-test failed on {m}x{n} (rank {r}): the compiled kernel disagrees with torch"
+    return None
+
+
+def _load() -> tuple[_Kernel | None, str]:
+    if _mode() == "off":
+        return None, "turned off by UWSFMT_NATIVE=0"
+    if platform.machine().lower() not in ("x86_64", "amd64") or sys.platform == "win32":
+        return None, f"no native kernel for {platform.machine()} on {sys.platform}"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC, or install gcc/clang)"
+    key = hashlib.sha256(SOURCE.read_bytes() + repr(cc).encode() + platform.machine().encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not _private(folder):
+            raise OSError(f"{folder} is not private to this user")
+    except OSError:
+        folder = Path(tempfile.mkdtemp(prefix="uwsfmt-native-"))  # this process only
+    path = folder / f"expand-{key}.so"
+    try:
+        if not path.exists():
+            _build(cc, path)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a damaged cache entry: build it again
+            _build(cc, path)
+            lib = ctypes.CDLL(str(path))
+        kernel = _Kernel(lib, path)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"could not build the native kernel: {e}"
+    if kernel.isa not in ISA_NAMES:
+        return None, "this CPU has neither AVX-512 nor AVX2 + FMA"
+    bad = _self_test(kernel)
+    if bad:
+        return None, bad
+    return kernel, f"{ISA_NAMES[kernel.isa]} kernel {path}"
+
+
+def kernel() -> _Kernel | None:
+    """The loaded kernel, or None (built and self-tested on the first call)."""
+    if "kernel" not in _state:
+        with _lock:
+            if "kernel" not in _state:
+                _state["kernel"], _state["reason"] = _load()
+    k = _state["kernel"]
+    if k is None and _mode() == "require":
+        raise ConfigError(f"UWSFMT_NATIVE=require but the native kernel is unavailable: {_state['reason']}; "
+                          "install a C compiler or unset UWSFMT_NATIVE")
+    return k
+
+
+def status() -> dict:
+    """{"available": bool, "isa": "avx512" | "avx2" | None, "detail": why or where}."""
+    try:
+        k = kernel()
+    except ConfigError:
+        k = None
+    return {"available": k is not None, "isa": ISA_NAMES.get(k.isa) if k else None, "detail": _state["reason"]}
+
+
+def _fits(out: torch.Tensor, mean: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> bool:
+    ts = (out, a, b) if mean is None else (out, mean, a, b)
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in ts):
+        return False
+    if out.dim() != 2 or a.dim() != 2 or b.dim() != 2:
+        return False
+    m, n = out.shape
+    if a.shape[0] != m or b.shape[1] != n or a.shape[1] != b.shape[0] or (mean is not None and mean.shape != out.shape):
+        return False
+    o = out.untyped_storage().data_ptr()
+    return all(t.untyped_storage().data_ptr() != o for t in ts[1:])  # no output that is also an input
+
+
+def _run(k: _Kernel, items: list[tuple], *, parts: int, stream: bool = True) -> None:
+    jobs = (_Job * len(items))()
+    rows = 0
+    for job, (out, mean, a, b) in zip(jobs, items):
+        m, n = out.shape
+        job.mean = 0 if mean is None else mean.data_ptr()
+        job.a, job.b, job.out = a.data_ptr(), b.data_ptr(), out.data_ptr()
+        job.m, job.n, job.k, job.stream = m, n, a.shape[1], int(stream)
+        rows += m
+    parts = max(1, min(parts, rows // ROWS_PER_THREAD))
+    if parts == 1:
+        k.fn(jobs, len(items), 0, 1, k.isa)
+        return
+    if _pool[1] < parts - 1:  # made again if torch's thread count grows
+        _pool[:] = [ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="uwsfmt-native"), parts - 1]
+    futures = [_pool[0].submit(k.fn, jobs, len(items), p, parts, k.isa) for p in range(1, parts)]
+    k.fn(jobs, len(items), 0, parts, k.isa)  # ctypes releases the GIL: the caller does part 0
+    for f in futures:
+        f.result()
+
+
+def expand(items: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]], *, stream: bool = True) -> bool:
+    """``out = mean + a @ b`` (``mean`` may be None) for every ``(out, mean, a, b)`` in ``items``,
+    split over torch's thread count. All four float32, contiguous, on the CPU, ``out`` no input.
+    Returns False, having written nothing, when the kernel is unavailable or an item does not fit;
+    the caller then computes them itself."""
+    if not items or not all(_fits(*it) for it in items):
+        return False
+    k = kernel()
+    if k is None:
+        return False
+    _run(k, items, parts=torch.get_num_threads(), stream=stream)
+    return True
