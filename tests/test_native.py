@@ -13,7 +13,6 @@ import uwsfmt
 from uwsfmt import native
 from uwsfmt.encodings import subspace
 from uwsfmt.errors import ConfigError
-
 from uwsfmt.families import synthetic_family
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
