@@ -3,8 +3,10 @@ quiet fallback to torch wherever it cannot be built."""
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
+import signal
 
 import pytest
 import torch
@@ -176,3 +178,23 @@ def test_store_reads_and_recorded_errors_agree_with_and_without_kernel(tmp_path,
     for i in ids:
         for name, t in slow.state_dict(i).items():
             torch.testing.assert_close(fast[i][name], t, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_threads_work_in_a_forked_child(fresh):
+    """A child forked after the kernel's threads started (a DataLoader worker) gets threads of its
+    own instead of queueing work for threads it does not have (which would hang)."""
+    out, mean, a, b = _items(256, 512, 16)
+    assert native._run(native.kernel(), [(out, mean, a, b)], parts=2) is None  # the pool exists now
+    shared = torch.full((256, 512), float("nan")).share_memory_()
+    pid = os.fork()
+    if pid == 0:  # the child: no torch compute here (GNU OpenMP is not fork-safe), only the kernel
+        signal.alarm(30)
+        try:
+            native._run(native.kernel(), [(shared, mean, a, b)], parts=2)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert torch.equal(shared, out)

@@ -57,6 +57,14 @@ _state: dict = {}  # "kernel": _Kernel | None, "reason": str
 _pool: list = [None, 0]  # the executor and its number of workers
 
 
+def _forget_pool() -> None:
+    _pool[:] = [None, 0]  # a forked child has the executor but not its threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _mode() -> str:
     v = os.environ.get("UWSFMT_NATIVE", "auto").strip().lower()
     if v in ("0", "off", "false", "no"):
