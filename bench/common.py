@@ -35,6 +35,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _kernel() -> str:
+    from uwsfmt import native
+
+    st = native.status()
+    return st["isa"] if st["available"] else f"none ({st['detail']})"
+
+
 def machine(device: str) -> dict:
     """Where the figures come from: CPU / GPU names, cores, memory, library versions."""
     import safetensors
@@ -58,6 +65,7 @@ def machine(device: str) -> dict:
         "zarr": zarr.__version__,
         "safetensors": safetensors.__version__,
         "uwsfmt": uwsfmt.__version__,
+        "native_kernel": _kernel(),
         "device": device,
     }
     if device.startswith("cuda"):

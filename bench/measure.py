@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 import uwsfmt
+from uwsfmt import native
 from uwsfmt.store import Store, read_manifest
 
 from .common import bandwidth, counting_store, dir_bytes, drop_cache, module_for, nbytes, run_json, summary, timed
@@ -141,11 +142,17 @@ def _row_files(store: Store, index: int) -> list[str]:
     return out
 
 
+def _without_kernel(fn, *args):
+    with native.suspended():
+        return fn(*args)
+
+
 def materialise(fam, store_path: str, device: str, *, models: int = 6, seconds: float = 2.0, cold_repeats: int = 3) -> dict:
     """One model into a module, bases cached, vs load_state_dict(load_file(...)); warm and cold.
 
     Store and baseline alternate (machine noise hits both alike); rounds repeat until each side
-    has had about ``seconds`` (3 to 40 rounds over the models)."""
+    has had about ``seconds`` (3 to 40 rounds over the models). On the CPU with the native kernel
+    (:mod:`uwsfmt.native`), the store is also timed without it (torch's GEMMs), interleaved too."""
     store = uwsfmt.open(store_path)
     ids = fam.ids[: max(2, min(models, len(fam.ids)))]
     mod_store = module_for(store.state_dict(ids[0], device=device), device)
@@ -154,7 +161,8 @@ def materialise(fam, store_path: str, device: str, *, models: int = 6, seconds: 
     mod_base.load_state_dict(load_file(fam.weights[-1], device=device))
     for p in fam.weights[: len(ids)]:  # page cache warm for the baseline, as for the store
         load_file(p)
-    t_store, t_base, t_lazy = [], [], []
+    kernel = native.status()["isa"]  # the fused CPU kernel, when it is there also timed without it
+    t_store, t_base, t_lazy, t_torch = [], [], [], []
     one = timed(lambda: mod_base.load_state_dict(load_file(fam.weights[0], device=device)), device)
     repeats = int(min(40, max(3, seconds / max(one * len(ids), 1e-6))))
     for _ in range(repeats):
@@ -163,6 +171,8 @@ def materialise(fam, store_path: str, device: str, *, models: int = 6, seconds: 
             t_store.append(timed(lambda mid=mid: store.load_into(mod_store, mid), device))
             t_base.append(timed(lambda path=path: mod_base.load_state_dict(load_file(path, device=device)), device))
             t_lazy.append(timed(lambda path=path: load_file(path, device=device), device))
+            if kernel and device == "cpu":
+                t_torch.append(timed(lambda mid=mid: _without_kernel(store.load_into, mod_store, mid), device))
     cold_store, cold_base = [], []
     for j in range(cold_repeats):
         i = j % len(ids)
@@ -178,7 +188,9 @@ def materialise(fam, store_path: str, device: str, *, models: int = 6, seconds: 
     base_moved = os.path.getsize(fam.weights[0]) + nbytes(mod_base.state_dict())
     s, b, lazy = summary(t_store), summary(t_base), summary(t_lazy)
     store.close()
+    torch_path = {"store_torch": summary(t_torch), "ratio_torch": statistics.median(t_torch) / b["median"]} if t_torch else {}
     return {
+        "kernel": kernel if device == "cpu" else None, **torch_path,
         "store": s, "baseline": b, "lazy_load_file": lazy,
         "ratio": s["median"] / b["median"],
         "cold_store": summary(cold_store), "cold_baseline": summary(cold_base),

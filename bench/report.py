@@ -23,7 +23,8 @@ def main(path: str) -> None:
         r = json.load(f)
     m = r["machine"]
     print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-          f"{fmt_bytes(m.get('memory_bytes'))} RAM, zarr {m['zarr']}, safetensors {m['safetensors']}; "
+          f"{fmt_bytes(m.get('memory_bytes'))} RAM, zarr {m['zarr']}, safetensors {m['safetensors']}, "
+          f"native kernel {m.get('native_kernel', 'none')}; "
           f"load average at start {', '.join(f'{x:.1f}' for x in m.get('load_average', []))}; mode {r['mode']}, "
           f"total {fmt_s(r['seconds'])}\n")
     fams = r["families"]
@@ -37,12 +38,13 @@ def main(path: str) -> None:
         if name == "memory":
             continue
         ma, sw = f["materialise"], f["switch"]
-        body.append([name, fmt_s(ma["store"]["median"]), fmt_s(ma["baseline"]["median"]), f"{ma['ratio']:.2f}x",
+        torch_path = f"{fmt_s(ma['store_torch']['median'])} ({ma['ratio_torch']:.2f}x)" if ma.get("store_torch") else "-"
+        body.append([name, fmt_s(ma["store"]["median"]), fmt_s(ma["baseline"]["median"]), f"{ma['ratio']:.2f}x", torch_path,
                      f"{fmt_s(ma['cold_store']['median'])} / {fmt_s(ma['cold_baseline']['median'])}", fmt_s(ma["lazy_load_file"]["median"]),
                      f"{fmt_s(ma['store_floor_s'])} / {fmt_s(ma['baseline_floor_s'])}",
                      f"{fmt_s(sw['store']['median'])} vs {fmt_s(sw['baseline']['median'])} ({sw['ratio_median']:.2f}x)",
                      f"{fmt_s(sw['store']['p95'])} vs {fmt_s(sw['baseline']['p95'])} ({sw['ratio_p95']:.2f}x)"])
-    print(rows(["family", "store", "baseline", "ratio", "cold: store / baseline", "lazy load_file", "floor store / baseline",
+    print(rows(["family", "store", "baseline", "ratio", "store without the native kernel", "cold: store / baseline", "lazy load_file", "floor store / baseline",
                 "switch median", "switch p95"], body))
     print()
     body = []

@@ -103,6 +103,8 @@ def report(name: str, r: dict) -> str:
              f"{fmt_s(m['store_floor_s'])} / {fmt_s(m['baseline_floor_s'])}"],
             ["materialise (cold cache)", fmt_s(m["cold_store"]["median"]), fmt_s(m["cold_baseline"]["median"]),
              f"{m['cold_ratio']:.2f}x", ""],
+            *([[f"materialise (warm), torch path: no {m['kernel']} kernel", fmt_s(m["store_torch"]["median"]),
+                 fmt_s(m["baseline"]["median"]), f"{m['ratio_torch']:.2f}x", ""]] if m.get("store_torch") else []),
             ["lazy load_file alone", "", fmt_s(m["lazy_load_file"]["median"]), "", ""],
             [f"switch x{sw['switches']} ({sw['models_cycled']} models), median", fmt_s(sw["store"]["median"]),
              fmt_s(sw["baseline"]["median"]), f"{sw['ratio_median']:.2f}x", ""],
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     machine = common.machine(device)
     log(f"uwsfmt benchmarks ({mode}) on {machine['cpu']} x{machine['cores']}, torch threads {machine['torch_threads']}, "
-        f"device {device}{' (' + machine['gpu'] + ')' if 'gpu' in machine else ''}")
+        f"device {device}{' (' + machine['gpu'] + ')' if 'gpu' in machine else ''}, native kernel {machine['native_kernel']}")
     results = {"mode": mode, "machine": machine, "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "families": {}}
     for name in [f.strip() for f in args.families.split(",") if f.strip()]:
         if name == "memory":

@@ -16,6 +16,7 @@ returns False and callers use torch, so the kernel is an accelerator, never a re
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -26,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -48,23 +48,23 @@ class _Kernel:
         self.path = path
         self.isa = int(lib.uws_isa())
         self.fn = lib.uws_expand
-        self.fn.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        self.fn.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int, ctypes.c_int]
         self.fn.restype = None
+        self.openmp = bool(lib.uws_openmp())
 
 
 _lock = threading.Lock()
 _state: dict = {}  # "kernel": _Kernel | None, "reason": str
-_pool: list = [None, 0]  # the executor and its number of workers
+_suspended = [False]
+_forked = [False]
 
 
-def _forget_pool() -> None:
-    _pool[:] = [None, 0]  # a forked child has the executor but not its threads
+def _after_fork() -> None:
+    _forked[0] = True  # GNU OpenMP cannot run in a child forked after the parent used it (torch hangs too)
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
+    os.register_at_fork(after_in_child=_after_fork)
 def _mode() -> str:
     v = os.environ.get("UWSFMT_NATIVE", "auto").strip().lower()
     if v in ("0", "off", "false", "no"):
@@ -104,7 +104,7 @@ def _compiler() -> list[str] | None:
 def _build(cc: list[str], out: Path) -> None:
     """Compile SOURCE into ``out`` (atomically: a reader never loads half a file)."""
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    cmd = [*cc, "-O3", "-shared", "-fPIC", "-ffp-contract=off", "-o", str(tmp), str(SOURCE), "-lm"]
+    cmd = [*cc, "-O3", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-o", str(tmp), str(SOURCE), "-lm"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
@@ -120,7 +120,7 @@ def _self_test(k: _Kernel) -> str | None:
     for m, n, r in ((7, 83, 3), (9, 200, 17), (4, 16, 1)):
         a, b, mean = (torch.randn(s, generator=g) for s in ((m, r), (r, n), (m, n)))
         out = torch.empty(m, n)
-        _run(k, [(out, mean, a, b)], parts=2)
+        _run(k, [(out, mean, a, b)], threads=2)
         want = mean.double() + a.double() @ b.double()
         if not torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5):
             return f"self-test failed on {m}x{n} (rank {r}): the compiled kernel disagrees with torch"
@@ -157,6 +157,8 @@ def _load() -> tuple[_Kernel | None, str]:
         return None, f"could not build the native kernel: {e}"
     if kernel.isa not in ISA_NAMES:
         return None, "this CPU has neither AVX-512 nor AVX2 + FMA"
+    if not kernel.openmp:
+        return None, "the kernel was built without OpenMP (it would run on one core)"
     bad = _self_test(kernel)
     if bad:
         return None, bad
@@ -185,6 +187,18 @@ def status() -> dict:
     return {"available": k is not None, "isa": ISA_NAMES.get(k.isa) if k else None, "detail": _state["reason"]}
 
 
+@contextlib.contextmanager
+def suspended():
+    """Within this block (process-wide) :func:`expand` leaves everything to torch: to compare the
+    two paths, as ``bench/`` does."""
+    before = _suspended[0]
+    _suspended[0] = True
+    try:
+        yield
+    finally:
+        _suspended[0] = before
+
+
 def _fits(out: torch.Tensor, mean: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> bool:
     ts = (out, a, b) if mean is None else (out, mean, a, b)
     if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in ts):
@@ -198,7 +212,7 @@ def _fits(out: torch.Tensor, mean: torch.Tensor | None, a: torch.Tensor, b: torc
     return all(t.untyped_storage().data_ptr() != o for t in ts[1:])  # no output that is also an input
 
 
-def _run(k: _Kernel, items: list[tuple], *, parts: int, stream: bool = True) -> None:
+def _run(k: _Kernel, items: list[tuple], *, threads: int, stream: bool = True) -> None:
     jobs = (_Job * len(items))()
     rows = 0
     for job, (out, mean, a, b) in zip(jobs, items):
@@ -207,16 +221,11 @@ def _run(k: _Kernel, items: list[tuple], *, parts: int, stream: bool = True) -> 
         job.a, job.b, job.out = a.data_ptr(), b.data_ptr(), out.data_ptr()
         job.m, job.n, job.k, job.stream = m, n, a.shape[1], int(stream)
         rows += m
-    parts = max(1, min(parts, rows // ROWS_PER_THREAD))
-    if parts == 1:
-        k.fn(jobs, len(items), 0, 1, k.isa)
-        return
-    if _pool[1] < parts - 1:  # made again if torch's thread count grows
-        _pool[:] = [ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="uwsfmt-native"), parts - 1]
-    futures = [_pool[0].submit(k.fn, jobs, len(items), p, parts, k.isa) for p in range(1, parts)]
-    k.fn(jobs, len(items), 0, parts, k.isa)  # ctypes releases the GIL: the caller does part 0
-    for f in futures:
-        f.result()
+    # OpenMP threads: torch's own (its libgomp is the one the loader resolves), so the kernel does
+    # not compete with torch's spinning workers as a pool of its own threads would; ctypes lets
+    # other Python threads run meanwhile
+    # in a forked child (a DataLoader worker) one thread, in the caller's
+    k.fn(jobs, len(items), 1 if _forked[0] else max(1, min(threads, rows // ROWS_PER_THREAD)), k.isa)
 
 
 def expand(items: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]], *, stream: bool = True) -> bool:
@@ -224,10 +233,10 @@ def expand(items: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, to
     split over torch's thread count. All four float32, contiguous, on the CPU, ``out`` no input.
     Returns False, having written nothing, when the kernel is unavailable or an item does not fit;
     the caller then computes them itself."""
-    if not items or not all(_fits(*it) for it in items):
+    if _suspended[0] or not items or not all(_fits(*it) for it in items):
         return False
     k = kernel()
     if k is None:
         return False
-    _run(k, items, parts=torch.get_num_threads(), stream=stream)
+    _run(k, items, threads=torch.get_num_threads(), stream=stream)
     return True

@@ -11,11 +11,14 @@
  *     s = 0; for p in 0..k-1: s = fma(a[i, p], b[p, j], s);   out[i, j] = s + mean[i, j]
  * so results do not depend on the shape, the alignment or the number of threads.
  *
- * Built by uwsfmt/native.py with the system C compiler on first use (no -march flags: the vector
- * paths are selected at run time with target attributes), loaded through ctypes.
+ * Built by uwsfmt/native.py with the system C compiler on first use (-fopenmp; no -march flags:
+ * the vector paths are selected at run time with target attributes), loaded through ctypes.
  */
 #include <stdint.h>
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 typedef struct {
     int64_t mean, a, b, out; /* addresses; mean may be 0 (no centring) */
@@ -193,9 +196,9 @@ int uws_isa(void)
     return 0;
 }
 
-/* Rows [part * chunk, (part + 1) * chunk) of every job, chunk = the rows split in ``parts``
- * multiples of 4: ``parts`` threads each call this with their own ``part``. */
-void uws_expand(const uws_job *jobs, int64_t count, int64_t part, int64_t parts, int isa)
+/* Rows [part * chunk, (part + 1) * chunk) of every job, chunk = its rows split in ``parts``,
+ * rounded up to a multiple of 4. */
+static void uws_part(const uws_job *jobs, int64_t count, int64_t part, int64_t parts, int isa)
 {
     for (int64_t t = 0; t < count; t++) {
         const uws_job *J = jobs + t;
@@ -219,4 +222,31 @@ void uws_expand(const uws_job *jobs, int64_t count, int64_t part, int64_t parts,
                 ((float *)J->out)[i * J->n + j] = uws_one((const float *)J->a + i * J->k, (const float *)J->b, J->n, j,
                                                           J->k, J->mean ? (const float *)J->mean + i * J->n : 0);
     }
+}
+
+/* Every job, split between ``threads`` OpenMP threads (one: no OpenMP call at all). Built with
+ * -fopenmp and loaded into a process where torch has loaded its libgomp, this runs on torch's
+ * own thread pool: no second set of threads competing with torch's spinning workers. */
+void uws_expand(const uws_job *jobs, int64_t count, int threads, int isa)
+{
+    if (threads <= 1) {
+        uws_part(jobs, count, 0, 1, isa);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    uws_part(jobs, count, omp_get_thread_num(), omp_get_num_threads(), isa);
+#else
+    uws_part(jobs, count, 0, 1, isa);
+#endif
+}
+
+/* 1 when built with OpenMP (the loader refuses a build without: it would run on one core). */
+int uws_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
