@@ -65,6 +65,8 @@ def _after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork)
+
+
 def _mode() -> str:
     v = os.environ.get("UWSFMT_NATIVE", "auto").strip().lower()
     if v in ("0", "off", "false", "no"):
