@@ -38,12 +38,7 @@ def _items(m, n, k, *, mean=True, seed=0):
 
 
 def _call(k, items, *, isa, parts=1, stream=True):
-    jobs = (native._Job * len(items))()
-    for job, (out, mean, a, b) in zip(jobs, items):
-        job.mean = 0 if mean is None else mean.data_ptr()
-        job.a, job.b, job.out = a.data_ptr(), b.data_ptr(), out.data_ptr()
-        job.m, job.n, job.k, job.stream = out.shape[0], out.shape[1], a.shape[1], int(stream)
-    k.fn(jobs, len(items), parts, isa)
+    k.fn(native._jobs(items, stream), len(items), parts, isa)
 
 
 SHAPES = [(1, 1, 1), (3, 7, 2), (4, 16, 16), (5, 17, 3), (9, 63, 33), (8, 64, 16), (6, 65, 5), (130, 200, 16), (13, 300, 64)]

@@ -44,8 +44,7 @@ class _Job(ctypes.Structure):
 
 
 class _Kernel:
-    def __init__(self, lib: ctypes.CDLL, path: Path):
-        self.path = path
+    def __init__(self, lib: ctypes.CDLL):
         self.isa = int(lib.uws_isa())
         self.fn = lib.uws_expand
         self.fn.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int, ctypes.c_int]
@@ -154,7 +153,7 @@ def _load() -> tuple[_Kernel | None, str]:
         except OSError:  # a damaged cache entry: build it again
             _build(cc, path)
             lib = ctypes.CDLL(str(path))
-        kernel = _Kernel(lib, path)
+        kernel = _Kernel(lib)
     except (OSError, subprocess.SubprocessError) as e:
         return None, f"could not build the native kernel: {e}"
     if kernel.isa not in ISA_NAMES:
@@ -214,20 +213,22 @@ def _fits(out: torch.Tensor, mean: torch.Tensor | None, a: torch.Tensor, b: torc
     return all(t.untyped_storage().data_ptr() != o for t in ts[1:])  # no output that is also an input
 
 
-def _run(k: _Kernel, items: list[tuple], *, threads: int, stream: bool = True) -> None:
+def _jobs(items: list[tuple], stream: bool):
+    """The C array of jobs for ``(out, mean, a, b)`` items (the tensors must outlive the call)."""
     jobs = (_Job * len(items))()
-    rows = 0
     for job, (out, mean, a, b) in zip(jobs, items):
-        m, n = out.shape
         job.mean = 0 if mean is None else mean.data_ptr()
         job.a, job.b, job.out = a.data_ptr(), b.data_ptr(), out.data_ptr()
-        job.m, job.n, job.k, job.stream = m, n, a.shape[1], int(stream)
-        rows += m
+        job.m, job.n, job.k, job.stream = out.shape[0], out.shape[1], a.shape[1], int(stream)
+    return jobs
+
+
+def _run(k: _Kernel, items: list[tuple], *, threads: int, stream: bool = True) -> None:
+    rows = sum(out.shape[0] for out, *_ in items)
     # OpenMP threads: torch's own (its libgomp is the one the loader resolves), so the kernel does
     # not compete with torch's spinning workers as a pool of its own threads would; ctypes lets
-    # other Python threads run meanwhile
-    # in a forked child (a DataLoader worker) one thread, in the caller's
-    k.fn(jobs, len(items), 1 if _forked[0] else max(1, min(threads, rows // ROWS_PER_THREAD)), k.isa)
+    # other Python threads run meanwhile. In a forked child (a DataLoader worker): one thread.
+    k.fn(_jobs(items, stream), len(items), 1 if _forked[0] else max(1, min(threads, rows // ROWS_PER_THREAD)), k.isa)
 
 
 def expand(items: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]], *, stream: bool = True) -> bool:
