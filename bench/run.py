@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
+import uwsfmt  # noqa: E402
 from bench import common, measure, sources  # noqa: E402
 from bench.common import fmt_bytes, fmt_s, table  # noqa: E402
 
@@ -66,6 +67,13 @@ def run_family(name: str, mode: str, workdir: str, device: str, log) -> dict:
     store_path = os.path.join(workdir, f"{name}-{mode}-k16.uws")
     log("  materialise ...")
     res["materialise"] = measure.materialise(fam, store_path, device, models=4 if quick else 6, seconds=1.0 if quick else 3.0)
+    if name == "vit":  # the same family published in bfloat16, as most fine-tunes are
+        log("  materialise, bfloat16 copy ...")
+        half = sources.half_copy(fam)
+        half_store = os.path.join(workdir, f"{name}-{mode}-bf16-k16-sketch.uws")
+        uwsfmt.convert(half.paths, half_store, device=device, overwrite=True, rank=16, basis="sketch")
+        res["materialise_bf16"] = measure.materialise(half, half_store, device, models=4 if quick else 6,
+                                                      seconds=1.0 if quick else 3.0, cold_repeats=1 if quick else 3)
     log("  switch ...")
     res["switch"] = measure.switch(fam, store_path, device, switches=30 if quick else 100)
     log("  first load, append ...")
@@ -92,6 +100,18 @@ def run_memory(mode: str, workdir: str, device: str, log) -> dict:
     return res
 
 
+def half_rows(h: dict | None) -> list[list[str]]:
+    """Rows for the bfloat16 copy's materialise (none where it was not measured)."""
+    if not h:
+        return []
+    rows = [["materialise (warm), bfloat16 copy", fmt_s(h["store"]["median"]), fmt_s(h["baseline"]["median"]), f"{h['ratio']:.2f}x",
+             f"{fmt_s(h['store_floor_s'])} / {fmt_s(h['baseline_floor_s'])}"]]
+    if h.get("store_torch"):
+        rows.append([f"materialise (warm), bfloat16 copy, torch path: no {h['kernel']} kernel", fmt_s(h["store_torch"]["median"]),
+                     fmt_s(h["baseline"]["median"]), f"{h['ratio_torch']:.2f}x", ""])
+    return rows
+
+
 def report(name: str, r: dict) -> str:
     m, sw, fl, ap = r["materialise"], r["switch"], r["first_load"], r["append"]
     ro = r["read_once"]
@@ -105,6 +125,7 @@ def report(name: str, r: dict) -> str:
              f"{m['cold_ratio']:.2f}x", ""],
             *([[f"materialise (warm), torch path: no {m['kernel']} kernel", fmt_s(m["store_torch"]["median"]),
                  fmt_s(m["baseline"]["median"]), f"{m['ratio_torch']:.2f}x", ""]] if m.get("store_torch") else []),
+            *half_rows(r.get("materialise_bf16")),
             ["lazy load_file alone", "", fmt_s(m["lazy_load_file"]["median"]), "", ""],
             [f"switch x{sw['switches']} ({sw['models_cycled']} models), median", fmt_s(sw["store"]["median"]),
              fmt_s(sw["baseline"]["median"]), f"{sw['ratio_median']:.2f}x", ""],

@@ -85,6 +85,26 @@ def vit(workdir: str, config: dict, n: int | None = None) -> Family:
     return Family("vit", title, folder, paths, ids, paths, cfg)
 
 
+def half_copy(fam: Family, dtype: str = "bfloat16") -> Family:
+    """The family with its floating-point tensors cast to ``dtype`` (next to it, written once):
+    how most fine-tunes are published today. Its store keeps float32 means and bases; readers
+    round the float32 rebuild to the module's dtype."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cfg = {**fam.config, "dtype": dtype}
+    folder = f"{fam.folder}-{dtype}"
+    if not _done(folder, cfg):
+        os.makedirs(folder, exist_ok=True)
+        for path in fam.weights:
+            sd = load_file(path)
+            save_file({k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in sd.items()},
+                      os.path.join(folder, os.path.basename(path)))
+        _mark(folder, cfg)
+    paths, ids = _safetensors_in(folder)
+    return Family(fam.name, f"{fam.title}, {dtype}", folder, paths, ids, paths, cfg)
+
+
 def lora(workdir: str, config: dict) -> Family:
     from uwsfmt.families import iter_lora_family, write_peft_family
 

@@ -76,6 +76,58 @@ def test_every_path_gives_the_same_bits(fresh):
                 assert torch.equal(out, ref), (m, n, r, isa, parts, stream)
 
 
+def _crafted(m, n, seed=1):
+    """Float32 values over the whole range (random bit patterns: NaN, infinities, subnormals) and
+    the edges of bfloat16 / float16 rounding (ties, the largest finite values, subnormal steps)."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randint(-2**31, 2**31 - 1, (m * n,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    edges = torch.tensor([65504.0, 65519.99, 65520.0, 65536.0, 6e-8, 5.96e-8, 2.98e-8, 2.9802322e-8, 2.99e-8, 1e-40, -1e-40,
+                          3.4e38, 3.3961e38, float("inf"), -float("inf"), 0.0, -0.0, 6.1035e-5, 6.1e-5, 1.0009765625,
+                          1.00048828125, 1.00390625, 1.01171875, -2.0039062])
+    scaled = torch.randn(m * n, generator=g) * torch.logspace(-30, 30, m * n)  # finite values at every scale
+    v[: edges.numel()] = edges
+    v[edges.numel():: 2] = scaled[edges.numel():: 2]
+    return v.view(m, n)
+
+
+def _module(sd: dict[str, torch.Tensor]) -> torch.nn.Module:
+    mod = torch.nn.Module()
+    for name, t in sd.items():
+        mod.register_buffer(name, torch.zeros_like(t))
+    return mod
+
+
+def _same_half(got: torch.Tensor, f32: torch.Tensor) -> bool:
+    """``got`` holds torch's cast of ``f32`` bit for bit (any NaN where it has NaN)."""
+    want = f32.to(got.dtype)
+    nan = torch.isnan(f32)
+    return bool(torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan]) and torch.isnan(got[nan].float()).all())
+
+
+@needs_kernel
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_half_outputs_are_torchs_cast_on_every_path(fresh, dt):
+    """bfloat16 / float16 outputs: the float32 value rounded as ``Tensor.to`` rounds it, on every
+    path (scalar, AVX2, AVX-512; tiles, tails; any split; streaming or not; unaligned)."""
+    k = native.kernel()
+    for m, n, r in [(257, 333, 3), (64, 256, 16), (5, 17, 2), (9, 63, 33)]:
+        for crafted in (True, False):
+            out, mean, a, b = _items(m, n, r, seed=m)
+            if crafted:  # the products vanish: the output is the crafted mean itself
+                mean, a, b = _crafted(m, n), torch.zeros_like(a), torch.zeros_like(b)
+            f32 = torch.empty(m, n)
+            _call(k, [(f32, mean, a, b)], isa=0)
+            for isa in [0] + [i for i in (2, 1) if i <= k.isa]:
+                for parts, stream, offset in ((1, True, 0), (3, False, 0), (2, True, 1)):
+                    buf = torch.zeros(offset + m * n, dtype=dt)
+                    got = buf[offset:].view(m, n)
+                    _call(k, [(got, mean, a, b)], isa=isa, parts=parts, stream=stream)
+                    assert _same_half(got, f32), (dt, m, n, r, crafted, isa, parts, stream, offset)
+                    assert offset == 0 or buf[0] == 0
+    out, mean, a, b = _items(8, 32, 4)
+    assert not native.expand([(out.to(dt), mean.to(dt), a, b)])  # inputs must be float32
+
+
 @needs_kernel
 def test_unaligned_output_and_batches(fresh):
     """Streaming stores only where the output is aligned: an output one float into a buffer is
@@ -172,6 +224,56 @@ def test_store_reads_and_recorded_errors_agree_with_and_without_kernel(tmp_path,
     for i in ids:
         for name, t in slow.state_dict(i).items():
             torch.testing.assert_close(fast[i][name], t, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_half_precision_reads_are_the_cast_float32_rebuild(tmp_path, monkeypatch, fresh):
+    """A bfloat16 family read into bfloat16 / float16 modules or as state dicts: what the kernel
+    writes directly is exactly the float32 rebuild cast, also where a residual or an appended
+    model's exception is added after the rebuild (those take the float32 way), kernel or not."""
+    fam = synthetic_family(n_models=7, shapes={"w": (300, 260), "v": (260, 300), "s": (16, 16)}, rank=3, noise=1e-2,
+                           seed=5, extra=False)
+    ids = sorted(fam)
+    fam = {i: {k: t.to(torch.bfloat16) for k, t in fam[i].items()} for i in ids}
+    plain = uwsfmt.convert({i: fam[i] for i in ids[:6]}, tmp_path / "p.uws", rank=3)
+    budget = uwsfmt.convert({i: fam[i] for i in ids[:6]}, tmp_path / "b.uws", max_error=0.004)
+    assert budget.tensor_entry("w")["residual"] is not None and plain.tensor_entry("w")["residual"] is None
+    alien = {k: t.clone() for k, t in fam[ids[6]].items()}
+    alien["w"] = (alien["w"].float() + 0.05 * torch.randn(alien["w"].shape, generator=torch.Generator().manual_seed(1))).to(torch.bfloat16)
+    entry = budget.append(alien, id="alien")
+    assert "w" in {x["tensor"] for x in entry["exceptions"]}
+    written = []
+    real = native.expand
+    monkeypatch.setattr(native, "expand", lambda items, **kw: written.extend(o.dtype for o, *_ in items) or real(items, **kw))
+
+    def reads(st):
+        out = {}
+        for mid in st.model_ids:
+            f32 = st.state_dict(mid, dtype=torch.float32)
+            mods = {dt: _module({k: t.to(dt) for k, t in f32.items()}) for dt in (torch.bfloat16, torch.float16)}
+            for mod in mods.values():
+                st.load_into(mod, mid)
+            out[mid] = (f32, st.state_dict(mid), {dt: mod.state_dict() for dt, mod in mods.items()},
+                        {n: st.tensor(mid, n) for n in ("w", "v")})
+        return out
+
+    for path in (tmp_path / "p.uws", tmp_path / "b.uws"):
+        fast = reads(uwsfmt.open(path))
+        for f32, sd, mods, single in fast.values():
+            for name, t in f32.items():
+                assert sd[name].dtype == torch.bfloat16 and _same_half(sd[name], t), (path.name, name)
+                for dt, msd in mods.items():
+                    assert _same_half(msd[name], t), (path.name, name, dt)
+            for name, t in single.items():
+                assert torch.equal(t, sd[name])
+        assert torch.bfloat16 in written and torch.float16 in written
+        with native.suspended():
+            slow = reads(uwsfmt.open(path))
+        for mid, (f32, sd, mods, single) in fast.items():
+            for name in f32:
+                assert torch.equal(slow[mid][0][name], f32[name]) and torch.equal(slow[mid][1][name], sd[name])
+                for dt in mods:
+                    assert torch.equal(slow[mid][2][dt][name], mods[dt][name])
 
 
 @needs_kernel

@@ -3,7 +3,9 @@
 With BLAS the rebuild is two passes over memory (copy the mean into the output, then a GEMM of
 inner dimension k that reads and writes it again); for a ViT-B model that is ~30 ms of a 2-core
 CPU's memory bandwidth. ``native_expand.c`` computes each output tile in registers, adds the mean
-and writes it once (streaming stores where the output is aligned).
+and writes it once (streaming stores where the output is aligned), in float32 or rounded to
+bfloat16 / float16 on the way out (a module in half precision: no float32 temporary and no cast
+pass; the bits of torch's cast of the float32 result).
 
 The C file is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``/
 ``clang``) into the user's cache (``$UWSFMT_CACHE_DIR``, else ``$XDG_CACHE_HOME/uwsfmt``, else
@@ -35,12 +37,14 @@ from .errors import ConfigError
 
 SOURCE = Path(__file__).with_name("native_expand.c")
 ISA_NAMES = {2: "avx512", 1: "avx2"}
+#: output dtypes the kernel writes (inputs are always float32), and their codes in ``uws_job``
+OUT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 #: rows of output per thread below which the work is not split between threads
 ROWS_PER_THREAD = 64
 
 
 class _Job(ctypes.Structure):
-    _fields_ = [(f, ctypes.c_int64) for f in ("mean", "a", "b", "out", "m", "n", "k", "stream")]
+    _fields_ = [(f, ctypes.c_int64) for f in ("mean", "a", "b", "out", "m", "n", "k", "stream", "otype")]
 
 
 class _Kernel:
@@ -116,15 +120,25 @@ def _build(cc: list[str], out: Path) -> None:
 
 
 def _self_test(k: _Kernel) -> str | None:
-    """Compare the kernel with torch on shapes that take every path (tiles, narrow, masked tails)."""
+    """Compare the kernel with torch on shapes that take every path (tiles, narrow, masked tails),
+    and its half-precision outputs with torch's cast of its float32 one."""
     g = torch.Generator().manual_seed(0)
-    for m, n, r in ((7, 83, 3), (9, 200, 17), (4, 16, 1)):
+    # rounding ties and range edges of bfloat16 / float16 (with zero products: the output is the mean)
+    edges = torch.tensor([1.00390625, 1.01171875, -2.00390625, 1.00048828125, 65519.99, 65520.0, 2.9802322e-8, 1e-40])
+    for m, n, r in ((7, 83, 3), (9, 200, 17), (4, 16, 1), (3, 40, 0)):
         a, b, mean = (torch.randn(s, generator=g) for s in ((m, r), (r, n), (m, n)))
+        if r == 0:
+            mean = edges.repeat(m * n // len(edges) + 1)[: m * n].reshape(m, n)
         out = torch.empty(m, n)
         _run(k, [(out, mean, a, b)], threads=2)
         want = mean.double() + a.double() @ b.double()
         if not torch.allclose(out.double(), want, rtol=1e-5, atol=1e-5):
             return f"self-test failed on {m}x{n} (rank {r}): the compiled kernel disagrees with torch"
+        for dt in (torch.bfloat16, torch.float16):
+            half = torch.empty(m, n, dtype=dt)
+            _run(k, [(half, mean, a, b)], threads=2)
+            if not torch.equal(half.view(torch.int16), out.to(dt).view(torch.int16)):
+                return f"self-test failed on {m}x{n} (rank {r}): the kernel's {dt} output is not torch's rounding"
     return None
 
 
@@ -202,7 +216,9 @@ def suspended():
 
 def _fits(out: torch.Tensor, mean: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> bool:
     ts = (out, a, b) if mean is None else (out, mean, a, b)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in ts):
+    if any(t.device.type != "cpu" or not t.is_contiguous() for t in ts) or out.dtype not in OUT_TYPES:
+        return False
+    if any(t.dtype != torch.float32 for t in ts[1:]):
         return False
     if out.dim() != 2 or a.dim() != 2 or b.dim() != 2:
         return False
@@ -220,6 +236,7 @@ def _jobs(items: list[tuple], stream: bool):
         job.mean = 0 if mean is None else mean.data_ptr()
         job.a, job.b, job.out = a.data_ptr(), b.data_ptr(), out.data_ptr()
         job.m, job.n, job.k, job.stream = out.shape[0], out.shape[1], a.shape[1], int(stream)
+        job.otype = OUT_TYPES[out.dtype]
     return jobs
 
 
@@ -233,7 +250,9 @@ def _run(k: _Kernel, items: list[tuple], *, threads: int, stream: bool = True) -
 
 def expand(items: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]], *, stream: bool = True) -> bool:
     """``out = mean + a @ b`` (``mean`` may be None) for every ``(out, mean, a, b)`` in ``items``,
-    split over torch's thread count. All four float32, contiguous, on the CPU, ``out`` no input.
+    split over torch's thread count. ``mean``, ``a``, ``b`` float32, ``out`` float32, bfloat16 or
+    float16 (the float32 result rounded as ``Tensor.to`` does); all contiguous, on the CPU, ``out``
+    no input.
     Returns False, having written nothing, when the kernel is unavailable or an item does not fit;
     the caller then computes them itself."""
     if _suspended[0] or not items or not all(_fits(*it) for it in items):

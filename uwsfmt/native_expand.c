@@ -1,4 +1,5 @@
-/* uwsfmt native kernel: out = a @ b (+ mean) for float32, row-major, contiguous.
+/* uwsfmt native kernel: out = a @ b (+ mean) for float32 inputs, row-major, contiguous; the output
+ * in float32, or rounded to bfloat16 / float16 as it is written.
  *
  * The reconstruction of a subspace tensor, M + L C R^T, is one thin product (inner dimension the
  * rank k, often 8-64) plus a full-size addition. With BLAS that is two passes over memory (copy M
@@ -9,7 +10,11 @@
  * Every output value is computed the same way wherever it lies (full tile, narrow tile, masked or
  * scalar tail, any split of the rows between threads):
  *     s = 0; for p in 0..k-1: s = fma(a[i, p], b[p, j], s);   out[i, j] = s + mean[i, j]
- * so results do not depend on the shape, the alignment or the number of threads.
+ * so results do not depend on the shape, the alignment or the number of threads. A bfloat16 or
+float16 output is that float32 value rounded to nearest-even, bit for bit what torch's cast of the
+float32 result gives (NaN: bfloat16 0xFFFF as torch's vector cast, float16 the quiet NaN of the
+hardware conversion), so a module in half precision gets the same values with half the writes
+and no float32 temporary.
  *
  * Built by uwsfmt/native.py with the system C compiler on first use (-fopenmp; no -march flags:
  * the vector paths are selected at run time with target attributes), loaded through ctypes.
@@ -20,10 +25,15 @@
 #include <omp.h>
 #endif
 
+#include <string.h>
+
+enum { UWS_F32 = 0, UWS_BF16 = 1, UWS_F16 = 2 }; /* output types */
+
 typedef struct {
     int64_t mean, a, b, out; /* addresses; mean may be 0 (no centring) */
     int64_t m, n, k;         /* out and mean: m x n, a: m x k, b: k x n */
     int64_t stream;          /* non-zero: streaming stores where the output is aligned */
+    int64_t otype;           /* UWS_F32, UWS_BF16 or UWS_F16 */
 } uws_job;
 
 static inline float uws_one(const float *ai, const float *b, int64_t n, int64_t j, int64_t k, const float *mi)
@@ -34,6 +44,52 @@ static inline float uws_one(const float *ai, const float *b, int64_t n, int64_t 
     return mi ? s + mi[j] : s;
 }
 
+/* float32 -> bfloat16, round to nearest even (torch's rule; NaN -> 0xFFFF as its vector cast). */
+static inline uint16_t uws_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f)
+        return 0xFFFF;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* float32 -> float16, round to nearest even, subnormals kept, overflow to infinity, NaN quiet
+ * with the sign and the top of the payload kept (as the x86 conversion instruction). */
+static inline uint16_t uws_f16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 16) & 0x8000u, x = u & 0x7FFFFFFFu;
+    if (x > 0x7F800000u) /* NaN */
+        return (uint16_t)(sign | 0x7E00u | ((x >> 13) & 0x3FFu));
+    if (x >= 0x477FF000u) /* 65520 and up (infinity too): rounds to infinity */
+        return (uint16_t)(sign | 0x7C00u);
+    if (x < 0x38800000u) { /* below float16's smallest normal, 2^-14: a multiple of 2^-24 */
+        /* 2^-24 units, rounded to nearest even: the value is mantissa * 2^(e - 150) */
+        const uint32_t e = x >> 23;
+        if (e < 102) /* below 2^-25: rounds to zero (2^-25 itself is a tie, handled below) */
+            return (uint16_t)sign;
+        const uint32_t mant = (x & 0x7FFFFFu) | 0x800000u, shift = 126 - e; /* 14..24 */
+        uint32_t q = mant >> shift;
+        const uint32_t rem = mant & ((1u << shift) - 1u), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (q & 1u)))
+            q++;
+        return (uint16_t)(sign | q);
+    }
+    /* normal: rebias the exponent (127 -> 15), round the 13 dropped bits to nearest even */
+    return (uint16_t)(sign | ((x - 0x38000000u + 0xFFFu + ((x >> 13) & 1u)) >> 13));
+}
+
+/* Write one computed value as the job's output type. */
+static inline void uws_put(void *out, int64_t at, float v, int ot)
+{
+    if (ot == UWS_F32)
+        ((float *)out)[at] = v;
+    else
+        ((uint16_t *)out)[at] = ot == UWS_BF16 ? uws_bf16(v) : uws_f16(v);
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define UWS_X86 1
@@ -42,19 +98,49 @@ static inline float uws_one(const float *ai, const float *b, int64_t n, int64_t 
 
 #define UWS512 __attribute__((target("avx512f"))) static inline __attribute__((always_inline))
 
-UWS512 void uws_store512(float *dst, __m512 v, int nt)
+/* 16 values as 16-bit floats: bfloat16 by torch's integer rounding, float16 by the hardware's
+ * conversion (round to nearest even whatever MXCSR says). */
+UWS512 __m256i uws_half512(__m512 v, const int ot)
 {
-    if (nt)
-        _mm512_stream_ps(dst, v);
-    else
-        _mm512_storeu_ps(dst, v);
+    if (ot == UWS_F16)
+        return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0xFFFF));
+    return _mm512_cvtepi32_epi16(r);
 }
 
-UWS512 void uws_tile512(const uws_job *J, int64_t i, const int R, int nt)
+/* Store 16 values at element ``at`` of the output, ``cnt`` of them (16: a full vector). */
+UWS512 void uws_store512(void *out, int64_t at, __m512 v, int nt, const int ot, int cnt)
+{
+    if (ot == UWS_F32) {
+        float *dst = (float *)out + at;
+        if (cnt < 16)
+            _mm512_mask_storeu_ps(dst, (__mmask16)((1u << cnt) - 1u), v);
+        else if (nt)
+            _mm512_stream_ps(dst, v);
+        else
+            _mm512_storeu_ps(dst, v);
+        return;
+    }
+    uint16_t *dst = (uint16_t *)out + at;
+    const __m256i h = uws_half512(v, ot);
+    if (cnt < 16) { /* no 16-bit masked store without AVX512BW: through a small buffer */
+        uint16_t tmp[16];
+        _mm256_storeu_si256((__m256i *)tmp, h);
+        memcpy(dst, tmp, (size_t)cnt * 2);
+    } else if (nt)
+        _mm256_stream_si256((__m256i *)dst, h);
+    else
+        _mm256_storeu_si256((__m256i *)dst, h);
+}
+
+UWS512 void uws_tile512(const uws_job *J, int64_t i, const int R, int nt, const int ot)
 {
     const int64_t n = J->n, k = J->k;
     const float *A = (const float *)J->a, *B = (const float *)J->b, *M = (const float *)J->mean;
-    float *O = (float *)J->out;
+    void *O = (void *)J->out;
     int64_t j = 0;
     for (; j + 64 <= n; j += 64) {
         __m512 c[4][4];
@@ -84,7 +170,7 @@ UWS512 void uws_tile512(const uws_job *J, int64_t i, const int R, int nt)
                 __m512 v = c[r][q];
                 if (M)
                     v = _mm512_add_ps(v, _mm512_loadu_ps(M + at));
-                uws_store512(O + at, v, nt);
+                uws_store512(O, at, v, nt, ot, 16);
             }
     }
     for (; j < n; j += 16) { /* 16 columns, the last ones masked */
@@ -105,35 +191,73 @@ UWS512 void uws_tile512(const uws_job *J, int64_t i, const int R, int nt)
             __m512 v = c[r];
             if (M)
                 v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, M + at));
-            if (mk == (__mmask16)0xFFFF)
-                uws_store512(O + at, v, nt);
-            else
-                _mm512_mask_storeu_ps(O + at, mk, v);
+            uws_store512(O, at, v, nt, ot, n - j >= 16 ? 16 : (int)(n - j));
         }
     }
 }
 
-__attribute__((target("avx512f"))) static void uws_rows512(const uws_job *J, int64_t r0, int64_t r1)
+/* Rows [r0, r1) as output type ``ot`` (a constant where inlined: one specialised loop per type). */
+UWS512 void uws_rows512t(const uws_job *J, int64_t r0, int64_t r1, const int ot)
 {
-    const int nt = J->stream && ((uintptr_t)J->out % 64 == 0) && (J->n % 16 == 0);
+    /* streaming stores of whole vectors (64 bytes of float32, 32 of 16-bit values), each aligned */
+    const int nt = J->stream && ((uintptr_t)J->out % (ot == UWS_F32 ? 64 : 32) == 0) && (J->n % 16 == 0);
     int64_t i = r0;
     for (; i + 4 <= r1; i += 4)
-        uws_tile512(J, i, 4, nt);
+        uws_tile512(J, i, 4, nt, ot);
     for (; i < r1; i++)
-        uws_tile512(J, i, 1, nt);
+        uws_tile512(J, i, 1, nt, ot);
     if (nt)
         _mm_sfence();
 }
 
+__attribute__((target("avx512f"))) static void uws_rows512(const uws_job *J, int64_t r0, int64_t r1)
+{
+    if (J->otype == UWS_BF16)
+        uws_rows512t(J, r0, r1, UWS_BF16);
+    else if (J->otype == UWS_F16)
+        uws_rows512t(J, r0, r1, UWS_F16);
+    else
+        uws_rows512t(J, r0, r1, UWS_F32);
+}
+
 /* ---- AVX2 + FMA: tiles of R rows x 16 columns (8 accumulators for R = 4) ---- */
 
-#define UWS256 __attribute__((target("avx2,fma"))) static inline __attribute__((always_inline))
+#define UWS256 __attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline))
 
-UWS256 void uws_tile256(const uws_job *J, int64_t i, const int R, int nt)
+/* Store 8 values at element ``at`` of the output as type ``ot``. */
+UWS256 void uws_store256(void *out, int64_t at, __m256 v, int nt, const int ot)
+{
+    if (ot == UWS_F32) {
+        if (nt)
+            _mm256_stream_ps((float *)out + at, v);
+        else
+            _mm256_storeu_ps((float *)out + at, v);
+        return;
+    }
+    __m128i h;
+    if (ot == UWS_F16) {
+        h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+        const __m256i u = _mm256_castps_si256(v);
+        const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0xFFFF), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+        /* 32 -> 16 bits: packs within each 128-bit lane, then the two lanes' low halves together */
+        r = _mm256_packus_epi32(r, r);
+        h = _mm256_castsi256_si128(_mm256_permute4x64_epi64(r, 0x08));
+    }
+    uint16_t *dst = (uint16_t *)out + at;
+    if (nt)
+        _mm_stream_si128((__m128i *)dst, h);
+    else
+        _mm_storeu_si128((__m128i *)dst, h);
+}
+
+UWS256 void uws_tile256(const uws_job *J, int64_t i, const int R, int nt, const int ot)
 {
     const int64_t n = J->n, k = J->k;
     const float *A = (const float *)J->a, *B = (const float *)J->b, *M = (const float *)J->mean;
-    float *O = (float *)J->out;
+    void *O = (void *)J->out;
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
         __m256 c[4][2];
@@ -159,38 +283,46 @@ UWS256 void uws_tile256(const uws_job *J, int64_t i, const int R, int nt)
                 __m256 v = c[r][q];
                 if (M)
                     v = _mm256_add_ps(v, _mm256_loadu_ps(M + at));
-                if (nt)
-                    _mm256_stream_ps(O + at, v);
-                else
-                    _mm256_storeu_ps(O + at, v);
+                uws_store256(O, at, v, nt, ot);
             }
     }
     for (int r = 0; r < R; r++) /* the last n % 16 columns */
         for (int64_t jj = j; jj < n; jj++)
-            O[(i + r) * n + jj] = uws_one(A + (i + r) * k, B, n, jj, k, M ? M + (i + r) * n : 0);
+            uws_put(O, (i + r) * n + jj, uws_one(A + (i + r) * k, B, n, jj, k, M ? M + (i + r) * n : 0), ot);
 }
 
-__attribute__((target("avx2,fma"))) static void uws_rows256(const uws_job *J, int64_t r0, int64_t r1)
+UWS256 void uws_rows256t(const uws_job *J, int64_t r0, int64_t r1, const int ot)
 {
-    const int nt = J->stream && ((uintptr_t)J->out % 32 == 0) && (J->n % 8 == 0);
+    /* streaming stores of whole vectors (32 bytes of float32, 16 of 16-bit values), each aligned */
+    const int nt = J->stream && ((uintptr_t)J->out % (ot == UWS_F32 ? 32 : 16) == 0) && (J->n % 8 == 0);
     int64_t i = r0;
     for (; i + 4 <= r1; i += 4)
-        uws_tile256(J, i, 4, nt);
+        uws_tile256(J, i, 4, nt, ot);
     for (; i < r1; i++)
-        uws_tile256(J, i, 1, nt);
+        uws_tile256(J, i, 1, nt, ot);
     if (nt)
         _mm_sfence();
 }
+
+__attribute__((target("avx2,fma,f16c"))) static void uws_rows256(const uws_job *J, int64_t r0, int64_t r1)
+{
+    if (J->otype == UWS_BF16)
+        uws_rows256t(J, r0, r1, UWS_BF16);
+    else if (J->otype == UWS_F16)
+        uws_rows256t(J, r0, r1, UWS_F16);
+    else
+        uws_rows256t(J, r0, r1, UWS_F32);
+}
 #endif
 
-/* Which vector path this CPU runs: 2 = AVX-512, 1 = AVX2 + FMA, 0 = none (the caller uses BLAS). */
+/* Which vector path this CPU runs: 2 = AVX-512, 1 = AVX2 + FMA + F16C, 0 = none (the caller uses BLAS). */
 int uws_isa(void)
 {
 #ifdef UWS_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f"))
         return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
         return 1;
 #endif
     return 0;
@@ -219,8 +351,10 @@ static void uws_part(const uws_job *jobs, int64_t count, int64_t part, int64_t p
 #endif
         for (int64_t i = r0; i < r1; i++) /* portable path, used by the tests to pin the arithmetic */
             for (int64_t j = 0; j < J->n; j++)
-                ((float *)J->out)[i * J->n + j] = uws_one((const float *)J->a + i * J->k, (const float *)J->b, J->n, j,
-                                                          J->k, J->mean ? (const float *)J->mean + i * J->n : 0);
+                uws_put((void *)J->out, i * J->n + j,
+                        uws_one((const float *)J->a + i * J->k, (const float *)J->b, J->n, j, J->k,
+                                J->mean ? (const float *)J->mean + i * J->n : 0),
+                        (int)J->otype);
     }
 }
 

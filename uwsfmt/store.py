@@ -471,8 +471,9 @@ class Store:
                     out[e["name"]] = _place(into, e["name"], value, self.path) if _wants(into, e["name"]) else value.clone()
             else:
                 raise FormatError(f"{self.path}: tensor {e['name']!r} has unknown encoding {enc!r}")
+        excepted = {x["tensor"] for x in self.manifest["models"][idx].get("exceptions") or ()}
         for key, group in groups.items():
-            for e, w in zip(group, self._decode_group(key, group, rows, dev, into)):
+            for e, w in zip(group, self._decode_group(key, group, rows, dev, into, dtype=dtype, exceptions=excepted)):
                 out[e["name"]] = w
         for x in self.manifest["models"][idx].get("exceptions") or ():  # appended models the bases missed
             if x["tensor"] in out:
@@ -502,8 +503,12 @@ class Store:
                     result[k] = v.clone()
         return result
 
-    def _decode_group(self, key: tuple, group: list[dict], rows, dev, into: dict[str, torch.Tensor] | None = None
-                      ) -> list[torch.Tensor]:
+    def _decode_group(self, key: tuple, group: list[dict], rows, dev, into: dict[str, torch.Tensor] | None = None,
+                      *, dtype: torch.dtype | None = None, exceptions: set | frozenset = frozenset()) -> list[torch.Tensor]:
+        """The group's tensors: in the compute dtype, or, for large ones, possibly already in the
+        dtype the caller gets (``into``'s tensor's, else ``dtype`` or the source's) where that is
+        bfloat16 / float16 and nothing is added after the rebuild (no residual, not in
+        ``exceptions``): then the one rounding of the float32 rebuild happens as it is written."""
         mean, left, right = self._group_arrays(key, group, dev)
         e0 = group[0]
         cdt = self._compute_dtype(e0)
@@ -515,8 +520,15 @@ class Store:
             # result (no full-size temporary: a fresh allocation costs page faults and a pass over
             # memory), else into fresh ones; mean + L C R^T in one pass (the native kernel on the
             # CPU, else one GEMM per tensor); no stacked copy of the coefficients
-            dests = [(_target(into, e, cdt, dev) if into is not None else None) for e in group]
-            dests = [d if d is not None else torch.empty(e["shape"], dtype=cdt, device=dev) for e, d in zip(group, dests)]
+            def dest(e: dict) -> torch.Tensor:
+                half = cdt == torch.float32 and not e.get("residual") and e["name"] not in exceptions
+                d = _target(into, e, cdt, dev, half=half) if into is not None else None
+                if d is not None:
+                    return d
+                want = dtype if (dtype is not None and dtypes.is_float(e["dtype"])) else dtypes.torch_dtype(e["dtype"])
+                return torch.empty(e["shape"], dtype=want if half and want in subspace.HALF else cdt, device=dev)
+
+            dests = [dest(e) for e in group]
             views = [d.view(m, n) for d in dests]
             subspace.expand_into([(d, None if mean is None else mean[i], None if left is None else left[i], cs[i],
                                    None if right is None else right[i]) for i, d in enumerate(views)])
@@ -564,7 +576,7 @@ class Store:
         if e["encoding"] == "dense":
             t = dense_enc.decode(e, rows).clone()
         else:
-            t = self._decode_group(_group_key(e) + ("single", name), [e], rows, dev)[0]
+            t = self._decode_group(_group_key(e) + ("single", name), [e], rows, dev, dtype=dtype)[0]
         want = dtype if (dtype is not None and dtypes.is_float(e["dtype"])) else dtypes.torch_dtype(e["dtype"])
         return t.to(want)
 
@@ -784,10 +796,14 @@ def _place(into: dict[str, torch.Tensor], name: str, t: torch.Tensor, path: str)
     return d
 
 
-def _target(into: dict[str, torch.Tensor], e: dict, cdt: torch.dtype, dev: torch.device) -> torch.Tensor | None:
-    """The caller's tensor for subspace tensor ``e`` when it can receive the GEMM result directly."""
+def _target(into: dict[str, torch.Tensor], e: dict, cdt: torch.dtype, dev: torch.device, *, half: bool = False
+            ) -> torch.Tensor | None:
+    """The caller's tensor for subspace tensor ``e`` when it can receive the rebuild directly: in
+    the compute dtype, or (``half``) in bfloat16 / float16, which take the rounded rebuild."""
     d = into.get(e["name"])
-    if d is None or d.dtype != cdt or d.device != dev or not d.is_contiguous() or list(d.shape) != list(e["shape"]):
+    if d is None or not (d.dtype == cdt or (half and d.dtype in subspace.HALF)):
+        return None
+    if d.device != dev or not d.is_contiguous() or list(d.shape) != list(e["shape"]):
         return None
     return d
 

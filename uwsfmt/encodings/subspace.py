@@ -182,6 +182,9 @@ def rebuild(p: Prepared, c: torch.Tensor, view: tuple[int, int]) -> torch.Tensor
     return w
 
 
+#: output dtypes :func:`expand_into` may write from float32 parts (rounded as ``Tensor.to`` does)
+HALF = (torch.bfloat16, torch.float16)
+
 #: subspace tensors from this many values are rebuilt one by one by :func:`expand_into` (straight
 #: into a caller's tensor when there is one); smaller ones in stacked batches (one bmm per group)
 EXPAND_MIN_ELEMENTS = 1 << 16
@@ -194,12 +197,15 @@ def rebuilt_shape(left, right, c) -> tuple[int, int]:
 
 def expand_into(items: list[tuple]) -> None:
     """``out = mean + left @ c @ right^T`` (None parts skipped) for each ``(out, mean, left, c,
-    right)``, ``out`` of the product's shape, all in one dtype on one device.
+    right)``, ``out`` of the product's shape, all in one dtype on one device, except that ``out``
+    may be in a lower precision (:data:`HALF`) than float32 parts: it then gets the float32
+    result cast, exactly as ``Tensor.to`` casts it.
 
-    On the CPU in float32 all of them go through the fused kernel of :mod:`uwsfmt.native` in one
-    call (one pass over memory per tensor, split between torch's threads); otherwise one BLAS
-    GEMM writes each ``out`` (after a copy of the mean: on the CPU ~2x faster than
-    ``torch.addmm(M, a, b, out=out)``). Both compute the product, then add the mean."""
+    On the CPU with float32 parts all of them go through the fused kernel of :mod:`uwsfmt.native`
+    in one call (one pass over memory per tensor, split between torch's threads, the rounding to
+    half precision done as it writes); otherwise one BLAS GEMM writes each ``out`` (after a copy
+    of the mean: on the CPU ~2x faster than ``torch.addmm(M, a, b, out=out)``), into a temporary
+    where ``out`` is in half precision. Both compute the product, then add the mean."""
     products = []
     for out, mean, left, c, right in items:
         if left is not None and right is not None:
@@ -209,9 +215,12 @@ def expand_into(items: list[tuple]) -> None:
         elif right is not None:
             a, b = c, right.T
         else:
-            out.copy_(c)
-            if mean is not None:
-                out.add_(mean)
+            if mean is not None and out.dtype != c.dtype:
+                out.copy_(c + mean)  # one rounding, of the float32 sum
+            else:
+                out.copy_(c)
+                if mean is not None:
+                    out.add_(mean)
             continue
         products.append((out, mean, a, b))
     if not products:
@@ -219,8 +228,11 @@ def expand_into(items: list[tuple]) -> None:
     if products[0][0].device.type == "cpu" and native.expand([(o, m, a.contiguous(), b.contiguous()) for o, m, a, b in products]):
         return
     for out, mean, a, b in products:
+        dest = out if out.dtype == a.dtype else torch.empty(out.shape, dtype=a.dtype, device=out.device)
         if mean is None:
-            torch.mm(a, b, out=out)
+            torch.mm(a, b, out=dest)
         else:
-            out.copy_(mean)
-            out.addmm_(a, b)
+            dest.copy_(mean)
+            dest.addmm_(a, b)
+        if dest is not out:
+            out.copy_(dest)
