@@ -165,9 +165,21 @@ def snapshot(path: str) -> tuple[int, dict]:
         return st.manifest["generation"], models
 
 
-def leftovers(target: str) -> list[str]:
+def leftovers(target: str, mark: str | None = None) -> list[str]:
+    """A killed convert's temporary folders (``mark``: only those with that mark; default: the
+    build's and the replaced store's)."""
     parent, name = os.path.split(os.path.abspath(target))
-    return sorted(os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(f".{name}{uwsfmt.store.BUILDING_MARK}"))
+    marks = (mark,) if mark else (uwsfmt.store.BUILDING_MARK, uwsfmt.store.REPLACED_MARK)
+    return sorted(os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(tuple(f".{name}{m}" for m in marks)))
+
+
+def _readable(path: str) -> bool:
+    """False when a (partly deleted) store cannot be read back."""
+    try:
+        snapshot(path)
+    except uwsfmt.UWSError:
+        return False
+    return True
 
 
 def rejected(path: str) -> bool:
@@ -314,9 +326,16 @@ class Harness:
                     problems.append("the old store vanished from the target")
             left = leftovers(str(target))
             rec["leftovers"] = len(left)
-            for p in left:  # killed before its commit: validate refuses it; after (not yet renamed): the new store
+            for p in leftovers(str(target), uwsfmt.store.BUILDING_MARK):
+                # killed before its commit: validate refuses it; after (not yet renamed): the new store
                 if not rejected(p) and snapshot(p) != self.state_new:
                     problems.append(f"validate accepts a leftover temporary folder that is not the new store: {p}")
+            for p in leftovers(str(target), uwsfmt.store.REPLACED_MARK):
+                # killed while deleting the store it replaced: the target holds the new one already
+                if rec["state"] != "new":
+                    problems.append(f"a replaced store is being deleted but the target is not the new store: {p}")
+                elif not rejected(p) and _readable(p) and snapshot(p) != self.state_old:
+                    problems.append(f"a leftover replaced store that validate accepts is not the old store: {p}")
             if rec["state"] != "new" or left:  # run it again: it must succeed and clean up
                 again = run_forked(self.new_argv(target, overwrite or rec["state"] == "new"), slow=0, log=log)
                 if again["rc"] != 0:

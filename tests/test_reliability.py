@@ -129,6 +129,36 @@ def test_overwrite_swaps_atomically(tmp_path, family):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.uws"]
 
 
+def test_a_replaced_store_never_lies_under_the_build_name(tmp_path, family, monkeypatch):
+    """Killed while deleting the store it replaced, an overwrite leaves that old store under its own
+    'replaced' name, never under the build's name (whose leftover validate would describe as the
+    new store); the next convert removes it."""
+    srcs, pristine = family
+    target = tmp_path / "s.uws"
+    shutil.copytree(pristine, target)
+    with uwsfmt.open(target) as st:
+        before = st.model_ids
+    deleted = []
+    real = shutil.rmtree
+    monkeypatch.setattr(uwsfmt.build.shutil, "rmtree", lambda p, *a, **k: deleted.append(str(p)))  # "killed" before deleting
+    uwsfmt.convert(srcs[2:5], target, overwrite=True, **BUILD).close()
+    monkeypatch.setattr(uwsfmt.build.shutil, "rmtree", real)
+    old = deleted[-1]  # the last deletion: the replaced store (earlier ones: the build's own clean start)
+    assert uwsfmt.store.REPLACED_MARK in old and uwsfmt.store.BUILDING_MARK not in old
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.uws", os.path.basename(old)])
+    with uwsfmt.open(target) as st:
+        assert st.model_ids == before[2:5]
+    notes = []
+    assert uwsfmt.validate(old, notes=notes) == [] and "replaced" in notes[0]  # the old store, said to be such
+    with uwsfmt.open(old) as st:
+        assert st.model_ids == before
+    (Path(old) / "zarr.json").unlink()  # partly deleted
+    with pytest.raises(uwsfmt.FormatError, match="replaced by `uwsfmt convert --overwrite`"):
+        uwsfmt.validate(old)
+    uwsfmt.convert(srcs[:3], target, overwrite=True, **BUILD).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.uws"]
+
+
 # ---------------------------------------------------------------------------- disk full / read-only
 
 

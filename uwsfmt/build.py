@@ -36,7 +36,7 @@ from .encodings import subspace
 from .encodings.slots import PackLayout
 from .errors import BudgetError, ConfigError, ConflictError, SourceError, StoreError, StoreExistsError, UWSError
 from .sources import Checkpoint, TensorInfo, discover, open_checkpoint
-from .store import BUILDING_MARK, Store, _device, default_device, open
+from .store import BUILDING_MARK, REPLACED_MARK, Store, _device, default_device, open
 
 ENCODING_NAMES = ("subspace", "shared", "dense")
 
@@ -1217,7 +1217,7 @@ def convert(
         try:
             with allocator.reuse_freed_memory():  # fewer page faults on the build's temporaries
                 _build(fam, tmp, s, dev, base_ck, progress, cancel)
-            _replace(tmp, out, overwrite)
+            _replace(tmp, out, overwrite, os.path.join(parent, f".{name}{REPLACED_MARK}{uuid.uuid4().hex[:8]}"))
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             kept = "the existing store there is unchanged" if os.path.exists(out) else "nothing was written there"
@@ -1237,10 +1237,11 @@ def _os_reason(e: OSError) -> str:
 
 
 def _remove_stale_builds(parent: str, name: str) -> None:
-    """Delete the temporary folders of killed converts to ``parent/name`` (caller holds its BuildLock)."""
-    prefix = f".{name}{BUILDING_MARK}"
+    """Delete the temporary folders of killed converts to ``parent/name``, and replaced stores a
+    killed convert did not finish deleting (caller holds its BuildLock)."""
+    prefixes = (f".{name}{BUILDING_MARK}", f".{name}{REPLACED_MARK}")
     for entry in os.listdir(parent):
-        if entry.startswith(prefix):
+        if entry.startswith(prefixes):
             p = os.path.join(parent, entry)
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p, ignore_errors=True)
@@ -1249,10 +1250,10 @@ def _remove_stale_builds(parent: str, name: str) -> None:
                     os.remove(p)
 
 
-def _replace(tmp: str, out: str, overwrite: bool) -> None:
+def _replace(tmp: str, out: str, overwrite: bool, trash: str) -> None:
     if os.path.lexists(out) and not overwrite:
         raise StoreExistsError(f"{out}: appeared while building; the new store was not moved there")
-    old = replace_dir(tmp, out)  # atomic swap where the OS has one: ``out`` is always a whole store
+    old = replace_dir(tmp, out, trash)  # atomic swap where the OS has one: ``out`` is always a whole store
     if old is not None:
         if os.path.isdir(old) and not os.path.islink(old):
             shutil.rmtree(old, ignore_errors=True)

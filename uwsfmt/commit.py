@@ -129,16 +129,21 @@ class BuildLock:
             self._fd = None
 
 
-def replace_dir(new: str, target: str) -> str | None:
+def replace_dir(new: str, target: str, trash: str) -> str | None:
     """Move folder ``new`` to ``target``. Where ``target`` exists, swap the two atomically
-    (Linux renameat2 RENAME_EXCHANGE; elsewhere two renames) and return where the old one now
-    is, for the caller to delete."""
+    (Linux renameat2 RENAME_EXCHANGE; elsewhere two renames), move the old one to ``trash`` and
+    return where it is, for the caller to delete. After the swap the old store is moved off
+    ``new``'s name at once: a leftover under the build's name must only ever be the new store
+    (killed before the swap), never the replaced one (killed while deleting it)."""
     if not os.path.lexists(target):
         os.rename(new, target)
         return None
     if _exchange(new, target):
-        return new
-    trash = f"{new}.old"
+        try:
+            os.rename(new, trash)
+        except OSError:
+            return new
+        return trash
     os.rename(target, trash)
     os.rename(new, target)
     return trash

@@ -45,6 +45,8 @@ ALLOWED_CODECS = frozenset({"bytes", "crc32c", "zstd", "sharding_indexed"})
 STORAGE_DTYPES = frozenset({"float64", "float32", "float16", "uint16", "uint8", "int64", "int32", "int16", "int8", "bool"})
 #: temporary folders of builds in progress (or killed) are named ``.<name>.uws-building-<hex>``
 BUILDING_MARK = ".uws-building-"
+#: the name a store replaced by ``convert(overwrite=True)`` has while it is deleted
+REPLACED_MARK = ".uws-replaced-"
 
 ModelRef = str | int
 
@@ -108,9 +110,13 @@ def _root_json_size(zstore, path: str) -> int | None:
 
 
 def _interrupted_hint(path: str) -> str:
-    if BUILDING_MARK in os.path.basename(os.path.normpath(path)):
+    base = os.path.basename(os.path.normpath(path))
+    if BUILDING_MARK in base:
         return (" This folder is the temporary build of an interrupted `uwsfmt convert`; run the conversion "
                 "again (it removes such leftovers) or delete the folder.")
+    if REPLACED_MARK in base:
+        return (" This folder is a store replaced by `uwsfmt convert --overwrite`, which was interrupted while "
+                "deleting it; the new store is in place. Delete the folder (the next convert to that path does).")
     return ""
 
 

@@ -246,12 +246,16 @@ def validate(path: str, *, deep: bool = False, notes: list[str] | None = None) -
     >>> uwsfmt.validate("family.uws", deep=True)  # doctest: +SKIP
     []
     """
-    from .store import BUILDING_MARK
+    from .store import BUILDING_MARK, REPLACED_MARK
     from .store import open as open_store
 
     with open_store(path) as store:
         problems = validate_store(store, deep=deep, notes=notes)
-    if BUILDING_MARK in os.path.basename(os.path.normpath(path)) and notes is not None:
+    base = os.path.basename(os.path.normpath(path))
+    if BUILDING_MARK in base and notes is not None:
         notes.append(f"{path} is the temporary folder of a `uwsfmt convert` killed after its commit but before moving it "
                      "into place; it holds a complete store (rename it, or run the convert again, which removes it)")
+    if REPLACED_MARK in base and notes is not None:
+        notes.append(f"{path} is the store a `uwsfmt convert --overwrite` replaced, killed while deleting it; the new "
+                     "store is in place (delete this folder, or run the convert again, which removes it)")
     return problems
