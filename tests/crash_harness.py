@@ -173,13 +173,12 @@ def leftovers(target: str, mark: str | None = None) -> list[str]:
     return sorted(os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(tuple(f".{name}{m}" for m in marks)))
 
 
-def _readable(path: str) -> bool:
-    """False when a (partly deleted) store cannot be read back."""
+def _snapshot_or_none(path: str) -> tuple[int, dict] | None:
+    """:func:`snapshot`, or None where a (partly deleted) store cannot be read back."""
     try:
-        snapshot(path)
+        return snapshot(path)
     except uwsfmt.UWSError:
-        return False
-    return True
+        return None
 
 
 def rejected(path: str) -> bool:
@@ -334,7 +333,7 @@ class Harness:
                 # killed while deleting the store it replaced: the target holds the new one already
                 if rec["state"] != "new":
                     problems.append(f"a replaced store is being deleted but the target is not the new store: {p}")
-                elif not rejected(p) and _readable(p) and snapshot(p) != self.state_old:
+                elif not rejected(p) and _snapshot_or_none(p) not in (None, self.state_old):
                     problems.append(f"a leftover replaced store that validate accepts is not the old store: {p}")
             if rec["state"] != "new" or left:  # run it again: it must succeed and clean up
                 again = run_forked(self.new_argv(target, overwrite or rec["state"] == "new"), slow=0, log=log)

@@ -494,7 +494,7 @@ class Store:
             if _wants(into, e["name"]):  # the module's own tensor, in the module's dtype
                 result[e["name"]] = _place(into, e["name"], t, self.path)
                 continue
-            want = dtype if (dtype is not None and dtypes.is_float(e["dtype"])) else dtypes.torch_dtype(e["dtype"])
+            want = _returned_dtype(e, dtype)
             result[e["name"]] = t.to(want) if t.dtype != want else t
         if lora_entries:  # LoRA modules come back as factors (scale folded in) under their source names
             factors = lora_enc.read(self, lora_entries, idx, rows, dev, dtype, into=into)
@@ -531,7 +531,7 @@ class Store:
                 d = _target(into, e, cdt, dev, half=half) if into is not None else None
                 if d is not None:
                     return d
-                want = dtype if (dtype is not None and dtypes.is_float(e["dtype"])) else dtypes.torch_dtype(e["dtype"])
+                want = _returned_dtype(e, dtype)
                 return torch.empty(e["shape"], dtype=want if half and want in subspace.HALF else cdt, device=dev)
 
             dests = [dest(e) for e in group]
@@ -583,7 +583,7 @@ class Store:
             t = dense_enc.decode(e, rows).clone()
         else:
             t = self._decode_group(_group_key(e) + ("single", name), [e], rows, dev, dtype=dtype)[0]
-        want = dtype if (dtype is not None and dtypes.is_float(e["dtype"])) else dtypes.torch_dtype(e["dtype"])
+        want = _returned_dtype(e, dtype)
         return t.to(want)
 
     def delta(self, model: ModelRef, module: str, *, device: str | torch.device | None = None,
@@ -812,6 +812,12 @@ def _target(into: dict[str, torch.Tensor], e: dict, cdt: torch.dtype, dev: torch
     if d.device != dev or not d.is_contiguous() or list(d.shape) != list(e["shape"]):
         return None
     return d
+
+
+def _returned_dtype(e: dict, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a reader returns tensor ``e`` in: ``dtype`` where asked for and the tensor is
+    floating point, else its source dtype."""
+    return dtype if (dtype is not None and dtypes.is_float(e["dtype"])) else dtypes.torch_dtype(e["dtype"])
 
 
 def _implied_shape(e: dict, field: str) -> tuple[int, int]:
