@@ -44,11 +44,12 @@ def main(path: str) -> None:
                      f"{fmt_s(ma['store_floor_s'])} / {fmt_s(ma['baseline_floor_s'])}",
                      f"{fmt_s(sw['store']['median'])} vs {fmt_s(sw['baseline']['median'])} ({sw['ratio_median']:.2f}x)",
                      f"{fmt_s(sw['store']['p95'])} vs {fmt_s(sw['baseline']['p95'])} ({sw['ratio_p95']:.2f}x)"])
-    for name, f in fams.items():  # the same family in bfloat16 (materialise only)
-        ma = f.get("materialise_bf16")
+    extra = (("materialise_bf16", "bfloat16 copy"), ("materialise_half_mean", "float16 means"))
+    for name, key, what in [(n, key, what) for n in fams for key, what in extra]:
+        ma = fams[name].get(key)  # the same family in bfloat16, and its store with float16 means (materialise only)
         if ma:
             torch_path = f"{fmt_s(ma['store_torch']['median'])} ({ma['ratio_torch']:.2f}x)" if ma.get("store_torch") else "-"
-            body.append([f"{name}, bfloat16 copy", fmt_s(ma["store"]["median"]), fmt_s(ma["baseline"]["median"]), f"{ma['ratio']:.2f}x",
+            body.append([f"{name}, {what}", fmt_s(ma["store"]["median"]), fmt_s(ma["baseline"]["median"]), f"{ma['ratio']:.2f}x",
                          torch_path, f"{fmt_s(ma['cold_store']['median'])} / {fmt_s(ma['cold_baseline']['median'])}",
                          fmt_s(ma["lazy_load_file"]["median"]), f"{fmt_s(ma['store_floor_s'])} / {fmt_s(ma['baseline_floor_s'])}", "-", "-"])
     print(rows(["family", "store", "baseline", "ratio", "store without the native kernel", "cold: store / baseline", "lazy load_file", "floor store / baseline",

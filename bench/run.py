@@ -29,9 +29,11 @@ from bench.common import fmt_bytes, fmt_s, table  # noqa: E402
 
 BUILDS = {
     # name -> convert() settings; "k16" is the store the loading benchmarks read
-    "vit": {"k16": {"rank": 16}, "k16-sketch": {"rank": 16, "basis": "sketch"}, "tau0.9": {"tau": 0.9}, "tau0.99": {"tau": 0.99}},
+    "vit": {"k16": {"rank": 16}, "k16-sketch": {"rank": 16, "basis": "sketch"}, "tau0.9": {"tau": 0.9}, "tau0.99": {"tau": 0.99},
+            "k16-sketch-half": {"rank": 16, "basis": "sketch", "mean_dtype": "float16"}},
     "lora": {"k16": {"rank": 16}, "k16-sketch": {"rank": 16, "basis": "sketch"}, "tau0.9": {"tau": 0.9}, "tau0.99": {"tau": 0.99}},
-    "trained": {"k16": {"rank": 16}, "k16-sketch": {"rank": 16, "basis": "sketch"}, "tau0.9": {"tau": 0.9}, "tau0.99": {"tau": 0.99}},
+    "trained": {"k16": {"rank": 16}, "k16-sketch": {"rank": 16, "basis": "sketch"}, "tau0.9": {"tau": 0.9}, "tau0.99": {"tau": 0.99},
+                "k16-half": {"rank": 16, "mean_dtype": "float16"}},
     "many": {"k16": {"rank": 16}, "tau0.99": {"tau": 0.99}},
 }
 #: 4096-wide LoRA modules: the exact product Grams are two 4096 x 4096 eigendecompositions per
@@ -74,6 +76,10 @@ def run_family(name: str, mode: str, workdir: str, device: str, log) -> dict:
         uwsfmt.convert(half.paths, half_store, device=device, overwrite=True, rank=16, basis="sketch")
         res["materialise_bf16"] = measure.materialise(half, half_store, device, models=4 if quick else 6,
                                                       seconds=1.0 if quick else 3.0, cold_repeats=1 if quick else 3)
+        log("  materialise, float16 means ...")  # the k16 sketch store with mean_dtype="float16"
+        res["materialise_half_mean"] = measure.materialise(fam, os.path.join(workdir, f"{name}-{mode}-k16-sketch-half.uws"), device,
+                                                           models=4 if quick else 6, seconds=1.0 if quick else 3.0,
+                                                           cold_repeats=1 if quick else 3)
     log("  switch ...")
     res["switch"] = measure.switch(fam, store_path, device, switches=30 if quick else 100)
     log("  first load, append ...")
@@ -100,14 +106,14 @@ def run_memory(mode: str, workdir: str, device: str, log) -> dict:
     return res
 
 
-def half_rows(h: dict | None) -> list[list[str]]:
-    """Rows for the bfloat16 copy's materialise (none where it was not measured)."""
+def half_rows(h: dict | None, what: str = "bfloat16 copy") -> list[list[str]]:
+    """Rows for the bfloat16 copy's (or the float16-mean store's) materialise (none where it was not measured)."""
     if not h:
         return []
-    rows = [["materialise (warm), bfloat16 copy", fmt_s(h["store"]["median"]), fmt_s(h["baseline"]["median"]), f"{h['ratio']:.2f}x",
+    rows = [[f"materialise (warm), {what}", fmt_s(h["store"]["median"]), fmt_s(h["baseline"]["median"]), f"{h['ratio']:.2f}x",
              f"{fmt_s(h['store_floor_s'])} / {fmt_s(h['baseline_floor_s'])}"]]
     if h.get("store_torch"):
-        rows.append([f"materialise (warm), bfloat16 copy, torch path: no {h['kernel']} kernel", fmt_s(h["store_torch"]["median"]),
+        rows.append([f"materialise (warm), {what}, torch path: no {h['kernel']} kernel", fmt_s(h["store_torch"]["median"]),
                      fmt_s(h["baseline"]["median"]), f"{h['ratio_torch']:.2f}x", ""])
     return rows
 
@@ -126,6 +132,7 @@ def report(name: str, r: dict) -> str:
             *([[f"materialise (warm), torch path: no {m['kernel']} kernel", fmt_s(m["store_torch"]["median"]),
                  fmt_s(m["baseline"]["median"]), f"{m['ratio_torch']:.2f}x", ""]] if m.get("store_torch") else []),
             *half_rows(r.get("materialise_bf16")),
+            *half_rows(r.get("materialise_half_mean"), "float16 means"),
             ["lazy load_file alone", "", fmt_s(m["lazy_load_file"]["median"]), "", ""],
             [f"switch x{sw['switches']} ({sw['models_cycled']} models), median", fmt_s(sw["store"]["median"]),
              fmt_s(sw["baseline"]["median"]), f"{sw['ratio_median']:.2f}x", ""],

@@ -26,7 +26,7 @@ from .independent_reader import SpecError, SpecReader
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "spec" / "examples"
-STORES = ("example", "example-flat")
+STORES = ("example", "example-flat", "example-half")
 
 
 @pytest.fixture(scope="module", autouse=True)

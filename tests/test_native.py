@@ -125,7 +125,36 @@ def test_half_outputs_are_torchs_cast_on_every_path(fresh, dt):
                     assert _same_half(got, f32), (dt, m, n, r, crafted, isa, parts, stream, offset)
                     assert offset == 0 or buf[0] == 0
     out, mean, a, b = _items(8, 32, 4)
-    assert not native.expand([(out.to(dt), mean.to(dt), a, b)])  # inputs must be float32
+    assert not native.expand([(out.to(dt), mean, a.to(dt), b)])  # factors must be float32
+    assert not native.expand([(out.to(dt), mean.to(torch.bfloat16), a, b)])  # a mean float32 or float16
+
+
+@needs_kernel
+def test_float16_means_are_read_as_their_float32_values_on_every_path(fresh):
+    """A float16 mean (format 1.1) gives the same bits as its float32 conversion, on every path
+    and output type: all 65,536 float16 bit patterns (subnormals, infinities, NaN) with vanishing
+    products, then random ones with real products, full tiles and tails."""
+    k = native.kernel()
+    isas = [0] + [i for i in (2, 1) if i <= k.isa]
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    cases = [(every.reshape(256, 256), 0)] + [(torch.randn(m, n, generator=torch.Generator().manual_seed(m)).half(), r)
+                                             for m, n, r in [(257, 333, 3), (64, 256, 16), (5, 17, 2), (9, 63, 33)]]
+    for mean16, r in cases:
+        m, n = mean16.shape
+        g = torch.Generator().manual_seed(r)
+        a, b = torch.randn(m, r, generator=g), torch.randn(r, n, generator=g)
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            want = torch.empty(m, n, dtype=dt)
+            _call(k, [(want, mean16.float(), a, b)], isa=0)
+            for isa in isas:
+                for parts, stream in ((1, True), (3, False)):
+                    got = torch.empty(m, n, dtype=dt)
+                    _call(k, [(got, mean16, a, b)], isa=isa, parts=parts, stream=stream)
+                    nan = torch.isnan(want.float())
+                    bits = torch.int32 if dt == torch.float32 else torch.int16
+                    assert torch.equal(got.view(bits)[~nan], want.view(bits)[~nan]), (r, dt, isa, parts, stream)
+                    assert torch.isnan(got.float()[nan]).all()
+    assert int(torch.isnan(every.float()).sum()) == 2046 and torch.isinf(every.float()).sum() == 2
 
 
 @needs_kernel
@@ -201,12 +230,15 @@ def test_damaged_cache_entry_is_rebuilt_and_shared_folders_are_not_used(fresh, m
 
 
 @needs_kernel
-def test_store_reads_and_recorded_errors_agree_with_and_without_kernel(tmp_path, monkeypatch, fresh):
+@pytest.mark.parametrize("mean_dtype", ["compute", "float16"])
+def test_store_reads_and_recorded_errors_agree_with_and_without_kernel(tmp_path, monkeypatch, fresh, mean_dtype):
     """The kernel changes no value beyond float32 rounding, and the errors recorded at build time
     are those of what the reader gives back (rebuild uses the same function)."""
     fam = synthetic_family(n_models=5, shapes={"w": (300, 260), "v": (260, 300), "s": (16, 16)}, rank=3, noise=1e-2,
                            seed=4, extra=False)
-    st = uwsfmt.convert(fam, tmp_path / "s.uws", rank=3)
+    st = uwsfmt.convert(fam, tmp_path / "s.uws", rank=3, mean_dtype=mean_dtype)
+    assert {str(st._array(e["mean"]).dtype) for e in st.manifest["tensors"] if e.get("mean")} == {
+        "float16" if mean_dtype == "float16" else "float32"}
     assert 300 * 260 >= subspace.EXPAND_MIN_ELEMENTS > 16 * 16
     assert native.status()["available"]
     ids = st.model_ids

@@ -67,6 +67,7 @@ class Settings:
     max_error: float | None = None  # error budget: ||W - W_hat|| / ||W|| per tensor and model (see budget.py)
     max_delta_error: float | None = None  # error budget: ||W - W_hat|| / ||W - M|| per tensor and model
     lora_mode: str = "product"  # LoRA pairs: product (basis over s*B*A) | factors (paper: A and B apart)
+    mean_dtype: str = "auto"  # subspace means: auto | float16 | compute (see _stored_mean)
 
     def check(self) -> None:
         if self.lora_mode not in lora_enc.LORA_MODES:
@@ -85,6 +86,8 @@ class Settings:
             v = getattr(self, key)
             if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) < math.inf):
                 raise ConfigError(f"{key} must be a number >= 0 (relative error per tensor and model, e.g. {example}), not {v!r}")
+        if self.mean_dtype not in MEAN_DTYPES:
+            raise ConfigError(f"mean_dtype must be one of {', '.join(MEAN_DTYPES)}; not {self.mean_dtype!r}")
         if self.basis not in BASIS_METHODS:
             raise ConfigError(f"basis must be one of {', '.join(BASIS_METHODS)}; not {self.basis!r}")
         if not (isinstance(self.sketch_power, int) and self.sketch_power >= 1):
@@ -115,6 +118,14 @@ class Settings:
 #: explained variance kept when neither rank nor tau is given (fidelity first)
 DEFAULT_TAU = 0.999
 BASIS_METHODS = ("exact", "sketch")
+#: how subspace means are stored: "compute" (float32, float64 for float64 tensors), "float16"
+#: (half the bytes, where the rounding stays small; see _stored_mean) or "auto" (float16 for
+#: float16 / bfloat16 tensors, whose rebuild is cast to 16 bits anyway)
+MEAN_DTYPES = ("auto", "float16", "compute")
+#: a float16 mean is kept only where its rounding moves it by at most this, relative (normal
+#: float16 values: 2^-11 per value at most, ~2.8e-4 root-mean-square; more only where values
+#: fall into float16's subnormals)
+HALF_MEAN_RTOL = 2.0 ** -10
 SKETCH_RANK = linalg.SKETCH_RANK
 SKETCH_PROBES = linalg.SKETCH_PROBES
 
@@ -375,7 +386,7 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
         if mode == "flat":
             mean, q = sk.range(s.center)
             if mean is not None:
-                mean = mean.to(_mean_dtype(tp.dtype)).to(torch.float64)
+                mean = _stored_mean(mean, tp.dtype, s).to(torch.float64)
             proj = torch.stack([q.T @ (cks[i].get(tp.name).to(dev, torch.float64).reshape(-1) - (mean if mean is not None else 0.0))
                                 for i in range(len(cks))], dim=1)
             basis, spectrum = linalg.flat_basis(q, proj)
@@ -387,7 +398,10 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
             fit = subspace.fit_gram(st, mode=mode, center=s.center, choose=s.choose)
             del st
     if fit.mean is not None:
-        fit.mean = fit.mean.to(_mean_dtype(tp.dtype))
+        if fit.method.get("method") == "sketch":  # decided before its last sweep (centring "mean"), else the compute dtype
+            fit.mean = fit.mean if fit.mean.dtype == torch.float16 else fit.mean.to(_mean_dtype(tp.dtype))
+        else:
+            fit.mean = _stored_mean(fit.mean, tp.dtype, s, _spread(fit, len(cks)))
     return "subspace", fit, "float matrix"
 
 
@@ -494,7 +508,7 @@ def _fit_batch(group: list[TensorPlan], cks: list[Checkpoint], s: Settings, dev:
                                      left=None if gl is None else gl[t], right=None if gr is None else gr[t], sq_norm=sqs[t])
             fit = subspace.fit_gram(stats, mode=mode, center=ts.center, choose=ts.choose)
             if fit.mean is not None:
-                fit.mean = fit.mean.to(_mean_dtype(tp0.dtype)).clone()
+                fit.mean = _stored_mean(fit.mean, tp0.dtype, ts, _spread(fit, len(cks))).clone()
             out[name] = ("subspace", fit, "float matrix")
     return out
 
@@ -578,10 +592,10 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
         held = len(cks) * t * max(m, n) * torch.finfo(sk.cdt).bits // 8
         held = held if hold.take(held) else 0
     if s.center == "mean":
-        # the mean as readers get it (stored in _mean_dtype, computed in the compute dtype), and the
+        # the mean as readers get it (stored by _stored_mean, computed in the compute dtype), and the
         # family's exact mean minus it (its rounding) for the centring
         mean_c, offset = sk.family_mean()
-        mean = mean_c.to(_mean_dtype(tp.dtype))
+        mean = _stored_mean(mean_c, tp.dtype, s, math.sqrt(total / len(cks)))
         centre = mean.to(sk.cdt)
         if centre is not mean_c:  # stored in another dtype than computed: its rounding too
             offset = offset + (mean_c - centre)
@@ -805,6 +819,45 @@ def check_base(fam: FamilyPlan, base: Checkpoint) -> None:
 
 def _mean_dtype(logical: str) -> torch.dtype:
     return torch.float64 if logical == "float64" else torch.float32
+
+
+def _stored_mean(mean: torch.Tensor, logical: str, s: Settings, spread: float | None = None) -> torch.Tensor:
+    """The centre M as the store keeps it (and readers get it back): float16 where ``s.mean_dtype``
+    asks for it (:data:`MEAN_DTYPES`) and the rounding keeps every value finite and moves M by at
+    most :data:`HALF_MEAN_RTOL` of ||M||, else the compute dtype. Under an error budget the
+    rounding must also stay within a tenth of the smallest allowance it can be compared with
+    before the fit (``max_error`` x ||M||; ``max_delta_error`` x ``spread``, the root-mean-square
+    of the models' deviations ||W_i - M||, where the caller knows it): it then adds at most ~0.5%
+    to an error at the budget, and a budget of 0 keeps the compute dtype. Everything downstream
+    (coefficients, residuals, recorded errors) is computed against the M returned here, so the
+    recorded errors stay the ones readers get back."""
+    if mean.dtype == torch.float16:
+        return mean
+    half = s.mean_dtype == "float16" or (s.mean_dtype == "auto" and logical in ("float16", "bfloat16"))
+    if half:
+        h = mean.to(torch.float16)
+        if bool(torch.isfinite(h).all()):
+            size = math.sqrt(linalg.sq_norm(mean))
+            moved = math.sqrt(linalg.sq_norm(mean - h.to(mean.dtype)))
+            allowed = HALF_MEAN_RTOL * size
+            b = s.error_budget
+            if b is not None and b.max_error is not None:
+                allowed = min(allowed, 0.1 * b.max_error * size)
+            if b is not None and b.max_delta_error is not None:
+                allowed = min(allowed, 0.1 * b.max_delta_error * spread) if spread is not None else -1.0
+            if moved <= allowed:
+                return h
+    return mean.to(_mean_dtype(logical))
+
+
+def _spread(fit: subspace.Fit, n_models: int) -> float | None:
+    """Root-mean-square of the models' deviations from the fit's centre: the trace of a full
+    spectrum (the exact Gram's eigenvalues) over the models; None where the spectrum is partial."""
+    if fit.method and fit.method.get("method") == "sketch":
+        return None
+    for vals in (fit.spectra or {}).values():
+        return math.sqrt(max(float(vals.sum()), 0.0) / max(n_models, 1))
+    return None
 
 
 # ---------------------------------------------------------------------------- pass 2
@@ -1153,6 +1206,7 @@ def convert(
     max_delta_error: float | None = None,
     lora_mode: str = "product",
     basis: str = "exact",
+    mean_dtype: str = "auto",
 ) -> Store:
     """Build a UWS store at ``out`` from a family of checkpoints and return it opened.
 
@@ -1176,6 +1230,15 @@ def convert(
     tensors that fail the check (or whose tau needs more directions than sketched) fall back to
     the exact Gram. Each tensor records which method it got (``basis`` in its manifest entry).
 
+    ``mean_dtype``: how each subspace tensor's mean (the centre the family's deviations are
+    taken from; one model's worth of values per store) is kept. ``"float16"``: half the bytes,
+    and faster loads, rounding each mean value by at most 2^-11 relative (kept per tensor only
+    where every value stays finite and the rounding moves the mean by at most 2^-10 relative;
+    coefficients, residuals and the recorded errors are computed against the rounded mean);
+    ``"compute"``: float32 (float64 for float64 tensors); ``"auto"`` (default): float16 for
+    float16 / bfloat16 tensors, whose rebuild is cast to 16 bits anyway, else the compute dtype.
+    A budget of 0 always keeps the compute dtype.
+
     >>> fam = {f"m{i}": {"w": torch.randn(64, 64)} for i in range(4)}
     >>> store = convert(fam, "/tmp/doc.uws", rank=2, overwrite=True)  # doctest: +SKIP
     """
@@ -1183,7 +1246,7 @@ def convert(
                  residual_bits=residual_bits or None, encodings=dict(encodings or {}),
                  min_numel=(min_numel if min_numel is not None else budget.MIN_NUMEL
                             if (max_error, max_delta_error) != (None, None) else 1024),
-                 allow_nonfinite=allow_nonfinite, seed=seed, max_error=max_error, max_delta_error=max_delta_error, lora_mode=lora_mode, basis=basis)
+                 allow_nonfinite=allow_nonfinite, seed=seed, max_error=max_error, max_delta_error=max_delta_error, lora_mode=lora_mode, basis=basis, mean_dtype=mean_dtype)
     s.check()
     out = os.fspath(out)
     if os.path.exists(out) and not overwrite:
@@ -1265,7 +1328,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
     cks = fam.checkpoints
     N = len(cks)
     zstore = LocalStore(path)
-    root = zarr.open_group(zstore, mode="w", attributes={"uws": {"format_version": layout.FORMAT_VERSION, "state": "building"}})
+    root = zarr.open_group(zstore, mode="w", attributes={"uws": {"format_version": layout.version_for(False), "state": "building"}})
     layout.create_group(zstore, layout.TENSORS)
     nodes = naming.unique_nodes([t.name for t in fam.tensors])
     prog = Progress(len(fam.tensors) * N + N, progress, cancel, "uwsfmt convert")
@@ -1374,7 +1437,8 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
             rec["source"] = _source_record(ck)
         wb.drain()
         manifest = {
-            "format_version": layout.FORMAT_VERSION,
+            "format_version": layout.version_for(any(isinstance(f, subspace.Fit) and f.mean is not None and f.mean.dtype == torch.float16
+                                                     for f in fits.values())),
             "state": "complete",
             "generation": 1,
             "writer": f"uwsfmt {__version__}",

@@ -66,7 +66,7 @@ def _cmd_convert(a) -> int:
         center="none" if a.no_center else a.center, residual_bits=a.residual_bits, encodings=enc,
         min_numel=a.min_numel, allow_nonfinite=a.allow_nonfinite, base=a.base, device=a.device,
         format=a.format, overwrite=a.overwrite, progress=not a.quiet, max_error=a.max_error, max_delta_error=a.max_delta_error, lora_mode=a.lora_mode,
-        basis=a.basis, seed=a.seed,
+        basis=a.basis, seed=a.seed, mean_dtype=a.mean_dtype,
     )
     print_summary(st)
     return 0
@@ -224,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how bases are found: exact (float64 Gram + eigendecomposition) or sketch (randomised range finder, "
                         "checked a-posteriori, exact where the check fails; much faster for wide tensors and LoRA families)")
     c.add_argument("--seed", type=int, default=0, help="seed of the sketch's random test matrices (--basis sketch)")
+    c.add_argument("--mean-dtype", default="auto", choices=["auto", "float16", "compute"],
+                   help="how each tensor's family mean is stored: float16 (half the bytes, faster loads; rounds it by "
+                        "<= 2^-11 relative, kept only where that holds), compute (float32), auto (default: float16 for "
+                        "float16/bfloat16 tensors, else float32)")
     c.add_argument("--max-error", type=float, metavar="E",
                    help="error budget: relative error ||W - W_hat|| / ||W|| of every tensor of every model stays <= E; "
                         "rank, mode and residual bits are chosen per tensor for the fewest bytes (0 = lossless)")

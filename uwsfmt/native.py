@@ -37,14 +37,16 @@ from .errors import ConfigError
 
 SOURCE = Path(__file__).with_name("native_expand.c")
 ISA_NAMES = {2: "avx512", 1: "avx2"}
-#: output dtypes the kernel writes (inputs are always float32), and their codes in ``uws_job``
+#: output dtypes the kernel writes (factors are always float32), and their codes in ``uws_job``
 OUT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+#: dtypes of the mean the kernel reads (float16: converted to float32 exactly as it is read)
+MEAN_TYPES = {torch.float32: 0, torch.float16: 2}
 #: rows of output per thread below which the work is not split between threads
 ROWS_PER_THREAD = 64
 
 
 class _Job(ctypes.Structure):
-    _fields_ = [(f, ctypes.c_int64) for f in ("mean", "a", "b", "out", "m", "n", "k", "stream", "otype")]
+    _fields_ = [(f, ctypes.c_int64) for f in ("mean", "a", "b", "out", "m", "n", "k", "stream", "otype", "mtype")]
 
 
 class _Kernel:
@@ -139,6 +141,12 @@ def _self_test(k: _Kernel) -> str | None:
             _run(k, [(half, mean, a, b)], threads=2)
             if not torch.equal(half.view(torch.int16), out.to(dt).view(torch.int16)):
                 return f"self-test failed on {m}x{n} (rank {r}): the kernel's {dt} output is not torch's rounding"
+        mean16 = mean.to(torch.float16)  # a float16 mean: the same as its float32 conversion
+        _run(k, [(out, mean16, a, b)], threads=2)
+        ref = torch.empty(m, n)
+        _run(k, [(ref, mean16.float(), a, b)], threads=2)
+        if not torch.equal(out, ref):
+            return f"self-test failed on {m}x{n} (rank {r}): a float16 mean is not read as its float32 value"
     return None
 
 
@@ -218,7 +226,7 @@ def _fits(out: torch.Tensor, mean: torch.Tensor | None, a: torch.Tensor, b: torc
     ts = (out, a, b) if mean is None else (out, mean, a, b)
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in ts) or out.dtype not in OUT_TYPES:
         return False
-    if any(t.dtype != torch.float32 for t in ts[1:]):
+    if a.dtype != torch.float32 or b.dtype != torch.float32 or (mean is not None and mean.dtype not in MEAN_TYPES):
         return False
     if out.dim() != 2 or a.dim() != 2 or b.dim() != 2:
         return False
@@ -237,6 +245,7 @@ def _jobs(items: list[tuple], stream: bool):
         job.a, job.b, job.out = a.data_ptr(), b.data_ptr(), out.data_ptr()
         job.m, job.n, job.k, job.stream = out.shape[0], out.shape[1], a.shape[1], int(stream)
         job.otype = OUT_TYPES[out.dtype]
+        job.mtype = 0 if mean is None else MEAN_TYPES[mean.dtype]
     return jobs
 
 
@@ -250,8 +259,9 @@ def _run(k: _Kernel, items: list[tuple], *, threads: int, stream: bool = True) -
 
 def expand(items: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]], *, stream: bool = True) -> bool:
     """``out = mean + a @ b`` (``mean`` may be None) for every ``(out, mean, a, b)`` in ``items``,
-    split over torch's thread count. ``mean``, ``a``, ``b`` float32, ``out`` float32, bfloat16 or
-    float16 (the float32 result rounded as ``Tensor.to`` does); all contiguous, on the CPU, ``out``
+    split over torch's thread count. ``a``, ``b`` float32, ``mean`` float32 or float16 (read as its
+    exact float32 value), ``out`` float32, bfloat16 or float16 (the float32 result rounded as
+    ``Tensor.to`` does); all contiguous, on the CPU, ``out``
     no input.
     Returns False, having written nothing, when the kernel is unavailable or an item does not fit;
     the caller then computes them itself."""

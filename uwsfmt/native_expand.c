@@ -1,5 +1,5 @@
-/* uwsfmt native kernel: out = a @ b (+ mean) for float32 inputs, row-major, contiguous; the output
- * in float32, or rounded to bfloat16 / float16 as it is written.
+/* uwsfmt native kernel: out = a @ b (+ mean) for float32 factors and a float32 or float16 mean,
+ * row-major, contiguous; the output in float32, or rounded to bfloat16 / float16 as it is written.
  *
  * The reconstruction of a subspace tensor, M + L C R^T, is one thin product (inner dimension the
  * rank k, often 8-64) plus a full-size addition. With BLAS that is two passes over memory (copy M
@@ -10,7 +10,8 @@
  * Every output value is computed the same way wherever it lies (full tile, narrow tile, masked or
  * scalar tail, any split of the rows between threads):
  *     s = 0; for p in 0..k-1: s = fma(a[i, p], b[p, j], s);   out[i, j] = s + mean[i, j]
- * so results do not depend on the shape, the alignment or the number of threads. A bfloat16 or
+ * so results do not depend on the shape, the alignment or the number of threads (a float16 mean is
+ * converted to float32 first, exactly, as torch's cast does). A bfloat16 or
 float16 output is that float32 value rounded to nearest-even, bit for bit what torch's cast of the
 float32 result gives (NaN: bfloat16 0xFFFF as torch's vector cast, float16 the quiet NaN of the
 hardware conversion), so a module in half precision gets the same values with half the writes
@@ -27,21 +28,53 @@ and no float32 temporary.
 
 #include <string.h>
 
-enum { UWS_F32 = 0, UWS_BF16 = 1, UWS_F16 = 2 }; /* output types */
+enum { UWS_F32 = 0, UWS_BF16 = 1, UWS_F16 = 2 }; /* output types (the mean: UWS_F32 or UWS_F16) */
 
 typedef struct {
     int64_t mean, a, b, out; /* addresses; mean may be 0 (no centring) */
     int64_t m, n, k;         /* out and mean: m x n, a: m x k, b: k x n */
     int64_t stream;          /* non-zero: streaming stores where the output is aligned */
     int64_t otype;           /* UWS_F32, UWS_BF16 or UWS_F16 */
+    int64_t mtype;           /* the mean's type: UWS_F32 or UWS_F16 */
 } uws_job;
 
-static inline float uws_one(const float *ai, const float *b, int64_t n, int64_t j, int64_t k, const float *mi)
+/* float16 bits -> float32, exactly (subnormals, infinities and NaN payloads kept). */
+static inline float uws_h2f(uint16_t h)
+{
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
+    uint32_t u;
+    if (e == 0x1F)
+        u = sign | 0x7F800000u | (mant << 13);
+    else if (e)
+        u = sign | ((e + 112u) << 23) | (mant << 13);
+    else if (mant == 0)
+        u = sign;
+    else { /* subnormal: mant * 2^-24, normalised */
+        int shift = 0;
+        uint32_t mm = mant;
+        while (!(mm & 0x400u)) {
+            mm <<= 1;
+            shift++;
+        }
+        u = sign | ((uint32_t)(113 - shift) << 23) | ((mm & 0x3FFu) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Element ``at`` of a mean of type ``mt``. */
+static inline float uws_mean(const void *mean, int64_t at, int mt)
+{
+    return mt == UWS_F16 ? uws_h2f(((const uint16_t *)mean)[at]) : ((const float *)mean)[at];
+}
+
+static inline float uws_one(const float *ai, const float *b, int64_t n, int64_t j, int64_t k, const void *mean, int64_t row, int mt)
 {
     float s = 0.0f;
     for (int64_t p = 0; p < k; p++)
         s = fmaf(ai[p], b[p * n + j], s);
-    return mi ? s + mi[j] : s;
+    return mean ? s + uws_mean(mean, row * n + j, mt) : s;
 }
 
 /* float32 -> bfloat16, round to nearest even (torch's rule; NaN -> 0xFFFF as its vector cast). */
@@ -136,10 +169,27 @@ UWS512 void uws_store512(void *out, int64_t at, __m512 v, int nt, const int ot, 
         _mm256_storeu_si256((__m256i *)dst, h);
 }
 
-UWS512 void uws_tile512(const uws_job *J, int64_t i, const int R, int nt, const int ot)
+/* 16 values of the mean from element ``at``, ``cnt`` of them (the rest 0). */
+UWS512 __m512 uws_mean512(const void *M, int64_t at, const int mt, int cnt)
+{
+    if (mt == UWS_F16) {
+        const uint16_t *src = (const uint16_t *)M + at;
+        if (cnt == 16)
+            return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)src));
+        uint16_t tmp[16] = {0}; /* no 16-bit masked load without AVX512BW: through a small buffer */
+        memcpy(tmp, src, (size_t)cnt * 2);
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)tmp));
+    }
+    if (cnt == 16)
+        return _mm512_loadu_ps((const float *)M + at);
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << cnt) - 1u), (const float *)M + at);
+}
+
+UWS512 void uws_tile512(const uws_job *J, int64_t i, const int R, int nt, const int ot, const int mt)
 {
     const int64_t n = J->n, k = J->k;
-    const float *A = (const float *)J->a, *B = (const float *)J->b, *M = (const float *)J->mean;
+    const float *A = (const float *)J->a, *B = (const float *)J->b;
+    const void *M = (const void *)J->mean;
     void *O = (void *)J->out;
     int64_t j = 0;
     for (; j + 64 <= n; j += 64) {
@@ -169,7 +219,7 @@ UWS512 void uws_tile512(const uws_job *J, int64_t i, const int R, int nt, const 
                 const int64_t at = (i + r) * n + j + 16 * q;
                 __m512 v = c[r][q];
                 if (M)
-                    v = _mm512_add_ps(v, _mm512_loadu_ps(M + at));
+                    v = _mm512_add_ps(v, uws_mean512(M, at, mt, 16));
                 uws_store512(O, at, v, nt, ot, 16);
             }
     }
@@ -190,34 +240,36 @@ UWS512 void uws_tile512(const uws_job *J, int64_t i, const int R, int nt, const 
             const int64_t at = (i + r) * n + j;
             __m512 v = c[r];
             if (M)
-                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, M + at));
+                v = _mm512_add_ps(v, uws_mean512(M, at, mt, n - j >= 16 ? 16 : (int)(n - j)));
             uws_store512(O, at, v, nt, ot, n - j >= 16 ? 16 : (int)(n - j));
         }
     }
 }
 
 /* Rows [r0, r1) as output type ``ot`` (a constant where inlined: one specialised loop per type). */
-UWS512 void uws_rows512t(const uws_job *J, int64_t r0, int64_t r1, const int ot)
+UWS512 void uws_rows512t(const uws_job *J, int64_t r0, int64_t r1, const int ot, const int mt)
 {
     /* streaming stores of whole vectors (64 bytes of float32, 32 of 16-bit values), each aligned */
     const int nt = J->stream && ((uintptr_t)J->out % (ot == UWS_F32 ? 64 : 32) == 0) && (J->n % 16 == 0);
     int64_t i = r0;
     for (; i + 4 <= r1; i += 4)
-        uws_tile512(J, i, 4, nt, ot);
+        uws_tile512(J, i, 4, nt, ot, mt);
     for (; i < r1; i++)
-        uws_tile512(J, i, 1, nt, ot);
+        uws_tile512(J, i, 1, nt, ot, mt);
     if (nt)
         _mm_sfence();
 }
 
+/* One specialised loop per (output type, mean type). */
 __attribute__((target("avx512f"))) static void uws_rows512(const uws_job *J, int64_t r0, int64_t r1)
 {
+    const int h = J->mtype == UWS_F16;
     if (J->otype == UWS_BF16)
-        uws_rows512t(J, r0, r1, UWS_BF16);
+        h ? uws_rows512t(J, r0, r1, UWS_BF16, UWS_F16) : uws_rows512t(J, r0, r1, UWS_BF16, UWS_F32);
     else if (J->otype == UWS_F16)
-        uws_rows512t(J, r0, r1, UWS_F16);
+        h ? uws_rows512t(J, r0, r1, UWS_F16, UWS_F16) : uws_rows512t(J, r0, r1, UWS_F16, UWS_F32);
     else
-        uws_rows512t(J, r0, r1, UWS_F32);
+        h ? uws_rows512t(J, r0, r1, UWS_F32, UWS_F16) : uws_rows512t(J, r0, r1, UWS_F32, UWS_F32);
 }
 
 /* ---- AVX2 + FMA: tiles of R rows x 16 columns (8 accumulators for R = 4) ---- */
@@ -253,10 +305,19 @@ UWS256 void uws_store256(void *out, int64_t at, __m256 v, int nt, const int ot)
         _mm_storeu_si128((__m128i *)dst, h);
 }
 
-UWS256 void uws_tile256(const uws_job *J, int64_t i, const int R, int nt, const int ot)
+/* 8 values of the mean from element ``at``. */
+UWS256 __m256 uws_mean256(const void *M, int64_t at, const int mt)
+{
+    if (mt == UWS_F16)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)M + at)));
+    return _mm256_loadu_ps((const float *)M + at);
+}
+
+UWS256 void uws_tile256(const uws_job *J, int64_t i, const int R, int nt, const int ot, const int mt)
 {
     const int64_t n = J->n, k = J->k;
-    const float *A = (const float *)J->a, *B = (const float *)J->b, *M = (const float *)J->mean;
+    const float *A = (const float *)J->a, *B = (const float *)J->b;
+    const void *M = (const void *)J->mean;
     void *O = (void *)J->out;
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
@@ -282,36 +343,38 @@ UWS256 void uws_tile256(const uws_job *J, int64_t i, const int R, int nt, const 
                 const int64_t at = (i + r) * n + j + 8 * q;
                 __m256 v = c[r][q];
                 if (M)
-                    v = _mm256_add_ps(v, _mm256_loadu_ps(M + at));
+                    v = _mm256_add_ps(v, uws_mean256(M, at, mt));
                 uws_store256(O, at, v, nt, ot);
             }
     }
     for (int r = 0; r < R; r++) /* the last n % 16 columns */
         for (int64_t jj = j; jj < n; jj++)
-            uws_put(O, (i + r) * n + jj, uws_one(A + (i + r) * k, B, n, jj, k, M ? M + (i + r) * n : 0), ot);
+            uws_put(O, (i + r) * n + jj, uws_one(A + (i + r) * k, B, n, jj, k, M, i + r, mt), ot);
 }
 
-UWS256 void uws_rows256t(const uws_job *J, int64_t r0, int64_t r1, const int ot)
+UWS256 void uws_rows256t(const uws_job *J, int64_t r0, int64_t r1, const int ot, const int mt)
 {
     /* streaming stores of whole vectors (32 bytes of float32, 16 of 16-bit values), each aligned */
     const int nt = J->stream && ((uintptr_t)J->out % (ot == UWS_F32 ? 32 : 16) == 0) && (J->n % 8 == 0);
     int64_t i = r0;
     for (; i + 4 <= r1; i += 4)
-        uws_tile256(J, i, 4, nt, ot);
+        uws_tile256(J, i, 4, nt, ot, mt);
     for (; i < r1; i++)
-        uws_tile256(J, i, 1, nt, ot);
+        uws_tile256(J, i, 1, nt, ot, mt);
     if (nt)
         _mm_sfence();
 }
 
+/* One specialised loop per (output type, mean type). */
 __attribute__((target("avx2,fma,f16c"))) static void uws_rows256(const uws_job *J, int64_t r0, int64_t r1)
 {
+    const int h = J->mtype == UWS_F16;
     if (J->otype == UWS_BF16)
-        uws_rows256t(J, r0, r1, UWS_BF16);
+        h ? uws_rows256t(J, r0, r1, UWS_BF16, UWS_F16) : uws_rows256t(J, r0, r1, UWS_BF16, UWS_F32);
     else if (J->otype == UWS_F16)
-        uws_rows256t(J, r0, r1, UWS_F16);
+        h ? uws_rows256t(J, r0, r1, UWS_F16, UWS_F16) : uws_rows256t(J, r0, r1, UWS_F16, UWS_F32);
     else
-        uws_rows256t(J, r0, r1, UWS_F32);
+        h ? uws_rows256t(J, r0, r1, UWS_F32, UWS_F16) : uws_rows256t(J, r0, r1, UWS_F32, UWS_F32);
 }
 #endif
 
@@ -353,7 +416,7 @@ static void uws_part(const uws_job *jobs, int64_t count, int64_t part, int64_t p
             for (int64_t j = 0; j < J->n; j++)
                 uws_put((void *)J->out, i * J->n + j,
                         uws_one((const float *)J->a + i * J->k, (const float *)J->b, J->n, j, J->k,
-                                J->mean ? (const float *)J->mean + i * J->n : 0),
+                                (const void *)J->mean, i, (int)J->mtype),
                         (int)J->otype);
     }
 }

@@ -312,6 +312,11 @@ class Store:
             self._chunked[path] = reader
         return self._chunked[path]
 
+    def _storage_dtype(self, path: str) -> np.dtype:
+        """The data type of the array at ``path`` (from its metadata; nothing read)."""
+        reader = self._chunked_reader(path)
+        return reader.dtype if reader is not None else self._array(path).dtype
+
     def read_array(self, path: str, shape: Iterable[int] | None = None, out: np.ndarray | None = None,
                    most: int | None = None) -> np.ndarray:
         """The whole array at ``path``; ``shape``: what the manifest implies, or ``most``: how many
@@ -419,8 +424,12 @@ class Store:
             def stack(field):
                 if entries[0].get(field) is None:
                     return None
+                # float16 means (format 1.1) stay float16 here: half the bytes cached and read per
+                # load; readers convert them exactly as they add them (native kernel, torch's promotion)
+                dt = torch.float16 if field == "mean" and cdt == torch.float32 and all(
+                    self._storage_dtype(e[field]) == np.float16 for e in entries) else cdt
                 # read straight into the stacked host tensor (no per-array allocation and copy)
-                out = torch.empty((len(entries), *_implied_shape(entries[0], field)), dtype=cdt)
+                out = torch.empty((len(entries), *_implied_shape(entries[0], field)), dtype=dt)
                 for e, o in zip(entries, out):
                     view = o.numpy()
                     got = self.read_array(e[field], _implied_shape(e, field), out=view)

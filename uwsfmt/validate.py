@@ -19,8 +19,8 @@ def _expect(store, path: str, shape: tuple | None, dtype: str | None, problems: 
         return None
     if shape is not None and tuple(arr.shape) != tuple(shape):
         problems.append(f"{what}: array {path} has shape {list(arr.shape)}, the manifest implies {list(shape)}")
-    if dtype is not None and str(arr.dtype) != dtype:
-        problems.append(f"{what}: array {path} has dtype {arr.dtype}, expected {dtype}")
+    if dtype is not None and str(arr.dtype) not in dtype.split("|"):
+        problems.append(f"{what}: array {path} has dtype {arr.dtype}, expected {dtype.replace('|', ' or ')}")
     return arr
 
 
@@ -40,6 +40,10 @@ def validate_store(store, *, deep: bool = False, tol: float = 1e-3, notes: list[
     if deep and not problems:
         problems += _deep(store, notes if notes is not None else [])
     return problems
+
+
+def _minor(manifest: dict) -> int:
+    return int(str(manifest["format_version"]).split(".")[1])
 
 
 def _check_store(store, tol: float, problems: list[str]) -> None:
@@ -67,8 +71,11 @@ def _check_store(store, tol: float, problems: list[str]) -> None:
             if int(np.prod(e["shape"], dtype=np.int64)) != mv * nv:
                 problems.append(f"{what}: view {e['view']} does not hold shape {e['shape']}")
             cdt = "float64" if e["dtype"] == "float64" else "float32"
-            if e["mean"]:
-                _expect(store, e["mean"], (mv, nv), cdt, problems, what)
+            if e["mean"]:  # the compute dtype, or float16 (format 1.1)
+                arr = _expect(store, e["mean"], (mv, nv), f"{cdt}|float16", problems, what)
+                if arr is not None and str(arr.dtype) == "float16" and _minor(m) < 1:
+                    problems.append(f"{what}: mean {e['mean']} is float16, which format {m['format_version']} does not allow "
+                                    "(float16 means came with format 1.1)")
             kl, kr = e["rank"]
             r = kl if e["left"] else mv
             c = kr if e["right"] else nv

@@ -1,4 +1,4 @@
-"""Regenerate the UWS 1.0 conformance examples: ``example.uws``, ``example-flat.uws`` and ``expected/``.
+"""Regenerate the UWS 1.x conformance examples: ``example.uws``, ``example-flat.uws``, ``example-half.uws`` and ``expected/``.
 
     python spec/examples/make_example.py            # rewrites the checked-in examples
     python spec/examples/make_example.py OUT_DIR    # writes them under OUT_DIR instead
@@ -8,7 +8,7 @@ running it twice gives the same stores (up to the manifest's timestamps) and the
 tensors. ``expected/<store>/<model index>.safetensors`` holds what a conforming reader must return
 for each model, as read back by uwsfmt when the example was made.
 
-Two stores, because ``mode`` is one setting per conversion in uwsfmt 0.1:
+Three stores, because ``mode`` and the means' data type are settings per conversion:
 
 - ``example.uws``: built with an error budget (``max_error``), under which the converter picks
   mode, rank and residual bits per tensor, so one store holds left, right and two-sided subspace
@@ -17,6 +17,10 @@ Two stores, because ``mode`` is one setting per conversion in uwsfmt 0.1:
   (per-model exceptions of kind ``correct`` and ``replace``).
 - ``example-flat.uws``: flat PCA (``mode="flat"``), no centring (no mean), a fixed lossy rank, in
   float32 / bfloat16 / float16 / float64, so the final round-to-nearest-even cast matters.
+- ``example-half.uws`` (format 1.1): means stored as **float16** (``mean_dtype="float16"``),
+  converted to the compute dtype by readers, in float32, bfloat16 and float64 tensors, with
+  4-bit residuals; and a tensor whose values lie below float16's normal range, whose mean
+  stays float32.
 """
 
 from __future__ import annotations
@@ -132,6 +136,26 @@ def flat_family() -> dict[str, dict[str, torch.Tensor]]:
     return models
 
 
+def half_family() -> dict[str, dict[str, torch.Tensor]]:
+    """Five models of "base + rank-2 deviations + noise" in float32, bfloat16 and float64, and one
+    float32 tensor of tiny values (its float16 mean would lose most of its bits)."""
+    g = _gen(6)
+    shapes = {"half.weight": (24, 16), "half.bf16.weight": (16, 32), "half.f64.weight": (12, 20), "tiny.weight": (8, 16)}
+    dts = {"half.bf16.weight": torch.bfloat16, "half.f64.weight": torch.float64}
+    scale = {"tiny.weight": 1e-6}
+    bases = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    dirs = {k: _orth(s[0], 2, g) for k, s in shapes.items()}
+    models = {}
+    for i in range(N_MODELS):
+        g = _gen(7, i)
+        sd = {}
+        for k, s in shapes.items():
+            w = bases[k] + 0.1 * dirs[k] @ torch.randn(2, s[1], generator=g, dtype=torch.float64) + 0.01 * torch.randn(s, generator=g, dtype=torch.float64)
+            sd[k] = (w * scale.get(k, 1.0)).to(dts.get(k, torch.float32))
+        models[f"half-{i}"] = sd
+    return models
+
+
 def _write_expected(store, out_dir: str) -> None:
     from safetensors.torch import save_file
 
@@ -155,7 +179,7 @@ def build(out_dir: str = HERE) -> dict[str, str]:
 def _build(out_dir: str) -> dict[str, str]:
     import uwsfmt
 
-    paths = {"example": os.path.join(out_dir, "example.uws"), "example-flat": os.path.join(out_dir, "example-flat.uws")}
+    paths = {name: os.path.join(out_dir, f"{name}.uws") for name in ("example", "example-flat", "example-half")}
     expected = os.path.join(out_dir, "expected")
     shutil.rmtree(expected, ignore_errors=True)
 
@@ -166,6 +190,9 @@ def _build(out_dir: str) -> dict[str, str]:
     flat = uwsfmt.convert(flat_family(), paths["example-flat"], mode="flat", rank=3, center="none", min_numel=64,
                           device="cpu", overwrite=True)
     flat.close()
+    half = uwsfmt.convert(half_family(), paths["example-half"], rank=2, residual_bits=4, mean_dtype="float16", min_numel=64,
+                          device="cpu", overwrite=True)
+    half.close()
     for name, path in paths.items():
         lock = os.path.join(path, ".uws.lock")  # the appenders' lock file is not part of the store
         if os.path.exists(lock):
@@ -193,6 +220,8 @@ def coverage(paths: dict[str, str]) -> set[str]:
                 if enc == "subspace":
                     have.add(f"mode:{e['mode']}")
                     have.add("mean" if e["mean"] else "no-mean")
+                    if e["mean"]:
+                        have.add(f"mean:{st._array(e['mean']).dtype}:{e['dtype']}")
                     if 0 in e["rank"]:
                         have.add("rank-0")
                     if e["residual"]:
@@ -218,6 +247,7 @@ REQUIRED = {
     "0-d:shared", "0-d:dense", "dense:per-model", "dense:pack:float32", "dense:pack:uint16", "dense:pack:float16",
     "dense:pack:int64", "dense:pack:bool", "node:escaped", "node:suffixed", "node:hashed",
     "exception:correct:subspace", "exception:correct:shared", "exception:replace:shared",
+    "mean:float16:float32", "mean:float16:bfloat16", "mean:float16:float64", "mean:float32:float32", "mean:float32:bfloat16",
 }
 
 

@@ -199,7 +199,8 @@ def expand_into(items: list[tuple]) -> None:
     """``out = mean + left @ c @ right^T`` (None parts skipped) for each ``(out, mean, left, c,
     right)``, ``out`` of the product's shape, all in one dtype on one device, except that ``out``
     may be in a lower precision (:data:`HALF`) than float32 parts: it then gets the float32
-    result cast, exactly as ``Tensor.to`` casts it.
+    result cast, exactly as ``Tensor.to`` casts it; and ``mean`` may be float16 (a format 1.1
+    mean), added as its exact float32 value.
 
     On the CPU with float32 parts all of them go through the fused kernel of :mod:`uwsfmt.native`
     in one call (one pass over memory per tensor, split between torch's threads, the rounding to
