@@ -92,6 +92,7 @@ class Converter(anywidget.AnyWidget):
     residual_choices = t.List(list(RESIDUAL_BITS)).tag(sync=True)
     max_error = t.Float(None, allow_none=True).tag(sync=True)
     basis = t.Unicode("exact").tag(sync=True)  # how bases are found: exact | sketch
+    mean_dtype = t.Unicode("auto").tag(sync=True)  # how family means are stored: auto | float16 | compute
     device = t.Unicode("cpu").tag(sync=True)
     devices = t.List(["cpu"]).tag(sync=True)
     overwrite = t.Bool(False).tag(sync=True)
@@ -172,6 +173,8 @@ class Converter(anywidget.AnyWidget):
             kw["max_error"] = float(self.max_error)
         if self.basis != "exact" and "basis" in params:
             kw["basis"] = self.basis
+        if self.mean_dtype != "auto" and "mean_dtype" in params:
+            kw["mean_dtype"] = self.mean_dtype
         if self.overwrite and "overwrite" in params:
             kw["overwrite"] = True
         return kw
@@ -209,6 +212,8 @@ class Converter(anywidget.AnyWidget):
             return f"Unknown basis side {self.mode!r}; choose one of {', '.join(self.modes)}."
         if self.basis not in ("exact", "sketch"):
             return f"Unknown basis method {self.basis!r}; choose exact or sketch."
+        if self.mean_dtype not in ("auto", "float16", "compute"):
+            return f"Unknown mean storage {self.mean_dtype!r}; choose auto, float16 or compute."
         if not self.output.strip():
             return "Enter the output path of the new store, e.g. family.uws."
         return None

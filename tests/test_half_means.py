@@ -64,13 +64,15 @@ def test_float16_means_halve_the_mean_bytes_and_record_true_errors(tmp_path, bas
     assert half.validate(deep=True) == []
 
 
-def test_auto_keeps_float16_for_16_bit_families_only(tmp_path):
+def test_auto_is_float16_for_16_bit_families_and_under_budgets(tmp_path):
     bf = family(torch.bfloat16)
     f32 = family(torch.float32)
     s_bf = uwsfmt.convert(bf, tmp_path / "bf.uws", rank=2)
     s_32 = uwsfmt.convert(f32, tmp_path / "f32.uws", rank=2)
+    s_budget = uwsfmt.convert(f32, tmp_path / "budget.uws", max_delta_error=0.3)
     assert set(mean_dtypes(s_bf).values()) == {"float16"} and s_bf.format_version == "1.1"
     assert set(mean_dtypes(s_32).values()) == {"float32"} and s_32.format_version == "1.0"
+    assert set(mean_dtypes(s_budget).values()) == {"float16"} and s_budget.format_version == "1.1"
     assert_recorded_errors_are_read_back(s_bf, bf, tol=1e-4)
     # bfloat16 reads are the float32 rebuild cast once
     sd = s_bf.state_dict(0, dtype=torch.float32)

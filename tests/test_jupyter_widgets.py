@@ -225,6 +225,9 @@ def test_converter_kwargs_follow_the_form():
     assert kw["residual_bits"] == 4 and kw["max_error"] == 1e-3 and kw["overwrite"] is True and kw["mode"] == "left"
     c.basis = "sketch"
     assert c.convert_kwargs()["basis"] == "sketch"
+    assert "mean_dtype" not in c.convert_kwargs()  # auto: the library's default
+    c.mean_dtype = "float16"
+    assert c.convert_kwargs()["mean_dtype"] == "float16"
 
 
 def test_converter_rejects_bad_options_with_messages():
@@ -237,7 +240,9 @@ def test_converter_rejects_bad_options_with_messages():
     assert c.run() is None and "tau" in c.message
     c.rank_mode, c.basis = "auto", "fast"
     assert c.run() is None and "Unknown basis method 'fast'" in c.message
-    c.basis, c.device = "exact", "cuda:7"
+    c.basis, c.mean_dtype = "exact", "half"
+    assert c.run() is None and "Unknown mean storage 'half'" in c.message
+    c.mean_dtype, c.device = "auto", "cuda:7"
     assert c.run() is None and "not available" in c.message
 
 

@@ -120,7 +120,8 @@ DEFAULT_TAU = 0.999
 BASIS_METHODS = ("exact", "sketch")
 #: how subspace means are stored: "compute" (float32, float64 for float64 tensors), "float16"
 #: (half the bytes, where the rounding stays small; see _stored_mean) or "auto" (float16 for
-#: float16 / bfloat16 tensors, whose rebuild is cast to 16 bits anyway)
+#: float16 / bfloat16 tensors, whose rebuild is cast to 16 bits anyway, and under an error
+#: budget, which says how much error is acceptable; else the compute dtype)
 MEAN_DTYPES = ("auto", "float16", "compute")
 #: a float16 mean is kept only where its rounding moves it by at most this, relative (normal
 #: float16 values: 2^-11 per value at most, ~2.8e-4 root-mean-square; more only where values
@@ -833,14 +834,14 @@ def _stored_mean(mean: torch.Tensor, logical: str, s: Settings, spread: float | 
     recorded errors stay the ones readers get back."""
     if mean.dtype == torch.float16:
         return mean
-    half = s.mean_dtype == "float16" or (s.mean_dtype == "auto" and logical in ("float16", "bfloat16"))
+    b = s.error_budget
+    half = s.mean_dtype == "float16" or (s.mean_dtype == "auto" and (logical in ("float16", "bfloat16") or b is not None))
     if half:
         h = mean.to(torch.float16)
         if bool(torch.isfinite(h).all()):
             size = math.sqrt(linalg.sq_norm(mean))
             moved = math.sqrt(linalg.sq_norm(mean - h.to(mean.dtype)))
             allowed = HALF_MEAN_RTOL * size
-            b = s.error_budget
             if b is not None and b.max_error is not None:
                 allowed = min(allowed, 0.1 * b.max_error * size)
             if b is not None and b.max_delta_error is not None:
@@ -1236,8 +1237,9 @@ def convert(
     where every value stays finite and the rounding moves the mean by at most 2^-10 relative;
     coefficients, residuals and the recorded errors are computed against the rounded mean);
     ``"compute"``: float32 (float64 for float64 tensors); ``"auto"`` (default): float16 for
-    float16 / bfloat16 tensors, whose rebuild is cast to 16 bits anyway, else the compute dtype.
-    A budget of 0 always keeps the compute dtype.
+    float16 / bfloat16 tensors, whose rebuild is cast to 16 bits anyway, and under an error
+    budget (where the rounding must stay within a tenth of the allowance), else the compute
+    dtype. A budget of 0 always keeps the compute dtype.
 
     >>> fam = {f"m{i}": {"w": torch.randn(64, 64)} for i in range(4)}
     >>> store = convert(fam, "/tmp/doc.uws", rank=2, overwrite=True)  # doctest: +SKIP

@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mean-dtype", default="auto", choices=["auto", "float16", "compute"],
                    help="how each tensor's family mean is stored: float16 (half the bytes, faster loads; rounds it by "
                         "<= 2^-11 relative, kept only where that holds), compute (float32), auto (default: float16 for "
-                        "float16/bfloat16 tensors, else float32)")
+                        "float16/bfloat16 tensors and under --max-error/--max-delta-error, within a tenth of the budget; "
+                        "else float32)")
     c.add_argument("--max-error", type=float, metavar="E",
                    help="error budget: relative error ||W - W_hat|| / ||W|| of every tensor of every model stays <= E; "
                         "rank, mode and residual bits are chosen per tensor for the fewest bytes (0 = lossless)")

@@ -60,6 +60,11 @@ function render({ model, el }) {
     h("option", { value: "exact", text: "exact" }),
     h("option", { value: "sketch", text: "sketch (randomised)" }),
   ]), "basis");
+  const meanDtype = bind(h("select", { class: "uws-input uws-mean-dtype" }, [
+    h("option", { value: "auto", text: "auto" }),
+    h("option", { value: "float16", text: "float16" }),
+    h("option", { value: "compute", text: "float32" }),
+  ]), "mean_dtype");
   const device = h("select", { class: "uws-input uws-device" });
   const output = bind(h("input", { type: "text", class: "uws-input uws-output", placeholder: "family.uws" }), "output");
   const overwrite = bind(h("input", { type: "checkbox", class: "uws-overwrite" }), "overwrite");
@@ -94,7 +99,8 @@ function render({ model, el }) {
     opt("Basis side", mode, "which mode of each matrix the shared basis spans"),
     opt("Centering", h("label", { class: "uws-check" }, [center, " subtract the family mean first"])),
     opt("Residual", residual, "quantized per-model correction on top of the basis"),
-    opt("Bases", basis, "sketch: much faster for wide layers and large LoRA families; exact where its check fails")];
+    opt("Bases", basis, "sketch: much faster for wide layers and large LoRA families; exact where its check fails"),
+    opt("Means", meanDtype, "float16: half the bytes of each tensor's family mean, faster loads (auto: for bf16/fp16 families and error budgets)")];
   const skipExisting = bind(h("input", { type: "checkbox", class: "uws-skip-existing" }), "skip_existing");
   const addHint = h("div", { class: "uws-opt uws-opt-wide uws-add-hint" }, [h("div", { class: "uws-hint",
     text: "The new checkpoints are projected onto the store's own bases and committed together (all or none); "

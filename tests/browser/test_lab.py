@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -171,9 +172,12 @@ def test_converter_plan_run_open(lab):
     root.locator(".uws-rank-mode").select_option("rank")
     root.locator(".uws-rank").fill("3")
     root.locator(".uws-basis").select_option("sketch")
+    root.locator(".uws-mean-dtype").select_option("float16")
     root.locator(".uws-run-button").click()
     page.wait_for_function("() => document.querySelector('.uws-converter').dataset.status === 'done'", timeout=120_000)
     assert "Done in" in msg.inner_text()
+    manifest = json.loads((lab.root / "fam.uws" / "zarr.json").read_text())["attributes"]["uws"]
+    assert manifest["format_version"] == "1.1"  # the float16 means chosen in the form
     assert root.locator(".uws-progress").get_attribute("aria-valuenow") == "100"
     assert "6" in root.locator(".uws-summary .uws-card-value").first.inner_text()
     lab.screenshot(page, "converter-done", ".uws-converter")
