@@ -99,6 +99,16 @@ def test_budgets_decide_with_the_rounding_counted(tmp_path):
     assert "float16" in mean_dtypes(loose).values() and "float16" in mean_dtypes(delta).values()
     assert set(mean_dtypes(tight).values()) <= {"float32"}
     assert set(mean_dtypes(exact).values()) <= {"float32"}
+    # the budget counts a float16 mean at 2 bytes per value: same choice, 2 bytes per value fewer
+    full = uwsfmt.convert(fam, tmp_path / "full.uws", max_error=0.05, mean_dtype="compute")
+    checked = False
+    for e in loose.manifest["tensors"]:
+        f = full.tensor_entry(e["name"])
+        pick = [(x["budget"]["mode"], x["budget"]["rank"], x["budget"]["residual_bits"]) for x in (e, f)]
+        if e.get("mean") and mean_dtypes(loose)[e["name"]] == "float16" and pick[0] == pick[1]:
+            checked = True
+            assert f["budget"]["bytes"] - e["budget"]["bytes"] == 2 * e["view"][0] * e["view"][1]
+    assert checked
     for store, bound in ((loose, 0.05), (tight, 1e-4)):
         for i in range(len(fam)):
             assert max(recorded(store, i).values()) <= bound * (1 + 1e-6)

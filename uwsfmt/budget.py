@@ -341,7 +341,7 @@ def pick(sweep: ErrorSweep, *, n_models: int, budget: Budget, shape=None) -> Cho
         worst_d = np.nanmax(np.where(np.isinf(absolute), np.inf, sweep.errors("delta_error")), axis=0)
     else:
         ok, worst, worst_d = np.ones(ncand, bool), np.zeros(ncand), np.zeros(ncand)
-    mean_bytes = 0 if fit.mean is None else view[0] * view[1] * (8 if dtype == "float64" else 4)
+    mean_bytes = 0 if fit.mean is None else view[0] * view[1] * fit.mean.element_size()  # float16 means: 2
     sizes = [tensor_bytes(c, view, n_models, mean_bytes=mean_bytes, spectrum_len=_spectrum_len(fit, c)) for c in sweep.cands]
     dense = dense_bytes(shape, dtype, n_models)
     best = None
