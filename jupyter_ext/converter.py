@@ -66,6 +66,11 @@ def _center_argument(convert: Any, center: bool) -> Any:
     return "mean" if center else "none"
 
 
+#: the options of the form, sent again with each button's message (see Converter._apply_form)
+FORM_TRAITS = ("sources", "output", "action", "skip_existing", "rank_mode", "tau", "rank", "center", "mode", "residual_bits",
+               "max_error", "basis", "mean_dtype", "device", "overwrite")
+
+
 class Converter(anywidget.AnyWidget):
     """Convert checkpoints into a UWS store: ``Converter(sources="ckpts/", output="family.uws")``.
 
@@ -402,5 +407,25 @@ class Converter(anywidget.AnyWidget):
         action = content.get("action") if isinstance(content, dict) else None
         handler = {"plan": self.plan, "run": self.run, "cancel": self.cancel,
                    "open_inspector": self.open_inspector}.get(action)
-        if handler is not None:
-            handler()
+        if handler is None:
+            return
+        form = content.get("form")
+        if isinstance(form, dict) and not self._apply_form(form):
+            return
+        handler()
+
+    def _apply_form(self, form: dict) -> bool:
+        """Take the form's values as the view had them when its button was pressed. The view's
+        trait updates can still be queued behind an earlier one (ipywidgets sends one at a time
+        and buffers the rest until the kernel answers) while a button's message goes at once, so
+        an option changed just before "Run" would otherwise be missed. False (and a message)
+        when a value does not fit its option."""
+        try:
+            with self.hold_trait_notifications():
+                for name in FORM_TRAITS:
+                    if name in form and form[name] != getattr(self, name):
+                        setattr(self, name, form[name])
+        except t.TraitError as e:
+            self.status, self.message = "error", f"An option of the form could not be taken: {e}"
+            return False
+        return True

@@ -285,6 +285,26 @@ def test_converter_plan_shows_report(fake_lib):
     assert c.message_kind == "error" and "1 conflict" in c.message and c.plan_report["conflicts"]
 
 
+def test_converter_buttons_carry_the_form(fake_lib):
+    """A button's message carries the form as the view had it: an option changed just before the
+    click whose trait update ipywidgets still holds back is not lost (seen in CI under load)."""
+    import re
+    from pathlib import Path
+
+    from jupyter_ext.converter import FORM_TRAITS
+
+    c = Converter(sources="old/", output="o.uws")
+    c._on_msg(c, {"action": "plan", "form": {"sources": "a/*.safetensors", "mean_dtype": "float16", "rank": 5}}, [])
+    assert fake_lib["plan"] == ["a/*.safetensors"] and c.mean_dtype == "float16" and c.rank == 5 and c.status == "planned"
+    c._on_msg(c, {"action": "plan", "form": {"rank": "many", "sources": "b/"}}, [])
+    assert c.status == "error" and "could not be taken" in c.message and fake_lib["plan"] == ["a/*.safetensors"]
+    c._on_msg(c, {"action": "plan", "form": {"unknown_trait": 1, "sources": "c/"}}, [])  # only the form's own options
+    assert fake_lib["plan"] == ["c/"] and not hasattr(c, "unknown_trait")
+    js = (Path(__file__).parents[1] / "jupyter_ext" / "static" / "converter.js").read_text()
+    sent = re.search(r"const FORM = \[([^\]]*)\]", js).group(1)
+    assert tuple(re.findall(r'"(\w+)"', sent)) == FORM_TRAITS
+
+
 def test_converter_runs_from_the_loop_with_progress_eta_and_summary(fake_lib):
     c = Converter(sources="ckpts/", output="fam.uws", device="cpu")
     c.rank_mode, c.rank = "rank", 4

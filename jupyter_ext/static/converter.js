@@ -29,7 +29,11 @@ function render({ model, el }) {
     pull();
     return input;
   };
-  const send = (action) => () => model.send({ action });
+  // a button's message carries the form's values: trait updates may still wait behind an earlier
+  // one (ipywidgets sends one at a time), so the kernel would act on the options before the last change
+  const FORM = ["sources", "output", "action", "skip_existing", "rank_mode", "tau", "rank", "center", "mode",
+                "residual_bits", "max_error", "basis", "mean_dtype", "device", "overwrite"];
+  const send = (action) => () => model.send({ action, form: Object.fromEntries(FORM.map((k) => [k, model.get(k)])) });
 
   // ------------------------------------------------------------------ sources + plan
   const sources = bind(h("textarea", { class: "uws-input uws-sources", rows: 3, spellcheck: "false",
