@@ -25,6 +25,7 @@ from .static_files import css, esm
 LOG_LINES = 400
 RESIDUAL_BITS = (0, 16, 8, 4, 2)  # 0: no residual
 MODES = ("auto", "left", "right", "both", "flat")
+MEAN_DTYPES = ("auto", "float16", "compute")  # how family means are stored (uwsfmt.convert's mean_dtype)
 
 
 def available_devices() -> list[str]:
@@ -217,8 +218,8 @@ class Converter(anywidget.AnyWidget):
             return f"Unknown basis side {self.mode!r}; choose one of {', '.join(self.modes)}."
         if self.basis not in ("exact", "sketch"):
             return f"Unknown basis method {self.basis!r}; choose exact or sketch."
-        if self.mean_dtype not in ("auto", "float16", "compute"):
-            return f"Unknown mean storage {self.mean_dtype!r}; choose auto, float16 or compute."
+        if self.mean_dtype not in MEAN_DTYPES:
+            return f"Unknown mean storage {self.mean_dtype!r}; choose {', '.join(MEAN_DTYPES)}."
         if not self.output.strip():
             return "Enter the output path of the new store, e.g. family.uws."
         return None

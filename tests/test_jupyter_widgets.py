@@ -228,6 +228,10 @@ def test_converter_kwargs_follow_the_form():
     assert "mean_dtype" not in c.convert_kwargs()  # auto: the library's default
     c.mean_dtype = "float16"
     assert c.convert_kwargs()["mean_dtype"] == "float16"
+    from jupyter_ext.converter import MEAN_DTYPES
+    from uwsfmt.build import MEAN_DTYPES as LIBRARY_MEAN_DTYPES
+
+    assert MEAN_DTYPES == LIBRARY_MEAN_DTYPES  # the form offers what convert() takes
 
 
 def test_converter_rejects_bad_options_with_messages():
@@ -241,7 +245,7 @@ def test_converter_rejects_bad_options_with_messages():
     c.rank_mode, c.basis = "auto", "fast"
     assert c.run() is None and "Unknown basis method 'fast'" in c.message
     c.basis, c.mean_dtype = "exact", "half"
-    assert c.run() is None and "Unknown mean storage 'half'" in c.message
+    assert c.run() is None and "Unknown mean storage 'half'; choose auto, float16, compute" in c.message
     c.mean_dtype, c.device = "auto", "cuda:7"
     assert c.run() is None and "not available" in c.message
 
