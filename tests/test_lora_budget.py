@@ -234,3 +234,24 @@ def test_cli_sketched_budget(tmp_path):
     p = subprocess.run([sys.executable, "-m", "uwsfmt.cli", "convert", *src, "-o", str(tmp_path / "x.uws"), "--basis", "fast"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "invalid choice: 'fast'" in p.stderr and not (tmp_path / "x.uws").exists()
+
+
+def test_info_says_when_a_product_store_is_larger_than_the_adapters(tmp_path):
+    """Adapters with no shared subspace (independent inits and updates): a budgeted product-basis
+    store outgrows their files, and `info` says so and what to do."""
+    import io
+
+    from uwsfmt.cli import print_summary
+    from uwsfmt.families import lora_family, write_peft_family
+    from uwsfmt.inspect import summary
+
+    fam = lora_family(8, layers=1, width=48, rank=8, shared_rank=0, shared_init=False, seed=3)
+    dirs = write_peft_family(fam, tmp_path / "adapters")
+    product = uwsfmt.convert(dirs, tmp_path / "p.uws", max_error=0.01)
+    s = summary(product)
+    assert s["ratio"] < 1 and s["lora_larger_than_sources"]
+    out = io.StringIO()
+    print_summary(product, out)
+    assert "LARGER THAN THE ADAPTERS" in out.getvalue() and "--lora-mode factors" in out.getvalue()
+    factors = uwsfmt.convert(dirs, tmp_path / "f.uws", max_error=0.01, lora_mode="factors")
+    assert not summary(factors)["lora_larger_than_sources"]

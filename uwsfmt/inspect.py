@@ -163,6 +163,9 @@ def summary(store) -> dict:
                             if m["build"]["settings"].get(k) is not None) or None,
         "budget_met": budget_met(store),
         "refit_suggested": refit_suggested(store),
+        # a product-basis LoRA store larger than the adapters: they share no subspace (see README)
+        "lora_larger_than_sources": bool(size and src and size > src and m["build"]["settings"].get("lora_mode", "product") == "product"
+                                         and any(e.get("lora") is not None for e in m["tensors"])),
     }
 
 
