@@ -141,6 +141,9 @@ def test_bad_mean_dtype_is_a_clear_error(tmp_path):
     with pytest.raises(uwsfmt.ConfigError, match="mean_dtype must be one of auto, float16, compute"):
         uwsfmt.convert(family(), tmp_path / "s.uws", rank=2, mean_dtype="bfloat16")
     assert not (tmp_path / "s.uws").exists()
+    with pytest.raises(uwsfmt.ConfigError, match="base must be a checkpoint path, a state dict or a Checkpoint, not int"):
+        uwsfmt.convert(family(), tmp_path / "s.uws", rank=2, base=42)
+    assert not (tmp_path / "s.uws").exists()
 
 
 def test_cli_mean_dtype(tmp_path, capsys):
@@ -157,3 +160,20 @@ def test_cli_mean_dtype(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["convert", *files, "-o", str(tmp_path / "t.uws"), "--mean-dtype", "half"])
     assert e.value.code != 0 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("basis", ["exact", "sketch"])
+def test_a_bfloat16_family_centred_on_its_base_keeps_a_float16_base(tmp_path, basis):
+    shapes = {"a.weight": (192, 128), "b.weight": (128, 320)}
+    fam = family(torch.bfloat16, n=6, shapes=shapes, seed=3)
+    base = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(9))).to(torch.bfloat16)
+            for k, v in fam["m0" if "m0" in fam else next(iter(fam))].items()}
+    store = uwsfmt.convert(fam, tmp_path / "s.uws", rank=2, base=base, basis=basis)
+    assert {e["center"] for e in store.manifest["tensors"] if e.get("mean")} == {"base"}
+    assert set(mean_dtypes(store).values()) == {"float16"} and store.format_version == "1.1"
+    if basis == "sketch":
+        assert {e["basis"]["method"] for e in store.manifest["tensors"] if e.get("mean")} == {"sketch"}
+    for e in store.manifest["tensors"]:
+        if e.get("mean"):  # the base itself, rounded once to float16
+            assert torch.equal(torch.from_numpy(store.read_array(e["mean"])), base[e["name"]].reshape(e["view"]).to(torch.float16))
+    assert_recorded_errors_are_read_back(store, fam, tol=1e-4)

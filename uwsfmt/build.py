@@ -35,7 +35,7 @@ from .encodings import residual as residual_enc
 from .encodings import subspace
 from .encodings.slots import PackLayout
 from .errors import BudgetError, ConfigError, ConflictError, SourceError, StoreError, StoreExistsError, UWSError
-from .sources import Checkpoint, TensorInfo, discover, open_checkpoint
+from .sources import Checkpoint, StateDictCheckpoint, TensorInfo, discover, open_checkpoint
 from .store import BUILDING_MARK, REPLACED_MARK, Store, _device, default_device, open
 
 ENCODING_NAMES = ("subspace", "shared", "dense")
@@ -399,7 +399,7 @@ def _fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
             fit = subspace.fit_gram(st, mode=mode, center=s.center, choose=s.choose)
             del st
     if fit.mean is not None:
-        if fit.method.get("method") == "sketch":  # decided before its last sweep (centring "mean"), else the compute dtype
+        if fit.method.get("method") == "sketch":  # decided before its last sweep (centrings "mean" and "base")
             fit.mean = fit.mean if fit.mean.dtype == torch.float16 else fit.mean.to(_mean_dtype(tp.dtype))
         else:
             fit.mean = _stored_mean(fit.mean, tp.dtype, s, _spread(fit, len(cks)))
@@ -603,7 +603,11 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
         ritz = linalg.GramRitz(m, n, qs, probes, centre, keep=held > 0, mean_offset=offset)
         del mean_c
     else:
-        ritz = linalg.GramRitz(m, n, qs, probes, sk.reference_c, keep=held > 0)
+        centre = sk.reference_c
+        if s.center == "base":  # the base as readers get it (float16 where _stored_mean keeps it): the sweep's centre
+            mean = _stored_mean(sk.reference_c, tp.dtype, s, math.sqrt(total / len(cks)))
+            centre = mean.to(sk.cdt)
+        ritz = linalg.GramRitz(m, n, qs, probes, centre, keep=held > 0)
     try:
         last = _sweep(cks, tp.name, dev, ritz, prog, kept).centred(s.center, sk)
     except BaseException:
@@ -1231,6 +1235,10 @@ def convert(
     tensors that fail the check (or whose tau needs more directions than sketched) fall back to
     the exact Gram. Each tensor records which method it got (``basis`` in its manifest entry).
 
+    ``base``: the checkpoint the family was fine-tuned from (a path, a ``{name: tensor}`` state
+    dict or a Checkpoint); with the default ``center``, deviations are then taken from it
+    instead of the family mean.
+
     ``mean_dtype``: how each subspace tensor's mean (the centre the family's deviations are
     taken from; one model's worth of values per store) is kept. ``"float16"``: half the bytes,
     and faster loads, rounding each mean value by at most 2^-11 relative (kept per tensor only
@@ -1256,7 +1264,14 @@ def convert(
     cks = discover(sources, format=format)
     base_ck = None
     if base is not None:
-        base_ck = base if isinstance(base, Checkpoint) else open_checkpoint(os.fspath(base), id="base")
+        if isinstance(base, Checkpoint):
+            base_ck = base
+        elif isinstance(base, dict):  # a state dict in memory
+            base_ck = StateDictCheckpoint("base", base)
+        elif isinstance(base, (str, os.PathLike)):
+            base_ck = open_checkpoint(os.fspath(base), id="base")
+        else:
+            raise ConfigError(f"base must be a checkpoint path, a state dict or a Checkpoint, not {type(base).__name__}")
         if center == "mean":
             s.center = "base"
     fam = plan_family(cks, s)
