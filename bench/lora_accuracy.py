@@ -11,7 +11,9 @@ built from the adapter folders and read back as the dense updates ``s B A`` a re
 (``Store.delta``), added to the base, and scored on each task's held-out split. The design
 brief's target for LoRA families: within 0.5 point of the adapters at >= 4x smaller.
 
-Sizes: the adapters' safetensors files (what people keep) vs the store on disk.
+Sizes: the adapters' safetensors files (what people keep) vs the store on disk. The "mode" column is
+the LoRA mode the store was built in: under a budget the default (``lora_mode="auto"``) weighs the
+product basis against the adapters' own factors.
 """
 
 from __future__ import annotations
@@ -42,17 +44,15 @@ SETTINGS = {
     "--rank 4": {"rank": 4},
     "--rank 8": {"rank": 8},
     "--rank 16": {"rank": 16},
-    "--max-error 0.3": {"max_error": 0.3},
-    "--max-error 0.2": {"max_error": 0.2},
-    "--max-error 0.1": {"max_error": 0.1},
+    "--lora-mode product --max-error 0.3": {"lora_mode": "product", "max_error": 0.3},
+    "--lora-mode product --max-error 0.1": {"lora_mode": "product", "max_error": 0.1},
+    "--lora-mode product --max-error 0.05": {"lora_mode": "product", "max_error": 0.05},
+    "--max-delta-error 0.7": {"max_delta_error": 0.7},
+    "--max-delta-error 0.5": {"max_delta_error": 0.5},
+    "--max-delta-error 0.4": {"max_delta_error": 0.4},
+    "--max-delta-error 0.3": {"max_delta_error": 0.3},
+    "--max-delta-error 0.1": {"max_delta_error": 0.1},
     "--max-error 0.05": {"max_error": 0.05},
-    "--max-error 0.01": {"max_error": 0.01},
-    "--lora-mode factors --max-delta-error 0.7": {"lora_mode": "factors", "max_delta_error": 0.7},
-    "--lora-mode factors --max-delta-error 0.5": {"lora_mode": "factors", "max_delta_error": 0.5},
-    "--lora-mode factors --max-delta-error 0.3": {"lora_mode": "factors", "max_delta_error": 0.3},
-    "--lora-mode factors --max-delta-error 0.1": {"lora_mode": "factors", "max_delta_error": 0.1},
-    "--lora-mode factors --max-delta-error 0.05": {"lora_mode": "factors", "max_delta_error": 0.05},
-    "--lora-mode factors --max-error 0.05": {"lora_mode": "factors", "max_error": 0.05},
 }
 
 
@@ -134,7 +134,8 @@ def run(args) -> dict:
             acc = {t: fam.evaluate(t, with_updates(fam, store_updates(store, ids[t], SCALE))) for t in folders}
             drops = [orig[t] - acc[t] for t in folders]
             err = store.errors()
-            rows.append({"method": f"ours {label}", "bytes": store_bytes(path), "acc": statistics.mean(acc.values()),
+            rows.append({"method": f"ours {label}", "mode": store.manifest["build"]["settings"]["lora_mode"],
+                         "bytes": store_bytes(path), "acc": statistics.mean(acc.values()),
                          "drop_mean": statistics.mean(drops), "drop_worst": max(drops), "build_s": build_s,
                          "error_max": float(err.max()) if err.size else 0.0,
                          "ranks": sorted({tuple(e["rank"]) for e in store.manifest["tensors"] if e.get("lora")})})
@@ -158,10 +159,10 @@ def render(res: dict) -> str:
     a = res["args"]
     md = [f"# LoRA family by task accuracy\n\n`python bench/lora_accuracy.py --tasks {a['tasks']} --rank {a['rank']}` "
           f"({res['seconds']:.0f} s). Base alone: {res['base_acc']:.2f}%; full fine-tunes: {res['full_finetune_acc']:.2f}%.\n\n",
-          "| method | bytes | vs adapters | mean acc (%) | mean drop | worst task drop | max rel. error | ranks (left, right) |\n",
-          "|---|---:|---:|---:|---:|---:|---:|---|\n"]
+          "| method | mode | bytes | vs adapters | mean acc (%) | mean drop | worst task drop | max rel. error | ranks (left, right) |\n",
+          "|---|---|---:|---:|---:|---:|---:|---:|---|\n"]
     for r in res["rows"]:
-        md.append(f"| {r['method']} | {r['bytes']:,} | {r['ratio']:.2f}x | {r['acc']:.2f} | {r['drop_mean']:+.2f} | "
+        md.append(f"| {r['method']} | {r.get('mode', '')} | {r['bytes']:,} | {r['ratio']:.2f}x | {r['acc']:.2f} | {r['drop_mean']:+.2f} | "
                   f"{r['drop_worst']:+.2f} | {r.get('error_max', 0):.3g} | {', '.join(map(str, r.get('ranks', [])))} |\n")
     b = res["within_half_point"]
     md.append("\n" + (f"Smallest store within 0.5 point (mean) of the adapters: {b['method']}, {b['ratio']:.2f}x smaller "

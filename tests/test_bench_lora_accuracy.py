@@ -17,7 +17,7 @@ def test_lora_accuracy_bench_runs_and_rebuilds_the_adapters(tmp_path, monkeypatc
     spec = importlib.util.spec_from_file_location("lora_accuracy", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    monkeypatch.setattr(mod, "SETTINGS", {"--rank 1": {"rank": 1}, "--max-error 1e-4": {"max_error": 1e-4},
+    monkeypatch.setattr(mod, "SETTINGS", {"--rank 1": {"rank": 1}, "--max-error 1e-4": {"lora_mode": "product", "max_error": 1e-4},
                                           "--lora-mode factors --max-error 1e-4": {"lora_mode": "factors", "max_error": 1e-4}})
     assert mod.main(["--tasks", "3", "--epochs", "3", "--hidden", "32", "--out", str(tmp_path)]) == 0
     res = (tmp_path / "lora_accuracy.md").read_text()

@@ -247,7 +247,7 @@ def test_info_says_when_a_product_store_is_larger_than_the_adapters(tmp_path):
 
     fam = lora_family(8, layers=1, width=48, rank=8, shared_rank=0, shared_init=False, seed=3)
     dirs = write_peft_family(fam, tmp_path / "adapters")
-    product = uwsfmt.convert(dirs, tmp_path / "p.uws", max_error=0.01)
+    product = uwsfmt.convert(dirs, tmp_path / "p.uws", max_error=0.01, lora_mode="product")
     s = summary(product)
     assert s["ratio"] < 1 and s["lora_larger_than_sources"]
     out = io.StringIO()
@@ -255,3 +255,27 @@ def test_info_says_when_a_product_store_is_larger_than_the_adapters(tmp_path):
     assert "LARGER THAN THE ADAPTERS" in out.getvalue() and "--lora-mode factors" in out.getvalue()
     factors = uwsfmt.convert(dirs, tmp_path / "f.uws", max_error=0.01, lora_mode="factors")
     assert not summary(factors)["lora_larger_than_sources"]
+
+
+def test_auto_lora_mode_weighs_the_product_basis_against_the_adapters_factors(tmp_path):
+    """lora_mode="auto" (the default) under a budget: adapters that share no subspace are stored
+    by their factors (the product basis would outgrow them), a family that shares one keeps the
+    product basis; each store records why, and every adapter meets the budget either way."""
+    from uwsfmt.families import lora_family, write_peft_family
+    from uwsfmt.inspect import summary
+
+    unrelated = write_peft_family(lora_family(8, layers=1, width=48, rank=8, shared_rank=0, shared_init=False, seed=3),
+                                  tmp_path / "unrelated")
+    shared = write_peft_family(lora_family(12, layers=1, width=256, rank=8, shared_rank=8, seed=3), tmp_path / "shared")
+    for dirs, want in ((unrelated, "factors"), (shared, "product")):
+        st = uwsfmt.convert(dirs, tmp_path / f"{want}.uws", max_error=0.1)
+        settings = st.manifest["build"]["settings"]
+        assert settings["lora_mode"] == want and settings["lora_choice"].startswith(f"auto: {want} (")
+        assert summary(st)["ratio"] > 1  # smaller than the adapters' files
+        assert float(st.errors().max()) <= 0.1 * (1 + 1e-6)
+        assert any(e.get("lora") for e in st.manifest["tensors"]) == (want == "product")
+    forced = uwsfmt.convert(unrelated, tmp_path / "forced.uws", max_error=0.1, lora_mode="product")
+    assert summary(forced)["ratio"] < 1 and forced.manifest["build"]["settings"]["lora_choice"] is None
+    # no budget: nothing to weigh, the product basis as before
+    plain = uwsfmt.convert(unrelated, tmp_path / "plain.uws", rank=4)
+    assert plain.manifest["build"]["settings"]["lora_mode"] == "product" and any(e.get("lora") for e in plain.manifest["tensors"])

@@ -41,6 +41,16 @@ from .store import BUILDING_MARK, REPLACED_MARK, Store, _device, default_device,
 ENCODING_NAMES = ("subspace", "shared", "dense")
 
 
+class _FactorsAreSmaller(Exception):
+    """lora_mode="auto" under an error budget: the product bases would take more bytes than the
+    adapters' own factors (adapters that share no subspace); :func:`convert` builds again in the
+    factors mode."""
+
+    def __init__(self, product: int, factors: int):
+        super().__init__(f"product {product} bytes > factors {factors} bytes")
+        self.product, self.factors = product, factors
+
+
 class Cancelled(UWSError):
     """The build (or append) was cancelled; nothing was left at the target path (the store
     appended to keeps its previous committed state)."""
@@ -66,8 +76,9 @@ class Settings:
     seed: int = 0
     max_error: float | None = None  # error budget: ||W - W_hat|| / ||W|| per tensor and model (see budget.py)
     max_delta_error: float | None = None  # error budget: ||W - W_hat|| / ||W - M|| per tensor and model
-    lora_mode: str = "product"  # LoRA pairs: product (basis over s*B*A) | factors (paper: A and B apart)
+    lora_mode: str = "auto"  # LoRA pairs: product (basis over s*B*A) | factors (paper: A and B apart) | auto (see convert)
     mean_dtype: str = "auto"  # subspace means: auto | float16 | compute (see _stored_mean)
+    lora_choice: str | None = None  # lora_mode="auto": what it chose and why (informative, recorded in the manifest)
 
     def check(self) -> None:
         if self.lora_mode not in lora_enc.LORA_MODES:
@@ -1209,7 +1220,7 @@ def convert(
     seed: int = 0,
     max_error: float | None = None,
     max_delta_error: float | None = None,
-    lora_mode: str = "product",
+    lora_mode: str = "auto",
     basis: str = "exact",
     mean_dtype: str = "auto",
 ) -> Store:
@@ -1234,6 +1245,14 @@ def convert(
     checks a-posteriori that no missed direction could lower the squared error by more than 1%;
     tensors that fail the check (or whose tau needs more directions than sketched) fall back to
     the exact Gram. Each tensor records which method it got (``basis`` in its manifest entry).
+
+    ``lora_mode`` (LoRA adapters): ``"product"``, one basis over the updates s*B*A per module
+    with a small core per adapter; ``"factors"``, A and B stored as ordinary tensors (the paper's
+    factor-wise bases; with a budget, mean + quantized factors); ``"auto"`` (default): the
+    product basis, except under an error budget where, at the end of the statistics pass, the
+    product bases would take more bytes than the adapters' own factors (adapters that share no
+    subspace: their cores grow with the family's total rank); the store is then built in the
+    factors mode. The choice and its byte counts are recorded (``build.settings.lora_choice``).
 
     ``base``: the checkpoint the family was fine-tuned from (a path, a ``{name: tensor}`` state
     dict or a Checkpoint); with the default ``center``, deviations are then taken from it
@@ -1275,6 +1294,18 @@ def convert(
         if center == "mean":
             s.center = "base"
     fam = plan_family(cks, s)
+    if s.lora_mode == "auto" and s.error_budget is not None and any(tp.encoding == "lora" for tp in fam.tensors):
+        # the factors mode needs every module in every adapter: where it cannot hold them, the product mode it is
+        try:
+            factors = plan_family(cks, dataclasses.replace(s, lora_mode="factors"))
+        except ConflictError as e:
+            s.lora_mode = "product"
+            s.lora_choice = f"auto: product (the factors mode cannot hold these adapters: {e.problems[0] if e.problems else e})"
+        else:
+            if s.error_budget.exact:
+                s.lora_mode, s.lora_choice, fam = "factors", "auto: factors (a budget of 0 needs the factors' exact bits)", factors
+    elif s.lora_mode == "auto":
+        s.lora_mode = "product"  # without a budget (or LoRA modules) there is nothing to weigh
     if s.error_budget is not None and s.error_budget.exact and any(tp.encoding == "lora" for tp in fam.tensors):
         raise BudgetError(
             f"{out}: a budget of 0 (exact bits) cannot hold LoRA modules in the product mode: a reader rebuilds new factors "
@@ -1296,7 +1327,14 @@ def convert(
         tmp = os.path.join(parent, f".{name}{BUILDING_MARK}{uuid.uuid4().hex[:8]}")
         try:
             with allocator.reuse_freed_memory():  # fewer page faults on the build's temporaries
-                _build(fam, tmp, s, dev, base_ck, progress, cancel)
+                try:
+                    _build(fam, tmp, s, dev, base_ck, progress, cancel)
+                except _FactorsAreSmaller as e:  # lora_mode="auto": build again with the adapters' factors
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    s.lora_mode = "factors"
+                    s.lora_choice = (f"auto: factors (under the budget the product basis needed {e.product:,} bytes, "
+                                     f"more than the adapters' own factors, {e.factors:,})")
+                    _build(plan_family(cks, s), tmp, s, dev, base_ck, progress, cancel)
             _replace(tmp, out, overwrite, os.path.join(parent, f".{name}{REPLACED_MARK}{uuid.uuid4().hex[:8]}"))
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -1350,6 +1388,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
     nodes = naming.unique_nodes([t.name for t in fam.tensors])
     prog = Progress(len(fam.tensors) * N + N, progress, cancel, "uwsfmt convert")
     packs = PackLayout()
+    lora_bytes = [0, 0]  # under a budget: bytes of the LoRA modules' product bases, of the adapters' own factors
     entries: list[dict] = []
     fits: dict[str, Any] = {}
     # overlap: the sources' sha256 on a background thread, array writes behind the compute
@@ -1380,6 +1419,8 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                 if s.error_budget is not None:  # the cheapest ranks at which every adapter meets the budget
                     fit, e["budget"] = lora_enc.fit_budgeted(tp, cks, s, dev, prog)
                     reason = f"{reason}; error budget ({s.error_budget.describe()}): rank {e['budget']['rank']}"
+                    lora_bytes[0] += e["budget"]["bytes"]
+                    lora_bytes[1] += tp.lora.factor_bytes()
                 else:
                     fit = lora_enc.fit(tp, cks, s, dev, prog)
                 e["shape"] = list(tp.shape)
@@ -1429,6 +1470,12 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                     e["data"] = packs.add(dtypes.storage_dtype(tp.dtype), int(np.prod(tp.shape)))
             entries.append(e)
 
+        if s.lora_mode == "auto" and lora_bytes[1]:
+            if lora_bytes[0] > lora_bytes[1]:
+                raise _FactorsAreSmaller(*lora_bytes)
+            s.lora_mode = "product"
+            s.lora_choice = (f"auto: product (under the budget the product basis needs {lora_bytes[0]:,} bytes, "
+                             f"the adapters' own factors {lora_bytes[1]:,})")
         pack_arrays = {p: layout.create_pack(zstore, p, N, w) for p, w in packs.widths.items() if w > 0}
         manifest_packs = {p: {"path": layout.pack_path(p), "dtype": p, "width": w} for p, w in packs.widths.items() if w > 0}
         models = []

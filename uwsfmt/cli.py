@@ -214,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="store directory to create")
     c.add_argument("--dry-run", action="store_true", help="print the planning report (headers only) and stop")
     c.add_argument("--json", action="store_true", help="with --dry-run: the report as JSON")
-    c.add_argument("--lora-mode", default="product", choices=["product", "factors"],
-                   help="LoRA adapters: one basis over the products s*B*A (gauge invariant, default) or the paper's separate A and B bases")
+    c.add_argument("--lora-mode", default="auto", choices=["auto", "product", "factors"],
+                   help="LoRA adapters: one basis over the products s*B*A (gauge invariant), the paper's separate A and B "
+                        "bases, or auto (default): the product basis, except under --max-error/--max-delta-error where it "
+                        "would take more bytes than the adapters' own factors (adapters that share no subspace)")
     c.add_argument("--rank", type=int, help="kept rank per tensor (fixed k)")
     c.add_argument("--tau", type=float, help="explained-variance threshold (default 0.999 when no --rank)")
     c.add_argument("--max-rank", type=int)
@@ -250,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("plan", help="report formats, models, tensors and conflicts (headers only)")
     c.add_argument("sources", nargs="+")
     c.add_argument("--format")
-    c.add_argument("--lora-mode", default="product", choices=["product", "factors"])
+    c.add_argument("--lora-mode", default="auto", choices=["auto", "product", "factors"])
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_cmd_plan)
 

@@ -164,7 +164,7 @@ def summary(store) -> dict:
         "budget_met": budget_met(store),
         "refit_suggested": refit_suggested(store),
         # a product-basis LoRA store larger than the adapters: they share no subspace (see README)
-        "lora_larger_than_sources": bool(size and src and size > src and m["build"]["settings"].get("lora_mode", "product") == "product"
+        "lora_larger_than_sources": bool(size and src and size > src and m["build"]["settings"].get("lora_mode", "product") != "factors"
                                          and any(e.get("lora") is not None for e in m["tensors"])),
     }
 

@@ -41,7 +41,9 @@ from ..sources.base import Checkpoint, LoraPair
 from . import subspace
 from .slots import take
 
-LORA_MODES = ("product", "factors")
+#: auto: the product basis, except under an error budget where it would take more bytes than the
+#: adapters' own factors (then factors; see build.convert)
+LORA_MODES = ("auto", "product", "factors")
 #: safetensors metadata values longer than this are not copied into the model table
 MAX_META_VALUE = 4096
 
@@ -164,6 +166,11 @@ class ModulePlan:
     b_tail: tuple[int, ...] = ()  # B's dims after the rank (1x1 for conv LoRAs)
     ranks: dict[str, int] = field(default_factory=dict)  # model id -> rank (absent: not listed)
 
+    def factor_bytes(self) -> int:
+        """Bytes of every adapter's own A (r, *shape[1:]) and B (shape[0], r, *b_tail)."""
+        per_rank = math.prod(self.shape[1:]) + self.shape[0] * math.prod(self.b_tail)
+        return sum(self.ranks.values()) * per_rank * dtypes.torch_dtype(self.dtype).itemsize
+
     def record(self, a_tail: tuple[int, ...], b_tail: tuple[int, ...]) -> dict:
         return {"a": self.a, "b": self.b, "a_tail": list(a_tail), "b_tail": list(b_tail),
                 "fan_in_fan_out": self.fan_in_fan_out, "alpha": self.alpha, "alpha_dtype": self.alpha_dtype}
@@ -188,6 +195,7 @@ def plan(checkpoints: list[Checkpoint], infos: list[dict], settings, tensor_plan
     if not with_lora:
         return {}, set(), problems, {}
     mode = getattr(settings, "lora_mode", "product")
+    mode = "product" if mode == "auto" else mode
     without = [ck.id for ck, p in zip(checkpoints, pairs) if not p]
     if without:
         problems.append(
