@@ -48,6 +48,7 @@ SETTINGS = {
     "--lora-mode product --max-error 0.1": {"lora_mode": "product", "max_error": 0.1},
     "--lora-mode product --max-error 0.05": {"lora_mode": "product", "max_error": 0.05},
     "--max-delta-error 0.7": {"max_delta_error": 0.7},
+    "--lora-mode factors --max-delta-error 0.7": {"lora_mode": "factors", "max_delta_error": 0.7},
     "--max-delta-error 0.5": {"max_delta_error": 0.5},
     "--max-delta-error 0.4": {"max_delta_error": 0.4},
     "--max-delta-error 0.3": {"max_delta_error": 0.3},
