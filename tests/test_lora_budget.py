@@ -261,6 +261,9 @@ def test_auto_lora_mode_weighs_the_product_basis_against_the_adapters_factors(tm
     """lora_mode="auto" (the default) under a budget: adapters that share no subspace are stored
     by their factors (the product basis would outgrow them), a family that shares one keeps the
     product basis; each store records why, and every adapter meets the budget either way."""
+    import io
+
+    from uwsfmt.cli import print_summary
     from uwsfmt.families import lora_family, write_peft_family
     from uwsfmt.inspect import summary
 
@@ -274,6 +277,9 @@ def test_auto_lora_mode_weighs_the_product_basis_against_the_adapters_factors(tm
         assert summary(st)["ratio"] > 1  # smaller than the adapters' files
         assert float(st.errors().max()) <= 0.1 * (1 + 1e-6)
         assert any(e.get("lora") for e in st.manifest["tensors"]) == (want == "product")
+        out = io.StringIO()
+        print_summary(st, out)
+        assert f"LoRA mode auto: {want} (under the budget the product basis need" in out.getvalue()
     forced = uwsfmt.convert(unrelated, tmp_path / "forced.uws", max_error=0.1, lora_mode="product")
     assert summary(forced)["ratio"] < 1 and forced.manifest["build"]["settings"]["lora_choice"] is None
     # no budget: nothing to weigh, the product basis as before

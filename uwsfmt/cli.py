@@ -38,6 +38,8 @@ def print_summary(store, out=None) -> None:
     if s.get("budget"):
         met = "met for every tensor of every model" if s["budget_met"] else "NOT met by every tensor (see the table)"
         print(f"  error budget: {s['budget']} per tensor and model: {met}", file=out)
+    if (s.get("settings") or {}).get("lora_choice"):
+        print(f"  LoRA mode {s['settings']['lora_choice']}", file=out)
     if s.get("lora_larger_than_sources"):
         print("  LARGER THAN THE ADAPTERS: these adapters share little of a subspace, so the product basis holds them "
               "only near their total rank; `uwsfmt convert --lora-mode factors` (with a budget: mean + quantized "
