@@ -90,7 +90,8 @@ def original_updates(folder: str) -> dict[str, torch.Tensor]:
     """The adapter's own dense updates s B A, from its files."""
     from safetensors.torch import load_file
 
-    cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        cfg = json.load(f)
     w = load_file(os.path.join(folder, "adapter_model.safetensors"))
     scale = cfg["lora_alpha"] / cfg["r"]
     out = {}

@@ -33,25 +33,25 @@ def main(path: str) -> None:
     print()
     print(rows(["goal", "measured", "target", "status"], r["goals"]))
     print()
+    def materialise_cells(ma: dict) -> list[str]:
+        torch_path = f"{fmt_s(ma['store_torch']['median'])} ({ma['ratio_torch']:.2f}x)" if ma.get("store_torch") else "-"
+        return [fmt_s(ma["store"]["median"]), fmt_s(ma["baseline"]["median"]), f"{ma['ratio']:.2f}x", torch_path,
+                f"{fmt_s(ma['cold_store']['median'])} / {fmt_s(ma['cold_baseline']['median'])}", fmt_s(ma["lazy_load_file"]["median"]),
+                f"{fmt_s(ma['store_floor_s'])} / {fmt_s(ma['baseline_floor_s'])}"]
+
     body = []
     for name, f in fams.items():
         if name == "memory":
             continue
-        ma, sw = f["materialise"], f["switch"]
-        torch_path = f"{fmt_s(ma['store_torch']['median'])} ({ma['ratio_torch']:.2f}x)" if ma.get("store_torch") else "-"
-        body.append([name, fmt_s(ma["store"]["median"]), fmt_s(ma["baseline"]["median"]), f"{ma['ratio']:.2f}x", torch_path,
-                     f"{fmt_s(ma['cold_store']['median'])} / {fmt_s(ma['cold_baseline']['median'])}", fmt_s(ma["lazy_load_file"]["median"]),
-                     f"{fmt_s(ma['store_floor_s'])} / {fmt_s(ma['baseline_floor_s'])}",
+        sw = f["switch"]
+        body.append([name, *materialise_cells(f["materialise"]),
                      f"{fmt_s(sw['store']['median'])} vs {fmt_s(sw['baseline']['median'])} ({sw['ratio_median']:.2f}x)",
                      f"{fmt_s(sw['store']['p95'])} vs {fmt_s(sw['baseline']['p95'])} ({sw['ratio_p95']:.2f}x)"])
     extra = (("materialise_bf16", "bfloat16 copy"), ("materialise_half_mean", "float16 means"))
     for name, key, what in [(n, key, what) for n in fams for key, what in extra]:
         ma = fams[name].get(key)  # the same family in bfloat16, and its store with float16 means (materialise only)
         if ma:
-            torch_path = f"{fmt_s(ma['store_torch']['median'])} ({ma['ratio_torch']:.2f}x)" if ma.get("store_torch") else "-"
-            body.append([f"{name}, {what}", fmt_s(ma["store"]["median"]), fmt_s(ma["baseline"]["median"]), f"{ma['ratio']:.2f}x",
-                         torch_path, f"{fmt_s(ma['cold_store']['median'])} / {fmt_s(ma['cold_baseline']['median'])}",
-                         fmt_s(ma["lazy_load_file"]["median"]), f"{fmt_s(ma['store_floor_s'])} / {fmt_s(ma['baseline_floor_s'])}", "-", "-"])
+            body.append([f"{name}, {what}", *materialise_cells(ma), "-", "-"])
     print(rows(["family", "store", "baseline", "ratio", "store without the native kernel", "cold: store / baseline", "lazy load_file", "floor store / baseline",
                 "switch median", "switch p95"], body))
     print()

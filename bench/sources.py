@@ -87,8 +87,8 @@ def vit(workdir: str, config: dict, n: int | None = None) -> Family:
 
 def half_copy(fam: Family, dtype: str = "bfloat16") -> Family:
     """The family with its floating-point tensors cast to ``dtype`` (next to it, written once):
-    how most fine-tunes are published today. Its store keeps float32 means and bases; readers
-    round the float32 rebuild to the module's dtype."""
+    how most fine-tunes are published today. Its store keeps float16 means (``mean_dtype="auto"``
+    for 16-bit tensors) and float32 bases; readers round the float32 rebuild to the module's dtype."""
     import torch
     from safetensors.torch import load_file, save_file
 

@@ -98,9 +98,7 @@ def plan_append(store: Store, sources, *, format: str | None = None, skip_existi
     conflicts += [f"model id {i!r} is given by {ids.count(i)} sources" for i in twice]
     for ck in todo:
         conflicts += fit_problems(store.manifest["tensors"], ck)
-    formats: dict[str, int] = {}
-    for ck in cks:
-        formats[ck.format] = formats.get(ck.format, 0) + 1
+    formats = dict(Counter(ck.format for ck in cks))
     total = 0
     for ck in cks:
         total += sum(info.nbytes for info in ck.infos().values())

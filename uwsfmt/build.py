@@ -603,11 +603,12 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
         t = next(iter(qs.values())).shape[1]
         held = len(cks) * t * max(m, n) * torch.finfo(sk.cdt).bits // 8
         held = held if hold.take(held) else 0
+    spread = math.sqrt(total / len(cks))  # root-mean-square deviation from the centre (for _stored_mean)
     if s.center == "mean":
         # the mean as readers get it (stored by _stored_mean, computed in the compute dtype), and the
         # family's exact mean minus it (its rounding) for the centring
         mean_c, offset = sk.family_mean()
-        mean = _stored_mean(mean_c, tp.dtype, s, math.sqrt(total / len(cks)))
+        mean = _stored_mean(mean_c, tp.dtype, s, spread)
         centre = mean.to(sk.cdt)
         if centre is not mean_c:  # stored in another dtype than computed: its rounding too
             offset = offset + (mean_c - centre)
@@ -616,7 +617,7 @@ def _fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.d
     else:
         centre = sk.reference_c
         if s.center == "base":  # the base as readers get it (float16 where _stored_mean keeps it): the sweep's centre
-            mean = _stored_mean(sk.reference_c, tp.dtype, s, math.sqrt(total / len(cks)))
+            mean = _stored_mean(sk.reference_c, tp.dtype, s, spread)
             centre = mean.to(sk.cdt)
         ritz = linalg.GramRitz(m, n, qs, probes, centre, keep=held > 0)
     try:
@@ -1294,16 +1295,17 @@ def convert(
         if center == "mean":
             s.center = "base"
     fam = plan_family(cks, s)
+    factors_plan = None  # lora_mode="auto": the family planned in the factors mode, to build it that way if it is smaller
     if s.lora_mode == "auto" and s.error_budget is not None and any(tp.encoding == "lora" for tp in fam.tensors):
         # the factors mode needs every module in every adapter: where it cannot hold them, the product mode it is
         try:
-            factors = plan_family(cks, dataclasses.replace(s, lora_mode="factors"))
+            factors_plan = plan_family(cks, dataclasses.replace(s, lora_mode="factors"))
         except ConflictError as e:
             s.lora_mode = "product"
             s.lora_choice = f"auto: product (the factors mode cannot hold these adapters: {e.problems[0] if e.problems else e})"
         else:
             if s.error_budget.exact:
-                s.lora_mode, s.lora_choice, fam = "factors", "auto: factors (a budget of 0 needs the factors' exact bits)", factors
+                s.lora_mode, s.lora_choice, fam = "factors", "auto: factors (a budget of 0 needs the factors' exact bits)", factors_plan
     elif s.lora_mode == "auto":
         s.lora_mode = "product"  # without a budget (or LoRA modules) there is nothing to weigh
     if s.error_budget is not None and s.error_budget.exact and any(tp.encoding == "lora" for tp in fam.tensors):
@@ -1334,7 +1336,7 @@ def convert(
                     s.lora_mode = "factors"
                     s.lora_choice = (f"auto: factors (under the budget the product basis needed {e.product:,} bytes, "
                                      f"more than the adapters' own factors, {e.factors:,})")
-                    _build(plan_family(cks, s), tmp, s, dev, base_ck, progress, cancel)
+                    _build(factors_plan, tmp, s, dev, base_ck, progress, cancel)
             _replace(tmp, out, overwrite, os.path.join(parent, f".{name}{REPLACED_MARK}{uuid.uuid4().hex[:8]}"))
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -261,8 +261,7 @@ def expand(items: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, to
     """``out = mean + a @ b`` (``mean`` may be None) for every ``(out, mean, a, b)`` in ``items``,
     split over torch's thread count. ``a``, ``b`` float32, ``mean`` float32 or float16 (read as its
     exact float32 value), ``out`` float32, bfloat16 or float16 (the float32 result rounded as
-    ``Tensor.to`` does); all contiguous, on the CPU, ``out``
-    no input.
+    ``Tensor.to`` does); all contiguous, on the CPU, ``out`` none of the inputs.
     Returns False, having written nothing, when the kernel is unavailable or an item does not fit;
     the caller then computes them itself."""
     if _suspended[0] or not items or not all(_fits(*it) for it in items):

@@ -260,16 +260,22 @@ UWS512 void uws_rows512t(const uws_job *J, int64_t r0, int64_t r1, const int ot,
         _mm_sfence();
 }
 
-/* One specialised loop per (output type, mean type). */
+/* One specialised loop per (output type, mean type): ``rowst`` called with constant types, so each
+ * call inlines its own copy (expanded inside a function carrying the ISA's target attribute). */
+#define UWS_SPECIALISED(rowst, J, r0, r1)                                                          \
+    do {                                                                                            \
+        const int h_ = (J)->mtype == UWS_F16;                                                       \
+        if ((J)->otype == UWS_BF16)                                                                 \
+            h_ ? rowst(J, r0, r1, UWS_BF16, UWS_F16) : rowst(J, r0, r1, UWS_BF16, UWS_F32);         \
+        else if ((J)->otype == UWS_F16)                                                             \
+            h_ ? rowst(J, r0, r1, UWS_F16, UWS_F16) : rowst(J, r0, r1, UWS_F16, UWS_F32);           \
+        else                                                                                        \
+            h_ ? rowst(J, r0, r1, UWS_F32, UWS_F16) : rowst(J, r0, r1, UWS_F32, UWS_F32);           \
+    } while (0)
+
 __attribute__((target("avx512f"))) static void uws_rows512(const uws_job *J, int64_t r0, int64_t r1)
 {
-    const int h = J->mtype == UWS_F16;
-    if (J->otype == UWS_BF16)
-        h ? uws_rows512t(J, r0, r1, UWS_BF16, UWS_F16) : uws_rows512t(J, r0, r1, UWS_BF16, UWS_F32);
-    else if (J->otype == UWS_F16)
-        h ? uws_rows512t(J, r0, r1, UWS_F16, UWS_F16) : uws_rows512t(J, r0, r1, UWS_F16, UWS_F32);
-    else
-        h ? uws_rows512t(J, r0, r1, UWS_F32, UWS_F16) : uws_rows512t(J, r0, r1, UWS_F32, UWS_F32);
+    UWS_SPECIALISED(uws_rows512t, J, r0, r1);
 }
 
 /* ---- AVX2 + FMA: tiles of R rows x 16 columns (8 accumulators for R = 4) ---- */
@@ -365,16 +371,9 @@ UWS256 void uws_rows256t(const uws_job *J, int64_t r0, int64_t r1, const int ot,
         _mm_sfence();
 }
 
-/* One specialised loop per (output type, mean type). */
 __attribute__((target("avx2,fma,f16c"))) static void uws_rows256(const uws_job *J, int64_t r0, int64_t r1)
 {
-    const int h = J->mtype == UWS_F16;
-    if (J->otype == UWS_BF16)
-        h ? uws_rows256t(J, r0, r1, UWS_BF16, UWS_F16) : uws_rows256t(J, r0, r1, UWS_BF16, UWS_F32);
-    else if (J->otype == UWS_F16)
-        h ? uws_rows256t(J, r0, r1, UWS_F16, UWS_F16) : uws_rows256t(J, r0, r1, UWS_F16, UWS_F32);
-    else
-        h ? uws_rows256t(J, r0, r1, UWS_F32, UWS_F16) : uws_rows256t(J, r0, r1, UWS_F32, UWS_F32);
+    UWS_SPECIALISED(uws_rows256t, J, r0, r1);
 }
 #endif
 

@@ -486,11 +486,12 @@ class Store:
                     out[e["name"]] = _place(into, e["name"], value, self.path) if _wants(into, e["name"]) else value.clone()
             else:
                 raise FormatError(f"{self.path}: tensor {e['name']!r} has unknown encoding {enc!r}")
-        excepted = {x["tensor"] for x in self.manifest["models"][idx].get("exceptions") or ()}
+        exceptions = self.manifest["models"][idx].get("exceptions") or ()
+        excepted = {x["tensor"] for x in exceptions}
         for key, group in groups.items():
             for e, w in zip(group, self._decode_group(key, group, rows, dev, into, dtype=dtype, exceptions=excepted)):
                 out[e["name"]] = w
-        for x in self.manifest["models"][idx].get("exceptions") or ():  # appended models the bases missed
+        for x in exceptions:  # appended models the bases missed
             if x["tensor"] in out:
                 e = self.tensor_entry(x["tensor"])
                 arrays = {a: self.read_array(f"{x['path']}/{a}") for a in exception_enc.array_names(x)}
