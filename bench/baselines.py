@@ -142,7 +142,7 @@ def safetensors_bytes(fam: Family) -> int:
 def uws_store(fam: Family, workdir: str | None = None, label: str | None = None, **convert_kw) -> Result:
     """A UWS store built with ``convert_kw``; bytes = its size on disk (metadata included)."""
     import uwsfmt
-    from uwsfmt.inspect import store_bytes
+    from uwsfmt.report import store_bytes
 
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="uws-bench-")

@@ -10,7 +10,7 @@ where the exact bases are expensive.
 
 Each family is converted with ``max_error`` both ways, alternating (machine noise hits both
 alike): ``basis="exact"`` and ``basis="sketch"`` (the sketch's directions as the candidates,
-checked; see ``uwsfmt.build._budget_tensor`` and ``uwsfmt.encodings.lora.fit_budgeted``).
+checked; see ``uwsfmt.writer.fit.budget_tensor`` and ``uwsfmt.encodings.lora.fit_budgeted``).
 Printed per family: the median build times and their ratio, the stores' sizes, the worst error
 over every tensor and model (both must meet the budget), and each tensor's choice.
 
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import uwsfmt  # noqa: E402
-from uwsfmt.families import iter_lora_family, synthetic_family, write_family, write_peft_family  # noqa: E402
+from uwsfmt.testing.families import iter_lora_family, synthetic_family, write_family, write_peft_family  # noqa: E402
 
 FAMILIES = {
     "lora": ("256 adapters of rank 16 (bf16) on 4 modules 4096x4096 (sum of ranks 4096 per module)", 0.15),

@@ -36,7 +36,7 @@ def cpu_name() -> str:
 
 
 def _kernel() -> str:
-    from uwsfmt import native
+    from uwsfmt.numerics import native
 
     st = native.status()
     return st["isa"] if st["available"] else f"none ({st['detail']})"

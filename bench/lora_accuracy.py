@@ -4,7 +4,7 @@
     python bench/lora_accuracy.py --tasks 8 --rank 4
 
 A really-trained LoRA family: the trained family's base MLP (scikit-learn digits, 64-256-256-10,
-pretrained on every orientation; ``uwsfmt.families.trained_family``), and one PEFT LoRA adapter
+pretrained on every orientation; ``uwsfmt.testing.families.trained_family``), and one PEFT LoRA adapter
 per task (rank ``--rank`` on fc1, fc2 and head; each task sees one orientation and its own
 permutation of the labels), trained by peft and saved with ``save_pretrained``. Each store is
 built from the adapter folders and read back as the dense updates ``s B A`` a reader rebuilds
@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch  # noqa: E402
 
 import uwsfmt  # noqa: E402
-from uwsfmt.families import trained_family  # noqa: E402
-from uwsfmt.inspect import store_bytes  # noqa: E402
+from bench.trained import trained_family  # noqa: E402
+from uwsfmt.report import store_bytes  # noqa: E402
 
 MODULES = ("fc1", "fc2", "head")
 #: lora_alpha / r of every adapter (alpha = 2 r)
@@ -61,7 +61,8 @@ def train_adapters(fam, rank: int, epochs: int, lr: float, out: str) -> dict[str
     """One PEFT LoRA adapter per task of ``fam``, saved under ``out/<task>``; {task: folder}."""
     from peft import LoraConfig, get_peft_model
 
-    from uwsfmt.families import _generator, _train
+    from bench.trained import train
+    from uwsfmt.testing.families import keyed_generator
 
     folders = {}
     for t, task in enumerate(fam.state_dicts):
@@ -72,7 +73,7 @@ def train_adapters(fam, rank: int, epochs: int, lr: float, out: str) -> dict[str
             torch.manual_seed(1000 + t)
             peft_model = get_peft_model(model, cfg)
         x, y = fam.task_data(task, "train")
-        _train(peft_model, x, y, epochs, lr, 64, _generator(0, "lora-order", t))
+        train(peft_model, x, y, epochs, lr, 64, keyed_generator(0, "lora-order", t))
         folders[task] = os.path.join(out, task)
         peft_model.save_pretrained(folders[task])
     return folders

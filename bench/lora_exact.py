@@ -23,10 +23,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from uwsfmt.build import Settings, plan_family  # noqa: E402
 from uwsfmt.encodings import lora  # noqa: E402
-from uwsfmt.families import lora_family, write_peft_family  # noqa: E402
 from uwsfmt.sources import discover  # noqa: E402
+from uwsfmt.testing.families import lora_family, write_peft_family  # noqa: E402
+from uwsfmt.writer.plan import plan_family  # noqa: E402
+from uwsfmt.writer.settings import Settings
 
 
 class _Quiet:

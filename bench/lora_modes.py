@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import uwsfmt  # noqa: E402
 from tests.peft_family import AdapterSpec, default_specs, train_adapters  # noqa: E402
-from uwsfmt.inspect import store_bytes  # noqa: E402
+from uwsfmt.report import store_bytes  # noqa: E402
 from uwsfmt.sources import open_checkpoint  # noqa: E402
 
 KS = (2, 4, 8, 16)

@@ -25,8 +25,9 @@ import torch
 from safetensors.torch import load_file
 
 import uwsfmt
-from uwsfmt import native
-from uwsfmt.store import Store, read_manifest
+from uwsfmt import Store
+from uwsfmt.numerics import native
+from uwsfmt.reader.manifest import read_manifest
 
 from .common import bandwidth, counting_store, dir_bytes, drop_cache, module_for, nbytes, run_json, summary, timed
 
@@ -152,7 +153,7 @@ def materialise(fam, store_path: str, device: str, *, models: int = 6, seconds: 
 
     Store and baseline alternate (machine noise hits both alike); rounds repeat until each side
     has had about ``seconds`` (3 to 40 rounds over the models). On the CPU with the native kernel
-    (:mod:`uwsfmt.native`), the store is also timed without it (torch's GEMMs), interleaved too."""
+    (:mod:`uwsfmt.numerics.native`), the store is also timed without it (torch's GEMMs), interleaved too."""
     store = uwsfmt.open(store_path)
     ids = fam.ids[: max(2, min(models, len(fam.ids)))]
     mod_store = module_for(store.state_dict(ids[0], device=device), device)

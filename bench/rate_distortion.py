@@ -4,7 +4,7 @@ For each family: bytes and a quality metric for every baseline of ``bench/baseli
 for our automatic choice at several error budgets, then an equal-quality comparison (for each
 baseline, our smallest store at least as good). Families:
 
-- ``trained``: digits MLPs really fine-tuned from one base (``uwsfmt.families.trained_family``);
+- ``trained``: digits MLPs really fine-tuned from one base (``uwsfmt.testing.families.trained_family``);
   metric = held-out task accuracy (%) of each model on its own task, measured through the
   functional hook ``uwsfmt.evaluate`` for our stores.
 - ``lowrank``: synthetic shared base + rank-8 deltas + small iid noise (the paper's picture).
@@ -36,9 +36,10 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import baselines as B  # noqa: E402
 
 import uwsfmt  # noqa: E402
+from bench.trained import trained_family  # noqa: E402
 from uwsfmt.evaluate import summarize  # noqa: E402
-from uwsfmt.families import synthetic_family, trained_family  # noqa: E402
-from uwsfmt.inspect import store_bytes  # noqa: E402
+from uwsfmt.report import store_bytes  # noqa: E402
+from uwsfmt.testing.families import synthetic_family  # noqa: E402
 
 #: error budgets tried on each family: (max_error, max_delta_error)
 BUDGETS = {

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from uwsfmt.store import default_device
+    from uwsfmt.numerics.device import default_device
 
     device = args.device or default_device()
     mode = "quick" if args.quick else "full"

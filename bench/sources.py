@@ -2,11 +2,11 @@
 
 - ``vit``: ViT-B-shaped (12 blocks of 768x2304 / 768x768 / 3072x768 / 768x3072 weights plus
   norms, biases, patch and position embeddings, ~344 MB fp32 per model); N fine-tunes = shared
-  base + rank-8 deltas + iid noise (:func:`uwsfmt.families.iter_vit_like_family`).
+  base + rank-8 deltas + iid noise (:func:`uwsfmt.testing.families.iter_vit_like_family`).
 - ``lora``: PEFT adapters, 32 layers x 4 attention projections, 4096 wide, rank 16, sharing
-  the init of A and a subspace of B (:func:`uwsfmt.families.iter_lora_family`).
+  the init of A and a subspace of B (:func:`uwsfmt.testing.families.iter_lora_family`).
 - ``trained``: small MLPs really trained on scikit-learn's digits, one base, one full
-  fine-tune per task (:func:`uwsfmt.families.trained_family`), with held-out accuracy.
+  fine-tune per task (:func:`uwsfmt.testing.families.trained_family`), with held-out accuracy.
 - ``many``: thousands of small (64x64) tensors per model: per-tensor overhead, not bandwidth.
 - ``memory``: ViT-shaped, narrower (width 384), N = 8, 32, 128: peak RSS of builds.
 
@@ -72,7 +72,7 @@ def _key(config: dict) -> str:
 
 
 def vit(workdir: str, config: dict, n: int | None = None) -> Family:
-    from uwsfmt.families import iter_vit_like_family, write_family
+    from uwsfmt.testing.families import iter_vit_like_family, write_family
 
     n = n or config["n"]
     cfg = {**config, "n": n}
@@ -106,7 +106,7 @@ def half_copy(fam: Family, dtype: str = "bfloat16") -> Family:
 
 
 def lora(workdir: str, config: dict) -> Family:
-    from uwsfmt.families import iter_lora_family, write_peft_family
+    from uwsfmt.testing.families import iter_lora_family, write_peft_family
 
     folder = os.path.join(workdir, f"lora-{_key(config)}")
     if not _done(folder, config):
@@ -119,7 +119,8 @@ def lora(workdir: str, config: dict) -> Family:
 
 
 def trained(workdir: str, config: dict) -> Family:
-    from uwsfmt.families import trained_family, write_family
+    from bench.trained import trained_family
+    from uwsfmt.testing.families import write_family
 
     fam = trained_family(n_tasks=config["n"], hidden=config["hidden"])  # deterministic, seconds
     folder = os.path.join(workdir, f"trained-{_key(config)}")
@@ -132,7 +133,7 @@ def trained(workdir: str, config: dict) -> Family:
 
 
 def many(workdir: str, config: dict) -> Family:
-    from uwsfmt.families import synthetic_family, write_family
+    from uwsfmt.testing.families import synthetic_family, write_family
 
     folder = os.path.join(workdir, f"many-{_key(config)}")
     if not _done(folder, config):

@@ -19,14 +19,14 @@ SHAPES = {
 
 @pytest.fixture
 def small_family():
-    from uwsfmt.families import synthetic_family
+    from uwsfmt.testing.families import synthetic_family
 
     return synthetic_family(n_models=6, shapes=SHAPES, rank=3, noise=0.0, seed=1, return_truth=True)
 
 
 @pytest.fixture
 def family_files(tmp_path, small_family):
-    from uwsfmt.families import write_family
+    from uwsfmt.testing.families import write_family
 
     fam, _ = small_family
     return [str(p) for p in write_family(fam, tmp_path / "src")]

@@ -45,7 +45,7 @@ import torch
 
 import uwsfmt
 from uwsfmt import cli
-from uwsfmt.families import synthetic_family, write_family
+from uwsfmt.testing.families import synthetic_family, write_family
 
 SHAPES = {"blocks.0.attn.qkv.weight": (48, 16), "blocks.0.mlp.fc1.weight": (32, 16), "conv.weight": (8, 4, 3, 3)}
 #: every kind of write: subspace (an error budget picks ranks), dense pack slots, shared, per-model
@@ -169,7 +169,7 @@ def leftovers(target: str, mark: str | None = None) -> list[str]:
     """A killed convert's temporary folders (``mark``: only those with that mark; default: the
     build's and the replaced store's)."""
     parent, name = os.path.split(os.path.abspath(target))
-    marks = (mark,) if mark else (uwsfmt.store.BUILDING_MARK, uwsfmt.store.REPLACED_MARK)
+    marks = (mark,) if mark else (uwsfmt.reader.manifest.BUILDING_MARK, uwsfmt.reader.manifest.REPLACED_MARK)
     return sorted(os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(tuple(f".{name}{m}" for m in marks)))
 
 
@@ -325,11 +325,11 @@ class Harness:
                     problems.append("the old store vanished from the target")
             left = leftovers(str(target))
             rec["leftovers"] = len(left)
-            for p in leftovers(str(target), uwsfmt.store.BUILDING_MARK):
+            for p in leftovers(str(target), uwsfmt.reader.manifest.BUILDING_MARK):
                 # killed before its commit: validate refuses it; after (not yet renamed): the new store
                 if not rejected(p) and snapshot(p) != self.state_new:
                     problems.append(f"validate accepts a leftover temporary folder that is not the new store: {p}")
-            for p in leftovers(str(target), uwsfmt.store.REPLACED_MARK):
+            for p in leftovers(str(target), uwsfmt.reader.manifest.REPLACED_MARK):
                 # killed while deleting the store it replaced: the target holds the new one already
                 if rec["state"] != "new":
                     problems.append(f"a replaced store is being deleted but the target is not the new store: {p}")

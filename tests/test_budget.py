@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import uwsfmt
-from uwsfmt import budget, build
+from bench.trained import trained_family
 from uwsfmt.cli import main as cli_main
-from uwsfmt.families import synthetic_family, trained_family, write_family
+from uwsfmt.numerics import budget, quantize
+from uwsfmt.testing.families import synthetic_family, write_family
+from uwsfmt.writer import fit, sketch
 
 SHAPES = {"attn.weight": (48, 32), "mlp.weight": (64, 32), "conv.weight": (16, 4, 3, 3)}
 
@@ -201,19 +203,18 @@ def test_lossless_store_costs_what_the_sources_do(tmp_path):
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_quantizer_round_trip_and_one_bit_sign(bits):
-    from uwsfmt import linalg
 
     g = torch.Generator().manual_seed(bits)
     r = torch.randn(7, 37, generator=g)
     r[3] = 0.0
-    codes, scales = linalg.quantize_rows(r, bits)
-    back = linalg.dequantize_rows(codes, scales, (7, 37), bits)
-    assert torch.equal(back, linalg.fake_quantize_rows(r, bits))
+    codes, scales = quantize.quantize_rows(r, bits)
+    back = quantize.dequantize_rows(codes, scales, (7, 37), bits)
+    assert torch.equal(back, quantize.fake_quantize_rows(r, bits))
     assert codes.numel() == (7 * 37 * bits + 7) // 8 and torch.all(back[3] == 0)
     if bits == 1:
         assert torch.equal(torch.sign(back[0]), torch.where(r[0] >= 0, 1.0, -1.0))
         assert torch.allclose(scales, r.abs().mean(dim=1))
-    plain = linalg.dequantize_rows(*linalg.quantize_rows(r, bits, search=False), (7, 37), bits)
+    plain = quantize.dequantize_rows(*quantize.quantize_rows(r, bits, search=False), (7, 37), bits)
     assert (back - r).norm() <= (plain - r).norm() + 1e-6  # the clip search never does worse than absmax
 
 
@@ -253,14 +254,15 @@ def test_sketched_budget_widens_then_falls_back_to_exact(tmp_path, monkeypatch):
     exact = uwsfmt.convert(fam, tmp_path / "e.uws", max_error=1e-3)
     want = [(e["budget"]["mode"], e["budget"]["rank"], e["budget"]["residual_bits"]) for e in exact.manifest["tensors"]]
     assert all(r == 8 for _, r, _ in want)
-    monkeypatch.setattr(build, "SKETCH_RANK", 4)  # 4 candidates: rank 4 is the edge, 16 hold the 8 needed
+    monkeypatch.setattr(fit, "SKETCH_RANK", 4)
+    monkeypatch.setattr(sketch, "SKETCH_RANK", 4)  # 4 candidates: rank 4 is the edge, 16 hold the 8 needed
     st = uwsfmt.convert(fam, tmp_path / "w.uws", max_error=1e-3, basis="sketch")
     _budget_held(st, fam, 1e-3)
     assert [(e["budget"]["mode"], e["budget"]["rank"], e["budget"]["residual_bits"]) for e in st.manifest["tensors"]] == want
     assert all(e["basis"]["columns"] == {"left": 16 + 16, "right": 16 + 16} for e in st.manifest["tensors"])
     monkeypatch.undo()
-    real = uwsfmt.linalg.SketchResult.check
-    monkeypatch.setattr(uwsfmt.linalg.SketchResult, "check", lambda self, k, tol: real(self, k, tol) | {"ok": False})
+    real = uwsfmt.numerics.randomized.SketchResult.check
+    monkeypatch.setattr(uwsfmt.numerics.randomized.SketchResult, "check", lambda self, k, tol: real(self, k, tol) | {"ok": False})
     st = uwsfmt.convert(fam, tmp_path / "x.uws", max_error=1e-3, basis="sketch")
     _budget_held(st, fam, 1e-3)
     for e, ex in zip(st.manifest["tensors"], exact.manifest["tensors"]):

@@ -126,7 +126,7 @@ def test_independent_reader_reads_a_zipped_store_in_place(tmp_path):
 
 @pytest.mark.parametrize("family, bits", [("float32", 8), ("float32", 1), ("bfloat16", None)])
 def test_independent_reader_matches_library_on_fresh_stores(tmp_path, family, bits):
-    from uwsfmt.families import synthetic_family
+    from uwsfmt.testing.families import synthetic_family
 
     shapes = {"blocks.0.attn.qkv.weight": (48, 16), "blocks.0.mlp.fc1.weight": (16, 40), "conv.weight": (8, 4, 3, 3)}
     dtype = torch.bfloat16 if family == "bfloat16" else torch.float32

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import uwsfmt
-from uwsfmt.families import synthetic_family
+from uwsfmt.testing.families import synthetic_family
 
 from .conftest import SHAPES
 
@@ -195,7 +195,7 @@ def test_sources_from_files_and_folder(tmp_path, family_files, small_family):
     assert m["source"]["format"] == "safetensors" and len(m["source"]["sha256"]) == 64
     assert m["source"]["size"] == os.path.getsize(family_files[2])
     # torch files too (weights_only)
-    from uwsfmt.families import write_family
+    from uwsfmt.testing.families import write_family
 
     pts = write_family(fam, tmp_path / "pt", fmt="pt")
     store2 = uwsfmt.convert([str(p) for p in pts], tmp_path / "s2.uws", rank=3)
@@ -212,13 +212,13 @@ def test_zip_store_reads_in_place_and_unpacks(tmp_path, small_family):
         assert torch.equal(zs.state_dict("model-004")[name], w)
     assert zs.validate() == []
     with pytest.raises(uwsfmt.StoreError, match="read-only"):
-        uwsfmt.open(z, mode="w")
+        uwsfmt.open(z, mode="a")
     d = uwsfmt.unpack(z, str(tmp_path / "back.uws"))
     assert uwsfmt.open(d).model_ids == store.model_ids
 
 
 def test_load_into_module(tmp_path):
-    from uwsfmt.families import trained_family
+    from bench.trained import trained_family
 
     tf = trained_family(n_tasks=3)
     store = uwsfmt.convert(tf.state_dicts, tmp_path / "s.uws", tau=1.0)

@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bench.trained import trained_family
 from uwsfmt.errors import ConfigError, NotFoundError
-from uwsfmt.families import (
+from uwsfmt.testing.families import (
     iter_vit_like_family,
     lora_family,
     lora_key,
     synthetic_family,
     synthetic_family_truth,
-    trained_family,
     vit_like_family,
     write_family,
     write_peft_family,

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import uwsfmt
-from uwsfmt import naming
-from uwsfmt.schema import validate_manifest
+from uwsfmt.format import naming
+from uwsfmt.format.schema import validate_manifest
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], derandomize=True)
 
@@ -149,7 +149,7 @@ def test_fast_schema_check_agrees_with_jsonschema(reference, muts):
     import fastjsonschema
     import jsonschema
 
-    from uwsfmt.schema import _fast_validator, manifest_schema
+    from uwsfmt.format.schema import _fast_validator, manifest_schema
 
     m = _mutate(reference[1], muts)
     try:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import uwsfmt
-from uwsfmt.families import synthetic_family
+from uwsfmt.testing.families import synthetic_family
 
 SHAPES = {"a.weight": (96, 64), "b.weight": (64, 160), "c.weight": (16, 8, 3, 3)}
 

@@ -229,7 +229,7 @@ def test_converter_kwargs_follow_the_form():
     c.mean_dtype = "float16"
     assert c.convert_kwargs()["mean_dtype"] == "float16"
     from jupyter_ext.converter import MEAN_DTYPES
-    from uwsfmt.build import MEAN_DTYPES as LIBRARY_MEAN_DTYPES
+    from uwsfmt.writer.settings import MEAN_DTYPES as LIBRARY_MEAN_DTYPES
 
     assert MEAN_DTYPES == LIBRARY_MEAN_DTYPES  # the form offers what convert() takes
 

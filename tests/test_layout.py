@@ -1,5 +1,5 @@
-"""The direct array writer (uwsfmt.layout) writes what zarr-python would, byte for byte, and
-the direct array reader (uwsfmt.shards.chunked_reader) reads what zarr-python reads."""
+"""The direct array writer (uwsfmt.io.layout) writes what zarr-python would, byte for byte, and
+the direct array reader (uwsfmt.io.shards.chunked_reader) reads what zarr-python reads."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import zarr
 from zarr.storage import LocalStore, MemoryStore
 
 import uwsfmt
-from uwsfmt import layout, shards
-from uwsfmt.store import MAX_CHUNK_BYTES, STORAGE_DTYPES
+from uwsfmt.io import layout, shards
+from uwsfmt.reader.manifest import MAX_CHUNK_BYTES, STORAGE_DTYPES
 
 ARRAYS = {
     "f32_multi_chunk_edge": np.random.default_rng(0).random((3001, 1000), dtype=np.float32),  # 2 row chunks, the last padded

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 import uwsfmt
 from uwsfmt.encodings.lora import ProductGramStats, core, factors
-from uwsfmt.families import lora_family, lora_key, write_peft_family
 from uwsfmt.sources import open_checkpoint
+from uwsfmt.testing.families import lora_family, lora_key, write_peft_family
 
 
 def _rel(a, b):
@@ -84,13 +84,13 @@ def test_sketch_sweeps_add_adapters_in_runs_split_by_rank_and_batch(tmp_path, mo
     sizes = []
     real = lora_enc.ProductGramSketch.add_many
     monkeypatch.setattr(lora_enc.ProductGramSketch, "add_many", lambda self, x, y, s: sizes.append(len(s)) or real(self, x, y, s))
-    monkeypatch.setattr(lora_enc, "SWEEP_BATCH", 3)
+    monkeypatch.setattr(lora_enc.bases, "SWEEP_BATCH", 3)
     together = uwsfmt.convert(src, tmp_path / "together.uws", rank=4, basis="sketch")
     # two sweeps per module: q_proj's 5 rank-4 adapters in runs of 3 + 2, then the 2 rank-8 ones;
     # v_proj, which adapter-002 lacks: 000, 001, 003 | 004 | the 2 rank-8 ones
     assert sizes == [3, 2, 2] * 2 + [3, 1, 2] * 2
     assert [(e.get("basis") or {}).get("method") for e in together.manifest["tensors"]] == ["sketch", "sketch"]
-    monkeypatch.setattr(lora_enc, "SWEEP_BATCH", 1)
+    monkeypatch.setattr(lora_enc.bases, "SWEEP_BATCH", 1)
     alone = uwsfmt.convert(src, tmp_path / "alone.uws", rank=4, basis="sketch")
     assert [e["rank"] for e in together.manifest["tensors"]] == [e["rank"] for e in alone.manifest["tensors"]]
     assert together.errors() == pytest.approx(alone.errors(), rel=1e-4, abs=1e-6)
@@ -223,7 +223,7 @@ def test_basis_factors_from_batched_gemms_split_where_a_module_is_missing(tmp_pa
     B' A' is still the stored L C R^T, and load_into writes what state_dict returns."""
     import uwsfmt.encodings.lora as lora_enc
 
-    monkeypatch.setattr(lora_enc, "PRODUCT_BATCH", 2)
+    monkeypatch.setattr(lora_enc.decode, "PRODUCT_BATCH", 2)
     fam = lora_family(3, layers=3, modules=("q_proj", "k_proj", "v_proj"), width=24, rank=4, shared_rank=2, seed=6)
     holey = sorted(fam)[1]
     gone = (lora_key(1, "k_proj", "A"), lora_key(1, "k_proj", "B"))
@@ -257,7 +257,7 @@ def test_batched_pass_two_records_each_modules_own_error(tmp_path, monkeypatch):
     own ||s B A - B' A'|| / ||s B A||, with s B A from the adapter's files and B' A' as read back."""
     import uwsfmt.encodings.lora as lora_enc
 
-    monkeypatch.setattr(lora_enc, "PRODUCT_BATCH", 2)
+    monkeypatch.setattr(lora_enc.decode, "PRODUCT_BATCH", 2)
     mods = ("q_proj", "k_proj", "v_proj")
     narrow = lora_family(3, layers=2, modules=mods, width=24, rank=4, shared_rank=3, seed=11)
     wide = lora_family(2, layers=2, modules=mods, width=24, rank=6, shared_rank=3, seed=12)
@@ -545,7 +545,7 @@ def test_factored_exact_bases_equal_the_gram_ones(tmp_path, monkeypatch):
     src = [str(d) for d in write_peft_family(a, tmp_path / "a", alpha=8.0) + write_peft_family({f"x-{k}": v for k, v in b.items()}, tmp_path / "b", alpha=1.0)]
     stores = {}  # scales 2 and 0.5
     for share in (0.0, 1.0):  # every module by its Grams, then every module by its factors
-        monkeypatch.setattr(lora, "FACTORED_SHARE", share)
+        monkeypatch.setattr(lora.bases, "FACTORED_SHARE", share)
         stores[share] = uwsfmt.convert(src, tmp_path / f"s{share}.uws", tau=0.95)
     g, q = stores[0.0], stores[1.0]
     for eg, eq in zip(g.manifest["tensors"], q.manifest["tensors"]):

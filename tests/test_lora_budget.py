@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import uwsfmt
-from uwsfmt.families import lora_family, lora_key, write_peft_family
 from uwsfmt.sources import open_checkpoint
+from uwsfmt.testing.families import lora_family, lora_key, write_peft_family
 
 
 def _family(tmp_path, name="src", dtype=torch.float32, **kw):
@@ -188,7 +188,7 @@ def test_sketched_budget_is_met_at_about_the_exact_ranks(tmp_path):
 
 def test_sketched_budget_widens_the_sketch_when_its_candidates_run_short(tmp_path, monkeypatch):
     src = _wide_family(tmp_path)
-    monkeypatch.setattr(uwsfmt.linalg, "SKETCH_RANK", 8)  # 8 candidates: the budget needs more, 4x more do
+    monkeypatch.setattr(uwsfmt.numerics.linalg, "SKETCH_RANK", 8)  # 8 candidates: the budget needs more, 4x more do
     st = uwsfmt.convert(src, tmp_path / "s.uws", max_error=0.2, basis="sketch")
     _check_budget_met(st, src, 0.2)
     for e in st.manifest["tensors"]:
@@ -208,8 +208,8 @@ def test_sketched_budget_falls_back_to_the_exact_bases(tmp_path, monkeypatch):
     few = uwsfmt.convert(src[:9], tmp_path / "few.uws", max_error=0.2, basis="sketch")
     assert all("basis" not in e for e in few.manifest["tensors"])
     # a sketch whose check fails at the ranks picked: the exact bases, and the exact ranks
-    real = uwsfmt.linalg.SketchResult.check
-    monkeypatch.setattr(uwsfmt.linalg.SketchResult, "check", lambda self, k, tol: real(self, k, tol) | {"ok": False})
+    real = uwsfmt.numerics.randomized.SketchResult.check
+    monkeypatch.setattr(uwsfmt.numerics.randomized.SketchResult, "check", lambda self, k, tol: real(self, k, tol) | {"ok": False})
     st = uwsfmt.convert(src, tmp_path / "s.uws", max_error=0.2, basis="sketch")
     _check_budget_met(st, src, 0.2)
     for e, ex in zip(st.manifest["tensors"], exact.manifest["tensors"]):
@@ -242,8 +242,8 @@ def test_info_says_when_a_product_store_is_larger_than_the_adapters(tmp_path):
     import io
 
     from uwsfmt.cli import print_summary
-    from uwsfmt.families import lora_family, write_peft_family
-    from uwsfmt.inspect import summary
+    from uwsfmt.report import summary
+    from uwsfmt.testing.families import lora_family, write_peft_family
 
     fam = lora_family(8, layers=1, width=48, rank=8, shared_rank=0, shared_init=False, seed=3)
     dirs = write_peft_family(fam, tmp_path / "adapters")
@@ -264,8 +264,8 @@ def test_auto_lora_mode_weighs_the_product_basis_against_the_adapters_factors(tm
     import io
 
     from uwsfmt.cli import print_summary
-    from uwsfmt.families import lora_family, write_peft_family
-    from uwsfmt.inspect import summary
+    from uwsfmt.report import summary
+    from uwsfmt.testing.families import lora_family, write_peft_family
 
     unrelated = write_peft_family(lora_family(8, layers=1, width=48, rank=8, shared_rank=0, shared_init=False, seed=3),
                                   tmp_path / "unrelated")

@@ -13,7 +13,7 @@ PROBE = textwrap.dedent(
     import resource, sys, torch, tempfile, os
     torch.set_num_threads(1)
     import uwsfmt
-    from uwsfmt.families import synthetic_family, write_family
+    from uwsfmt.testing.families import synthetic_family, write_family
     n = int(sys.argv[1]); src = sys.argv[2]; out = sys.argv[3]
     paths = sorted(os.path.join(src, f) for f in os.listdir(src))[:n]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -25,7 +25,7 @@ PROBE = textwrap.dedent(
 
 @pytest.mark.slow
 def test_build_memory_flat_in_model_count(tmp_path):
-    from uwsfmt.families import synthetic_family, write_family
+    from uwsfmt.testing.families import synthetic_family, write_family
 
     shapes = {f"layer{i}.weight": (512, 512) for i in range(6)}  # 6 MiB per model
     fam = synthetic_family(n_models=32, shapes=shapes, rank=4, noise=1e-3, extra=False, seed=0)

@@ -1,4 +1,4 @@
-"""The fused CPU kernel (uwsfmt.native): same values as torch, the same bits on every path, and a
+"""The fused CPU kernel (uwsfmt.numerics.native): same values as torch, the same bits on every path, and a
 quiet fallback to torch wherever it cannot be built."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import uwsfmt
-from uwsfmt import native
 from uwsfmt.encodings import subspace
 from uwsfmt.errors import ConfigError
-from uwsfmt.families import synthetic_family
+from uwsfmt.numerics import native
+from uwsfmt.testing.families import synthetic_family
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 needs_kernel = pytest.mark.skipif(not (X86 and (shutil.which("cc") or shutil.which("gcc"))),

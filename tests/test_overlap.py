@@ -1,4 +1,4 @@
-"""uwsfmt.overlap: read-ahead, write-behind and background work keep order, surface errors, and
+"""uwsfmt.io.overlap: read-ahead, write-behind and background work keep order, surface errors, and
 a build with them on writes the same store as one without."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import uwsfmt
-from uwsfmt import overlap
-from uwsfmt.families import synthetic_family
+from uwsfmt.io import overlap
+from uwsfmt.testing.families import synthetic_family
 
 from .conftest import write_family
 
@@ -164,7 +164,7 @@ def test_fingerprint_of_a_file_longer_than_the_read_buffer(tmp_path):
 
 _FAULTS_SCRIPT = """
 import resource, sys, torch
-from uwsfmt import allocator
+from uwsfmt.numerics import allocator
 
 def faults(n=8, mib=64):  # 64 MiB is above glibc's largest adaptive mmap threshold
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -214,7 +214,7 @@ class _FakeLibc:
 
 
 def test_reuse_freed_memory_sets_once_and_resets_after_the_outermost(monkeypatch):
-    from uwsfmt import allocator
+    from uwsfmt.numerics import allocator
 
     libc = _FakeLibc()
     monkeypatch.setattr(allocator, "_glibc", lambda: libc)
@@ -234,7 +234,7 @@ def test_reuse_freed_memory_sets_once_and_resets_after_the_outermost(monkeypatch
 
 
 def test_reuse_freed_memory_leaves_a_configured_allocator_alone(monkeypatch):
-    from uwsfmt import allocator
+    from uwsfmt.numerics import allocator
 
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
     with allocator.reuse_freed_memory() as changed:

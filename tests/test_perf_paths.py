@@ -19,9 +19,11 @@ import zarr
 from safetensors.torch import save_file
 
 import uwsfmt
-from uwsfmt import build, linalg
-from uwsfmt.families import lora_family, synthetic_family, write_peft_family
-from uwsfmt.shards import row_reader
+from uwsfmt.io.shards import row_reader
+from uwsfmt.numerics import gram, linalg, randomized
+from uwsfmt.testing.families import lora_family, synthetic_family, write_peft_family
+from uwsfmt.writer import convert as build
+from uwsfmt.writer import encode, fit, holdings, sketch
 
 SHAPES = {"a": (256, 512), "b": (512, 200), "c": (48, 40)}
 
@@ -85,7 +87,7 @@ def test_sketch_falls_back_to_exact_when_tau_needs_more(tmp_path):
 
 def test_sketch_check_rejects_a_missed_direction():
     vals = torch.tensor([10.0, 5.0, 1.0], dtype=torch.float64)
-    res = linalg.SketchResult(vals, torch.eye(4, 3, dtype=torch.float64), total=20.0, residual_top=4.0)
+    res = randomized.SketchResult(vals, torch.eye(4, 3, dtype=torch.float64), total=20.0, residual_top=4.0)
     assert not res.check(3, 0.01)["ok"]  # a missed direction of energy ~4 beats the kept 1.0
     assert res.check(2, 0.01)["ok"]  # the kept 10 and 5 cannot be beaten by 4
     spec = res.spectrum()
@@ -102,9 +104,9 @@ def test_gram_sketch_products_equal_explicit_gram(center, dtype):
     ws = [torch.randn(12, 9, generator=g, dtype=dtype) for _ in range(5 if dtype == torch.float64 else 40)]
     ref = ws[0] if center != "base" else torch.randn(12, 9, generator=g, dtype=dtype)
     xs = {"left": torch.randn(12, 3, generator=g, dtype=torch.float64), "right": torch.randn(9, 4, generator=g, dtype=torch.float64)}
-    st = linalg.GramStats.empty(12, 9, left=True, right=True, reference=ref)
-    a = linalg.GramSketch(12, 9, xs, ref)
-    b = linalg.GramSketch(12, 9, xs, ref)
+    st = gram.GramStats.empty(12, 9, left=True, right=True, reference=ref)
+    a = randomized.GramSketch(12, 9, xs, ref)
+    b = randomized.GramSketch(12, 9, xs, ref)
     for i, w in enumerate(ws):
         st.add(w)
         (a if i < 2 else b).add(w)  # map on two workers ...
@@ -125,7 +127,7 @@ def test_sketch_family_mean_and_its_rounding(dtype):
     g = torch.Generator().manual_seed(3)
     base = torch.randn(30, 20, generator=g, dtype=torch.float64)
     ws = [(base + 1e-3 * torch.randn(30, 20, generator=g, dtype=torch.float64)).to(dtype) for _ in range(40)]
-    sk = linalg.GramSketch(30, 20, {}, ws[0])
+    sk = randomized.GramSketch(30, 20, {}, ws[0])
     for w in ws:
         sk.add(w)
     mc, offset = sk.family_mean()
@@ -147,10 +149,10 @@ def test_blocked_gram_equals_full_gemm(m):
     ds = [torch.randn(m, 40, generator=g, dtype=torch.float64) for _ in range(3)]
     acc = torch.zeros(m, m, dtype=torch.float64)
     for d in ds:
-        linalg.gram_upper_add_(acc, d)
+        gram.gram_upper_add_(acc, d)
     want = sum(d @ d.T for d in ds)
-    assert torch.allclose(linalg.gram_full(acc), want, rtol=1e-12, atol=1e-10)
-    st = linalg.GramStats.empty(m, 40, left=True, right=True, reference=torch.zeros(m, 40))
+    assert torch.allclose(gram.gram_full(acc), want, rtol=1e-12, atol=1e-10)
+    st = gram.GramStats.empty(m, 40, left=True, right=True, reference=torch.zeros(m, 40))
     for d in ds:
         st.add(d)
     _, gl, gr = st.center("base")
@@ -164,17 +166,17 @@ def test_gram_ritz_equals_explicit_gram(center):
     g = torch.Generator().manual_seed(1)
     ws = [torch.randn(12, 9, generator=g, dtype=torch.float64) for _ in range(6)]
     ref = ws[0] if center != "base" else torch.randn(12, 9, generator=g, dtype=torch.float64)
-    st = linalg.GramStats.empty(12, 9, left=True, right=True, reference=ref)
-    sums = linalg.GramSketch(12, 9, {}, ref)
+    st = gram.GramStats.empty(12, 9, left=True, right=True, reference=ref)
+    sums = randomized.GramSketch(12, 9, {}, ref)
     qs = {"left": linalg.orthonormal_columns(torch.randn(12, 4, generator=g, dtype=torch.float64)),
           "right": linalg.orthonormal_columns(torch.randn(9, 3, generator=g, dtype=torch.float64))}
     us = {side: torch.randn(q.shape[0], 2, generator=g, dtype=torch.float64) for side, q in qs.items()}
     us = {side: u - qs[side] @ (qs[side].T @ u) for side, u in us.items()}
-    ritz = linalg.GramRitz(12, 9, qs, us, ref)
+    ritz = randomized.GramRitz(12, 9, qs, us, ref)
     # centring "mean" also from deltas against another reference (the build uses the mean as
     # readers store it, float32), given the family mean minus that reference
     other = (sum(ws) / len(ws)).to(torch.float32).to(torch.float64) if center == "mean" else None
-    at_other = None if other is None else linalg.GramRitz(12, 9, qs, us, other, keep=True,
+    at_other = None if other is None else randomized.GramRitz(12, 9, qs, us, other, keep=True,
                                                           mean_offset=sum(ws) / len(ws) - other)
     for w in ws:
         st.add(w)
@@ -191,11 +193,11 @@ def test_gram_ritz_equals_explicit_gram(center):
         zs, dsq, wsq = at_other.kept[2]
         assert torch.allclose(zs["left"], (ws[2] - other).T @ qs["left"]) and torch.allclose(zs["right"], (ws[2] - other) @ qs["right"])
         assert dsq == pytest.approx(float((ws[2] - other).square().sum())) and wsq == pytest.approx(float(ws[2].square().sum()))
-    for side, gram in (("left", gl), ("right", gr)):
+    for side, g_side in (("left", gl), ("right", gr)):
         h, gu = got[side]
-        assert torch.allclose(h, qs[side].T @ gram @ qs[side], rtol=1e-10, atol=1e-9)
-        assert torch.allclose(gu, gram @ us[side], rtol=1e-10, atol=1e-9)
-        res = linalg.ritz_from_h(qs[side], h, us[side], gu, float(torch.trace(gram)))
+        assert torch.allclose(h, qs[side].T @ g_side @ qs[side], rtol=1e-10, atol=1e-9)
+        assert torch.allclose(gu, g_side @ us[side], rtol=1e-10, atol=1e-9)
+        res = randomized.ritz_from_h(qs[side], h, us[side], gu, float(torch.trace(g_side)))
         want = torch.linalg.eigvalsh(qs[side].T @ gram @ qs[side]).flip(0).clamp_min(0)
         assert torch.allclose(res.values, want, rtol=1e-9, atol=1e-9)
 
@@ -328,8 +330,8 @@ def test_recorded_errors_are_what_readers_get(tmp_path, monkeypatch, mode, basis
     # one-sided lossy float32/float64 tensors get coefficients and errors from pass 1 (the
     # norms' difference); the near-lossless ones fall back to pass 2's rebuild.
     encoded = []
-    real = build._encode_subspace
-    monkeypatch.setattr(build, "_encode_subspace", lambda e, *a, **k: encoded.append(e["name"]) or real(e, *a, **k))
+    real = encode._encode_subspace
+    monkeypatch.setattr(encode, "_encode_subspace", lambda e, *a, **k: encoded.append(e["name"]) or real(e, *a, **k))
     shapes = {"w": (128, 96), "v": (128, 96), "u": (128, 96)}
     fam = synthetic_family(n_models=5, shapes=shapes, rank=5, noise=1e-2, extra=False, seed=3)
     tiny = synthetic_family(n_models=5, shapes=shapes, rank=3, noise=1e-9, extra=False, seed=4)
@@ -366,16 +368,16 @@ def test_coefficients_from_pass_1_equal_pass_2(tmp_path, monkeypatch, noisy_fami
     base = str(tmp_path / "base.safetensors")
     save_file({k: v.contiguous() for k, v in next(iter(noisy_family.values())).items()}, base)
     held = []
-    real = build._coefficients_from_ritz
-    monkeypatch.setattr(build, "_coefficients_from_ritz", lambda fit, *a: held.append(fit) or real(fit, *a))
+    real = sketch.coefficients_from_ritz
+    monkeypatch.setattr(sketch, "coefficients_from_ritz", lambda fit, *a: held.append(fit) or real(fit, *a))
     for center in ("mean", "base"):
         kw = {"rank": 4, "basis": "sketch", "center": center, "base": base if center == "base" else None}
-        monkeypatch.setattr(build, "KEEP_COEFFICIENTS_BYTES", 0)
+        monkeypatch.setattr(holdings, "KEEP_COEFFICIENTS_BYTES", 0)
         plain = uwsfmt.convert(noisy_family, tmp_path / f"plain-{center}.uws", **kw)
         assert not held
         # all; room for "a"'s sweep (10 models x (4 + 16) columns x 512) but not for "b"'s after it
         for limit in (1 << 30, 10 * 20 * 512 * 4):
-            monkeypatch.setattr(build, "KEEP_COEFFICIENTS_BYTES", limit)
+            monkeypatch.setattr(holdings, "KEEP_COEFFICIENTS_BYTES", limit)
             st = uwsfmt.convert(noisy_family, tmp_path / f"kept-{center}-{limit}.uws", **kw)
             assert len(held) == (2 if limit > 1 << 20 else 1)
             held.clear()
@@ -415,7 +417,7 @@ def test_sketch_sweeps_reuse_the_first_sweeps_tensors(tmp_path, monkeypatch, noi
     a_bytes = noisy_family[next(iter(noisy_family))]["a"].numel() * 4
     stores, counts = {}, {}
     for keep, room in (("none", 0), ("three", 3 * a_bytes + 1), ("all", 1 << 30)):
-        monkeypatch.setattr(build, "KEEP_SOURCES_BYTES", room)
+        monkeypatch.setattr(fit, "KEEP_SOURCES_BYTES", room)
         reads.clear()
         stores[keep] = uwsfmt.convert(noisy_family, tmp_path / f"{keep}.uws", rank=4, basis="sketch")
         counts[keep] = reads.count("a")
@@ -432,13 +434,12 @@ def test_sketch_sweeps_reuse_the_first_sweeps_tensors(tmp_path, monkeypatch, noi
 def test_small_tensors_are_encoded_in_batches_like_one_by_one(tmp_path, monkeypatch):
     """Pass 2 batches small same-kind tensors: the same coefficients, errors to rounding, and
     a NaN in one of them is still reported by name."""
-    from uwsfmt import build
 
     shapes = {f"l{i}.weight": (24, 40) for i in range(7)} | {f"s{i}.weight": (30, 30) for i in range(4)}
     fam = synthetic_family(n_models=4, shapes=shapes, rank=3, noise=1e-2, extra=False, seed=8)
     calls = []
-    real = build._encode_batch
-    monkeypatch.setattr(build, "_encode_batch", lambda g, *a: calls.append(len(g)) or real(g, *a))
+    real = encode._encode_batch
+    monkeypatch.setattr(encode, "_encode_batch", lambda g, *a: calls.append(len(g)) or real(g, *a))
     batched = uwsfmt.convert(fam, tmp_path / "b.uws", rank=2, min_numel=64)
     assert sorted(set(calls)) == [4, 7]  # per model: one batch of each shape
     monkeypatch.setattr(build, "BATCH_MAX_NUMEL", 0)
@@ -462,7 +463,6 @@ def test_small_tensors_are_encoded_in_batches_like_one_by_one(tmp_path, monkeypa
 def test_pass1_batches_fit_like_one_by_one(tmp_path, monkeypatch, dtype):
     """Pass 1 gathers small same-kind tensors' statistics in batches: the same encodings (a
     bit-identical tensor in a batch is still shared), bases and errors as one tensor at a time."""
-    from uwsfmt import build
 
     shapes = {f"l{i}.weight": (24, 40) for i in range(5)} | {f"s{i}.weight": (30, 30) for i in range(3)}
     fam = synthetic_family(n_models=4, shapes=shapes | {"big.weight": (300, 256)}, rank=3, noise=1e-2, extra=False, seed=9)
@@ -470,8 +470,8 @@ def test_pass1_batches_fit_like_one_by_one(tmp_path, monkeypatch, dtype):
     for sd in fam.values():
         sd["l1.weight"] = fam["model-000"]["l1.weight"].clone()
     sizes = []
-    real = build._fit_batch
-    monkeypatch.setattr(build, "_fit_batch", lambda g, *a: sizes.append(len(g)) or real(g, *a))
+    real = build.fit_batch
+    monkeypatch.setattr(build, "fit_batch", lambda g, *a: sizes.append(len(g)) or real(g, *a))
     for center in ("mean", "none"):
         batched = uwsfmt.convert(fam, tmp_path / f"b-{center}.uws", rank=2, min_numel=64, center=center)
         with monkeypatch.context() as mp:

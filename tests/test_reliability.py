@@ -27,7 +27,7 @@ import zarr.storage._local as zarr_local
 
 import uwsfmt
 from uwsfmt import cli
-from uwsfmt.commit import StoreLock
+from uwsfmt.io.commit import StoreLock
 
 from .crash_harness import make_sources, snapshot
 
@@ -96,9 +96,9 @@ def test_killed_convert_leftover_is_rejected_and_cleaned(tmp_path, family):
     srcs, _ = family
     target = tmp_path / "s.uws"
     # what a convert killed mid-build leaves: a hidden sibling marked 'building'
-    left = tmp_path / f".s.uws{uwsfmt.store.BUILDING_MARK}deadbeef"
+    left = tmp_path / f".s.uws{uwsfmt.reader.manifest.BUILDING_MARK}deadbeef"
     zarr.open_group(zarr.storage.LocalStore(left), mode="w", attributes={"uws": {"format_version": "1.0", "state": "building"}})
-    bare = tmp_path / f".s.uws{uwsfmt.store.BUILDING_MARK}0badf00d"  # killed before its first write
+    bare = tmp_path / f".s.uws{uwsfmt.reader.manifest.BUILDING_MARK}0badf00d"  # killed before its first write
     bare.mkdir()
     for p in (left, bare):
         with pytest.raises(uwsfmt.FormatError, match="interrupted `uwsfmt convert`"):
@@ -111,7 +111,7 @@ def test_killed_convert_leftover_is_rejected_and_cleaned(tmp_path, family):
 
 
 def test_cli_validate_rejects_a_building_store(tmp_path, capsys):
-    left = tmp_path / f".s.uws{uwsfmt.store.BUILDING_MARK}deadbeef"
+    left = tmp_path / f".s.uws{uwsfmt.reader.manifest.BUILDING_MARK}deadbeef"
     zarr.open_group(zarr.storage.LocalStore(left), mode="w", attributes={"uws": {"format_version": "1.0", "state": "building"}})
     rc, _, err = cli_run(capsys, "validate", left)
     assert rc == 2 and "'building'" in err and "interrupted" in err and "Traceback" not in err
@@ -140,11 +140,11 @@ def test_a_replaced_store_never_lies_under_the_build_name(tmp_path, family, monk
         before = st.model_ids
     deleted = []
     real = shutil.rmtree
-    monkeypatch.setattr(uwsfmt.build.shutil, "rmtree", lambda p, *a, **k: deleted.append(str(p)))  # "killed" before deleting
+    monkeypatch.setattr(uwsfmt.writer.convert.shutil, "rmtree", lambda p, *a, **k: deleted.append(str(p)))  # "killed" before deleting
     uwsfmt.convert(srcs[2:5], target, overwrite=True, **BUILD).close()
-    monkeypatch.setattr(uwsfmt.build.shutil, "rmtree", real)
+    monkeypatch.setattr(uwsfmt.writer.convert.shutil, "rmtree", real)
     old = deleted[-1]  # the last deletion: the replaced store (earlier ones: the build's own clean start)
-    assert uwsfmt.store.REPLACED_MARK in old and uwsfmt.store.BUILDING_MARK not in old
+    assert uwsfmt.reader.manifest.REPLACED_MARK in old and uwsfmt.reader.manifest.BUILDING_MARK not in old
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.uws", os.path.basename(old)])
     with uwsfmt.open(target) as st:
         assert st.model_ids == before[2:5]
@@ -477,7 +477,7 @@ def test_uncommitted_rows_are_ignored(store, family):
 
 
 def test_deep_validate_recomputes_lora_errors_from_the_adapters(tmp_path):
-    from uwsfmt.families import lora_family, write_peft_family
+    from uwsfmt.testing.families import lora_family, write_peft_family
 
     dirs = write_peft_family(lora_family(4, layers=2, width=32, rank=4, shared_rank=2), tmp_path / "adapters")
     st = uwsfmt.convert([str(d) for d in dirs], tmp_path / "s.uws", rank=3)

@@ -353,7 +353,7 @@ def _peak(call) -> tuple[BaseException | None, int, float]:
 def test_a_huge_manifest_is_refused_before_it_is_read(store):
     root = store / "zarr.json"
     with open(root, "r+b") as f:
-        f.truncate(uwsfmt.store.MAX_MANIFEST_BYTES + 1)  # sparse: costs no disk
+        f.truncate(uwsfmt.reader.manifest.MAX_MANIFEST_BYTES + 1)  # sparse: costs no disk
     err, peak, secs = _peak(lambda: uwsfmt.open(store))
     assert isinstance(err, uwsfmt.FormatError) and "refusing to parse it" in str(err)
     assert peak < 8 << 20 and secs < 5

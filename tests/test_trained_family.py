@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 import uwsfmt
-from uwsfmt.families import trained_family
+from bench.trained import trained_family
 
 
 def test_default_settings_keep_accuracy(tmp_path, capsys):

@@ -7,51 +7,14 @@ import json
 import os
 import sys
 
-from . import __version__
-
-
-def _size(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
-
-
-def _fmt(x, spec=".3g"):
-    return "-" if x is None else format(x, spec)
-
-
-def print_summary(store, out=None) -> None:
-    from .inspect import summary
-
-    out = out or sys.stdout  # looked up at call time (redirections, pytest capture)
-
-    s = summary(store)
-    print(f"UWS store {s['path']}  (format {s['format_version']}, generation {s['generation']})", file=out)
-    print(f"  models: {s['n_models']}   tensors: {s['n_tensors']}   " + "  ".join(f"{k}: {v}" for k, v in sorted(s["encodings"].items())), file=out)
-    ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "?"
-    print(f"  size: {_size(s['store_bytes'])} on disk vs {_size(s['source_bytes'])} of sources  ->  compression {ratio}", file=out)
-    print(f"  relative error per tensor and model: mean {_fmt(s['error_mean'])}, max {_fmt(s['error_max'])}", file=out)
-    if s.get("budget"):
-        met = "met for every tensor of every model" if s["budget_met"] else "NOT met by every tensor (see the table)"
-        print(f"  error budget: {s['budget']} per tensor and model: {met}", file=out)
-    if (s.get("settings") or {}).get("lora_choice"):
-        print(f"  LoRA mode {s['settings']['lora_choice']}", file=out)
-    if s.get("lora_larger_than_sources"):
-        print("  LARGER THAN THE ADAPTERS: these adapters share little of a subspace, so the product basis holds them "
-              "only near their total rank; `uwsfmt convert --lora-mode factors` (with a budget: mean + quantized "
-              "factors) stores them smaller", file=out)
-    if s.get("refit_suggested"):
-        names = ", ".join(s["refit_suggested"][:5]) + (" ..." if len(s["refit_suggested"]) > 5 else "")
-        print(f"  REFIT SUGGESTED for {len(s['refit_suggested'])} tensor(s): {names} - appended models do not fit "
-              "the bases; rebuild with `uwsfmt convert` including them", file=out)
+from uwsfmt.errors import ConfigError, UWSError
+from uwsfmt.report import human_size, info, print_summary, short_number
+from uwsfmt.version import __version__
+from uwsfmt.writer.options import CHOICES, BuildOptions, Fidelity
 
 
 def _cmd_convert(a) -> int:
-    from .build import convert
+    from uwsfmt.api import convert  # lazy: keeps `uwsfmt --help` fast (no torch import)
 
     enc = {}
     for item in a.encoding or []:
@@ -60,26 +23,25 @@ def _cmd_convert(a) -> int:
         pat, e = item.rsplit("=", 1)
         enc[pat] = e
     if a.dry_run:
-        from .build import plan
+        from uwsfmt.api import plan  # lazy: keeps `uwsfmt --help` fast (no torch import)
 
         rep = plan(a.sources, format=a.format, lora_mode=a.lora_mode, encodings=enc)
         _print_plan(rep, a)
         return 1 if rep["conflicts"] else 0
     if not a.output:
         raise SystemExit("uwsfmt convert: -o/--output STORE is required (or pass --dry-run for the planning report)")
-    st = convert(
-        a.sources, a.output, rank=a.rank, tau=a.tau, max_rank=a.max_rank, mode=a.mode,
-        center="none" if a.no_center else a.center, residual_bits=a.residual_bits, encodings=enc,
-        min_numel=a.min_numel, allow_nonfinite=a.allow_nonfinite, base=a.base, device=a.device,
-        format=a.format, overwrite=a.overwrite, progress=not a.quiet, max_error=a.max_error, max_delta_error=a.max_delta_error, lora_mode=a.lora_mode,
-        basis=a.basis, seed=a.seed, mean_dtype=a.mean_dtype,
-    )
+    fidelity = Fidelity(rank=a.rank, tau=a.tau, max_rank=a.max_rank, max_error=a.max_error, max_delta_error=a.max_delta_error)
+    options = BuildOptions(side=a.mode, center="none" if a.no_center else a.center, residual_bits=a.residual_bits,
+                           encodings=enc, min_numel=a.min_numel, basis_method=a.basis, mean_dtype=a.mean_dtype,
+                           lora_mode=a.lora_mode, seed=a.seed, allow_nonfinite=a.allow_nonfinite)
+    st = convert(a.sources, a.output, fidelity=fidelity, options=options, base=a.base, device=a.device,
+                 format=a.format, overwrite=a.overwrite, progress=not a.quiet)
     print_summary(st)
     return 0
 
 
 def _cmd_plan(a) -> int:
-    from .build import plan
+    from uwsfmt.api import plan  # lazy: keeps `uwsfmt --help` fast (no torch import)
 
     rep = plan(a.sources, format=a.format, lora_mode=a.lora_mode)
     _print_plan(rep, a)
@@ -91,7 +53,7 @@ def _print_plan(rep: dict, a) -> None:
         print(json.dumps(rep, indent=2))
         return
     print(f"{rep['n_models']} models ({', '.join(f'{k}: {v}' for k, v in rep['formats'].items())}), "
-          f"{rep['n_tensors']} tensors, {_size(rep['total_bytes'])}")
+          f"{rep['n_tensors']} tensors, {human_size(rep['total_bytes'])}")
     print("  encodings (before data is read): " + ", ".join(f"{k}: {v}" for k, v in rep["encodings"].items()))
     if rep["varying_shapes"]:
         print(f"  shape varies between models (stored dense): {', '.join(rep['varying_shapes'][:10])}")
@@ -106,8 +68,7 @@ def _print_plan(rep: dict, a) -> None:
 
 
 def _cmd_info(a) -> int:
-    from .inspect import info
-    from .store import open as open_store
+    from uwsfmt.api import open as open_store  # lazy: keeps `uwsfmt --help` fast (no torch import)
 
     with open_store(a.store) as st:
         if a.json:
@@ -117,13 +78,13 @@ def _cmd_info(a) -> int:
         print(f"  {'tensor':<48} {'shape':<16} {'encoding':<9} {'rank':>5} {'bits':>4} {'expl.var':>9} {'err mean':>9} {'err max':>9}")
         for r in st.tensor_table():
             name = r["name"] if len(r["name"]) <= 48 else "..." + r["name"][-45:]
-            print(f"  {name:<48} {str(r['shape']):<16} {r['encoding']:<9} {_fmt(r['rank'], '')!s:>5} {_fmt(r['residual_bits'], '')!s:>4} "
-                  f"{_fmt(r['explained_variance'], '.4f'):>9} {_fmt(r['error_mean']):>9} {_fmt(r['error_max']):>9}")
+            print(f"  {name:<48} {str(r['shape']):<16} {r['encoding']:<9} {short_number(r['rank'], '')!s:>5} {short_number(r['residual_bits'], '')!s:>4} "
+                  f"{short_number(r['explained_variance'], '.4f'):>9} {short_number(r['error_mean']):>9} {short_number(r['error_max']):>9}")
     return 0
 
 
 def _cmd_validate(a) -> int:
-    from .validate import validate
+    from uwsfmt.validate import validate  # lazy: keeps `uwsfmt --help` fast (no torch import)
 
     notes: list[str] = []
     problems = validate(a.store, deep=a.deep, notes=notes)
@@ -139,7 +100,7 @@ def _cmd_validate(a) -> int:
 
 
 def _cmd_export(a) -> int:
-    from .store import open as open_store
+    from uwsfmt.api import open as open_store  # lazy: keeps `uwsfmt --help` fast (no torch import)
 
     with open_store(a.store) as st:
         out = st.export(a.model, a.output, format=a.format, overwrite=a.overwrite)
@@ -148,8 +109,7 @@ def _cmd_export(a) -> int:
 
 
 def _cmd_append(a) -> int:
-    from .errors import ConfigError
-    from .store import open as open_store
+    from uwsfmt.api import open as open_store  # lazy: keeps `uwsfmt --help` fast (no torch import)
 
     if a.id is not None and len(a.source) > 1:
         raise ConfigError(f"--id names one model, but {len(a.source)} sources were given; append them one by one to name each")
@@ -163,12 +123,12 @@ def _cmd_append(a) -> int:
         if a.json:
             print(json.dumps(rep, indent=1))
         else:
-            print(f"{rep['n_models']} source(s), {_size(rep['total_bytes'])}: {len(rep['new'])} new, "
+            print(f"{rep['n_models']} source(s), {human_size(rep['total_bytes'])}: {len(rep['new'])} new, "
                   f"{len(rep['existing'])} already in {rep['store']}")
             for c in rep["conflicts"]:
                 print(f"  CONFLICT {c}")
         return 1 if rep["conflicts"] else 0
-    with open_store(a.store, mode="w") as st:
+    with open_store(a.store, mode="a") as st:
         first = st.n_models
         if a.id is not None:
             added = [st.append(a.source[0], id=a.id, **kw)]
@@ -178,7 +138,7 @@ def _cmd_append(a) -> int:
                 print(f"nothing to add: the store already has every model these sources name ({first} models)")
         for i, e in enumerate(added):
             errs = [x for x in e["error"] if x is not None]
-            print(f"appended {e['id']!r} as model #{first + i}: max relative error {_fmt(max(errs, default=0.0))}")
+            print(f"appended {e['id']!r} as model #{first + i}: max relative error {short_number(max(errs, default=0.0))}")
             if e.get("exceptions"):
                 print(f"  {len(e['exceptions'])} tensor(s) needed a per-model exception to meet the error budget "
                       "(the bases do not fit this model; `uwsfmt info` suggests a refit)")
@@ -186,21 +146,21 @@ def _cmd_append(a) -> int:
 
 
 def _cmd_pack(a) -> int:
-    from .packing import pack
+    from uwsfmt.packing import pack  # lazy: keeps `uwsfmt --help` fast (no torch import)
 
     print(f"wrote {pack(a.store, a.output, overwrite=a.overwrite)}")
     return 0
 
 
 def _cmd_unpack(a) -> int:
-    from .packing import unpack
+    from uwsfmt.packing import unpack  # lazy: keeps `uwsfmt --help` fast (no torch import)
 
     print(f"wrote {unpack(a.zip, a.output, overwrite=a.overwrite)}")
     return 0
 
 
 def _cmd_demo(a) -> int:
-    from .demo import run_demo
+    from uwsfmt.demo import run_demo  # lazy: keeps `uwsfmt --help` fast (no torch import)
 
     run_demo(a.dir)
     return 0
@@ -216,23 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="store directory to create")
     c.add_argument("--dry-run", action="store_true", help="print the planning report (headers only) and stop")
     c.add_argument("--json", action="store_true", help="with --dry-run: the report as JSON")
-    c.add_argument("--lora-mode", default="auto", choices=["auto", "product", "factors"],
+    c.add_argument("--lora-mode", default="auto", choices=CHOICES["lora_mode"],
                    help="LoRA adapters: one basis over the products s*B*A (gauge invariant), the paper's separate A and B "
                         "bases, or auto (default): the product basis, except under --max-error/--max-delta-error where it "
                         "would take more bytes than the adapters' own factors (adapters that share no subspace)")
     c.add_argument("--rank", type=int, help="kept rank per tensor (fixed k)")
     c.add_argument("--tau", type=float, help="explained-variance threshold (default 0.999 when no --rank)")
     c.add_argument("--max-rank", type=int)
-    c.add_argument("--mode", default="auto", choices=["auto", "left", "right", "both", "flat"])
-    c.add_argument("--center", default="mean", choices=["mean", "none", "base"])
+    c.add_argument("--mode", "--side", dest="mode", default="auto", choices=CHOICES["side"],
+                   help="which side(s) of each tensor's matrix view get a shared basis (auto: the smaller)")
+    c.add_argument("--center", default="auto", choices=CHOICES["center"],
+                   help="what deviations are taken from (auto, the default: --base when given, else the family mean)")
     c.add_argument("--no-center", action="store_true", help="same as --center none")
     c.add_argument("--base", help="checkpoint the family was fine-tuned from: stored once, deltas decomposed from it")
-    c.add_argument("--residual-bits", type=int, choices=[1, 2, 4, 8, 16])
-    c.add_argument("--basis", default="exact", choices=["exact", "sketch"],
+    c.add_argument("--residual-bits", type=int, choices=CHOICES["residual_bits"])
+    c.add_argument("--basis", default="exact", choices=CHOICES["basis_method"],
                    help="how bases are found: exact (float64 Gram + eigendecomposition) or sketch (randomised range finder, "
                         "checked a-posteriori, exact where the check fails; much faster for wide tensors and LoRA families)")
     c.add_argument("--seed", type=int, default=0, help="seed of the sketch's random test matrices (--basis sketch)")
-    c.add_argument("--mean-dtype", default="auto", choices=["auto", "float16", "compute"],
+    c.add_argument("--mean-dtype", default="auto", choices=CHOICES["mean_dtype"],
                    help="how each tensor's family mean is stored: float16 (half the bytes, faster loads; rounds it by "
                         "<= 2^-11 relative, kept only where that holds), compute (float32), auto (default: float16 for "
                         "float16/bfloat16 tensors and under --max-error/--max-delta-error, within a tenth of the budget; "
@@ -254,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("plan", help="report formats, models, tensors and conflicts (headers only)")
     c.add_argument("sources", nargs="+")
     c.add_argument("--format")
-    c.add_argument("--lora-mode", default="auto", choices=["auto", "product", "factors"])
+    c.add_argument("--lora-mode", default="auto", choices=CHOICES["lora_mode"])
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_cmd_plan)
 
@@ -313,7 +275,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import UWSError
 
     args = build_parser().parse_args(argv)
     try:

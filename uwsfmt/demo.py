@@ -8,13 +8,14 @@ import time
 
 import torch
 
+from uwsfmt.api import convert
+from uwsfmt.report import print_summary
+from uwsfmt.sources import open_checkpoint
+from uwsfmt.testing.families import synthetic_family, write_family
+
 
 def run_demo(folder: str | None = None, n_models: int = 12) -> dict:
     """Build a synthetic family of ``n_models`` fine-tunes, convert it and report the result."""
-    from .build import convert
-    from .cli import print_summary
-    from .families import synthetic_family, write_family
-    from .sources import open_checkpoint
 
     folder = folder or tempfile.mkdtemp(prefix="uwsfmt-demo-")
     src = os.path.join(folder, "checkpoints")

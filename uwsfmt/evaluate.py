@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError, NotFoundError, SourceError
-from .sources import Checkpoint, discover, open_checkpoint
+from uwsfmt.errors import ConfigError, NotFoundError, SourceError
+from uwsfmt.reader.store import StoreReader
+from uwsfmt.reader.store import open_reader as open_store
+from uwsfmt.sources import Checkpoint, discover, open_checkpoint
 
 StateDict = dict[str, torch.Tensor]
 
@@ -86,16 +88,14 @@ def evaluate(
     sha256). Models whose original is not available get ``original = delta = None``.
     ``delta`` = reconstructed - original.
 
-    >>> fam = uwsfmt.families.trained_family(n_tasks=3)  # doctest: +SKIP
+    >>> fam = uwsfmt.testing.families.trained_family(n_tasks=3)  # doctest: +SKIP
     >>> store = uwsfmt.convert(fam.state_dicts, "fam.uws", max_error=0.05)  # doctest: +SKIP
     >>> res = uwsfmt.evaluate(store, fam.evaluate, sources=fam.state_dicts)  # doctest: +SKIP
     >>> res["task-000"]  # doctest: +SKIP
     {'original': 97.6, 'reconstructed': 97.4, 'delta': -0.2}
     """
-    from .store import Store
-    from .store import open as open_store
 
-    st = store if isinstance(store, Store) else open_store(store)
+    st = store if isinstance(store, StoreReader) else open_store(store)
     call = _caller(fn)
     ids = list(models) if models is not None else st.model_ids
     for mid in ids:

@@ -7,8 +7,9 @@ import shutil
 import uuid
 import zipfile
 
-from .errors import FormatError, StoreError, StoreExistsError
-from .layout import LOCK_FILE
+from uwsfmt.errors import FormatError, StoreError, StoreExistsError
+from uwsfmt.io.layout import LOCK_FILE
+from uwsfmt.reader.store import open_reader as open_store
 
 
 def pack(store_dir: str, out_zip: str, *, overwrite: bool = False) -> str:
@@ -16,7 +17,6 @@ def pack(store_dir: str, out_zip: str, *, overwrite: bool = False) -> str:
 
     >>> pack("family.uws", "family.uws.zip")  # doctest: +SKIP
     """
-    from .store import open as open_store
 
     open_store(store_dir).close()  # refuse to pack something that is not a committed store
     if os.path.exists(out_zip) and not overwrite:
@@ -63,7 +63,6 @@ def unpack(zip_path: str, out_dir: str, *, overwrite: bool = False) -> str:
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 with z.open(info) as src, open(dest, "wb") as dst:
                     shutil.copyfileobj(src, dst)
-        from .store import open as open_store
 
         open_store(tmp).close()
         if os.path.exists(out_dir):

@@ -7,8 +7,13 @@ import os
 import numpy as np
 import torch
 
-from . import dtypes
-from .errors import FormatError, UWSError
+from uwsfmt.encodings.exception import array_names
+from uwsfmt.encodings.lora import factor_matrices
+from uwsfmt.errors import FormatError, UWSError
+from uwsfmt.format import dtypes
+from uwsfmt.reader.manifest import BUILDING_MARK, REPLACED_MARK
+from uwsfmt.reader.store import open_reader as open_store
+from uwsfmt.sources import formats, open_checkpoint
 
 
 def _expect(store, path: str, shape: tuple | None, dtype: str | None, problems: list[str], what: str):
@@ -98,7 +103,6 @@ def _check_store(store, tol: float, problems: list[str]) -> None:
                 arr = _expect(store, path, None, "float64", problems, what)
                 if arr is not None and arr.ndim != 1:
                     problems.append(f"{what}: spectrum {path} is not 1-D")
-    from .encodings.exception import array_names
 
     for mod in m["models"]:
         for x in mod.get("exceptions") or ():
@@ -154,7 +158,6 @@ def _deep(store, notes: list[str]) -> list[str]:
 
 def _source(store, i: int):
     """The model's source checkpoint when it is still there unchanged (size, then sha256), else (None, why)."""
-    from .sources import formats, open_checkpoint
 
     rec = store.manifest["models"][i].get("source") or {}
     path, fmt = rec.get("path"), rec.get("format")
@@ -184,7 +187,6 @@ def _source(store, i: int):
 def _recompute(store, i: int, sd: dict, ck) -> list[str]:
     """Each tensor's relative error ||W_hat - W|| / ||W|| of the rebuilt model ``sd`` against its
     source ``ck``, compared with the error recorded at build time."""
-    from .encodings.lora import _factor_matrices
 
     m = store.manifest
     mid = m["models"][i]["id"]
@@ -201,7 +203,7 @@ def _recompute(store, i: int, sd: dict, ck) -> list[str]:
             if pair is None:
                 continue
             out_dim, inp = e["view"]
-            a, b = _factor_matrices(ck, pair, out_dim, inp)
+            a, b = factor_matrices(ck, pair, out_dim, inp)
             got = _lora_error(a, b, float(pair.scale), a_hat, b_hat, out_dim)
         else:
             if e["name"] not in infos:
@@ -253,8 +255,6 @@ def validate(path: str, *, deep: bool = False, notes: list[str] | None = None) -
     >>> uwsfmt.validate("family.uws", deep=True)  # doctest: +SKIP
     []
     """
-    from .store import BUILDING_MARK, REPLACED_MARK
-    from .store import open as open_store
 
     with open_store(path) as store:
         problems = validate_store(store, deep=deep, notes=notes)

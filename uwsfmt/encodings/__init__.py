@@ -1,11 +1,11 @@
-"""The per-tensor encodings of a UWS store; one module each.
+"""The per-tensor encodings of a UWS store; one module each, registered by name.
 
-Each module knows how to turn one model's tensor into its per-model slots (``encode``)
-and back (``decode``). The builder decides which encoding a tensor gets.
+Each module defines an :class:`~uwsfmt.encodings.base.Encoding` (which pack slots a model's
+values take, how a reader gets a model's tensors back) and registers it; everything else asks
+the registry (:func:`for_entry`). Residuals and exceptions are parts of entries, not encodings.
 """
 
-from . import dense, residual, shared, subspace
+from uwsfmt.encodings import dense, lora, shared, subspace  # noqa: F401  (register the encodings)
+from uwsfmt.encodings.base import REGISTRY, Encoding, ReadContext, by_encoding, for_entry, kind_of, register
 
-ENCODINGS = {"subspace": subspace, "shared": shared, "dense": dense}
-
-__all__ = ["ENCODINGS", "dense", "residual", "shared", "subspace"]
+__all__ = ["REGISTRY", "Encoding", "ReadContext", "by_encoding", "for_entry", "kind_of", "register"]

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import dtypes
-from .slots import put, take
+from uwsfmt.encodings.base import Encoding, ReadContext, register
+from uwsfmt.encodings.slots import put, take
+from uwsfmt.format import dtypes
 
 
 def encode(entry: dict, w: torch.Tensor, rows: dict[str, np.ndarray]) -> None:
@@ -18,3 +19,29 @@ def decode(entry: dict, rows: dict[str, torch.Tensor]) -> torch.Tensor:
     raw = take(rows, entry["data"])
     t = raw.view(dtypes.torch_dtype(entry["dtype"])) if entry["dtype"] in ("bfloat16", "float8_e4m3fn", "float8_e5m2") else raw
     return t.reshape(entry["shape"])
+
+
+class Dense(Encoding):
+    """Stored per model as-is: a pack slot, or (shape varying between models) an array per model."""
+
+    name = "dense"
+
+    def slots(self, e: dict) -> list[dict]:
+        return [] if e["data"].get("per_model") else [e["data"]]
+
+    def shape_may_vary(self, e: dict) -> bool:
+        return bool(e["data"].get("per_model"))
+
+    def read(self, ctx: ReadContext, entries: list[dict]) -> dict[str, torch.Tensor]:
+        out = {}
+        for e in entries:
+            if e["data"].get("per_model"):
+                raw = ctx.reader.read_array(f"{e['node']}/models/{ctx.idx}")
+                out[e["name"]] = dtypes.from_storage(raw, e["dtype"]).to(ctx.device)
+            else:
+                value = decode(e, ctx.rows)
+                out[e["name"]] = value if ctx.wants(e["name"]) else value.clone()  # the rows are reused: a copy
+        return out
+
+
+DENSE = register(Dense())

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import dtypes, linalg
+from uwsfmt.format import dtypes
+from uwsfmt.numerics import quantize
 
 ARRAYS = {"replace": ("value",), "correct16": ("values",), "correct": ("codes", "scales")}
 
@@ -36,5 +37,5 @@ def decode(x: dict, arrays: dict[str, np.ndarray], current: torch.Tensor | None,
     else:
         codes = torch.from_numpy(np.ascontiguousarray(arrays["codes"])).to(device)
         scales = torch.from_numpy(np.ascontiguousarray(arrays["scales"])).to(device)
-        corr = linalg.dequantize_rows(codes, scales, (m, n), x["bits"])
+        corr = quantize.dequantize_rows(codes, scales, (m, n), x["bits"])
     return (current.to(device, cdt).reshape(m, n) + corr.to(cdt)).reshape(shape)

@@ -1,7 +1,7 @@
 """Residual: a per-model correction Q_i on top of the subspace term, quantized per row.
 
 bits 2/4/8: symmetric codes with one float32 scale per row of the matrix view (see
-:func:`uwsfmt.linalg.quantize_rows`); bit 1: the sign times the row's scale (BitDelta with
+:func:`uwsfmt.numerics.quantize.quantize_rows`); bit 1: the sign times the row's scale (BitDelta with
 per-row scales); bits 16: the residual itself in float16.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import linalg
-from .slots import put, take
+from uwsfmt.encodings.slots import put, take
+from uwsfmt.numerics import quantize
 
 
 def plan(layout, m: int, n: int, bits: int) -> dict:
@@ -27,8 +27,8 @@ def encode(spec: dict, r: torch.Tensor) -> tuple[dict[str, np.ndarray], torch.Te
     if bits == 16:
         v = r.to(torch.float16)
         return {"values": v.cpu().numpy()}, v.to(r.dtype)
-    codes, scales = linalg.quantize_rows(r, bits)
-    back = linalg.dequantize_rows(codes, scales, tuple(r.shape), bits).to(r.dtype)
+    codes, scales = quantize.quantize_rows(r, bits)
+    back = quantize.dequantize_rows(codes, scales, tuple(r.shape), bits).to(r.dtype)
     return {"codes": codes.cpu().numpy(), "scales": scales.cpu().numpy()}, back
 
 
@@ -40,4 +40,4 @@ def write(spec: dict, values: dict[str, np.ndarray], rows: dict[str, np.ndarray]
 def decode(spec: dict, rows: dict[str, torch.Tensor], m: int, n: int) -> torch.Tensor:
     if spec["bits"] == 16:
         return take(rows, spec["values"]).to(torch.float32).reshape(m, n)
-    return linalg.dequantize_rows(take(rows, spec["codes"]), take(rows, spec["scales"]), (m, n), spec["bits"])
+    return quantize.dequantize_rows(take(rows, spec["codes"]), take(rows, spec["scales"]), (m, n), spec["bits"])

@@ -1,8 +1,8 @@
 """Subspace: W_i ~= reshape(M + L @ C_i @ R^T (+ Q_i)), shared M / L / R, per-model C_i.
 
 ``fit`` turns the map-reduce statistics of one tensor into the shared arrays; ``encode``
-projects one model's tensor onto them. Decoding (batched over same-shape tensors) lives in
-:mod:`uwsfmt.store`, where the shared arrays are cached on the device.
+projects one model's tensor onto them. Decoding is batched over same-shape tensors
+(:func:`decode_group`); the reader caches the shared arrays on the device.
 """
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import linalg, native
+from uwsfmt.encodings import residual as residual_enc
+from uwsfmt.encodings.base import Encoding, ReadContext, register
+from uwsfmt.encodings.slots import take
+from uwsfmt.errors import FormatError
+from uwsfmt.numerics import gram, linalg, native
 
 
 def resolve_mode(mode: str, m: int, n: int) -> str:
@@ -41,7 +45,7 @@ class Fit:
     #: side -> the float64 bases ``left`` / ``right`` were rounded from (orthonormal), where
     #: pass 1 keeps them for a later step of the build (LoRA error budgets); dropped after it
     bases64: dict | None = field(default=None, repr=False, compare=False)
-    #: side -> the sketch's :class:`uwsfmt.linalg.SketchResult`, where an error budget picks the
+    #: side -> the sketch's :class:`uwsfmt.numerics.randomized.SketchResult`, where an error budget picks the
     #: rank later and checks the sketch there (``build._budget_tensor``, ``lora.fit_budget``)
     ritz: dict | None = field(default=None, repr=False, compare=False)
 
@@ -53,7 +57,7 @@ class Fit:
         out = {}
         for side, vals in self.spectra.items():
             k = self.kept[side]
-            out[side] = 1.0 if k >= vals.numel() else (float(linalg.explained(vals)[k - 1]) if k > 0 else 0.0)
+            out[side] = 1.0 if k >= vals.numel() else (float(gram.explained(vals)[k - 1]) if k > 0 else 0.0)
         return out
 
     def truncate(self, kept: dict[str, int]) -> Fit:
@@ -67,7 +71,7 @@ class Fit:
 
 
 def fit_gram(
-    stats: linalg.GramStats, *, mode: str, center: str, choose
+    stats: gram.GramStats, *, mode: str, center: str, choose
 ) -> Fit:
     """Eigen-decompose the Gram(s); ``choose(side, eigvals, limit)`` returns the kept rank."""
     mean, gl, gr = stats.center(center)
@@ -75,7 +79,7 @@ def fit_gram(
     for side, g in (("left", gl), ("right", gr)):
         if g is None:
             continue
-        vals, vecs = linalg.eig_desc(g)
+        vals, vecs = gram.eig_desc(g)
         k = choose(side, vals, None)
         f.spectra[side] = vals
         f.kept[side] = k
@@ -161,7 +165,7 @@ def subtract_expansion(p: Prepared, c: torch.Tensor, d: torch.Tensor) -> torch.T
 
 
 def rebuild(p: Prepared, c: torch.Tensor, view: tuple[int, int]) -> torch.Tensor:
-    """M + L @ C @ R^T in the compute dtype, the way :meth:`uwsfmt.store.Store.state_dict`
+    """M + L @ C @ R^T in the compute dtype, the way :meth:`uwsfmt.Store.state_dict`
     computes it (:func:`expand_into` from :data:`EXPAND_MIN_ELEMENTS` values, else the product
     then the mean), so that errors measured on it are the errors readers see."""
     w = c.to(p.cdt)
@@ -237,3 +241,113 @@ def expand_into(items: list[tuple]) -> None:
             dest.addmm_(a, b)
         if dest is not out:
             out.copy_(dest)
+
+
+def implied_shape(e: dict, field: str) -> tuple[int, int]:
+    """Shape the manifest implies for a subspace tensor's mean / left / right array (spec section 13)."""
+    m, n = e["view"]
+    kl, kr = e["rank"]
+    return {"mean": (m, n), "left": (m, kl), "right": (n, kr)}[field]
+
+
+def batch_key(e: dict) -> tuple:
+    return (e["mode"], tuple(e["view"]), tuple(x or 0 for x in e["rank"]), e.get("mean") is not None, e["dtype"] == "float64")
+
+
+def decode_group(ctx: ReadContext, key: tuple, group: list[dict]) -> list[torch.Tensor]:
+    """The group's tensors: in the compute dtype, or, for large ones, possibly already in the
+    dtype the caller gets (``into``'s tensor's, else ``dtype`` or the source's) where that is
+    bfloat16 / float16 and nothing is added after the rebuild (no residual, not in
+    ``exceptions``): then the one rounding of the float32 rebuild happens as it is written."""
+    rows, dev, into = ctx.rows, ctx.device, ctx.into
+    mean, left, right = ctx.reader.group_arrays(key, group, dev)
+    e0 = group[0]
+    cdt = ctx.reader.compute_dtype(e0)
+    m, n = e0["view"]
+    cshape = e0["coefficients"]["shape"]
+    cs = [take(rows, e["coefficients"]).reshape(cshape).to(cdt) for e in group]  # views of the row
+    if m * n >= EXPAND_MIN_ELEMENTS and rebuilt_shape(left, right, cs[0]) == (m, n):
+        # large tensors one by one: straight into the caller's tensors where they can take the
+        # result (no full-size temporary: a fresh allocation costs page faults and a pass over
+        # memory), else into fresh ones; mean + L C R^T in one pass (the native kernel on the
+        # CPU, else one GEMM per tensor); no stacked copy of the coefficients
+        def dest(e: dict) -> torch.Tensor:
+            half = cdt == torch.float32 and not e.get("residual") and e["name"] not in ctx.excepted
+            d = _target(into, e, cdt, dev, half=half) if into is not None else None
+            if d is not None:
+                return d
+            want = ctx.returned_dtype(e)
+            return torch.empty(e["shape"], dtype=want if half and want in HALF else cdt, device=dev)
+
+        dests = [dest(e) for e in group]
+        views = [d.view(m, n) for d in dests]
+        expand_into([(d, None if mean is None else mean[i], None if left is None else left[i], cs[i],
+                               None if right is None else right[i]) for i, d in enumerate(views)])
+        for e, d in zip(group, views):
+            if e.get("residual"):
+                d.add_(residual_enc.decode(e["residual"], rows, m, n).to(cdt))
+        return dests
+    w = c = torch.stack(cs)
+    if left is not None:
+        w = torch.bmm(left, w)
+    if right is not None:
+        w = torch.bmm(w, right.transpose(1, 2))
+    if mean is not None:
+        w = w.add_(mean) if w.shape == mean.shape and w is not c else (w + mean if w.shape == mean.shape else mean.expand(len(group), m, n) + w)
+    elif w.shape[1:] != (m, n):
+        raise FormatError(f"{ctx.reader.path}: tensor {e0['name']!r}: coefficients do not match its view {m}x{n}")
+    out = []
+    for i, e in enumerate(group):
+        wi = w[i]
+        if e.get("residual"):
+            wi = wi + residual_enc.decode(e["residual"], rows, m, n).to(cdt)
+        out.append(wi.reshape(e["shape"]))
+    return out
+
+def _target(into: dict[str, torch.Tensor], e: dict, cdt: torch.dtype, dev: torch.device, *, half: bool = False
+            ) -> torch.Tensor | None:
+    """The caller's tensor for subspace tensor ``e`` when it can receive the rebuild directly: in
+    the compute dtype, or (``half``) in bfloat16 / float16, which take the rounded rebuild."""
+    d = into.get(e["name"])
+    if d is None or not (d.dtype == cdt or (half and d.dtype in HALF)):
+        return None
+    if d.device != dev or not d.is_contiguous() or list(d.shape) != list(e["shape"]):
+        return None
+    return d
+
+
+class Subspace(Encoding):
+    """Shared mean and bases, per-model coefficients (and an optional quantized residual)."""
+
+    name = "subspace"
+
+    def slots(self, e: dict) -> list[dict]:
+        out = [e["coefficients"]]
+        r = e.get("residual")
+        if r:
+            out += [r[k] for k in ("codes", "scales", "values") if k in r]
+        return out
+
+    def stored_fit(self, reader, e: dict, device: torch.device) -> Fit:
+        cdt = torch.float64 if e["dtype"] == "float64" else torch.float32
+
+        def arr(field: str) -> torch.Tensor | None:  # the shape the manifest implies is checked before reading
+            p = e.get(field)
+            return None if p is None else torch.from_numpy(reader.read_array(p, implied_shape(e, field))).to(device, cdt)
+
+        kept = {"left": e["rank"][0], "right": e["rank"][1]}
+        return Fit(e["mode"], e["center"], arr("mean"), arr("left"), arr("right"), {}, kept)
+
+    def read(self, ctx: ReadContext, entries: list[dict]) -> dict[str, torch.Tensor]:
+        groups: dict[tuple, list[dict]] = {}
+        for e in entries:
+            key = batch_key(e) + (("single", e["name"]) if ctx.single else ())
+            groups.setdefault(key, []).append(e)
+        out = {}
+        for key, group in groups.items():
+            for e, w in zip(group, decode_group(ctx, key, group)):
+                out[e["name"]] = w
+        return out
+
+
+SUBSPACE = register(Subspace())

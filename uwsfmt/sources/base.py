@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..dtypes import name_of
+from uwsfmt.errors import SourceError
+from uwsfmt.format.dtypes import name_of, to_storage, torch_dtype
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,6 @@ class TensorInfo:
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    from ..dtypes import torch_dtype
 
     return torch_dtype(name)
 
@@ -133,7 +133,6 @@ class StateDictCheckpoint(Checkpoint):
         super().__init__(id, None)
         for k, v in tensors.items():
             if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-                from ..errors import SourceError
 
                 raise SourceError(f"model {id!r}: entry {k!r} is a {type(k).__name__} -> {type(v).__name__}; a state dict "
                                   "maps tensor names (str) to tensors (a family is {model_id: state_dict})")
@@ -155,7 +154,6 @@ class StateDictCheckpoint(Checkpoint):
         if self._fingerprint is None:
             h = hashlib.sha256()
             size = 0
-            from ..dtypes import to_storage
 
             for k in sorted(self._tensors):
                 b = to_storage(self._tensors[k]).tobytes()

@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 
-from ..errors import SourceError
-from .base import Format, LoraPair
-from .kohya import read_scalar
-from .lora_layout import DIFFUSERS_SUFFIXES, KOHYA_SUFFIXES, find_pairs, peft_scale
-from .registry import register_format
-from .safetensors_file import SafetensorsCheckpoint, read_header
+from uwsfmt.errors import SourceError
+from uwsfmt.sources.base import Format, LoraPair
+from uwsfmt.sources.kohya import read_scalar
+from uwsfmt.sources.lora_layout import DIFFUSERS_SUFFIXES, KOHYA_SUFFIXES, find_pairs, peft_scale
+from uwsfmt.sources.registry import register_format
+from uwsfmt.sources.safetensors_file import SafetensorsCheckpoint, read_header
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
@@ -32,7 +32,7 @@ def adapter_metadata(meta: dict, where: str) -> dict:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise SourceError(f"{where}: safetensors metadata {METADATA_KEY!r} is not JSON ({e})") from None
+        raise SourceError(f"{where}: safetensors metadata {METADATA_KEY!r} is not JSON ({e})") from e
     return value if isinstance(value, dict) else {}
 
 

@@ -12,11 +12,11 @@ import os
 
 import torch
 
-from ..errors import SourceError
-from .base import Checkpoint, Format, TensorInfo
-from .registry import register_format
-from .safetensors_file import SafetensorsCheckpoint
-from .torch_file import TorchCheckpoint
+from uwsfmt.errors import SourceError
+from uwsfmt.sources.base import Checkpoint, Format, TensorInfo
+from uwsfmt.sources.registry import register_format
+from uwsfmt.sources.safetensors_file import SafetensorsCheckpoint
+from uwsfmt.sources.torch_file import TorchCheckpoint
 
 SINGLE = ("model.safetensors", "pytorch_model.bin")
 INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -45,7 +45,7 @@ def read_index(path: str) -> dict[str, str]:
             index = json.load(f)
         wm = index["weight_map"]
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise SourceError(f"{path}: not a valid shard index (needs a 'weight_map' object: {e})") from None
+        raise SourceError(f"{path}: not a valid shard index (needs a 'weight_map' object: {e})") from e
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise SourceError(f"{path}: 'weight_map' must map tensor names to shard file names")
     for shard in set(wm.values()):
@@ -110,8 +110,8 @@ class HFFolderCheckpoint(Checkpoint):
             self.infos()
         try:
             shard = self._shard_of[name]
-        except KeyError:
-            raise SourceError(f"{self.path}: no tensor {name!r} in this model folder") from None
+        except KeyError as e:
+            raise SourceError(f"{self.path}: no tensor {name!r} in this model folder") from e
         return self._shards[shard].get(name)
 
     def prefetch(self, name: str) -> None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 
-from ..errors import SourceError
-from .base import Format, LoraPair
-from .lora_layout import KOHYA_PREFIXES, KOHYA_SUFFIXES, find_pairs
-from .registry import register_format
-from .safetensors_file import SafetensorsCheckpoint, read_header
+from uwsfmt.errors import SourceError
+from uwsfmt.sources.base import Format, LoraPair
+from uwsfmt.sources.lora_layout import KOHYA_PREFIXES, KOHYA_SUFFIXES, find_pairs
+from uwsfmt.sources.registry import register_format
+from uwsfmt.sources.safetensors_file import SafetensorsCheckpoint, read_header
 
 
 def read_scalar(ck: SafetensorsCheckpoint, name: str) -> float:

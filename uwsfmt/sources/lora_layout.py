@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 import re
 
-from ..errors import SourceError
-from .base import TensorInfo
+from uwsfmt.errors import SourceError
+from uwsfmt.sources.base import TensorInfo
 
 #: (A suffix, B suffix, the adapted layer stores W transposed)
 PEFT_SUFFIXES = ((".lora_A.weight", ".lora_B.weight", False), (".lora_embedding_A", ".lora_embedding_B", True))

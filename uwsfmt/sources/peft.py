@@ -15,12 +15,12 @@ import os
 
 import torch
 
-from ..errors import SourceError
-from .base import Checkpoint, Format, LoraPair, TensorInfo
-from .lora_layout import PEFT_SUFFIXES, find_pairs, peft_rank, peft_scale
-from .registry import register_format
-from .safetensors_file import SafetensorsCheckpoint
-from .torch_file import TorchCheckpoint
+from uwsfmt.errors import SourceError
+from uwsfmt.sources.base import Checkpoint, Format, LoraPair, TensorInfo
+from uwsfmt.sources.lora_layout import PEFT_SUFFIXES, find_pairs, peft_rank, peft_scale
+from uwsfmt.sources.registry import register_format
+from uwsfmt.sources.safetensors_file import SafetensorsCheckpoint
+from uwsfmt.sources.torch_file import TorchCheckpoint
 
 CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -39,7 +39,7 @@ def read_config(folder: str) -> dict:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SourceError(f"{path}: cannot read the PEFT adapter config ({e}); re-save the adapter with save_pretrained") from None
+        raise SourceError(f"{path}: cannot read the PEFT adapter config ({e}); re-save the adapter with save_pretrained") from e
     if not isinstance(config, dict):
         raise SourceError(f"{path}: the PEFT adapter config is not a JSON object")
     return config

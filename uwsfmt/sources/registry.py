@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..errors import SourceError
-from .base import Checkpoint, Format, StateDictCheckpoint
+from uwsfmt.errors import SourceError
+from uwsfmt.sources.base import Checkpoint, Format, StateDictCheckpoint
 
 _FORMATS: dict[str, Format] = {}
 

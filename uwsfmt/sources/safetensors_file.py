@@ -10,10 +10,10 @@ import threading
 
 import torch
 
-from ..dtypes import torch_dtype
-from ..errors import SourceError
-from .base import Checkpoint, Format, TensorInfo
-from .registry import register_format
+from uwsfmt.errors import SourceError
+from uwsfmt.format.dtypes import torch_dtype
+from uwsfmt.sources.base import Checkpoint, Format, TensorInfo
+from uwsfmt.sources.registry import register_format
 
 _ST_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -36,7 +36,7 @@ def read_header(path: str) -> dict:
     try:
         st = os.stat(path)
     except OSError as e:
-        raise SourceError(f"{path}: cannot read the file ({e.strerror or e})") from None
+        raise SourceError(f"{path}: cannot read the file ({e.strerror or e})") from e
     key = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     header = _HEADERS.get(key)
     if header is None:
@@ -63,9 +63,9 @@ def _parse_header(path: str) -> dict:
                 )
             header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise SourceError(f"{path}: corrupt safetensors header ({type(e).__name__}: {str(e)[:200]}); re-export the checkpoint") from None
+        raise SourceError(f"{path}: corrupt safetensors header ({type(e).__name__}: {str(e)[:200]}); re-export the checkpoint") from e
     except OSError as e:
-        raise SourceError(f"{path}: cannot read the file ({e.strerror or e})") from None
+        raise SourceError(f"{path}: cannot read the file ({e.strerror or e})") from e
     if not isinstance(header, dict):
         raise SourceError(f"{path}: corrupt safetensors header (not a JSON object)")
     end = 0
@@ -156,7 +156,7 @@ class SafetensorsCheckpoint(Checkpoint):
                 self._file = open_data(self.path)
             got = os.preadv(self._file.fileno(), [buf.numpy()], self._data_start + start) if nbytes else 0
         except OSError as e:
-            raise SourceError(f"{self.path}: cannot read tensor {name!r}: {e}") from None
+            raise SourceError(f"{self.path}: cannot read tensor {name!r}: {e}") from e
         if got != nbytes:
             raise SourceError(f"{self.path}: truncated safetensors file (tensor {name!r} ends past the end of the file)")
         return buf.view(dtype).reshape(shape)

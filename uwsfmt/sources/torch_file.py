@@ -11,10 +11,10 @@ import zipfile
 
 import torch
 
-from ..dtypes import name_of
-from ..errors import SourceError
-from .base import Checkpoint, Format, TensorInfo
-from .registry import register_format
+from uwsfmt.errors import SourceError
+from uwsfmt.format.dtypes import name_of
+from uwsfmt.sources.base import Checkpoint, Format, TensorInfo
+from uwsfmt.sources.registry import register_format
 
 
 def _reason(e: Exception) -> str:
@@ -44,7 +44,7 @@ class TorchCheckpoint(Checkpoint):
                     f"{self.path}: refused to load: the file is not a plain tensor state dict "
                     f"loadable with weights_only=True ({first}). uwsfmt never unpickles arbitrary "
                     "objects; re-save the weights with safetensors or torch.save(state_dict)."
-                ) from None
+                ) from e
             if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
                 obj = obj["state_dict"]
             if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import SourceError
+from uwsfmt.errors import SourceError
 
 # logical name -> (torch dtype, storage numpy dtype name)
 _TABLE: dict[str, tuple[torch.dtype, str]] = {
@@ -35,10 +35,10 @@ def name_of(dtype: torch.dtype) -> str:
     """Logical dtype name of a torch dtype, e.g. ``name_of(torch.bfloat16) == 'bfloat16'``."""
     try:
         return _BY_TORCH[dtype]
-    except KeyError:
+    except KeyError as e:
         raise SourceError(
             f"dtype {dtype} is not supported by the UWS format; supported: {', '.join(LOGICAL_DTYPES)}"
-        ) from None
+        ) from e
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from uwsfmt.errors import ConfigError
 
 SOURCE = Path(__file__).with_name("native_expand.c")
 ISA_NAMES = {2: "avx512", 1: "avx2"}

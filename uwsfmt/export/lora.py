@@ -17,9 +17,9 @@ from collections import Counter
 
 from safetensors.torch import save_file
 
-from .errors import ConfigError
-from .export import exporter
-from .sources.peft import CONFIG, module_key
+from uwsfmt.errors import ConfigError
+from uwsfmt.export.registry import exporter
+from uwsfmt.sources.peft import CONFIG, module_key
 
 #: keys of adapter_config.json that the export rewrites (the scale lives in the factors now)
 SCALE_KEYS = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora")

@@ -32,7 +32,7 @@ import os
 import crc32c
 import numpy as np
 
-from .errors import FormatError
+from uwsfmt.errors import FormatError
 
 #: an index entry of a chunk that was never written (it reads as the fill value)
 EMPTY = 2**64 - 1
@@ -117,7 +117,7 @@ class RowReader:
         try:
             full = np.frombuffer(Zstd().decode(raw[:-4]), dtype=np.uint8)
         except Exception as e:
-            raise FormatError(f"{path}: inner chunk {j} is not a valid zstd frame ({e}); the store is damaged") from None
+            raise FormatError(f"{path}: inner chunk {j} is not a valid zstd frame ({e}); the store is damaged") from e
         if full.size != payload:
             raise FormatError(f"{path}: inner chunk {j} decompresses to {full.size} bytes, not {payload}; the store is damaged")
         dest[...] = full[: dest.size]
@@ -214,7 +214,7 @@ class ChunkedReader:
         except FileNotFoundError:
             return False
         except OSError as e:
-            raise FormatError(f"{path}: chunk cannot be read ({e.strerror or e}); the store is damaged") from None
+            raise FormatError(f"{path}: chunk cannot be read ({e.strerror or e}); the store is damaged") from e
         try:
             size = os.fstat(fd).st_size
             self._check_size(key, size, dest.size + tail.size)
@@ -234,7 +234,7 @@ class ChunkedReader:
         try:
             raw = self.zip.read(info)
         except Exception as e:  # zipfile's own CRC, a truncated archive, ...
-            raise FormatError(f"{self._name(key)}: chunk cannot be read ({e}); the store is damaged") from None
+            raise FormatError(f"{self._name(key)}: chunk cannot be read ({e}); the store is damaged") from e
         dest[...] = np.frombuffer(raw, np.uint8, count=dest.size)
         tail[...] = np.frombuffer(raw, np.uint8, offset=dest.size)
         return True
@@ -308,8 +308,8 @@ def read_doc(path: str, limit: int, zip=None) -> dict | None:
     except FormatError:
         raise
     except Exception as e:  # a directory in its place, a damaged archive, ...
-        raise FormatError(f"{path} cannot be read ({e}); the store is damaged") from None
+        raise FormatError(f"{path} cannot be read ({e}); the store is damaged") from e
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path} is not valid JSON ({e}); the store is damaged") from None
+        raise FormatError(f"{path} is not valid JSON ({e}); the store is damaged") from e

@@ -1,14 +1,11 @@
-"""Store -> files people load: safetensors (other formats register here)."""
+"""The exporters' registry: ``@exporter(name)`` registers one; :func:`export` dispatches to it."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 
-from safetensors.torch import save_file
-
-from .errors import ConfigError, StoreExistsError
+from uwsfmt.errors import ConfigError, StoreExistsError
 
 EXPORTERS: dict[str, Callable] = {}
 
@@ -18,17 +15,6 @@ def exporter(name: str):
         EXPORTERS[name] = fn
         return fn
     return deco
-
-
-@exporter("safetensors")
-def export_safetensors(store, model, out: str, **_) -> str:
-    """Write one model with its original names, shapes and dtypes."""
-    sd = store.state_dict(model)
-    entry = store.model_entry(model)
-    meta = {"uwsfmt.store": os.path.abspath(store.path), "uwsfmt.model": entry["id"],
-            "uwsfmt.max_error": json.dumps(max([e for e in entry["error"] if e is not None], default=0.0))}
-    save_file({k: v.contiguous() for k, v in sd.items()}, out, metadata=meta)
-    return out
 
 
 def export(store, model, out: str, *, format: str = "safetensors", overwrite: bool = False, **kw) -> str:
@@ -43,5 +29,3 @@ def export(store, model, out: str, *, format: str = "safetensors", overwrite: bo
     store.model_index(model)  # clear error for an unknown model before any file is made
     return EXPORTERS[format](store, model, out, **kw)
 
-
-from . import export_lora  # noqa: E402,F401  (registers the peft and kohya exporters)

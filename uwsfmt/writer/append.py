@@ -17,27 +17,29 @@ from typing import Any
 import torch
 import zarr
 
-from . import budget, dtypes, layout, naming, overlap
-from .build import Progress, _Fingerprints, _now, _os_reason, _source_record, _write_exceptions, encode_model
-from .encodings import lora as lora_enc
-from .encodings import subspace
-from .errors import ConflictError, SourceError, StoreError
-from .sources import Checkpoint, discover
-from .store import Store, _device, _implied_shape, _open_zarr_store, default_device, read_manifest
+from uwsfmt import encodings
+from uwsfmt.encodings import lora as lora_enc
+from uwsfmt.errors import ConflictError, SourceError, StoreError
+from uwsfmt.format import dtypes, naming
+from uwsfmt.io import layout, overlap
+from uwsfmt.io.commit import StoreLock, commit_manifest
+from uwsfmt.numerics import budget
+from uwsfmt.numerics.device import default_device, resolve_device
+from uwsfmt.reader.manifest import open_zarr_store, read_manifest
+from uwsfmt.reader.store import StoreReader
+from uwsfmt.sources import Checkpoint, StateDictCheckpoint, discover
+from uwsfmt.writer.convert import Fingerprints, os_reason, source_record, utc_now
+from uwsfmt.writer.encode import encode_model, write_exceptions
+from uwsfmt.writer.progress import Progress
 
 
-def _fits_from_store(store: Store, dev: torch.device) -> dict[str, Any]:
+def _fits_from_store(store: StoreReader, dev: torch.device) -> dict[str, Any]:
+    """What each tensor of a new model is encoded against (its encoding's stored shared part)."""
     fits: dict[str, Any] = {}
     for e in store.manifest["tensors"]:
-        if e["encoding"] == "subspace":
-            cdt = torch.float64 if e["dtype"] == "float64" else torch.float32
-            def arr(field, e=e, cdt=cdt):  # the shape the manifest implies is checked before reading
-                p = e.get(field)
-                return None if p is None else torch.from_numpy(store.read_array(p, _implied_shape(e, field))).to(dev, cdt)
-            kept = {"left": e["rank"][0], "right": e["rank"][1]}
-            fits[e["name"]] = subspace.Fit(e["mode"], e["center"], arr("mean"), arr("left"), arr("right"), {}, kept)
-        elif e["encoding"] == "shared":
-            fits[e["name"]] = dtypes.from_storage(store.read_array(e["data"]["path"], e["shape"] or [1]), e["dtype"]).reshape(e["shape"])
+        fit = encodings.for_entry(e, store.path).stored_fit(store, e, dev)
+        if fit is not None:
+            fits[e["name"]] = fit
     return fits
 
 
@@ -61,7 +63,7 @@ def fit_problems(entries: list[dict], ck: Checkpoint) -> list[str]:
             out.append(f"{where}: lacks tensor {e['name']!r}")
         elif info.dtype != e["dtype"]:
             out.append(f"{where}: tensor {e['name']!r} is {info.dtype}, the store holds {e['dtype']}")
-        elif not (e["encoding"] == "dense" and e["data"].get("per_model")) and tuple(info.shape) != tuple(e["shape"]):
+        elif not encodings.for_entry(e, where).shape_may_vary(e) and tuple(info.shape) != tuple(e["shape"]):
             out.append(f"{where}: tensor {e['name']!r} has shape {list(info.shape)}, the store holds {e['shape']}")
     factors = {n for pair in ck.lora_pairs().values() for n in (pair.a, pair.b, pair.alpha) if n}  # not extra tensors
     extra = sorted(set(infos) - {e["name"] for e in plain} - factors)
@@ -78,7 +80,7 @@ def _id_problems(cks: list[Checkpoint]) -> tuple[list[tuple[Checkpoint, str]], l
     return bad, sorted(i for i, n in counts.items() if n > 1)
 
 
-def plan_append(store: Store, sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
+def plan_append(store: StoreReader, sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
     """What appending ``sources`` to ``store`` would do, from the checkpoints' headers (nothing is
     read beyond them, nothing written): ``{"n_models", "models", "formats", "total_bytes", "new",
     "existing", "conflicts"}``; ``conflicts`` lists every reason the append would be refused.
@@ -107,7 +109,7 @@ def plan_append(store: Store, sources, *, format: str | None = None, skip_existi
             "new": [ck.id for ck in todo if ck.id not in have], "existing": existing, "conflicts": conflicts}
 
 
-def _refuse_misfits(store: Store, entries: list[dict], cks: list[Checkpoint]) -> None:
+def _refuse_misfits(store: StoreReader, entries: list[dict], cks: list[Checkpoint]) -> None:
     found = [fit_problems(entries, ck) for ck in cks]
     problems = [p for ps in found for p in ps]
     if problems:
@@ -117,13 +119,13 @@ def _refuse_misfits(store: Store, entries: list[dict], cks: list[Checkpoint]) ->
                             "give checkpoints of the family's architecture):", problems)
 
 
-def project(store: Store, source, *, format: str | None = None, device: str | None = None) -> dict:
+def project(store: StoreReader, source, *, format: str | None = None, device: str | None = None) -> dict:
     """Coefficients and errors of an unseen checkpoint against the store's bases (nothing written).
 
     Returns ``{"id", "coefficients": {name: tensor}, "error": {name: float}, "delta_error": {...}}``.
     """
     ck = _one_checkpoint(source, format=format)
-    dev = _device(device, default_device())
+    dev = resolve_device(device, default_device())
     widths = {p: info["width"] for p, info in store.manifest["packs"].items()}
     entries = store.manifest["tensors"]
     _refuse_misfits(store, entries, [ck])
@@ -131,7 +133,7 @@ def project(store: Store, source, *, format: str | None = None, device: str | No
                                         allow_nonfinite=False, store_path=store.path)
     coefs = {}
     for e in entries:
-        if e["encoding"] == "subspace":
+        if e.get("coefficients") is not None:
             sl = e["coefficients"]
             coefs[e["name"]] = torch.from_numpy(rows[sl["pack"]][sl["offset"]: sl["offset"] + sl["length"]].copy()).reshape(sl["shape"])
     names = [e["name"] for e in entries]
@@ -142,7 +144,6 @@ def _one_checkpoint(source, *, format: str | None, id: str | None = None) -> Che
     if isinstance(source, Checkpoint):
         return source
     if isinstance(source, dict):
-        from .sources import StateDictCheckpoint
 
         return StateDictCheckpoint(id or "model", source)
     cks = discover([source], format=format)
@@ -153,7 +154,7 @@ def _one_checkpoint(source, *, format: str | None, id: str | None = None) -> Che
     return cks[0]
 
 
-def append(store: Store, source, *, id: str | None = None, format: str | None = None, progress: bool | Callable | None = False,
+def append(store: StoreReader, source, *, id: str | None = None, format: str | None = None, progress: bool | Callable | None = False,
            device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None) -> dict:
     """Add one model to a directory store (see :func:`append_checkpoints`); its manifest entry."""
     ck = _one_checkpoint(source, format=format, id=id)
@@ -161,7 +162,7 @@ def append(store: Store, source, *, id: str | None = None, format: str | None = 
                               max_delta_error=max_delta_error)[0]
 
 
-def extend(store: Store, sources, *, format: str | None = None, progress: bool | Callable | None = False,
+def extend(store: StoreReader, sources, *, format: str | None = None, progress: bool | Callable | None = False,
            device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None,
            cancel: threading.Event | None = None, skip_existing: bool = False) -> list[dict]:
     """Add every checkpoint ``sources`` names (paths, folders, globs, Checkpoint objects or
@@ -171,7 +172,7 @@ def extend(store: Store, sources, *, format: str | None = None, progress: bool |
                               skip_existing=skip_existing)
 
 
-def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | Callable | None = False, device: str | None = None,
+def append_checkpoints(store: StoreReader, cks: list[Checkpoint], *, progress: bool | Callable | None = False, device: str | None = None,
                        max_error: float | None = None, max_delta_error: float | None = None,
                        cancel: threading.Event | None = None, skip_existing: bool = False) -> list[dict]:
     """Add models to a directory store: project each onto the bases, write its rows, then commit
@@ -189,11 +190,10 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
     the store already has (a folder synced into its store again) instead of refusing them all;
     nothing to add commits nothing and returns [].
     """
-    from .commit import StoreLock, commit_manifest
 
     if not os.path.isdir(store.path):
         raise StoreError(f"{store.path}: only directory stores can be appended to; unpack the zip first (uwsfmt unpack)")
-    dev = _device(device, default_device())  # before the lock: a bad device touches nothing
+    dev = resolve_device(device, default_device())  # before the lock: a bad device touches nothing
     hint = "pass another id (CLI: --id)" if len(cks) == 1 else "rename the sources, or append them one by one with --id"
     bad, twice = _id_problems(cks)
     if bad:
@@ -207,7 +207,7 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
     all_cks = cks
     try:
         with StoreLock(store.path):
-            zstore = _open_zarr_store(store.path, "w")
+            zstore = open_zarr_store(store.path, "w")
             current = read_manifest(zstore, store.path)  # re-read under the lock: another writer may have committed
             have = {m["id"] for m in current["models"]}
             if skip_existing:
@@ -220,9 +220,9 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
                 raise ConflictError(f"{store.path}: {'a model with id' if len(taken) == 1 else 'models with ids'} "
                                     f"{', '.join(map(repr, taken))} {'is' if len(taken) == 1 else 'are'} already in the store; {hint}")
             _refuse_misfits(store, current["tensors"], cks)  # every problem of every source, before anything is written
-            fingerprints = _Fingerprints(cks, stop)
+            fingerprints = Fingerprints(cks, stop)
             hashes = overlap.Background(fingerprints.work)
-            fresh = Store(store.path, zstore, current)
+            fresh = StoreReader(store.path, zstore, current)
             widths = {p: info["width"] for p, info in current["packs"].items()}
             if max_error is None and max_delta_error is None:
                 built = current["build"]["settings"]
@@ -238,7 +238,7 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
                 rows, per_model, errs, derrs = encode_model(current["tensors"], fits, ck, widths,
                                                             allow_nonfinite=bool(current["build"]["settings"].get("allow_nonfinite")),
                                                             store_path=store.path, error_budget=error_budget, corrections=fixes)
-                entry = {"id": ck.id, "added": _now(), "source": None, "error": errs, "delta_error": derrs,  # source: below
+                entry = {"id": ck.id, "added": utc_now(), "source": None, "error": errs, "delta_error": derrs,  # source: below
                          **lora_enc.model_record(current["tensors"], ck)}
                 try:  # new files only (rows >= n_models are uncommitted); the manifest, replaced last, commits them
                     for p, info in current["packs"].items():
@@ -250,21 +250,21 @@ def append_checkpoints(store: Store, cks: list[Checkpoint], *, progress: bool | 
                         if e["name"] in per_model:
                             layout.write_array(zstore, f"{e['node']}/models/{idx}", dtypes.to_storage(per_model[e["name"]]))
                     if fixes:
-                        entry["exceptions"] = _write_exceptions(zstore, current["tensors"], idx, fixes)
+                        entry["exceptions"] = write_exceptions(zstore, current["tensors"], idx, fixes)
                 except OSError as e:
-                    raise StoreError(f"{store.path}: could not write model {ck.id!r} ({_os_reason(e)}); the store keeps its "
-                                     f"previous committed state ({first} models)") from None
+                    raise StoreError(f"{store.path}: could not write model {ck.id!r} ({os_reason(e)}); the store keeps its "
+                                     f"previous committed state ({first} models)") from e
                 entries.append(entry)
                 ck.close()
                 prog.step(ck.id)
             fingerprints.work()  # the sources the background thread has not reached yet
             hashes.result()
             for ck, entry in zip(cks, entries):
-                entry["source"] = _source_record(ck)
+                entry["source"] = source_record(ck)
             new = dict(current)
             new["models"] = current["models"] + entries
             new["generation"] = int(current.get("generation", 0)) + 1
-            new["updated"] = _now()
+            new["updated"] = utc_now()
             commit_manifest(zstore, store.path, new)
     finally:
         stop.set()

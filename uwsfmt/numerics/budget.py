@@ -31,10 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import dtypes, linalg
-from .encodings import residual as residual_enc
-from .encodings import subspace
-from .encodings.subspace import Fit
+from uwsfmt.encodings import residual as residual_enc
+from uwsfmt.encodings import subspace
+from uwsfmt.encodings.subspace import Fit, resolve_mode
+from uwsfmt.errors import BudgetError
+from uwsfmt.format import dtypes
+from uwsfmt.numerics import linalg, quantize
 
 #: residual options tried when ``residual_bits`` is not fixed (None = no residual)
 BITS: tuple[int | None, ...] = (None, 1, 2, 4, 8, 16)
@@ -58,7 +60,6 @@ def slack(dtype: str) -> float:
 
 def gram_mode(mode: str, m: int, n: int) -> str:
     """Which Gram(s) pass 1 accumulates in a budgeted build."""
-    from .encodings.subspace import resolve_mode
 
     if mode == "auto" and max(m, n) <= BOTH_SIDES_LIMIT:
         return "both" if min(m, n) > 1 else ("right" if m == 1 else "left")  # a vector: PCA across models
@@ -132,7 +133,7 @@ def tensor_bytes(c: Candidate, view: tuple[int, int], n_models: int, *, mean_byt
     k = c.rank
     basis = {"left": m * k, "flat": m * k, "right": n * k, "both": (m + n) * k}[c.mode] * 4
     coef = {"left": k * n, "flat": k * n, "right": m * k, "both": k * k}[c.mode] * 4
-    res = 0 if c.bits is None else linalg.residual_nbytes(m, n, c.bits)
+    res = 0 if c.bits is None else quantize.residual_nbytes(m, n, c.bits)
     arrays = (mean_bytes > 0) + (1 if c.mode != "both" else 2) + (1 if spectrum_len else 0)
     shared = mean_bytes + basis + 8 * spectrum_len + ARRAY_OVERHEAD * arrays
     return shared + n_models * (coef + res)
@@ -240,7 +241,7 @@ class ErrorSweep:
 
     def add(self, w: torch.Tensor) -> None:
         with linalg.no_tf32():
-            # the same arithmetic as pass 2 (uwsfmt.build._encode_subspace), so that its errors agree
+            # the same arithmetic as pass 2 (uwsfmt.writer.encode._encode_subspace), so that its errors agree
             w = w.to(self.device).reshape(self.view)
             wc = w if w.dtype == self.cdt else w.to(self.cdt)
             d = wc - self.mean.reshape(self.view) if self.mean is not None else wc
@@ -259,7 +260,7 @@ class ErrorSweep:
                     out = r
                     if bits is not None:
                         res = (wc - r).to(torch.float32) if res is None else res
-                        back = res.half().float() if bits == 16 else linalg.fake_quantize_rows(res, bits)
+                        back = res.half().float() if bits == 16 else quantize.fake_quantize_rows(res, bits)
                         out = r + back.to(self.cdt)
                     if self.want != self.cdt:
                         out = out.to(self.want).to(self.cdt)
@@ -324,7 +325,7 @@ def _spectrum_len(fit: Fit, c: Candidate) -> int:
     return sum(int(fit.spectra[s].numel()) for s in sides if s in fit.spectra)
 
 
-def _g4(x: float) -> float | None:
+def g4(x: float) -> float | None:
     return float(f"{x:.4g}") if np.isfinite(x) else None
 
 
@@ -359,7 +360,7 @@ def pick(sweep: ErrorSweep, *, n_models: int, budget: Budget, shape=None) -> Cho
                 frontier.append(("dense", None, None, by, 0.0, 0.0))
             else:
                 c = sweep.cands[j]
-                frontier.append((c.mode, c.rank, c.bits, by, _g4(worst[j]), _g4(worst_d[j])))
+                frontier.append((c.mode, c.rank, c.bits, by, g4(worst[j]), g4(worst_d[j])))
     if best is None:
         return Choice("dense", None, dense, dense, 0.0, 0.0, budget, frontier)
     return Choice("subspace", sweep.cands[best], sizes[best], dense, float(worst[best]), float(worst_d[best]), budget, frontier)
@@ -384,7 +385,6 @@ def choose(fit: Fit, tensors: Iterable[torch.Tensor], *, name: str, shape, dtype
     choice = pick(sweep, n_models=n_models, budget=budget, shape=shape)
     if choice.encoding == "dense":
         if forced:
-            from .errors import BudgetError
 
             best = min((p[4] for p in choice.frontier if p[4] is not None and p[4] > 0), default=math.nan)
             raise BudgetError(

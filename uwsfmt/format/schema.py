@@ -11,14 +11,14 @@ import json
 from importlib import resources
 from typing import Any
 
-from .errors import FormatError
+from uwsfmt.errors import FormatError
 
 SCHEMA_FILE = "manifest.schema.json"
 
 
 @functools.cache
 def manifest_schema() -> dict:
-    return json.loads(resources.files("uwsfmt").joinpath("schema", SCHEMA_FILE).read_text())
+    return json.loads(resources.files("uwsfmt.format").joinpath("schema", SCHEMA_FILE).read_text())
 
 
 @functools.cache
@@ -61,8 +61,8 @@ def validate_manifest(m: dict, where: str = "store") -> None:
     """Raise :class:`FormatError` naming the first problem if ``m`` is not a valid manifest."""
     try:
         problem = schema_problem(m)
-    except RecursionError:  # a hostile, deeply nested document
-        raise FormatError(f"{where}: the manifest is nested too deeply to be UWS metadata; the store is damaged or hostile") from None
+    except RecursionError as e:  # a hostile, deeply nested document
+        raise FormatError(f"{where}: the manifest is nested too deeply to be UWS metadata; the store is damaged or hostile") from e
     if problem is not None:
         msg = problem if len(problem) < 300 else problem[:300] + "..."
         raise FormatError(f"{where}: the manifest is not valid UWS 1.x metadata {msg}")

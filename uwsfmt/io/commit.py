@@ -10,8 +10,9 @@ import time
 
 import zarr
 
-from .errors import LockError, StoreError
-from .layout import LOCK_FILE
+from uwsfmt.errors import LockError, StoreError
+from uwsfmt.format.schema import validate_manifest
+from uwsfmt.io.layout import LOCK_FILE
 
 #: seconds a writer waits for another one's lock (environment: UWSFMT_LOCK_TIMEOUT)
 DEFAULT_LOCK_TIMEOUT = 30.0
@@ -39,7 +40,7 @@ class StoreLock:
         try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise StoreError(f"{self.path}: cannot create the store's lock file ({e.strerror}); is the store read-only?") from None
+            raise StoreError(f"{self.path}: cannot create the store's lock file ({e.strerror}); is the store read-only?") from e
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -54,7 +55,7 @@ class StoreLock:
                     raise LockError(
                         f"{os.path.dirname(self.path)}: another process is writing to this store "
                         f"(waited {self.timeout:.0f} s for its lock); try again when it has finished"
-                    ) from None
+                    ) from e
                 time.sleep(0.05)
 
     def __exit__(self, *exc) -> None:
@@ -66,14 +67,13 @@ class StoreLock:
 
 def commit_manifest(zstore, path: str, manifest: dict) -> None:
     """Validate and atomically replace the root zarr.json with ``manifest`` (the commit point)."""
-    from .schema import validate_manifest
 
     validate_manifest(manifest, path)
     try:
         root = zarr.open_group(zstore, mode="r+")
         root.attrs.put({"uws": manifest})
     except OSError as e:
-        raise StoreError(f"{path}: could not commit ({e.strerror or e}); the store keeps its previous committed state") from None
+        raise StoreError(f"{path}: could not commit ({e.strerror or e}); the store keeps its previous committed state") from e
 
 
 class BuildLock:
@@ -97,7 +97,7 @@ class BuildLock:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                raise StoreError(f"{self.target}: cannot create a lock file next to it ({e.strerror}); is the folder writable?") from None
+                raise StoreError(f"{self.target}: cannot create a lock file next to it ({e.strerror}); is the folder writable?") from e
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -106,7 +106,7 @@ class BuildLock:
                     raise
                 if time.monotonic() > deadline:
                     raise LockError(f"{self.target}: another `uwsfmt convert` is writing this store (waited {self.timeout:.0f} s "
-                                    "for its lock); try again when it has finished") from None
+                                    "for its lock); try again when it has finished") from e
                 time.sleep(0.05)
                 continue
             try:

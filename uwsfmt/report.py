@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import zipfile
 
 import numpy as np
@@ -174,3 +175,41 @@ def info(store) -> dict:
     return {"summary": summary(store), "tensors": tensor_table(store), "models": model_table(store),
             "errors": {"tensors": store.tensor_names,
                        "models": {m["id"]: m["error"] for m in store.manifest["models"]}}}
+
+
+def human_size(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def short_number(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_summary(store, out=None) -> None:
+    out = out or sys.stdout  # looked up at call time (redirections, pytest capture)
+
+    s = summary(store)
+    print(f"UWS store {s['path']}  (format {s['format_version']}, generation {s['generation']})", file=out)
+    print(f"  models: {s['n_models']}   tensors: {s['n_tensors']}   " + "  ".join(f"{k}: {v}" for k, v in sorted(s["encodings"].items())), file=out)
+    ratio = f"{s['ratio']:.2f}x" if s["ratio"] else "?"
+    print(f"  size: {human_size(s['store_bytes'])} on disk vs {human_size(s['source_bytes'])} of sources  ->  compression {ratio}", file=out)
+    print(f"  relative error per tensor and model: mean {short_number(s['error_mean'])}, max {short_number(s['error_max'])}", file=out)
+    if s.get("budget"):
+        met = "met for every tensor of every model" if s["budget_met"] else "NOT met by every tensor (see the table)"
+        print(f"  error budget: {s['budget']} per tensor and model: {met}", file=out)
+    if (s.get("settings") or {}).get("lora_choice"):
+        print(f"  LoRA mode {s['settings']['lora_choice']}", file=out)
+    if s.get("lora_larger_than_sources"):
+        print("  LARGER THAN THE ADAPTERS: these adapters share little of a subspace, so the product basis holds them "
+              "only near their total rank; `uwsfmt convert --lora-mode factors` (with a budget: mean + quantized "
+              "factors) stores them smaller", file=out)
+    if s.get("refit_suggested"):
+        names = ", ".join(s["refit_suggested"][:5]) + (" ..." if len(s["refit_suggested"]) > 5 else "")
+        print(f"  REFIT SUGGESTED for {len(s['refit_suggested'])} tensor(s): {names} - appended models do not fit "
+              "the bases; rebuild with `uwsfmt convert` including them", file=out)

@@ -1,0 +1,134 @@
+"""The Encoding protocol and its registry: one module per encoding, found by the name in a manifest entry.
+
+A tensor entry names its encoding (``"subspace"``, ``"shared"``, ``"dense"``; a LoRA module is a
+subspace entry with a ``lora`` record, and gets the ``"lora"`` encoding). Readers, validation
+and reports ask the registry for the entry's :class:`Encoding` instead of comparing strings, so
+adding an encoding means adding one module that calls :func:`register`.
+
+An unknown encoding name refuses only the tensors that use it (spec section 12): reading one of
+them raises a FormatError naming it, the rest of the model reads as usual.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from uwsfmt.errors import ConflictError, FormatError
+from uwsfmt.format import dtypes
+
+
+@dataclass
+class ReadContext:
+    """One model being read: where its values are and where they go.
+
+    ``reader``: the store (arrays, caches); ``idx``: the model's index; ``rows``: its pack rows
+    (pack name -> 1-D tensor on ``device``); ``into``: the caller's tensors to fill where they fit
+    (``load_into``), or None; ``dtype``: the dtype asked for (None: each tensor's source dtype);
+    ``excepted``: names of tensors this model has an exception for (their rebuild is corrected
+    after decoding, so it must stay in the compute dtype).
+    """
+
+    reader: Any
+    idx: int
+    rows: dict[str, torch.Tensor]
+    device: torch.device
+    into: dict[str, torch.Tensor] | None = None
+    dtype: torch.dtype | None = None
+    excepted: frozenset[str] | set[str] = field(default_factory=frozenset)
+    #: one tensor read on its own from its own slots (``Store.tensor``): kept apart in the caches
+    single: bool = False
+
+    def wants(self, name: str) -> bool:
+        """Whether the caller gave a tensor of its own for ``name``."""
+        return self.into is not None and name in self.into
+
+    def place(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Copy ``t`` into the caller's tensor ``into[name]`` (casting like ``load_state_dict``)."""
+        assert self.into is not None
+        d = self.into[name]
+        if d is t:
+            return d
+        if tuple(d.shape) != tuple(t.shape):
+            raise ConflictError(f"{self.reader.path}: tensor {name!r} is {list(t.shape)} in the store but {list(d.shape)} "
+                                "in the module; load it into a module of the family's architecture")
+        d.copy_(t)
+        return d
+
+    def returned_dtype(self, e: dict) -> torch.dtype:
+        """The dtype a reader returns tensor ``e`` in: the one asked for where the tensor is
+        floating point, else its source dtype."""
+        return self.dtype if (self.dtype is not None and dtypes.is_float(e["dtype"])) else dtypes.torch_dtype(e["dtype"])
+
+
+class Encoding(ABC):
+    """How one kind of tensor entry keeps its values, and how a reader gets them back."""
+
+    #: the name in manifest entries (``"lora"``: subspace entries with a ``lora`` record)
+    name: ClassVar[str]
+    #: True where every model's value is the same stored array (nothing per model)
+    shared_value: ClassVar[bool] = False
+
+    @abstractmethod
+    def slots(self, e: dict) -> list[dict]:
+        """The pack slots one model's values of entry ``e`` occupy (empty: none in the packs)."""
+
+    @abstractmethod
+    def read(self, ctx: ReadContext, entries: list[dict]) -> dict[str, torch.Tensor]:
+        """One model's tensors of ``entries`` (all of this encoding), by name.
+
+        A tensor may come back in the compute dtype (the reader casts it) or, where the caller
+        gave one (``ctx.into``), be the caller's own tensor already filled.
+        """
+
+    def reads_single(self, e: dict) -> bool:
+        """Whether one model's tensor ``e`` can be read from its own pack slots alone (``Store.tensor``);
+        else it is read through the whole-model path (cached shared values, per-model arrays)."""
+        return bool(self.slots(e))
+
+    def shape_may_vary(self, e: dict) -> bool:
+        """Whether models may hold entry ``e`` in shapes of their own (else every model has ``e["shape"]``)."""
+        return False
+
+    def stored_fit(self, reader: Any, e: dict, device: torch.device) -> Any:
+        """What a new model is encoded against (appending): the stored shared part of ``e``, or None."""
+        return None
+
+    def output_names(self, e: dict) -> list[str]:
+        """The names a model's read gives back for entry ``e`` (a LoRA module: its factors)."""
+        return [e["name"]]
+
+
+REGISTRY: dict[str, Encoding] = {}
+
+
+def register(enc: Encoding) -> Encoding:
+    """Make ``enc`` the encoding for entries that name ``enc.name``."""
+    REGISTRY[enc.name] = enc
+    return enc
+
+
+def kind_of(e: dict) -> str:
+    """The registry key of entry ``e``: its ``encoding``, or ``"lora"`` for a LoRA module."""
+    return "lora" if e.get("lora") is not None else e["encoding"]
+
+
+def for_entry(e: dict, where: str = "") -> Encoding:
+    """The Encoding of entry ``e``; an unknown one is a FormatError naming the tensor."""
+    enc = REGISTRY.get(kind_of(e))
+    if enc is None:
+        raise FormatError(f"{where + ': ' if where else ''}tensor {e.get('name')!r} has encoding {e.get('encoding')!r}, which "
+                          f"this uwsfmt does not know (known: {', '.join(sorted(REGISTRY))}); upgrade uwsfmt to read it")
+    return enc
+
+
+def by_encoding(entries: Iterable[dict], where: str = "") -> dict[Encoding, list[dict]]:
+    """``entries`` grouped by their Encoding, in first-seen order."""
+    out: dict[Encoding, list[dict]] = {}
+    for e in entries:
+        out.setdefault(for_entry(e, where), []).append(e)
+    return out

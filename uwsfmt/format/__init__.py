@@ -1,0 +1,1 @@
+"""The UWS format itself: naming, logical dtypes, the manifest schema."""

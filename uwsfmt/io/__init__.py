@@ -1,0 +1,1 @@
+"""Storage: Zarr arrays and shards, the commit protocol and locks, I/O overlap."""

@@ -1,0 +1,1 @@
+"""Pure tensor math: Gram/sketch linear algebra, rate-distortion budgets, the native kernel."""

@@ -1,0 +1,187 @@
+"""Float64 map-reduce Gram statistics of a tensor across a family, their eigendecomposition, and rank choice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from uwsfmt.numerics.linalg import CENTERS, sq_norm
+
+
+@dataclass
+class GramStats:
+    """Map-reduce statistics of one tensor across models: sums and Gram matrices in float64.
+
+    Deltas are taken against a fixed reference (the base, or the first model seen) so that the
+    centred Gram is computed without cancellation between large, nearly equal weights.
+    ``add`` is the map step, ``merge`` the reduce step (both need the same reference).
+
+    >>> s = GramStats.empty(3, 2, left=True, right=False, reference=torch.zeros(3, 2))
+    >>> _ = s.add(torch.ones(3, 2)); s.count
+    1
+    """
+
+    count: int
+    reference: torch.Tensor  # (m, n) float64
+    delta_sum: torch.Tensor  # (m, n) float64: sum of (W_i - reference)
+    left: torch.Tensor | None  # (m, m) float64: sum of D D^T with D = W_i - reference, upper block triangle (gram_full)
+    right: torch.Tensor | None  # (n, n), likewise
+    sq_norm: float  # sum of ||W_i||^2
+
+    @classmethod
+    def empty(cls, m: int, n: int, *, left: bool, right: bool, reference: torch.Tensor) -> GramStats:
+        ref = reference.to(torch.float64).reshape(m, n)
+        dev = ref.device
+        return cls(
+            count=0,
+            reference=ref,
+            delta_sum=torch.zeros(m, n, dtype=torch.float64, device=dev),
+            left=torch.zeros(m, m, dtype=torch.float64, device=dev) if left else None,
+            right=torch.zeros(n, n, dtype=torch.float64, device=dev) if right else None,
+            sq_norm=0.0,
+        )
+
+    def add(self, w: torch.Tensor) -> float:
+        """Add one model's tensor; returns its squared norm (NaN/Inf exactly when W has such values)."""
+        w = w.to(device=self.reference.device).reshape(self.reference.shape)
+        sq = sq_norm(w)
+        # one float64 copy, centred in place: each full-size temporary is a pass over memory
+        d = w.to(torch.float64, copy=True).sub_(self.reference)
+        self.count += 1
+        self.delta_sum += d
+        if self.left is not None:
+            gram_upper_add_(self.left, d)
+        if self.right is not None:
+            gram_upper_add_(self.right, d.T)
+        self.sq_norm += sq
+        return sq
+
+    def merge(self, other: GramStats) -> None:
+        if not torch.equal(self.reference, other.reference):
+            raise ValueError("GramStats.merge needs statistics taken against the same reference")
+        self.count += other.count
+        self.delta_sum += other.delta_sum
+        if self.left is not None:
+            self.left += other.left
+        if self.right is not None:
+            self.right += other.right
+        self.sq_norm += other.sq_norm
+
+    def center(self, how: str) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(M, left Gram, right Gram) of the deviations from the centre ``how``.
+
+        ``mean``: M = mean of the models; ``base``: M = reference; ``none``: M = 0 (None).
+        """
+        n = max(self.count, 1)
+        mu = self.delta_sum / n  # mean deviation from the reference
+        gl = None if self.left is None else gram_full(self.left)
+        gr = None if self.right is None else gram_full(self.right)
+        if how == "mean":
+            mean = self.reference + mu
+            if gl is not None:
+                gl = gl - n * (mu @ mu.T)
+            if gr is not None:
+                gr = gr - n * (mu.T @ mu)
+            return mean, gl, gr
+        if how == "base":
+            return self.reference, gl, gr
+        if how == "none":
+            # Gram of W itself: expand (D + ref)(D + ref)^T around the reference.
+            ref, s = self.reference, self.delta_sum
+            if gl is not None:
+                gl = gl + s @ ref.T + ref @ s.T + n * (ref @ ref.T)
+            if gr is not None:
+                gr = gr + s.T @ ref + ref.T @ s + n * (ref.T @ ref)
+            return None, gl, gr
+        raise ValueError(f"unknown centring {how!r}; use one of {CENTERS}")
+
+
+#: row blocks of a Gram update: only the upper block triangle of sum_i D_i D_i^T is accumulated
+#: (10 of 16 blocks), the rest mirrored once at the end; measured on 2 cores, float64: 23 ms
+#: instead of 33 ms for a 768 x 3072 D (torch has no symmetric rank-k update)
+GRAM_BLOCKS = 4
+
+
+def _gram_edges(m: int) -> list[int]:
+    nb = GRAM_BLOCKS if m >= 256 else 1
+    return [round(i * m / nb) for i in range(nb + 1)]
+
+
+def gram_upper_add_(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """g += a a^T on the upper block triangle of ``g`` (row blocks of :func:`_gram_edges`);
+    :func:`gram_full` gives the whole symmetric matrix. The same float64 dot products as a full
+    GEMM, about 2/3 of the work."""
+    e = _gram_edges(a.shape[0])
+    for i in range(len(e) - 1):
+        ai = a[e[i]: e[i + 1]]
+        for j in range(i, len(e) - 1):
+            g[e[i]: e[i + 1], e[j]: e[j + 1]].addmm_(ai, a[e[j]: e[j + 1]].T)
+    return g
+
+
+def gram_full(g: torch.Tensor) -> torch.Tensor:
+    """The symmetric Gram from one accumulated by :func:`gram_upper_add_` (a new tensor)."""
+    out = g.clone()
+    e = _gram_edges(g.shape[0])
+    for i in range(len(e) - 1):
+        for j in range(i + 1, len(e) - 1):
+            out[e[j]: e[j + 1], e[i]: e[i + 1]] = g[e[i]: e[i + 1], e[j]: e[j + 1]].T
+    return out
+
+
+def eig_desc(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, clamped at 0) and eigenvectors of a symmetric PSD matrix."""
+    g = (gram + gram.T) * 0.5
+    vals, vecs = torch.linalg.eigh(g)
+    vals = torch.flip(vals, (0,)).clamp_min(0.0)
+    vecs = torch.flip(vecs, (1,))
+    return vals, vecs
+
+
+def numerical_rank(eigvals: torch.Tensor, size: int) -> int:
+    """Number of eigenvalues above round-off (relative to the largest, float64)."""
+    if eigvals.numel() == 0 or float(eigvals[0]) <= 0.0:
+        return 0
+    tol = float(eigvals[0]) * max(size, 1) * 1e-13
+    return int((eigvals > tol).sum())
+
+
+def explained(eigvals: torch.Tensor) -> torch.Tensor:
+    """Cumulative explained-variance ratio; explained[k-1] is what the top k directions keep."""
+    total = float(eigvals.sum())
+    if total <= 0.0:
+        return torch.ones_like(eigvals)
+    return torch.cumsum(eigvals, 0) / total
+
+
+def choose_rank(
+    eigvals: torch.Tensor,
+    *,
+    rank: int | None = None,
+    tau: float | None = None,
+    max_rank: int | None = None,
+    limit: int | None = None,
+) -> int:
+    """Kept rank: fixed ``rank`` or the smallest k with explained variance >= ``tau``.
+
+    Never more than the numerical rank, ``max_rank`` or ``limit`` (a structural cap).
+
+    >>> choose_rank(torch.tensor([4.0, 1.0, 0.0]), tau=0.75)
+    1
+    """
+    possible = numerical_rank(eigvals, eigvals.numel())
+    caps = [possible]
+    if max_rank is not None:
+        caps.append(max_rank)
+    if limit is not None:
+        caps.append(limit)
+    cap = min(caps)
+    if rank is not None:
+        return max(0, min(rank, cap))
+    if tau is None:
+        return cap
+    ev = explained(eigvals)
+    hits = torch.nonzero(ev >= tau - 1e-12)
+    k = int(hits[0]) + 1 if hits.numel() else eigvals.numel()
+    return min(k, cap)

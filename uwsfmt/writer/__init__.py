@@ -1,0 +1,1 @@
+"""The write side: options, plan, statistics pass, coefficients pass, convert, append."""

@@ -1,0 +1,325 @@
+"""Pass 2: one model's tensors -> coefficients, residuals and exceptions (its pack rows)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from uwsfmt.encodings import dense as dense_enc
+from uwsfmt.encodings import lora as lora_enc
+from uwsfmt.encodings import residual as residual_enc
+from uwsfmt.encodings import subspace
+from uwsfmt.errors import BudgetError, ConflictError
+from uwsfmt.format import dtypes
+from uwsfmt.io import layout, overlap
+from uwsfmt.numerics import budget, linalg
+from uwsfmt.sources import Checkpoint
+from uwsfmt.writer.holdings import Holdings
+from uwsfmt.writer.plan import check_finite, nonfinite_error, projected_nonfinite_error, same_bits
+from uwsfmt.writer.settings import BATCH_MAX_NUMEL, BATCH_MAX_VALUES, EXACT_REBUILD_BELOW
+
+
+def _encode_subspace(e: dict, fit: subspace.Fit, w: torch.Tensor, rows: dict[str, np.ndarray], keep: dict | None = None
+                     ) -> tuple[float, float | None]:
+    """Project one model's tensor, fill its slots; return (error, delta error) of what a reader
+    rebuilds (compute dtype, then the source dtype). ``keep`` receives that rebuild (float64, before
+    the cast) under "rebuilt", and "error" (absolute), "wn" = ||W||, "dn" = ||W - M|| (error budgets).
+
+    Everything is done in the compute dtype readers use (float32; float64 for float64 tensors):
+    D = W - M, the coefficients C = L^T D R (stored as float32 anyway). Norms are summed in
+    float64 (:func:`uwsfmt.numerics.linalg.sq_norm`). The error is measured one of two ways:
+
+    - the difference E = D - L C R^T, in place in D: 9 passes over memory. A reader returns
+      fl(M + L C R^T), which differs from W - E by its rounding (at most half an ulp of W per
+      value); with the error ||E|| >= :data:`EXACT_REBUILD_BELOW` ||W||, that moves the error by
+      less than ~u^2 / (2 * 1e-8) ~ 2e-7 relative (u = 2^-24, float32), and the rounding is
+      uncorrelated with E. Used when the source dtype is the compute dtype and neither an error
+      budget (which needs the rebuild) nor a residual is involved.
+    - otherwise (small errors, float16/bfloat16 sources whose cast back rounds by ~1e-3, budgets,
+      residuals): the rebuild exactly as the reader does it (same dtype, same order of
+      operations, then the cast), compared with W: 14 passes.
+    """
+    view = tuple(e["view"])
+    prep = subspace.prepared(fit, _compute_dtype(e["dtype"]))
+    want = dtypes.torch_dtype(e["dtype"])
+    with linalg.no_tf32():
+        w = w.to(prep.device).reshape(view)
+        wc = w if w.dtype == prep.cdt else w.to(prep.cdt)
+        d = wc.sub(prep.mean.reshape(view)) if prep.mean is not None else wc
+        c = linalg.project(d, prep.left, prep.right).to(torch.float32)
+        sl = e["coefficients"]
+        rows[sl["pack"]][sl["offset"]: sl["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
+        dn = math.sqrt(linalg.sq_norm(d)) if prep.mean is not None else None
+        wn = math.sqrt(linalg.sq_norm(wc))
+        err = None
+        if keep is None and not e.get("residual") and want == prep.cdt:
+            err = math.sqrt(linalg.sq_norm(subspace.subtract_expansion(prep, c, d if d is not wc else d.clone())))
+            if not err >= EXACT_REBUILD_BELOW * wn:  # small (or NaN): measure it on the reader's rebuild
+                err = None
+        del d
+        if err is None:
+            r = subspace.rebuild(prep, c, view)  # compute dtype, exactly as the reader
+            if e.get("residual"):
+                values, back = residual_enc.encode(e["residual"], (wc - r).to(torch.float32))
+                residual_enc.write(e["residual"], values, rows)
+                r.add_(back.to(prep.cdt))
+            out = r if want == prep.cdt else r.to(want).to(prep.cdt)
+            err = math.sqrt(linalg.sq_norm(out.sub_(wc) if out is not r else out - wc))
+            if keep is not None:
+                keep.update(rebuilt=r.to(torch.float64), error=err, wn=wn, dn=dn)
+    rel = err / wn if wn > 0 else (0.0 if err == 0 else float("inf"))
+    drel = None if dn is None else (err / dn if dn > 0 else (0.0 if err == 0 else float("inf")))
+    return rel, drel
+
+
+def _batch_key(e: dict, fit, info, budgeted: bool) -> tuple | None:
+    """Key under which pass 2 encodes ``e`` together with others of its kind, or None.
+
+    Small subspace tensors whose error takes the cheap path (:func:`_encode_subspace`: source in
+    the compute dtype, no residual, no budget) are batched when they share view, mode, rank,
+    dtype and centring: one stacked GEMM per group instead of Python work per tensor and model."""
+    if budgeted or e["encoding"] != "subspace" or e.get("lora") is not None or e.get("residual"):
+        return None
+    if e["dtype"] not in ("float32", "float64") or info is None or info.dtype != e["dtype"]:
+        return None
+    m, n = e["view"]
+    if m * n > BATCH_MAX_NUMEL or tuple(info.shape) != tuple(e["shape"]) or not isinstance(fit, subspace.Fit):
+        return None
+    return (tuple(e["view"]), e["mode"], tuple(x or 0 for x in e["rank"]), e["dtype"], fit.mean is not None)
+
+
+def _batch_plans(entries: list[dict], fits: dict[str, Any], infos: dict, budgeted: bool) -> list[list[dict]]:
+    """Groups (of 2 or more, at most :data:`BATCH_MAX_VALUES` values each) of entries that pass 2
+    encodes together, in the order of ``entries``."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in entries:
+        key = _batch_key(e, fits.get(e["name"]), infos.get(e["name"]), budgeted)
+        if key is not None:
+            groups.setdefault(key, []).append(e)
+    out = []
+    for key, members in groups.items():
+        per = max(1, BATCH_MAX_VALUES // (key[0][0] * key[0][1]))
+        out.extend(members[i: i + per] for i in range(0, len(members), per))
+    return [g for g in out if len(g) > 1]
+
+
+def _stacked(group: list[dict], fits: dict[str, Any], cache: dict) -> subspace.Prepared:
+    """The group's means and bases stacked (G, ...), in the dtypes of :func:`subspace.prepared`
+    (cached for the next models)."""
+    key = tuple(e["name"] for e in group)
+    st = cache.get(key)
+    if st is None:
+        view = tuple(group[0]["view"])
+        ps = [subspace.prepared(fits[e["name"]], _compute_dtype(e["dtype"])) for e in group]
+
+        def stack(field, shape=None):
+            parts = [getattr(p, field) for p in ps]
+            return None if parts[0] is None else torch.stack([t.reshape(shape) if shape else t for t in parts])
+
+        p0 = ps[0]
+        st = subspace.Prepared(p0.device, p0.cdt, stack("mean", view), None, None, stack("left"), stack("right"))
+        cache[key] = st
+    return st
+
+
+def _encode_batch(group: list[dict], ws: list[torch.Tensor], st: subspace.Prepared, rows: dict[str, np.ndarray]
+                  ) -> list[tuple[float, float | None] | None]:
+    """:func:`_encode_subspace` (cheap error path) for a group of same-kind tensors of one model:
+    (relative error, delta error) per member, or None where that member needs the exact
+    rebuild (an error below :data:`EXACT_REBUILD_BELOW`, or NaN): the caller encodes it alone."""
+    view = tuple(group[0]["view"])
+    g = len(group)
+    with linalg.no_tf32(), linalg.threads_for(g * view[0] * view[1]):
+        w = torch.stack([x.to(st.device).reshape(view) for x in ws])
+        if w.dtype != st.cdt:
+            w = w.to(st.cdt)
+        wn = torch.linalg.vector_norm(w.reshape(g, -1), dim=1, dtype=torch.float64)
+        d = w.sub_(st.mean) if st.mean is not None else w  # w is a fresh stack: in place
+        dn = torch.linalg.vector_norm(d.reshape(g, -1), dim=1, dtype=torch.float64) if st.mean is not None else None
+        c = linalg.project(d, st.left, st.right).to(torch.float32)
+        subspace.subtract_expansion(st, c, d)
+        err = torch.linalg.vector_norm(d.reshape(g, -1), dim=1, dtype=torch.float64)
+    flat = c.reshape(g, -1).cpu().numpy()
+    wn, err = wn.tolist(), err.tolist()
+    dn = None if dn is None else dn.tolist()
+    out: list[tuple[float, float | None] | None] = []
+    for i, e in enumerate(group):
+        sl = e["coefficients"]
+        rows[sl["pack"]][sl["offset"]: sl["offset"] + flat.shape[1]] = flat[i]
+        if not err[i] >= EXACT_REBUILD_BELOW * wn[i]:
+            out.append(None)
+            continue
+        rel = err[i] / wn[i] if wn[i] > 0 else (0.0 if err[i] == 0 else float("inf"))
+        drel = None if dn is None else (err[i] / dn[i] if dn[i] > 0 else (0.0 if err[i] == 0 else float("inf")))
+        out.append((rel, drel))
+    return out
+
+
+def _compute_dtype(logical: str) -> torch.dtype:
+    return torch.float64 if logical == "float64" else torch.float32
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if (x is not None and np.isfinite(x)) else None
+
+
+def encode_model(
+    entries: list[dict], fits: dict[str, Any], ck: Checkpoint, widths: dict[str, int], *, allow_nonfinite: bool, store_path: str,
+    error_budget: budget.Budget | None = None, corrections: dict | None = None, read_ahead: bool = False,
+    stacks: dict | None = None, index: int | None = None, hold: Holdings | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor], list, list]:
+    """One model -> (pack rows, per-model dense arrays, errors, delta errors).
+
+    With an ``error_budget``, a tensor the store cannot hold within it (a subspace
+    tensor whose projection misses the budget, a shared tensor this model differs in) gets a
+    per-model exception (:func:`uwsfmt.numerics.budget.correct`) in ``corrections[name]``; its error
+    is then the corrected one.
+
+    Small subspace tensors of one kind are encoded in batches (:func:`_batch_plans`); ``stacks``
+    keeps their stacked means and bases from one model to the next (a dict the caller keeps).
+
+    ``index``: the model's position in the build; a fit holding this model's result from pass 1
+    (:func:`coefficients_from_ritz`) is used as is, without reading the tensor, and dropped
+    (its bytes given back to ``hold``).
+    """
+    rows = {p: np.zeros(w, dtype=p) for p, w in widths.items()}
+    per_model: dict[str, torch.Tensor] = {}
+    errs, derrs = [], []
+    infos = ck.infos()
+    done = {}  # name -> this model's (coefficients, error, delta error) found in pass 1
+    for e in entries:
+        fit = fits.get(e["name"])
+        pre = getattr(fit, "precomputed", None) if index is not None else None
+        if pre is not None and e["encoding"] == "subspace" and pre[index] is not None:
+            done[e["name"]] = pre[index]
+            pre[index] = None
+            c = done[e["name"]][0]
+            if hold is not None:
+                hold.release(c.numel() * c.element_size())
+    entries_left = [e for e in entries if e["name"] not in done] if done else entries
+    # read each tensor while the previous one is encoded; not with LoRA entries, whose encoder
+    # reads the same checkpoint itself (no two reads of one checkpoint at once)
+    budgeted = error_budget is not None and corrections is not None
+    lora_entries = [e for e in entries if e.get("lora") is not None]
+    batches = _batch_plans(entries_left, fits, infos, budgeted) if not lora_entries else []
+    batch_of = {e["name"]: b for b in batches for e in b}
+    batched: dict[str, tuple] = {}  # name -> (result or None, w) once its batch ran
+    stacks = {} if stacks is None else stacks
+    names = [e["name"] for e in entries_left if e["name"] in infos and e["name"] not in batch_of]
+    pos = {nm: i for i, nm in enumerate(names)}
+    for nm in names[:2]:
+        ck.prefetch(nm)
+    ahead = None if not read_ahead or lora_entries else overlap.read_ahead([(lambda nm=nm: ck.get(nm)) for nm in names])
+    lora_errors = dict(zip((e["name"] for e in lora_entries), lora_enc.encode(lora_entries, fits, ck, rows, stacks))) if lora_entries else {}
+    if budgeted and lora_entries:
+        _check_lora_budget(lora_entries, lora_errors, ck, error_budget)
+    for e in entries:
+        name = e["name"]
+        if e.get("lora") is not None:
+            rel, _ = lora_errors[name]
+            errs.append(_finite_or_none(rel))
+            derrs.append(_finite_or_none(rel))
+            continue
+        if name not in infos:
+            raise ConflictError(f"{ck.path or ck.id}: model {ck.id!r} lacks tensor {name!r} that the store {store_path} holds")
+        info = infos[name]
+        if info.dtype != e["dtype"]:
+            raise ConflictError(f"{ck.path or ck.id}: tensor {name!r} is {info.dtype} but the store holds it as {e['dtype']}")
+        enc = e["encoding"]
+        per = enc == "dense" and e["data"].get("per_model")
+        if not per and tuple(info.shape) != tuple(e["shape"]):
+            raise ConflictError(
+                f"{ck.path or ck.id}: tensor {name!r} has shape {list(info.shape)} but the store holds {e['shape']}"
+            )
+        if name in done:
+            c, rel, drel = done.pop(name)
+            sl = e["coefficients"]
+            rows[sl["pack"]][sl["offset"]: sl["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
+            errs.append(_finite_or_none(rel))
+            derrs.append(_finite_or_none(drel))
+            continue
+        group = batch_of.get(name)
+        if group is not None:  # read the batch's tensors of this model, encode them together
+            if name not in batched:
+                ws = [ck.get(x["name"]) for x in group]
+                for x, res, wx in zip(group, _encode_batch(group, ws, _stacked(group, fits, stacks), rows), ws):
+                    batched[x["name"]] = (res, wx)
+            res, w = batched.pop(name)
+            if res is not None:
+                rel, drel = res
+                if not math.isfinite(rel) and not check_finite(w, name, ck):
+                    raise nonfinite_error(name, ck) if not allow_nonfinite else projected_nonfinite_error(name, ck)
+                errs.append(_finite_or_none(rel))
+                derrs.append(_finite_or_none(drel))
+                continue
+        else:
+            at = pos.get(name, -1) if ahead is None else -1
+            if 0 <= at < len(names) - 2:
+                ck.prefetch(names[at + 2])  # the kernel reads two tensors ahead while this one is encoded
+            w = ck.get(name) if ahead is None else next(ahead)
+        if enc != "subspace" and not allow_nonfinite and not check_finite(w, name, ck):
+            raise nonfinite_error(name, ck)
+        if enc == "shared":
+            if not same_bits(w, fits[name]) and error_budget is not None and corrections is not None:
+                before = budget.read_error(w.to(torch.float64), fits[name].to(torch.float64), e["dtype"]) if w.is_floating_point() else math.inf
+                corrections[name] = budget.correct(w, fits[name], e["dtype"], error_budget, before)
+                errs.append(_finite_or_none(corrections[name].error))
+                derrs.append(None)
+                continue
+            if not same_bits(w, fits[name]):
+                raise ConflictError(
+                    f"{ck.path or ck.id}: tensor {name!r} of model {ck.id!r} differs from the store's shared copy; "
+                    "a shared tensor must be bit-identical in every model. Rebuild the store with this model included "
+                    f"(or with --encoding '{name}=dense')."
+                )
+            errs.append(0.0)
+            derrs.append(0.0)
+        elif enc == "dense":
+            if per:
+                per_model[name] = w
+            else:
+                dense_enc.encode(e, w, rows)
+            errs.append(0.0)
+            derrs.append(0.0)
+        else:
+            keep: dict | None = {} if (error_budget is not None and corrections is not None) else None
+            with linalg.threads_for(w.numel()):
+                rel, drel = _encode_subspace(e, fits[name], w, rows, keep)
+            if not math.isfinite(rel) and not check_finite(w, name, ck):  # NaN/Inf in W make the error NaN or Inf: one pass saved
+                raise nonfinite_error(name, ck) if not allow_nonfinite else projected_nonfinite_error(name, ck)
+            if keep is not None and not budget.meets(error_budget, keep["error"], keep["wn"], keep["dn"], e["dtype"]):
+                corrections[name] = fix = budget.correct(w, keep["rebuilt"], e["dtype"], error_budget, rel, keep["dn"])
+                rel, drel = fix.error, fix.delta_error
+            errs.append(_finite_or_none(rel))
+            derrs.append(_finite_or_none(drel))
+    return rows, per_model, errs, derrs
+
+
+def _check_lora_budget(entries: list[dict], errors: dict[str, tuple[float, int]], ck: Checkpoint, error_budget: budget.Budget) -> None:
+    """Refuse a model whose LoRA modules come back over the budget: unlike other tensors, a LoRA
+    module has no per-model exception, so the store's promise holds only if the model stays out."""
+    # relative errors: the allowed absolute error of a unit update (for an update, W - M is W)
+    over = [(e["name"], errors[e["name"]][0]) for e in entries if not errors[e["name"]][0] <= error_budget.allowed(1.0, 1.0, e["dtype"])]
+    if over:
+        worst = max(over, key=lambda x: x[1])
+        raise BudgetError(
+            f"{ck.path or ck.id}: adapter {ck.id!r} comes back from the store's bases over the error budget "
+            f"({error_budget.describe()}) in {len(over)} LoRA module(s), worst {worst[0]!r} at {worst[1]:.3g}; "
+            "a LoRA module has no per-model exception, so it was not added (the store is unchanged). Rebuild the "
+            "store with this adapter among its sources (uwsfmt convert), or append it with a looser budget (--max-error)")
+
+
+def write_exceptions(zstore, entries: list[dict], idx: int, fixes: dict) -> list[dict]:
+    """Write each correction's arrays under ``<node>/extra/<idx>``; return the model-table records."""
+    nodes = {e["name"]: e["node"] for e in entries}
+    out = []
+    for name, fix in fixes.items():
+        where = f"{nodes[name]}/extra/{idx}"
+        layout.create_group(zstore, where)
+        for key, arr in fix.arrays.items():
+            layout.write_array(zstore, f"{where}/{key}", np.asarray(arr))
+        out.append(fix.record(name, where))
+    return out
