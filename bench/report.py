@@ -1,4 +1,4 @@
-"""Markdown tables of a benchmark run, for the README: ``python bench/report.py [bench/results/summary-full.json]``."""
+"""Markdown tables of a benchmark run, for bench/README.md: ``python bench/report.py [bench/results/summary-full.json]``."""
 
 from __future__ import annotations
 
