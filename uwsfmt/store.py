@@ -24,7 +24,7 @@ import torch
 import zarr
 from zarr.storage import LocalStore, ZipStore
 
-from . import dtypes, layout, shards
+from . import compat, dtypes, layout, shards
 from .encodings import dense as dense_enc
 from .encodings import exception as exception_enc
 from .encodings import lora as lora_enc
@@ -233,6 +233,7 @@ class Store:
         self._tensor_index = {e["name"]: i for i, e in enumerate(m["tensors"])}
         # LoRA modules are one entry each; their factor tensors are found by name too
         self._lora_index = {n: i for i, e in enumerate(m["tensors"]) if e.get("lora") for n in lora_enc.factor_names(e)}
+        self._unknown = compat.entry_problems(m)  # values of a later 1.y: only those tensors are refused (§12)
 
     @property
     def format_version(self) -> str:
@@ -462,6 +463,7 @@ class Store:
         idx = self.model_index(model)
         wanted = None if names is None else list(dict.fromkeys(names))
         entries = self.manifest["tensors"] if wanted is None else list({id(e): e for e in map(self.tensor_entry, wanted)}.values())
+        compat.refuse(self.path, self.manifest, idx, (e["name"] for e in entries), self._unknown)
         rows = self._rows(idx, dev) if self.manifest["packs"] else {}
         out: dict[str, torch.Tensor] = {}
         groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -580,6 +582,7 @@ class Store:
         dev = _device(device)
         e = self.tensor_entry(name)
         idx = self.model_index(model)
+        compat.refuse(self.path, self.manifest, idx, [e["name"]], self._unknown)
         if e["name"] != name:  # a LoRA factor (the module's own name gives the dense update)
             sd = self.state_dict(idx, device=dev, dtype=dtype, names=[name])
             if name not in sd:
