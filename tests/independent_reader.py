@@ -159,6 +159,12 @@ class SpecReader:
                     raise SpecError(f"tensor {t['name']!r}: view does not hold its shape")
             elif t["encoding"] == "shared":
                 paths.append(t["data"]["path"])
+            if t["encoding"] == "dense" and "pack" in t["data"]:  # §3.4 cross-field rules
+                if t["shape"] is None or t["data"]["length"] != int(np.prod(t["shape"], dtype=np.int64)) \
+                        or (t["data"]["length"] and t["data"]["pack"] != DTYPES[t["dtype"]][1]):
+                    raise SpecError(f"tensor {t['name']!r}: its slot does not hold its declared shape and dtype")
+            if t["encoding"] == "subspace" and t["dtype"] not in COMPUTED:
+                raise SpecError(f"tensor {t['name']!r}: a {t['dtype']} tensor cannot be a subspace tensor (§4)")
             for s in _slots(t):
                 if s["length"] and s["offset"] + s["length"] > m["packs"][s["pack"]]["width"]:
                     raise SpecError(f"tensor {t['name']!r}: slot outside its pack")

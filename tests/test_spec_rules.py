@@ -165,3 +165,15 @@ def test_validate_checks_declared_shapes_and_dtypes_against_their_storage(tmp_pa
 def test_the_examples_pass_the_declared_checks():
     for name in ("example", "example-flat", "example-half"):
         assert uwsfmt.validate(str(ROOT / "spec" / "examples" / f"{name}.uws")) == [], name
+
+
+def test_both_readers_refuse_a_dense_shape_its_slot_cannot_hold(tmp_path):
+    from .independent_reader import SpecError, SpecReader
+
+    bad = _tamper(tmp_path, _dense_shape([2**30, 2**20]))
+    with uwsfmt.open(bad) as st:
+        with pytest.raises(uwsfmt.FormatError, match="enc.left.bias"):
+            st.state_dict(0)
+        assert torch.equal(st.state_dict(0, names=["enc.left.weight"])["enc.left.weight"], _expected(0)["enc.left.weight"])
+    with pytest.raises(SpecError, match="enc.left.bias"):
+        SpecReader(bad)

@@ -56,6 +56,38 @@ def check_entries(manifest: dict, problems: list[str]) -> None:
             _check_subspace(e, what, problems)
 
 
+def entry_problems(manifest: dict) -> dict[str, str]:
+    """{tensor name: the first disagreement} for the entries :func:`check_entries` finds wrong.
+
+    >>> entry_problems({"tensors": [], "models": []})
+    {}
+    """
+    out: dict[str, str] = {}
+    for e in manifest["tensors"]:
+        found: list[str] = []
+        try:
+            check_entries({"tensors": [e], "models": []}, found)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # fields the schema leaves open
+            found.append(f"tensor {e.get('name')!r}: malformed entry ({type(err).__name__}: {err})")
+        if found:
+            out[e["name"]] = found[0]
+    return out
+
+
+def refuse(path: str, problems: dict[str, str], names) -> None:
+    """Raise :class:`FormatError` for the first of ``names`` whose entry disagrees with its storage
+    (``problems``: :func:`entry_problems`); the other tensors stay readable.
+
+    >>> refuse("s.uws", {}, ["w"])
+    """
+    if not problems:
+        return
+    for n in names:
+        if n in problems:
+            raise FormatError(f"{path}: {problems[n]}; the store is damaged or was tampered with (run `uwsfmt validate` "
+                              "on it). The other tensors can still be read (pass names=[...])")
+
+
 def _check_subspace(e: dict, what: str, problems: list[str]) -> None:
     if e["dtype"] not in compat.COMPUTED_DTYPES:
         problems.append(f"{what}: logical dtype {e['dtype']} cannot be a subspace tensor (only "

@@ -24,7 +24,7 @@ import torch
 import zarr
 from zarr.storage import LocalStore, ZipStore
 
-from . import compat, dtypes, layout, shards
+from . import compat, declared, dtypes, layout, shards
 from .encodings import dense as dense_enc
 from .encodings import exception as exception_enc
 from .encodings import lora as lora_enc
@@ -234,6 +234,7 @@ class Store:
         # LoRA modules are one entry each; their factor tensors are found by name too
         self._lora_index = {n: i for i, e in enumerate(m["tensors"]) if e.get("lora") for n in lora_enc.factor_names(e)}
         self._unknown = compat.entry_problems(m)  # values of a later 1.y: only those tensors are refused (§12)
+        self._mismatched = declared.entry_problems(m)  # shapes / dtypes their slots cannot hold: refused when read
 
     @property
     def format_version(self) -> str:
@@ -464,6 +465,7 @@ class Store:
         wanted = None if names is None else list(dict.fromkeys(names))
         entries = self.manifest["tensors"] if wanted is None else list({id(e): e for e in map(self.tensor_entry, wanted)}.values())
         compat.refuse(self.path, self.manifest, idx, (e["name"] for e in entries), self._unknown)
+        declared.refuse(self.path, self._mismatched, (e["name"] for e in entries))
         rows = self._rows(idx, dev) if self.manifest["packs"] else {}
         out: dict[str, torch.Tensor] = {}
         groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -583,6 +585,7 @@ class Store:
         e = self.tensor_entry(name)
         idx = self.model_index(model)
         compat.refuse(self.path, self.manifest, idx, [e["name"]], self._unknown)
+        declared.refuse(self.path, self._mismatched, [e["name"]])
         if e["name"] != name:  # a LoRA factor (the module's own name gives the dense update)
             sd = self.state_dict(idx, device=dev, dtype=dtype, names=[name])
             if name not in sd:
