@@ -42,6 +42,13 @@ DTYPES = {
     "bool": (torch.bool, "bool"),
 }
 BIT_TYPES = {"bfloat16": np.int16, "float8_e4m3fn": np.int8, "float8_e5m2": np.int8}
+# the values of the open fields that format 1.1 defines (§3.4, §6.4, §6.6, §12)
+ENCODINGS, KINDS, BITS = ("subspace", "shared", "dense"), ("correct", "replace"), (1, 2, 4, 8, 16)
+COMPUTED = ("float64", "float32", "float16", "bfloat16")  # §4: the dtypes that may be computed
+# §6.7, factors mode: the A / B key suffixes of the layouts (informative table)
+LORA_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"),
+                 (".lora_down.weight", ".lora_up.weight"), (".lora.down.weight", ".lora.up.weight"),
+                 ("_lora.down.weight", "_lora.up.weight"), (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"))
 
 
 class SpecError(Exception):
@@ -58,6 +65,11 @@ def logical(a: np.ndarray, dtype: str) -> torch.Tensor:
 
 def compute_dtype(dtype: str) -> torch.dtype:
     return torch.float64 if dtype == "float64" else torch.float32
+
+
+def unit(cdt: torch.dtype) -> float:
+    """§6.8: the unit roundoff u of the compute dtype (2^-24 for float32, 2^-53 for float64)."""
+    return 2.0 ** -53 if cdt == torch.float64 else 2.0 ** -24
 
 
 def unpack_codes(codes: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -147,6 +159,12 @@ class SpecReader:
                     raise SpecError(f"tensor {t['name']!r}: view does not hold its shape")
             elif t["encoding"] == "shared":
                 paths.append(t["data"]["path"])
+            if t["encoding"] == "dense" and "pack" in t["data"]:  # §3.4 cross-field rules
+                if t["shape"] is None or t["data"]["length"] != int(np.prod(t["shape"], dtype=np.int64)) \
+                        or (t["data"]["length"] and t["data"]["pack"] != DTYPES[t["dtype"]][1]):
+                    raise SpecError(f"tensor {t['name']!r}: its slot does not hold its declared shape and dtype")
+            if t["encoding"] == "subspace" and t["dtype"] not in COMPUTED:
+                raise SpecError(f"tensor {t['name']!r}: a {t['dtype']} tensor cannot be a subspace tensor (§4)")
             for s in _slots(t):
                 if s["length"] and s["offset"] + s["length"] > m["packs"][s["pack"]]["width"]:
                     raise SpecError(f"tensor {t['name']!r}: slot outside its pack")
@@ -179,11 +197,24 @@ class SpecReader:
     def model_ids(self) -> list[str]:
         return [x["id"] for x in self.manifest["models"]]
 
-    def model(self, i: int) -> dict[str, torch.Tensor]:
+    def model(self, i: int, names: list[str] | None = None, *, tolerances: dict | None = None) -> dict[str, torch.Tensor]:
+        """Model ``i``'s tensors (all, or ``names``) by §6: LoRA entries (§6.7) as their dense
+        update under the module's name. ``tolerances``, when given, receives for each computed
+        tensor the bound T of §6.8 on |value before the cast - exact value| (0 for exact ones)."""
         m = self.manifest
         n_models = len(m["models"])
         if not 0 <= i < n_models:
             raise IndexError(f"model index {i} out of range ({n_models} models)")
+        wanted = None if names is None else set(names)
+        entries = [e for e in m["tensors"] if wanted is None or e["name"] in wanted]
+        exceptions = [x for x in m["models"][i].get("exceptions") or () if wanted is None or x["tensor"] in wanted]
+        for e in entries:  # §12: a value this reader does not know refuses the tensors concerned only
+            if e["encoding"] not in ENCODINGS or (e["encoding"] == "subspace" and e["residual"] and e["residual"]["bits"] not in BITS):
+                raise SpecError(f"tensor {e['name']!r} uses an encoding or residual width this reader does not know")
+        for x in exceptions:
+            if x["kind"] not in KINDS or (x["kind"] == "correct" and x["bits"] not in BITS):
+                raise SpecError(f"tensor {x['tensor']!r} of model {i} has an exception this reader does not know")
+        tol = {} if tolerances is None else tolerances
         rows = {}
         for d, info in m["packs"].items():  # one row per pack, committed rows only (§2.2, §10)
             arr = self._open(info["path"])
@@ -197,8 +228,9 @@ class SpecReader:
             return rows[s["pack"]][s["offset"]: s["offset"] + s["length"]]
 
         pre: dict[str, torch.Tensor] = {}  # values before the cast (compute dtype) or final values
-        for e in m["tensors"]:
+        for e in entries:
             enc, dt = e["encoding"], e["dtype"]
+            tol[e["name"]] = 0.0
             if enc == "dense":
                 if e["data"].get("per_model"):
                     pre[e["name"]] = logical(self.array(f"{e['node']}/models/{i}"), dt)
@@ -207,17 +239,20 @@ class SpecReader:
             elif enc == "shared":
                 pre[e["name"]] = logical(self.array(e["data"]["path"], cache=True), dt).reshape(e["shape"])
             elif enc == "subspace":
-                pre[e["name"]] = self._subspace(e, take)
-            else:
-                raise SpecError(f"tensor {e['name']!r}: unknown encoding {enc!r}")
+                if dt not in COMPUTED:
+                    raise SpecError(f"tensor {e['name']!r}: a {dt} tensor cannot be a subspace tensor (§4)")
+                pre[e["name"]], tol[e["name"]] = self._subspace(e, take)
         by_name = {e["name"]: e for e in m["tensors"]}
-        for x in m["models"][i].get("exceptions") or ():  # §6.6
+        for x in exceptions:  # §6.6
             e = by_name.get(x["tensor"])
             if e is None or e["encoding"] not in ("subspace", "shared"):
                 raise SpecError(f"model {i}: exception for {x['tensor']!r}, which cannot have one")
             if x["kind"] == "replace":
                 pre[e["name"]] = logical(self.array(f"{x['path']}/value"), e["dtype"]).reshape(e["shape"])
-            elif x["kind"] == "correct":
+                tol[e["name"]] = 0.0
+            else:  # correct
+                if e["dtype"] not in COMPUTED:
+                    raise SpecError(f"model {i}: a correct exception on {x['tensor']!r}, a {e['dtype']} tensor (§6.6)")
                 view = tuple(x["view"])
                 if x["bits"] == 16:
                     k = dequantize(16, view, values=self.array(f"{x['path']}/values"))
@@ -226,15 +261,66 @@ class SpecReader:
                 cdt = compute_dtype(e["dtype"])
                 v = pre[e["name"]].to(cdt).reshape(view)
                 pre[e["name"]] = (v + k.to(cdt)).reshape(e["shape"])
-            else:
-                raise SpecError(f"model {i}: unknown exception kind {x['kind']!r}")
+                # §6.8: one more rounded addition, of a correction up to max|K|
+                scale = tol[e["name"]] / (self._count(e) * unit(cdt)) if tol[e["name"]] else float(v.abs().max())
+                tol[e["name"]] = (self._count(e) + 1) * unit(cdt) * (scale + float(k.abs().max()))
         out = {}
-        for e in m["tensors"]:  # §4: one cast, round-to-nearest-even
+        for e in entries:  # §4: one cast, round-to-nearest-even
             out[e["name"]] = pre[e["name"]].to(DTYPES[e["dtype"]][0])
         return out
 
-    def _subspace(self, e: dict, take) -> torch.Tensor:
-        """§6.3: reshape(M + L @ C @ R^T + Q) in the compute dtype (cast later)."""
+    @staticmethod
+    def _count(e: dict) -> int:
+        """§6.8: the roundings one element of a subspace tensor goes through, K + 4."""
+        if e["encoding"] != "subspace":
+            return 0
+        return sum(k or 0 for k in e["rank"]) + 4
+
+    def lora_factors(self, i: int) -> dict[str, torch.Tensor]:
+        """§6.7: factors (B', A') of every LoRA module adapter ``i`` has, k = min(kl, kr, r_i),
+        B' A' the best rank-k approximation of L C R^T (the SVD of the kl x kr core in float64),
+        balanced (sqrt(S) on both sides), in the entry's dtype; alpha tensors equal to k."""
+        m = self.manifest
+        ranks = (m["models"][i].get("adapter") or {}).get("ranks")
+        row = self._open(m["packs"]["float32"]["path"])[i].read().result()
+        out = {}
+        for t, e in enumerate(m["tensors"]):
+            rec = e.get("lora")
+            if not rec:
+                continue
+            r = ranks[t] if ranks is not None else max(e["rank"])
+            k = min(e["rank"][0], e["rank"][1], r)
+            if k == 0:
+                continue  # the adapter lacks the module: no factors
+            s = e["coefficients"]
+            c = torch.from_numpy(np.asarray(row[s["offset"]: s["offset"] + s["length"]])).double().reshape(s["shape"])
+            left = torch.from_numpy(self.array(e["left"], cache=True)).double()
+            right = torch.from_numpy(self.array(e["right"], cache=True)).double()
+            u, sv, vh = torch.linalg.svd(c)
+            root = sv[:k].sqrt()
+            dt = DTYPES[e["dtype"]][0]
+            out[rec["b"]] = ((left @ u[:, :k]) * root).reshape([e["view"][0], k] + rec["b_tail"]).to(dt)
+            out[rec["a"]] = (root[:, None] * (vh[:k] @ right.T)).reshape([k] + rec["a_tail"]).to(dt)
+            if rec.get("alpha"):
+                out[rec["alpha"]] = torch.tensor(float(k), dtype=DTYPES[rec.get("alpha_dtype") or "float32"][0])
+        return out
+
+    def adapter_update(self, i: int, module: str) -> torch.Tensor:
+        """§6.7, factors mode: the update s * B @ A of ``module`` (float64, view (out, in)), with s
+        from the model's ``adapter.scales`` and A, B the model's tensors named by the layout."""
+        adapter = self.manifest["models"][i].get("adapter") or {}
+        if module not in (adapter.get("scales") or {}):
+            raise SpecError(f"model {i} records no scale for LoRA module {module!r}")
+        sd = self.model(i)
+        for sa, sb in LORA_SUFFIXES:
+            if module + sa in sd and module + sb in sd:
+                a, b = sd[module + sa].double(), sd[module + sb].double()
+                return adapter["scales"][module] * b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1)
+        raise SpecError(f"model {i}: no A/B tensors for LoRA module {module!r}")
+
+    def _subspace(self, e: dict, take) -> tuple[torch.Tensor, float]:
+        """§6.3: reshape(M + L @ C @ R^T + Q) in the compute dtype (cast later), and the bound T
+        of §6.8 on its distance to the exact value: (K + 4) u (||C||_F + max|M| + max|Q|)."""
         cdt = compute_dtype(e["dtype"])
         m, n = e["view"]
         kl, kr = e["rank"]
@@ -242,6 +328,7 @@ class SpecReader:
         if (r, c) != (kl if e["left"] else m, kr if e["right"] else n) or r * c != e["coefficients"]["length"]:
             raise SpecError(f"tensor {e['name']!r}: coefficient shape {[r, c]} does not fit its ranks and view")
         p = torch.from_numpy(np.asarray(take(e["coefficients"]))).to(cdt).reshape(r, c)
+        scale = float(p.double().norm())
         if e["left"]:
             left = torch.from_numpy(self.array(e["left"], cache=True)).to(cdt)
             p = left @ p
@@ -251,7 +338,9 @@ class SpecReader:
         if p.shape != (m, n):
             raise SpecError(f"tensor {e['name']!r}: L C R^T is {tuple(p.shape)}, not its view {(m, n)}")
         if e["mean"]:
-            p = p + torch.from_numpy(self.array(e["mean"], cache=True)).to(cdt).reshape(m, n)
+            mean = torch.from_numpy(self.array(e["mean"], cache=True)).to(cdt).reshape(m, n)
+            p = p + mean
+            scale += float(mean.abs().max())
         res = e.get("residual")
         if res:
             if res["bits"] == 16:
@@ -259,7 +348,8 @@ class SpecReader:
             else:
                 q = dequantize(res["bits"], (m, n), codes=take(res["codes"]), scales=take(res["scales"]))
             p = p + q.to(cdt)
-        return p.reshape(e["shape"])
+            scale += float(q.abs().max())
+        return p.reshape(e["shape"]), self._count(e) * unit(cdt) * scale
 
 
 def _slots(t: dict) -> list[dict]:

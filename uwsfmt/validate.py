@@ -11,6 +11,8 @@ from uwsfmt.encodings.exception import array_names
 from uwsfmt.encodings.lora import factor_matrices
 from uwsfmt.errors import FormatError, UWSError
 from uwsfmt.format import dtypes
+from uwsfmt.io import layout
+from uwsfmt.reader import compat, declared
 from uwsfmt.reader.manifest import BUILDING_MARK, REPLACED_MARK
 from uwsfmt.reader.store import open_reader as open_store
 from uwsfmt.sources import formats, open_checkpoint
@@ -38,13 +40,30 @@ def validate_store(store, *, deep: bool = False, tol: float = 1e-3, notes: list[
     What deep checking could not do (sources unavailable) goes to ``notes``.
     """
     problems: list[str] = []
+    notes = notes if notes is not None else []
     try:
         _check_store(store, tol, problems)
+        declared.check_entries(store.manifest, problems)  # declared shapes / dtypes vs their slots and arrays
+        declared.check_exceptions(store, problems)
+        _unknown_values(store.manifest, problems, notes)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # fields the schema leaves open
         problems.append(f"the manifest cannot be checked ({type(e).__name__}: {e}); the store is damaged")
     if deep and not problems:
-        problems += _deep(store, notes if notes is not None else [])
+        problems += _deep(store, notes)
     return problems
+
+
+def _unknown_values(m: dict, problems: list[str], notes: list[str]) -> None:
+    """Values of the open fields this uwsfmt does not know (§12): in a store of a newer minor
+    version, a note (a newer uwsfmt reads those tensors; the others are checked); in a store of a
+    version this uwsfmt implements, a problem."""
+    for name, why in compat.unreadable(m).items():
+        if compat.is_newer(m):
+            notes.append(f"tensor {name!r} uses {why}, from format {m['format_version']} (this uwsfmt reads "
+                         f"{layout.FORMAT_VERSION} fully): not checked; install a newer uwsfmt to read it")
+        else:
+            problems.append(f"tensor {name!r} uses {why}, which format {m['format_version']} does not define; "
+                            "the store is damaged or was written by a non-conforming writer")
 
 
 def _minor(manifest: dict) -> int:
@@ -106,6 +125,8 @@ def _check_store(store, tol: float, problems: list[str]) -> None:
 
     for mod in m["models"]:
         for x in mod.get("exceptions") or ():
+            if compat.exception_problem(x):
+                continue  # reported by _unknown_values
             for a in array_names(x):
                 _expect(store, f"{x['path']}/{a}", None, None, problems, f"model {mod['id']!r}, exception of tensor {x['tensor']!r}")
 
@@ -124,12 +145,15 @@ def _deep(store, notes: list[str]) -> list[str]:
             except UWSError as err:
                 out.append(f"tensor {e['name']!r}: {err}")
     for i, mid in enumerate(store.model_ids):
+        unknown = compat.unreadable(store.manifest, i)  # a newer 1.y's tensors: the others are checked
         try:
-            sd = store.state_dict(i)
+            sd = store.state_dict(i, names=[e["name"] for e in store.manifest["tensors"] if e["name"] not in unknown])
         except UWSError as e:
             out.append(f"model {mid!r}: {e}")
             continue
         for e in store.manifest["tensors"]:
+            if e["name"] in unknown:
+                continue
             if e.get("lora") is not None:  # read back as factors; check that they chain to the view
                 a, b = sd.get(e["lora"]["a"]), sd.get(e["lora"]["b"])
                 if a is not None and b is not None and (b.shape[0], a.reshape(a.shape[0], -1).shape[1]) != tuple(e["view"]):
@@ -193,10 +217,11 @@ def _recompute(store, i: int, sd: dict, ck) -> list[str]:
     recorded = m["models"][i]["error"]
     infos, pairs = ck.infos(), ck.lora_pairs()
     out = []
+    unknown = compat.unreadable(m, i)
     for t, e in enumerate(m["tensors"]):
         want = recorded[t]
-        if want is None:
-            continue  # not finite at build time: nothing to compare
+        if want is None or e["name"] in unknown:
+            continue  # not finite at build time / not readable by this uwsfmt: nothing to compare
         if e.get("lora") is not None:
             pair = pairs.get(e["name"])
             a_hat, b_hat = sd.get(e["lora"]["a"]), sd.get(e["lora"]["b"])

@@ -1,14 +1,19 @@
-"""Regenerate the UWS 1.x conformance examples: ``example.uws``, ``example-flat.uws``, ``example-half.uws`` and ``expected/``.
+"""Regenerate the UWS 1.x conformance examples (``example*.uws``, see ``STORES``) and ``expected/``.
 
     python spec/examples/make_example.py            # rewrites the checked-in examples
     python spec/examples/make_example.py OUT_DIR    # writes them under OUT_DIR instead
 
-Everything is a pure function of the constants below (fixed seeds, CPU, float64 generation), so
-running it twice gives the same stores (up to the manifest's timestamps) and the same expected
-tensors. ``expected/<store>/<model index>.safetensors`` holds what a conforming reader must return
-for each model, as read back by uwsfmt when the example was made.
+Everything is a function of the constants below (fixed seeds, CPU, float64 generation). Running it
+twice on one machine gives the same stores (up to the manifest's timestamps) and the same expected
+tensors; on another CPU or BLAS build, the layout, the manifest's structure and the exact parts
+are the same, while computed floats (bases, coefficients, and so the rebuilt tensors) may differ
+by round-off (spec §6.8), which is why the tests compare regenerations by that rule, not by bits.
+``expected/<store>/<model index>.safetensors`` holds what a conforming reader must return for each
+model, as read back by uwsfmt when the example was made (for LoRA product-mode modules: the dense
+update of §6.3 under the module's name, not the factors, on which readers need not agree).
 
-Three stores, because ``mode`` and the means' data type are settings per conversion:
+Several stores, because ``mode``, residual bits, the means' data type and the LoRA mode are
+settings per conversion:
 
 - ``example.uws``: built with an error budget (``max_error``), under which the converter picks
   mode, rank and residual bits per tensor, so one store holds left, right and two-sided subspace
@@ -21,6 +26,16 @@ Three stores, because ``mode`` and the means' data type are settings per convers
   converted to the compute dtype by readers, in float32, bfloat16 and float64 tensors, with
   4-bit residuals; and a tensor whose values lie below float16's normal range, whose mean
   stays float32.
+- ``example-r1.uws``, ``example-r2.uws``, ``example-r16.uws``: rank 1 plus a 1-bit, 2-bit and
+  float16 residual, in float32 and bfloat16 / float64 / float16.
+- ``example-lora.uws``: LoRA product mode from kohya files: float16 factors, a conv module, alpha
+  tensors, ranks 4 / 8 / 6 under rank-3 bases, an adapter lacking a module (rank 0).
+- ``example-lora-factors.uws``: LoRA factors mode (A and B as ordinary tensors, ``adapter.scales``).
+- ``example-f8.uws``: float8_e4m3fn / e5m2 dense and shared tensors and an appended model with
+  ``replace`` exceptions on float8 and int16 tensors and ``correct`` ones of 1, 2 and 16 bits.
+
+The LoRA examples are built from temporary kohya files; their ``source.path`` is rewritten to the
+file's name (informative, §3.6), so no generating machine's path is recorded.
 """
 
 from __future__ import annotations
@@ -32,6 +47,8 @@ import sys
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+STORES = ("example", "example-flat", "example-half", "example-r1", "example-r2", "example-r16", "example-lora",
+          "example-lora-factors", "example-f8")
 N_MODELS = 5
 MAX_ERROR = 1e-5
 #: model ids are arbitrary strings, never paths: these are deliberately awkward
@@ -156,12 +173,133 @@ def half_family() -> dict[str, dict[str, torch.Tensor]]:
     return models
 
 
+def residual_family(seed: int, shapes: dict[str, tuple[int, int]], dts: dict[str, torch.dtype]) -> dict[str, dict[str, torch.Tensor]]:
+    """Four models of "base + rank-2 deviations + noise": at rank 1 the residual carries the rest."""
+    g = _gen(8, seed)
+    bases = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    dirs = {k: _orth(s[0], 2, g) for k, s in shapes.items()}
+    models = {}
+    for i in range(4):
+        g = _gen(9, seed, i)
+        models[f"r{seed}-{i}"] = {
+            k: (bases[k] + 0.1 * dirs[k] @ torch.randn(2, s[1], generator=g, dtype=torch.float64)
+                + 0.01 * torch.randn(s, generator=g, dtype=torch.float64)).to(dts.get(k, torch.float32))
+            for k, s in shapes.items()}
+    return models
+
+
+#: the residual stores: bits -> (tensor shapes, dtypes other than float32)
+RESIDUAL_STORES = {
+    1: ({"r1.weight": (24, 16), "r1.bf16.weight": (16, 24)}, {"r1.bf16.weight": torch.bfloat16}),
+    2: ({"r2.weight": (16, 20), "r2.f64.weight": (12, 16)}, {"r2.f64.weight": torch.float64}),
+    16: ({"r16.weight": (20, 12), "r16.fp16.weight": (16, 16)}, {"r16.fp16.weight": torch.float16}),
+}
+
+#: kohya-layout LoRA modules: name -> (out, in, conv kernel or None)
+LORA_MODULES = {
+    "lora_unet_mid_block_attentions_0_proj_in": (40, 32, None),
+    "lora_unet_down_blocks_0_resnets_0_conv1": (16, 8, 3),
+    "lora_te_text_model_encoder_layers_0_mlp_fc1": (24, 20, None),
+}
+
+
+def lora_files(folder: str, ranks: tuple[int, ...], dtype: torch.dtype, lacking: dict[int, str] | None = None) -> list[str]:
+    """Kohya / A1111 LoRA files (``lora_down`` = A, ``lora_up`` = B, an ``alpha`` per module) of
+    adapters that share most of their subspace; adapter i has rank ``ranks[i]`` and lacks the
+    module ``lacking.get(i)``. Returns the paths written."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    shared = _gen(10)
+    common = {mod: (_orth(o, 2, shared), _orth(i * (k or 1) ** 2, 2, shared)) for mod, (o, i, k) in LORA_MODULES.items()}
+    paths = []
+    for a_i, r in enumerate(ranks):
+        g = _gen(11, a_i)
+        sd = {}
+        for mod, (o, i, k) in LORA_MODULES.items():
+            if (lacking or {}).get(a_i) == mod:
+                continue
+            u, v = common[mod]
+            n_in = i * (k or 1) ** 2
+            b = torch.cat([u, 0.02 * torch.randn(o, r - 2, generator=g, dtype=torch.float64)], dim=1) * 0.1
+            a = torch.cat([v.T, 0.3 * torch.randn(r - 2, n_in, generator=g, dtype=torch.float64)], dim=0)
+            a = a + 0.05 * torch.randn(r, n_in, generator=g, dtype=torch.float64)
+            sd[f"{mod}.lora_down.weight"] = (a if k is None else a.reshape(r, i, k, k)).to(dtype)
+            sd[f"{mod}.lora_up.weight"] = (b if k is None else b.reshape(o, r, 1, 1)).to(dtype)
+            sd[f"{mod}.alpha"] = torch.tensor(float(r) / (1 + a_i % 2), dtype=dtype)
+        path = os.path.join(folder, f"style-{a_i}.safetensors")
+        save_file(sd, path, metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(r)})
+        paths.append(path)
+    return paths
+
+
+def f8_family() -> dict[str, dict[str, torch.Tensor]]:
+    """Four float8 / float32 models (float8 tensors are stored exactly: dense or shared)."""
+    g = _gen(12)
+    frozen = torch.linspace(-400, 400, 96, dtype=torch.float64).reshape(8, 12)
+    base = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    models = {}
+    for i in range(4):
+        g = _gen(13, i)
+        models[f"f8-{i}"] = {
+            "f8.e4m3.weight": (4 * torch.randn(8, 16, generator=g, dtype=torch.float64)).to(torch.float8_e4m3fn),
+            "f8.e5m2.bias": torch.randn(16, generator=g, dtype=torch.float64).to(torch.float8_e5m2),
+            "frozen.e4m3": frozen.to(torch.float8_e4m3fn),
+            "frozen.e5m2": (frozen * 100).to(torch.float8_e5m2),
+            "frozen.sign": torch.randn(8, 32, generator=_gen(14), dtype=torch.float64).float(),
+            "frozen.ternary": torch.randn(8, 32, generator=_gen(15), dtype=torch.float64).float(),
+            "frozen.fine": torch.randn(16, 16, generator=_gen(16), dtype=torch.float64).float(),
+            "steps": torch.tensor([10 * i, 7], dtype=torch.int32),
+            "frozen.steps": torch.arange(6, dtype=torch.int16),
+            "w.weight": (base + 0.01 * torch.randn(24, 16, generator=g, dtype=torch.float64)).float(),
+        }
+    return models
+
+
+def f8_appended(first: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fifth model whose frozen tensors changed: float8 and integer ones need ``replace``; a
+    change of one magnitude per row with random signs is held exactly by a 1-bit correction, a
+    ternary one by 2 bits, a dense random one only by float16 (the budget is 1e-5)."""
+    g = _gen(17)
+    sd = {k: v.clone() for k, v in first.items()}
+    sd["frozen.e4m3"] = (first["frozen.e4m3"].float() * 0.5).to(torch.float8_e4m3fn)
+    sd["frozen.e5m2"] = (first["frozen.e5m2"].float() + 64).to(torch.float8_e5m2)
+    sd["frozen.steps"] = torch.arange(6, 12, dtype=torch.int16)
+    sign = torch.randint(0, 2, (8, 32), generator=g).double() * 2 - 1
+    sd["frozen.sign"] = (first["frozen.sign"].double() + 2.0 ** -6 * sign).float()
+    tern = torch.randint(-1, 2, (8, 32), generator=g).double()
+    sd["frozen.ternary"] = (first["frozen.ternary"].double() + 2.0 ** -6 * tern).float()
+    sd["frozen.fine"] = (first["frozen.fine"].double() + 1e-2 * torch.randn(16, 16, generator=g, dtype=torch.float64)).float()
+    return sd
+
+
+def _relabel_sources(path: str) -> None:
+    """Record the temporary source files by their file names, not by the generating machine's
+    paths (``source`` is informative, §3.6): rewrite the committed root zarr.json atomically."""
+    import json
+
+    root_file = os.path.join(path, "zarr.json")
+    with open(root_file) as f:
+        root = json.load(f)
+    for mod in root["attributes"]["uws"]["models"]:
+        if mod["source"].get("path"):
+            mod["source"]["path"] = os.path.basename(mod["source"]["path"])
+    with open(root_file + ".tmp", "w") as f:
+        json.dump(root, f, indent=2)
+    os.replace(root_file + ".tmp", root_file)
+
+
 def _write_expected(store, out_dir: str) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
+    lora = [e["name"] for e in store.manifest["tensors"] if e.get("lora")]
     for i, mid in enumerate(store.model_ids):
         sd = store.state_dict(i)
+        if lora:  # LoRA product mode: the normative value is the dense update of §6.3, not the factors
+            sd = {k: v for k, v in sd.items() if k not in {n for e in store.manifest["tensors"] if e.get("lora")
+                                                           for n in (e["lora"]["a"], e["lora"]["b"], e["lora"]["alpha"])}}
+            sd.update({name: store.tensor(i, name) for name in lora})
         save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out_dir, f"{i}.safetensors"),
                   metadata={"uws.model_index": str(i), "uws.model_id": mid})
 
@@ -177,9 +315,11 @@ def build(out_dir: str = HERE) -> dict[str, str]:
 
 
 def _build(out_dir: str) -> dict[str, str]:
+    import tempfile
+
     import uwsfmt
 
-    paths = {name: os.path.join(out_dir, f"{name}.uws") for name in ("example", "example-flat", "example-half")}
+    paths = {name: os.path.join(out_dir, f"{name}.uws") for name in STORES}
     expected = os.path.join(out_dir, "expected")
     shutil.rmtree(expected, ignore_errors=True)
 
@@ -193,6 +333,28 @@ def _build(out_dir: str) -> dict[str, str]:
     half = uwsfmt.convert(half_family(), paths["example-half"], rank=2, residual_bits=4, mean_dtype="float16", min_numel=64,
                           device="cpu", overwrite=True)
     half.close()
+    for bits, (shapes, dts) in RESIDUAL_STORES.items():
+        st = uwsfmt.convert(residual_family(bits, shapes, dts), paths[f"example-r{bits}"], rank=1, residual_bits=bits,
+                            min_numel=64, device="cpu", overwrite=True)
+        st.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        # product mode: float16 factors, ranks 4 and 8, adapter 3 lacks the text-encoder module,
+        # rank 3 bases (a truncation for every adapter)
+        src = lora_files(os.path.join(tmp, "product"), (4, 8, 4, 6), torch.float16,
+                         lacking={3: "lora_te_text_model_encoder_layers_0_mlp_fc1"})
+        st = uwsfmt.convert(src, paths["example-lora"], rank=3, lora_mode="product", device="cpu", overwrite=True)
+        st.close()
+        # factors mode: float32 factors of one rank, so A and B are subspace tensors of their own
+        src = lora_files(os.path.join(tmp, "factors"), (4, 4, 4, 4), torch.float32)
+        st = uwsfmt.convert(src, paths["example-lora-factors"], rank=2, lora_mode="factors", min_numel=64, device="cpu",
+                            overwrite=True)
+        st.close()
+    for name in ("example-lora", "example-lora-factors"):
+        _relabel_sources(paths[name])
+    fam8 = f8_family()
+    st = uwsfmt.convert(fam8, paths["example-f8"], max_error=MAX_ERROR, min_numel=64, device="cpu", overwrite=True)
+    st.append(f8_appended(fam8["f8-0"]), id="f8-appended")
+    st.close()
     for name, path in paths.items():
         lock = os.path.join(path, ".uws.lock")  # the appenders' lock file is not part of the store
         if os.path.exists(lock):
@@ -229,6 +391,12 @@ def coverage(paths: dict[str, str]) -> set[str]:
                     if len(e["shape"]) > 2:
                         have.add("view:conv")
                     have.add(f"subspace-dtype:{e['dtype']}")
+                    if e.get("lora"):
+                        have.add("lora:product")
+                        if len(e["lora"]["a_tail"]) > 1:
+                            have.add("lora:conv")
+                        if e["lora"].get("alpha"):
+                            have.add("lora:alpha")
                 elif enc == "dense":
                     have.add("dense:per-model" if e["data"].get("per_model") else f"dense:pack:{e['data']['pack']}")
                 if "%" in e["node"]:
@@ -236,7 +404,15 @@ def coverage(paths: dict[str, str]) -> set[str]:
                 if "~" in e["node"]:
                     have.add("node:suffixed" if len(e["node"]) < 120 else "node:hashed")
             for x in (x for mod in m["models"] for x in mod.get("exceptions") or ()):
-                have.add(f"exception:{x['kind']}:{st.tensor_entry(x['tensor'])['encoding']}")
+                e = st.tensor_entry(x["tensor"])
+                have.add(f"exception:{x['kind']}:{e['encoding']}")
+                have.add(f"exception:{x['kind']}:{x.get('bits') or e['dtype']}")
+            for mod in m["models"]:
+                adapter = mod.get("adapter") or {}
+                if 0 in (adapter.get("ranks") or ()):
+                    have.add("lora:rank-0")
+                if adapter.get("scales"):
+                    have.add("lora:factors")
     return have
 
 
@@ -248,6 +424,10 @@ REQUIRED = {
     "dense:pack:int64", "dense:pack:bool", "node:escaped", "node:suffixed", "node:hashed",
     "exception:correct:subspace", "exception:correct:shared", "exception:replace:shared",
     "mean:float16:float32", "mean:float16:bfloat16", "mean:float16:float64", "mean:float32:float32", "mean:float32:bfloat16",
+    "residual:1", "residual:2", "residual:16", "lora:product", "lora:conv", "lora:alpha", "lora:rank-0", "lora:factors",
+    "dtype:float8_e4m3fn", "dtype:float8_e5m2", "exception:replace:float8_e4m3fn", "exception:replace:float8_e5m2",
+    "exception:replace:int16", "exception:correct:1", "exception:correct:2", "exception:correct:16", "exception:correct:4",
+    "exception:correct:8",
 }
 
 

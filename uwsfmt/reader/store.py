@@ -30,6 +30,7 @@ from uwsfmt.encodings.base import ReadContext
 from uwsfmt.errors import FormatError, NotFoundError, UWSError
 from uwsfmt.io import shards
 from uwsfmt.numerics.device import resolve_device
+from uwsfmt.reader import compat, declared
 from uwsfmt.reader.manifest import (
     MAX_ARRAY_METADATA_BYTES,
     MAX_CHUNK_BYTES,
@@ -71,6 +72,8 @@ class StoreReader:
         self._tensor_index = {e["name"]: i for i, e in enumerate(m["tensors"])}
         # LoRA modules are one entry each; their factor tensors are found by name too
         self._lora_index = {n: i for i, e in enumerate(m["tensors"]) if e.get("lora") for n in lora_enc.factor_names(e)}
+        self._unknown = compat.entry_problems(m)  # values of a later 1.y: only those tensors are refused (§12)
+        self._mismatched = declared.entry_problems(m)  # shapes / dtypes their slots cannot hold: refused when read
 
     @property
     def format_version(self) -> str:
@@ -302,6 +305,8 @@ class StoreReader:
         idx = self.model_index(model)
         wanted = None if names is None else list(dict.fromkeys(names))
         entries = self.manifest["tensors"] if wanted is None else list({id(e): e for e in map(self.tensor_entry, wanted)}.values())
+        compat.refuse(self.path, self.manifest, idx, (e["name"] for e in entries), self._unknown)
+        declared.refuse(self.path, self._mismatched, (e["name"] for e in entries))
         rows = self._rows(idx, dev) if self.manifest["packs"] else {}
         exceptions = self.manifest["models"][idx].get("exceptions") or ()
         ctx = ReadContext(self, idx, rows, dev, into=into, dtype=dtype, excepted={x["tensor"] for x in exceptions})
@@ -343,6 +348,8 @@ class StoreReader:
         dev = resolve_device(device)
         e = self.tensor_entry(name)
         idx = self.model_index(model)
+        compat.refuse(self.path, self.manifest, idx, [e["name"]], self._unknown)
+        declared.refuse(self.path, self._mismatched, [e["name"]])
         if e["name"] != name:  # a LoRA factor (the module's own name gives the dense update)
             sd = self.state_dict(idx, device=dev, dtype=dtype, names=[name])
             if name not in sd:

@@ -51,7 +51,8 @@ def _encode_subspace(e: dict, fit: subspace.Fit, w: torch.Tensor, rows: dict[str
         d = wc.sub(prep.mean.reshape(view)) if prep.mean is not None else wc
         c = linalg.project(d, prep.left, prep.right).to(torch.float32)
         sl = e["coefficients"]
-        rows[sl["pack"]][sl["offset"]: sl["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
+        if sl["length"]:  # rank 0: an empty slot, whose pack may not exist
+            rows[sl["pack"]][sl["offset"]: sl["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
         dn = math.sqrt(linalg.sq_norm(d)) if prep.mean is not None else None
         wn = math.sqrt(linalg.sq_norm(wc))
         err = None
