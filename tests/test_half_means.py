@@ -20,7 +20,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def mean_dtypes(store) -> dict[str, str]:
-    return {e["name"]: str(store._array(e["mean"]).dtype) for e in store.manifest["tensors"] if e.get("mean")}
+    return {e["name"]: str(store.array(e["mean"]).dtype) for e in store.manifest["tensors"] if e.get("mean")}
 
 
 def recorded(store, model: int) -> dict[str, float]:

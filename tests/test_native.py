@@ -237,7 +237,7 @@ def test_store_reads_and_recorded_errors_agree_with_and_without_kernel(tmp_path,
     fam = synthetic_family(n_models=5, shapes={"w": (300, 260), "v": (260, 300), "s": (16, 16)}, rank=3, noise=1e-2,
                            seed=4, extra=False)
     st = uwsfmt.convert(fam, tmp_path / "s.uws", rank=3, mean_dtype=mean_dtype)
-    assert {str(st._array(e["mean"]).dtype) for e in st.manifest["tensors"] if e.get("mean")} == {
+    assert {str(st.array(e["mean"]).dtype) for e in st.manifest["tensors"] if e.get("mean")} == {
         "float16" if mean_dtype == "float16" else "float32"}
     assert 300 * 260 >= subspace.EXPAND_MIN_ELEMENTS > 16 * 16
     assert native.status()["available"]

@@ -223,7 +223,7 @@ def store(tmp_path_factory, noisy_family):
 
 def test_direct_row_reader_equals_zarr(store):
     for pack, info in store.manifest["packs"].items():
-        arr = store._array(info["path"])
+        arr = store.array(info["path"])
         reader = row_reader(store._zstore, info["path"], arr)
         assert reader is not None, pack
         assert reader.zstd == (pack in ("uint8", "bool", "int64"))  # integer packs hold zstd frames

@@ -50,7 +50,7 @@ def _entry(m: dict, name: str) -> dict:
 
 
 def test_package_schema_is_the_spec_schema():
-    assert (ROOT / "uwsfmt" / "schema" / "manifest.schema.json").read_bytes() == SCHEMA.read_bytes()
+    assert (ROOT / "uwsfmt" / "format" / "schema" / "manifest.schema.json").read_bytes() == SCHEMA.read_bytes()
 
 
 def _future(version: str):

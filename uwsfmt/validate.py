@@ -20,7 +20,7 @@ from uwsfmt.sources import formats, open_checkpoint
 
 def _expect(store, path: str, shape: tuple | None, dtype: str | None, problems: list[str], what: str):
     try:
-        arr = store._array(path)
+        arr = store.array(path)
     except FormatError as e:
         problems.append(f"{what}: {e}")
         return None

@@ -383,7 +383,7 @@ def coverage(paths: dict[str, str]) -> set[str]:
                     have.add(f"mode:{e['mode']}")
                     have.add("mean" if e["mean"] else "no-mean")
                     if e["mean"]:
-                        have.add(f"mean:{st._array(e['mean']).dtype}:{e['dtype']}")
+                        have.add(f"mean:{st.array(e['mean']).dtype}:{e['dtype']}")
                     if 0 in e["rank"]:
                         have.add("rank-0")
                     if e["residual"]:

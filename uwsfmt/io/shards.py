@@ -12,7 +12,7 @@ zarr-python returns; any layout it does not recognise exactly (another codec cha
 shards per row, a non-zero fill value, a store that is not a local directory) makes
 :func:`row_reader` return None and the caller uses zarr-python.
 
->>> reader = row_reader(store._zstore, "packs/float32", store._array("packs/float32"))  # doctest: +SKIP
+>>> reader = row_reader(store._zstore, "packs/float32", store.array("packs/float32"))  # doctest: +SKIP
 >>> reader.read_into(3, np.empty(reader.width, reader.dtype))  # doctest: +SKIP
 
 The per-tensor arrays are small and many (3-4 per tensor: a model with 2,000 tensors has

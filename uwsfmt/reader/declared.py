@@ -155,7 +155,7 @@ def check_exceptions(store, problems: list[str]) -> None:
 
 def _array(store, path: str, shapes: list[list[int]], dtype: str, what: str, problems: list[str]) -> None:
     try:
-        arr = store._array(path)
+        arr = store.array(path)
     except FormatError as err:
         problems.append(f"{what}: {err}")
         return

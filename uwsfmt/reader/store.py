@@ -66,6 +66,18 @@ class StoreReader:
         self._local = threading.local()  # per-thread reusable row buffers
 
     # ------------------------------------------------------------------ metadata
+    def committed(self, manifest: dict) -> None:
+        """Take ``manifest`` as the store's committed state (after an append): indexes rebuilt, array handles dropped."""
+        self.manifest = manifest
+        self._index_cache()
+        self._arrays.clear()
+        self._row_readers.clear()
+        self._chunked.clear()
+
+    def tensor_position(self, name: str) -> int:
+        """The position of tensor ``name`` in the tensor table (and in each model's error lists)."""
+        return self._tensor_index[name]
+
     def _index_cache(self) -> None:
         m = self.manifest
         self._model_index = {e["id"]: i for i, e in enumerate(m["models"])}
@@ -114,7 +126,7 @@ class StoreReader:
         return self.manifest["models"][self.model_index(model)]
 
     # ------------------------------------------------------------------ arrays
-    def _array(self, path: str):
+    def array(self, path: str):
         a = self._arrays.get(path)
         if a is None:
             zf = self._zipfile() if type(self._zstore) is ZipStore else None  # one archive, not one per array
@@ -156,7 +168,7 @@ class StoreReader:
     def _storage_dtype(self, path: str) -> np.dtype:
         """The data type of the array at ``path`` (from its metadata; nothing read)."""
         reader = self._chunked_reader(path)
-        return reader.dtype if reader is not None else self._array(path).dtype
+        return reader.dtype if reader is not None else self.array(path).dtype
 
     def read_array(self, path: str, shape: Iterable[int] | None = None, out: np.ndarray | None = None,
                    most: int | None = None) -> np.ndarray:
@@ -165,7 +177,7 @@ class StoreReader:
         ``out``: a C-contiguous buffer of the array's shape and storage dtype to read into (used
         when it fits, else a new array is returned)."""
         reader = self._chunked_reader(path)
-        arr = self._array(path) if reader is None else None
+        arr = self.array(path) if reader is None else None
         have = reader.shape if reader is not None else tuple(arr.shape)
         if shape is not None and have != tuple(shape):
             raise FormatError(f"{self.path}: array {path!r} has shape {list(have)} but the manifest implies "
@@ -182,7 +194,7 @@ class StoreReader:
             raise FormatError(f"{self.path}: array {path!r} cannot be read ({short(e)}); the store is damaged") from e
 
     def _pack(self, info: dict):
-        arr = self._array(info["path"])
+        arr = self.array(info["path"])
         if arr.ndim != 2 or arr.shape[1] != info["width"] or str(arr.dtype) != info["dtype"]:
             raise FormatError(f"{self.path}: pack {info['path']} is {arr.dtype} {list(arr.shape)} but the manifest says "
                               f"{info['dtype']} with {info['width']} elements per row; the store is damaged or was tampered with")

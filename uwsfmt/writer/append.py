@@ -271,9 +271,5 @@ def append_checkpoints(store: StoreReader, cks: list[Checkpoint], *, progress: b
         prog.close()
         for ck in all_cks:
             ck.close()
-    store.manifest = new
-    store._index_cache()
-    store._arrays.clear()
-    store._row_readers.clear()
-    store._chunked.clear()
+    store.committed(new)
     return entries

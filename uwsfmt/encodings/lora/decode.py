@@ -35,7 +35,7 @@ def read(store, entries: list[dict], idx: int, rows: dict[str, torch.Tensor], de
     for e in entries:  # grouped independently of which modules this adapter has: stable cache keys
         groups[(tuple(e["view"]), tuple(e["rank"]))].append(e)
     for key, group in groups.items():
-        _, left, right = store._group_arrays(("lora",) + subspace.batch_key(group[0]) + tuple(x["name"] for x in group), group, dev)
+        _, left, right = store.group_arrays(("lora",) + subspace.batch_key(group[0]) + tuple(x["name"] for x in group), group, dev)
         cshape = group[0]["coefficients"]["shape"]
         cw = torch.stack([take(rows, x["coefficients"]).reshape(cshape) for x in group]).to(dev)  # as stored
         kl, kr = key[1][0] or 0, key[1][1] or 0

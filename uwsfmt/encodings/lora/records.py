@@ -52,7 +52,7 @@ def model_ranks(store, idx: int) -> list | None:
 def stored_rank(store, ranks: list | None, e: dict) -> int:
     if ranks is None:
         return max(e["rank"][0] or 0, e["rank"][1] or 0)
-    r = ranks[store._tensor_index[e["name"]]]
+    r = ranks[store.tensor_position(e["name"])]
     return 0 if r is None else int(r)
 
 
