@@ -10,7 +10,8 @@ import torch
 import uwsfmt
 from bench.trained import trained_family
 from uwsfmt.cli import main as cli_main
-from uwsfmt.numerics import budget, quantize
+from uwsfmt.encodings import budget
+from uwsfmt.numerics import quantize
 from uwsfmt.testing.families import synthetic_family, write_family
 from uwsfmt.writer import fit, sketch
 

@@ -65,6 +65,28 @@ class ReadContext:
         return self.dtype if (self.dtype is not None and dtypes.is_float(e["dtype"])) else dtypes.torch_dtype(e["dtype"])
 
 
+@dataclass
+class EncodeContext:
+    """One model being written (pass 2 of a build, or an append).
+
+    ``rows``: its pack rows (pack name -> 1-D numpy array) to fill; ``per_model``: tensors stored
+    as arrays of their own (name -> tensor); ``fits``: each tensor's shared part (a subspace Fit,
+    a shared value); ``error_budget``: the store's (or None); ``corrections``: where a tensor the
+    shared part cannot hold within the budget gets its per-model exception (None: refuse
+    instead); ``where``: the source, for messages.
+    """
+
+    model_id: str
+    where: str
+    rows: dict[str, Any]
+    fits: dict[str, Any]
+    per_model: dict[str, torch.Tensor] = field(default_factory=dict)
+    error_budget: Any = None
+    corrections: dict | None = None
+    #: name -> a projected tensor's rebuild and norms, for the caller's budget check (see Subspace.encode)
+    rebuilt: dict[str, dict] = field(default_factory=dict)
+
+
 class Encoding(ABC):
     """How one kind of tensor entry keeps its values, and how a reader gets them back."""
 
@@ -84,6 +106,14 @@ class Encoding(ABC):
         A tensor may come back in the compute dtype (the reader casts it) or, where the caller
         gave one (``ctx.into``), be the caller's own tensor already filled.
         """
+
+    #: whether a model's values are projected (NaN/Inf in a source then show as a non-finite
+    #: error, checked after encoding) rather than copied (checked before)
+    projects: ClassVar[bool] = False
+
+    def encode(self, ctx: EncodeContext, e: dict, w: torch.Tensor) -> tuple[float | None, float | None]:
+        """Write one model's tensor ``w`` of entry ``e``; its (relative error, delta error) as a reader gets it back."""
+        raise NotImplementedError(f"the {self.name!r} encoding is written by its own batch path")
 
     def reads_single(self, e: dict) -> bool:
         """Whether one model's tensor ``e`` can be read from its own pack slots alone (``Store.tensor``);

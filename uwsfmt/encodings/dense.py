@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from uwsfmt.encodings.base import Encoding, ReadContext, register
+from uwsfmt.encodings.base import EncodeContext, Encoding, ReadContext, register
 from uwsfmt.encodings.slots import put, take
 from uwsfmt.format import dtypes
 
@@ -28,6 +28,13 @@ class Dense(Encoding):
 
     def slots(self, e: dict) -> list[dict]:
         return [] if e["data"].get("per_model") else [e["data"]]
+
+    def encode(self, ctx: EncodeContext, e: dict, w: torch.Tensor) -> tuple[float | None, float | None]:
+        if e["data"].get("per_model"):
+            ctx.per_model[e["name"]] = w
+        else:
+            encode(e, w, ctx.rows)
+        return 0.0, 0.0
 
     def shape_may_vary(self, e: dict) -> bool:
         return bool(e["data"].get("per_model"))

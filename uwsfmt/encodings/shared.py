@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from uwsfmt.encodings.base import Encoding, ReadContext, register
+from uwsfmt.encodings import budget
+from uwsfmt.encodings.base import EncodeContext, Encoding, ReadContext, register
+from uwsfmt.errors import ConflictError
 from uwsfmt.format import dtypes
+
+#: bytes compared before the rest in :func:`same_bits`
+SAME_BITS_HEAD = 4096
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` hold the same bits (what makes a tensor shared)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    x, y = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    # fine-tunes almost always differ in their first values: a full-size pass only for likely twins
+    head = min(x.numel(), SAME_BITS_HEAD)
+    return torch.equal(x[:head], y[:head]) and torch.equal(x[head:], y[head:])
 
 
 class Shared(Encoding):
@@ -16,6 +33,20 @@ class Shared(Encoding):
 
     def slots(self, e: dict) -> list[dict]:
         return []
+
+    def encode(self, ctx: EncodeContext, e: dict, w: torch.Tensor) -> tuple[float | None, float | None]:
+        name, value = e["name"], ctx.fits[e["name"]]
+        if same_bits(w, value):
+            return 0.0, 0.0
+        if ctx.error_budget is not None and ctx.corrections is not None:  # an appended model that differs: an exception
+            before = budget.read_error(w.to(torch.float64), value.to(torch.float64), e["dtype"]) if w.is_floating_point() else math.inf
+            ctx.corrections[name] = fix = budget.correct(w, value, e["dtype"], ctx.error_budget, before)
+            return fix.error, None
+        raise ConflictError(
+            f"{ctx.where}: tensor {name!r} of model {ctx.model_id!r} differs from the store's shared copy; "
+            "a shared tensor must be bit-identical in every model. Rebuild the store with this model included "
+            f"(or with --encoding '{name}=dense')."
+        )
 
     def value(self, reader, e: dict, device: torch.device) -> torch.Tensor:
         """The stored value (cached by the reader; callers must not modify it)."""

@@ -7,14 +7,17 @@ projects one model's tensor onto them. Decoding is batched over same-shape tenso
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from uwsfmt.encodings import residual as residual_enc
-from uwsfmt.encodings.base import Encoding, ReadContext, register
+from uwsfmt.encodings.base import EncodeContext, Encoding, ReadContext, register
 from uwsfmt.encodings.slots import take
 from uwsfmt.errors import FormatError
+from uwsfmt.format import dtypes
 from uwsfmt.numerics import gram, linalg, native
 
 
@@ -316,10 +319,79 @@ def _target(into: dict[str, torch.Tensor], e: dict, cdt: torch.dtype, dev: torch
     return d
 
 
+#: below this relative error :func:`project_model` measures the error on the reader's own rebuild;
+#: above it, the reader's rounding cannot move the error by more than ~1e-7 relative, and the
+#: cheaper difference (W - M) - L C R^T is used
+EXACT_REBUILD_BELOW = 1e-4
+
+
+def project_model(e: dict, fit: Fit, w: torch.Tensor, rows: dict[str, np.ndarray], keep: dict | None = None
+                  ) -> tuple[float, float | None]:
+    """Project one model's tensor, fill its slots; return (error, delta error) of what a reader
+    rebuilds (compute dtype, then the source dtype). ``keep`` receives that rebuild (float64, before
+    the cast) under "rebuilt", and "error" (absolute), "wn" = ||W||, "dn" = ||W - M|| (error budgets).
+
+    Everything is done in the compute dtype readers use (float32; float64 for float64 tensors):
+    D = W - M, the coefficients C = L^T D R (stored as float32 anyway). Norms are summed in
+    float64 (:func:`uwsfmt.numerics.linalg.sq_norm`). The error is measured one of two ways:
+
+    - the difference E = D - L C R^T, in place in D: 9 passes over memory. A reader returns
+      fl(M + L C R^T), which differs from W - E by its rounding (at most half an ulp of W per
+      value); with the error ||E|| >= :data:`EXACT_REBUILD_BELOW` ||W||, that moves the error by
+      less than ~u^2 / (2 * 1e-8) ~ 2e-7 relative (u = 2^-24, float32), and the rounding is
+      uncorrelated with E. Used when the source dtype is the compute dtype and neither an error
+      budget (which needs the rebuild) nor a residual is involved.
+    - otherwise (small errors, float16/bfloat16 sources whose cast back rounds by ~1e-3, budgets,
+      residuals): the rebuild exactly as the reader does it (same dtype, same order of
+      operations, then the cast), compared with W: 14 passes.
+    """
+    view = tuple(e["view"])
+    prep = prepared(fit, torch.float64 if e["dtype"] == "float64" else torch.float32)
+    want = dtypes.torch_dtype(e["dtype"])
+    with linalg.no_tf32():
+        w = w.to(prep.device).reshape(view)
+        wc = w if w.dtype == prep.cdt else w.to(prep.cdt)
+        d = wc.sub(prep.mean.reshape(view)) if prep.mean is not None else wc
+        c = linalg.project(d, prep.left, prep.right).to(torch.float32)
+        sl = e["coefficients"]
+        if sl["length"]:  # rank 0: an empty slot, whose pack may not exist
+            rows[sl["pack"]][sl["offset"]: sl["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
+        dn = math.sqrt(linalg.sq_norm(d)) if prep.mean is not None else None
+        wn = math.sqrt(linalg.sq_norm(wc))
+        err = None
+        if keep is None and not e.get("residual") and want == prep.cdt:
+            err = math.sqrt(linalg.sq_norm(subtract_expansion(prep, c, d if d is not wc else d.clone())))
+            if not err >= EXACT_REBUILD_BELOW * wn:  # small (or NaN): measure it on the reader's rebuild
+                err = None
+        del d
+        if err is None:
+            r = rebuild(prep, c, view)  # compute dtype, exactly as the reader
+            if e.get("residual"):
+                values, back = residual_enc.encode(e["residual"], (wc - r).to(torch.float32))
+                residual_enc.write(e["residual"], values, rows)
+                r.add_(back.to(prep.cdt))
+            out = r if want == prep.cdt else r.to(want).to(prep.cdt)
+            err = math.sqrt(linalg.sq_norm(out.sub_(wc) if out is not r else out - wc))
+            if keep is not None:
+                keep.update(rebuilt=r.to(torch.float64), error=err, wn=wn, dn=dn)
+    rel = err / wn if wn > 0 else (0.0 if err == 0 else float("inf"))
+    drel = None if dn is None else (err / dn if dn > 0 else (0.0 if err == 0 else float("inf")))
+    return rel, drel
+
+
 class Subspace(Encoding):
     """Shared mean and bases, per-model coefficients (and an optional quantized residual)."""
 
     name = "subspace"
+    projects = True
+
+    def encode(self, ctx: EncodeContext, e: dict, w: torch.Tensor) -> tuple[float | None, float | None]:
+        keep: dict | None = {} if ctx.corrections is not None else None  # an error budget: the caller checks the rebuild
+        with linalg.threads_for(w.numel()):
+            rel, drel = project_model(e, ctx.fits[e["name"]], w, ctx.rows, keep)
+        if keep is not None:
+            ctx.rebuilt[e["name"]] = keep
+        return rel, drel
 
     def slots(self, e: dict) -> list[dict]:
         out = [e["coefficients"]]

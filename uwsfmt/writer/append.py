@@ -18,12 +18,12 @@ import torch
 import zarr
 
 from uwsfmt import encodings
+from uwsfmt.encodings import budget
 from uwsfmt.encodings import lora as lora_enc
 from uwsfmt.errors import ConflictError, SourceError, StoreError
 from uwsfmt.format import dtypes, naming
 from uwsfmt.io import layout, overlap
 from uwsfmt.io.commit import StoreLock, commit_manifest
-from uwsfmt.numerics import budget
 from uwsfmt.numerics.device import default_device, resolve_device
 from uwsfmt.reader.manifest import open_zarr_store, read_manifest
 from uwsfmt.reader.store import StoreReader

@@ -22,6 +22,7 @@ from zarr.storage import LocalStore
 from uwsfmt.encodings import lora as lora_enc
 from uwsfmt.encodings import residual as residual_enc
 from uwsfmt.encodings import subspace
+from uwsfmt.encodings.shared import same_bits
 from uwsfmt.encodings.slots import PackLayout
 from uwsfmt.errors import BudgetError, ConfigError, ConflictError, StoreError, StoreExistsError
 from uwsfmt.format import dtypes, naming
@@ -38,7 +39,7 @@ from uwsfmt.writer.fit import budget_tensor, fit_batch, fit_batches, fit_tensor,
 from uwsfmt.writer.holdings import Holdings
 from uwsfmt.writer.means import check_base
 from uwsfmt.writer.options import BuildOptions, Fidelity, from_keywords
-from uwsfmt.writer.plan import FamilyPlan, TensorPlan, plan_family, same_bits
+from uwsfmt.writer.plan import FamilyPlan, TensorPlan, plan_family
 from uwsfmt.writer.progress import Progress
 from uwsfmt.writer.settings import DEFAULT_TAU, FactorsAreSmaller, Settings
 

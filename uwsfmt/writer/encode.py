@@ -8,72 +8,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from uwsfmt.encodings import dense as dense_enc
+from uwsfmt import encodings
+from uwsfmt.encodings import budget, subspace
 from uwsfmt.encodings import lora as lora_enc
-from uwsfmt.encodings import residual as residual_enc
-from uwsfmt.encodings import subspace
+from uwsfmt.encodings.base import EncodeContext
 from uwsfmt.errors import BudgetError, ConflictError
-from uwsfmt.format import dtypes
 from uwsfmt.io import layout, overlap
-from uwsfmt.numerics import budget, linalg
+from uwsfmt.numerics import linalg
 from uwsfmt.sources import Checkpoint
 from uwsfmt.writer.holdings import Holdings
-from uwsfmt.writer.plan import check_finite, nonfinite_error, projected_nonfinite_error, same_bits
+from uwsfmt.writer.plan import check_finite, nonfinite_error, projected_nonfinite_error
 from uwsfmt.writer.settings import BATCH_MAX_NUMEL, BATCH_MAX_VALUES, EXACT_REBUILD_BELOW
-
-
-def _encode_subspace(e: dict, fit: subspace.Fit, w: torch.Tensor, rows: dict[str, np.ndarray], keep: dict | None = None
-                     ) -> tuple[float, float | None]:
-    """Project one model's tensor, fill its slots; return (error, delta error) of what a reader
-    rebuilds (compute dtype, then the source dtype). ``keep`` receives that rebuild (float64, before
-    the cast) under "rebuilt", and "error" (absolute), "wn" = ||W||, "dn" = ||W - M|| (error budgets).
-
-    Everything is done in the compute dtype readers use (float32; float64 for float64 tensors):
-    D = W - M, the coefficients C = L^T D R (stored as float32 anyway). Norms are summed in
-    float64 (:func:`uwsfmt.numerics.linalg.sq_norm`). The error is measured one of two ways:
-
-    - the difference E = D - L C R^T, in place in D: 9 passes over memory. A reader returns
-      fl(M + L C R^T), which differs from W - E by its rounding (at most half an ulp of W per
-      value); with the error ||E|| >= :data:`EXACT_REBUILD_BELOW` ||W||, that moves the error by
-      less than ~u^2 / (2 * 1e-8) ~ 2e-7 relative (u = 2^-24, float32), and the rounding is
-      uncorrelated with E. Used when the source dtype is the compute dtype and neither an error
-      budget (which needs the rebuild) nor a residual is involved.
-    - otherwise (small errors, float16/bfloat16 sources whose cast back rounds by ~1e-3, budgets,
-      residuals): the rebuild exactly as the reader does it (same dtype, same order of
-      operations, then the cast), compared with W: 14 passes.
-    """
-    view = tuple(e["view"])
-    prep = subspace.prepared(fit, _compute_dtype(e["dtype"]))
-    want = dtypes.torch_dtype(e["dtype"])
-    with linalg.no_tf32():
-        w = w.to(prep.device).reshape(view)
-        wc = w if w.dtype == prep.cdt else w.to(prep.cdt)
-        d = wc.sub(prep.mean.reshape(view)) if prep.mean is not None else wc
-        c = linalg.project(d, prep.left, prep.right).to(torch.float32)
-        sl = e["coefficients"]
-        if sl["length"]:  # rank 0: an empty slot, whose pack may not exist
-            rows[sl["pack"]][sl["offset"]: sl["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
-        dn = math.sqrt(linalg.sq_norm(d)) if prep.mean is not None else None
-        wn = math.sqrt(linalg.sq_norm(wc))
-        err = None
-        if keep is None and not e.get("residual") and want == prep.cdt:
-            err = math.sqrt(linalg.sq_norm(subspace.subtract_expansion(prep, c, d if d is not wc else d.clone())))
-            if not err >= EXACT_REBUILD_BELOW * wn:  # small (or NaN): measure it on the reader's rebuild
-                err = None
-        del d
-        if err is None:
-            r = subspace.rebuild(prep, c, view)  # compute dtype, exactly as the reader
-            if e.get("residual"):
-                values, back = residual_enc.encode(e["residual"], (wc - r).to(torch.float32))
-                residual_enc.write(e["residual"], values, rows)
-                r.add_(back.to(prep.cdt))
-            out = r if want == prep.cdt else r.to(want).to(prep.cdt)
-            err = math.sqrt(linalg.sq_norm(out.sub_(wc) if out is not r else out - wc))
-            if keep is not None:
-                keep.update(rebuilt=r.to(torch.float64), error=err, wn=wn, dn=dn)
-    rel = err / wn if wn > 0 else (0.0 if err == 0 else float("inf"))
-    drel = None if dn is None else (err / dn if dn > 0 else (0.0 if err == 0 else float("inf")))
-    return rel, drel
 
 
 def _batch_key(e: dict, fit, info, budgeted: bool) -> tuple | None:
@@ -176,7 +121,7 @@ def encode_model(
 
     With an ``error_budget``, a tensor the store cannot hold within it (a subspace
     tensor whose projection misses the budget, a shared tensor this model differs in) gets a
-    per-model exception (:func:`uwsfmt.numerics.budget.correct`) in ``corrections[name]``; its error
+    per-model exception (:func:`uwsfmt.encodings.budget.correct`) in ``corrections[name]``; its error
     is then the corrected one.
 
     Small subspace tensors of one kind are encoded in batches (:func:`_batch_plans`); ``stacks``
@@ -188,6 +133,7 @@ def encode_model(
     """
     rows = {p: np.zeros(w, dtype=p) for p, w in widths.items()}
     per_model: dict[str, torch.Tensor] = {}
+    ctx = EncodeContext(ck.id, ck.path or ck.id, rows, fits, per_model, error_budget, corrections if error_budget is not None else None)
     errs, derrs = [], []
     infos = ck.infos()
     done = {}  # name -> this model's (coefficients, error, delta error) found in pass 1
@@ -229,9 +175,8 @@ def encode_model(
         info = infos[name]
         if info.dtype != e["dtype"]:
             raise ConflictError(f"{ck.path or ck.id}: tensor {name!r} is {info.dtype} but the store holds it as {e['dtype']}")
-        enc = e["encoding"]
-        per = enc == "dense" and e["data"].get("per_model")
-        if not per and tuple(info.shape) != tuple(e["shape"]):
+        encoding = encodings.for_entry(e, store_path)
+        if not encoding.shape_may_vary(e) and tuple(info.shape) != tuple(e["shape"]):
             raise ConflictError(
                 f"{ck.path or ck.id}: tensor {name!r} has shape {list(info.shape)} but the store holds {e['shape']}"
             )
@@ -261,41 +206,17 @@ def encode_model(
             if 0 <= at < len(names) - 2:
                 ck.prefetch(names[at + 2])  # the kernel reads two tensors ahead while this one is encoded
             w = ck.get(name) if ahead is None else next(ahead)
-        if enc != "subspace" and not allow_nonfinite and not check_finite(w, name, ck):
+        if not encoding.projects and not allow_nonfinite and not check_finite(w, name, ck):
             raise nonfinite_error(name, ck)
-        if enc == "shared":
-            if not same_bits(w, fits[name]) and error_budget is not None and corrections is not None:
-                before = budget.read_error(w.to(torch.float64), fits[name].to(torch.float64), e["dtype"]) if w.is_floating_point() else math.inf
-                corrections[name] = budget.correct(w, fits[name], e["dtype"], error_budget, before)
-                errs.append(_finite_or_none(corrections[name].error))
-                derrs.append(None)
-                continue
-            if not same_bits(w, fits[name]):
-                raise ConflictError(
-                    f"{ck.path or ck.id}: tensor {name!r} of model {ck.id!r} differs from the store's shared copy; "
-                    "a shared tensor must be bit-identical in every model. Rebuild the store with this model included "
-                    f"(or with --encoding '{name}=dense')."
-                )
-            errs.append(0.0)
-            derrs.append(0.0)
-        elif enc == "dense":
-            if per:
-                per_model[name] = w
-            else:
-                dense_enc.encode(e, w, rows)
-            errs.append(0.0)
-            derrs.append(0.0)
-        else:
-            keep: dict | None = {} if (error_budget is not None and corrections is not None) else None
-            with linalg.threads_for(w.numel()):
-                rel, drel = _encode_subspace(e, fits[name], w, rows, keep)
-            if not math.isfinite(rel) and not check_finite(w, name, ck):  # NaN/Inf in W make the error NaN or Inf: one pass saved
-                raise nonfinite_error(name, ck) if not allow_nonfinite else projected_nonfinite_error(name, ck)
-            if keep is not None and not budget.meets(error_budget, keep["error"], keep["wn"], keep["dn"], e["dtype"]):
-                corrections[name] = fix = budget.correct(w, keep["rebuilt"], e["dtype"], error_budget, rel, keep["dn"])
-                rel, drel = fix.error, fix.delta_error
-            errs.append(_finite_or_none(rel))
-            derrs.append(_finite_or_none(drel))
+        rel, drel = encoding.encode(ctx, e, w)
+        if encoding.projects and not math.isfinite(rel) and not check_finite(w, name, ck):  # NaN/Inf in W make the error NaN or Inf: one pass saved
+            raise nonfinite_error(name, ck) if not allow_nonfinite else projected_nonfinite_error(name, ck)
+        keep = ctx.rebuilt.pop(name, None)  # under a budget: what the bases miss becomes a per-model exception
+        if keep is not None and not budget.meets(error_budget, keep["error"], keep["wn"], keep["dn"], e["dtype"]):
+            corrections[name] = fix = budget.correct(w, keep["rebuilt"], e["dtype"], error_budget, rel, keep["dn"])
+            rel, drel = fix.error, fix.delta_error
+        errs.append(_finite_or_none(rel))
+        derrs.append(_finite_or_none(drel))
     return rows, per_model, errs, derrs
 
 

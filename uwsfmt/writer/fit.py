@@ -7,13 +7,14 @@ import math
 
 import torch
 
-from uwsfmt.encodings import subspace
+from uwsfmt.encodings import budget, subspace
+from uwsfmt.encodings.shared import same_bits
 from uwsfmt.errors import ConfigError
-from uwsfmt.numerics import budget, gram, linalg, randomized
+from uwsfmt.numerics import gram, linalg, randomized
 from uwsfmt.sources import Checkpoint
 from uwsfmt.writer.holdings import KEEP_SOURCES_BYTES, Holdings
 from uwsfmt.writer.means import mean_dtype_for, rms_spread, stored_mean
-from uwsfmt.writer.plan import TensorPlan, check_finite, nonfinite_error, override_for, same_bits
+from uwsfmt.writer.plan import TensorPlan, check_finite, nonfinite_error, override_for
 from uwsfmt.writer.progress import Progress
 from uwsfmt.writer.settings import BATCH_MAX_NUMEL, BATCH_STATS_BYTES, SKETCH_RANK, Settings
 from uwsfmt.writer.sketch import fit_sketch, read_tensors, sketch_test_matrices

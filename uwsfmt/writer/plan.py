@@ -152,19 +152,6 @@ def plan(sources, *, format: str | None = None, **settings) -> dict:
     return plan_family(cks, s, strict=False).report()
 
 
-#: bytes compared before the rest in :func:`same_bits`
-_SAME_BITS_HEAD = 4096
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    x, y = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
-    # fine-tunes almost always differ in their first values: a full-size pass only for likely twins
-    head = min(x.numel(), _SAME_BITS_HEAD)
-    return torch.equal(x[:head], y[:head]) and torch.equal(x[head:], y[head:])
-
-
 def check_finite(w: torch.Tensor, name: str, ck: Checkpoint) -> bool:
     if not w.is_floating_point():
         return True

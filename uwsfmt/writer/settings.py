@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from uwsfmt.encodings import budget, subspace
 from uwsfmt.errors import ConfigError, UWSError
-from uwsfmt.numerics import budget, gram, linalg, quantize, randomized
+from uwsfmt.numerics import gram, linalg, quantize, randomized
 from uwsfmt.writer.options import CHOICES, DEFAULT_TAU, BuildOptions, Fidelity
 
 ENCODING_NAMES = CHOICES["encoding"]
@@ -140,10 +141,7 @@ READ_AHEAD_MIN_BYTES = 1 << 20
 NORM_ERROR_MIN_RATIO = 1e-2
 
 
-#: below this relative error pass 2 measures the error on the reader's own rebuild (see
-#: :func:`_encode_subspace`); above it, the reader's rounding cannot move the error by more than
-#: ~1e-7 relative, and the cheaper difference (W - M) - L C R^T is used
-EXACT_REBUILD_BELOW = 1e-4
+EXACT_REBUILD_BELOW = subspace.EXACT_REBUILD_BELOW
 
 
 #: subspace tensors up to this many values are encoded in batches of equal shape (pass 2)

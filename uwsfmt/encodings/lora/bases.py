@@ -7,13 +7,13 @@ import math
 import numpy as np
 import torch
 
+from uwsfmt.encodings import budget as budget_mod
 from uwsfmt.encodings import subspace
 from uwsfmt.encodings.lora.cores import factor_matrices, read_back
 from uwsfmt.encodings.lora.planning import ModulePlan
 from uwsfmt.encodings.lora.stats import ProductGramSketch, ProductGramStats
 from uwsfmt.errors import BudgetError, SourceError
 from uwsfmt.format import dtypes
-from uwsfmt.numerics import budget as budget_mod
 from uwsfmt.numerics import gram, linalg, randomized
 from uwsfmt.sources.base import Checkpoint
 
