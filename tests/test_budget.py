@@ -163,7 +163,7 @@ def test_evaluate_hook_on_a_trained_family(tmp_path):
     tf = trained_family(n_tasks=3)
     files = write_family(tf.state_dicts, tmp_path / "src")
     store = uwsfmt.convert([str(p) for p in files], tmp_path / "s.uws", max_error=0.05)
-    res = uwsfmt.evaluate(store, tf.evaluate)  # originals: the recorded source files
+    res = uwsfmt.evaluate(store, tf.evaluate, source_root=tmp_path / "src")  # originals: the recorded sources, found by name
     assert set(res) == set(tf.state_dicts)
     for mid, r in res.items():
         assert r["original"] == pytest.approx(tf.accuracies()[mid])

@@ -40,7 +40,8 @@ def family(tmp_path_factory):
     """(sources, pristine store): 5 models converted, models #5 and #6 left to append."""
     work = tmp_path_factory.mktemp("reliability")
     srcs = make_sources(work / "src")
-    uwsfmt.convert(srcs[:5], work / "pristine.uws", **BUILD).close()
+    # sources recorded relative to their root (the folder above src/), where `validate --deep` finds them
+    uwsfmt.convert(srcs[:5], work / "pristine.uws", source_root=work, **BUILD).close()
     return srcs, str(work / "pristine.uws")
 
 
@@ -376,18 +377,23 @@ def test_sources_are_fingerprinted(store, family):
             rec = st.model_entry(mid)["source"]
             data = Path(src).read_bytes()
             assert rec["sha256"] == hashlib.sha256(data).hexdigest() and rec["size"] == len(data)
-            assert rec["path"] == os.path.abspath(src)
+            assert rec["name"] == Path(src).name and rec["path"] == f"src/{Path(src).name}"  # never an absolute path
 
 
 def test_deep_validate_recomputes_errors_from_the_sources(store, family, capsys):
+    root = str(Path(family[0][0]).parent.parent)
     notes: list[str] = []
-    assert uwsfmt.validate(store, deep=True, notes=notes) == []
+    assert uwsfmt.validate(store, deep=True, notes=notes) == []  # without the root: the store does not say where they are
+    assert len(notes) == 5 and all("--source-root" in n and "checked readback only" in n for n in notes)
+    notes = []
+    assert uwsfmt.validate(store, deep=True, notes=notes, source_root=root) == []
     assert len(notes) == 5 and all("errors recomputed" in n and n.endswith("match") for n in notes)
-    rc, out, _ = cli_run(capsys, "validate", store, "--deep")
+    rc, out, _ = cli_run(capsys, "validate", store, "--deep", "--source-root", root)
     assert rc == 0 and "errors recomputed against" in out
 
 
-def test_deep_validate_catches_data_that_does_not_rebuild_what_was_written(store, capsys):
+def test_deep_validate_catches_data_that_does_not_rebuild_what_was_written(store, family, capsys):
+    root = str(Path(family[0][0]).parent.parent)  # where the sources are (the store records them relative to it)
     with uwsfmt.open(store) as st:
         e = next(t for t in st.manifest["tensors"] if t["encoding"] == "subspace")
         sl, mid = e["coefficients"], st.model_ids[2]
@@ -396,9 +402,9 @@ def test_deep_validate_catches_data_that_does_not_rebuild_what_was_written(store
     row[sl["offset"]: sl["offset"] + sl["length"]] *= 1.5  # valid checksums, wrong numbers
     pack[2, :] = row
     assert uwsfmt.validate(store) == []  # structure is fine ...
-    problems = uwsfmt.validate(store, deep=True)  # ... the numbers are not
+    problems = uwsfmt.validate(store, deep=True, source_root=root)  # ... the numbers are not
     assert len(problems) == 1 and mid in problems[0] and e["name"] in problems[0] and "records" in problems[0]
-    rc, _, err = cli_run(capsys, "validate", store, "--deep")
+    rc, _, err = cli_run(capsys, "validate", store, "--deep", "--source-root", root)
     assert rc == 1 and "INVALID" in err and e["name"] in err
 
 
@@ -408,7 +414,7 @@ def test_deep_validate_without_sources_checks_readback_only(tmp_path, family):
     for s in srcs[:3]:
         copies.append(str(tmp_path / Path(s).name))
         shutil.copy(s, copies[-1])
-    uwsfmt.convert(copies, tmp_path / "s.uws", **BUILD).close()
+    uwsfmt.convert(copies, tmp_path / "s.uws", source_root=tmp_path, **BUILD).close()
     os.remove(copies[0])
     with open(copies[1], "r+b") as f:  # same size, other bytes
         f.seek(-4, os.SEEK_END)
@@ -417,7 +423,7 @@ def test_deep_validate_without_sources_checks_readback_only(tmp_path, family):
     mem = tmp_path / "mem.uws"
     uwsfmt.convert({"m0": {"w": torch.randn(8, 8)}, "m1": {"w": torch.randn(8, 8)}}, mem).close()
     notes: list[str] = []
-    assert uwsfmt.validate(str(tmp_path / "s.uws"), deep=True, notes=notes) == []
+    assert uwsfmt.validate(str(tmp_path / "s.uws"), deep=True, notes=notes, source_root=tmp_path) == []
     assert "not found" in notes[0] and "sha256 differs" in notes[1] and "size differs" in notes[2]
     assert all("checked readback only" in n for n in notes)
     notes = []
@@ -482,7 +488,7 @@ def test_deep_validate_recomputes_lora_errors_from_the_adapters(tmp_path):
     dirs = write_peft_family(lora_family(4, layers=2, width=32, rank=4, shared_rank=2), tmp_path / "adapters")
     st = uwsfmt.convert([str(d) for d in dirs], tmp_path / "s.uws", rank=3)
     notes: list[str] = []
-    assert st.validate(deep=True, notes=notes) == []
+    assert st.validate(deep=True, notes=notes, source_root=tmp_path / "adapters") == []
     assert len(notes) == 4 and all(n.endswith("match") for n in notes)
     e = next(t for t in st.manifest["tensors"] if t.get("lora"))
     sl = e["coefficients"]
@@ -491,5 +497,5 @@ def test_deep_validate_recomputes_lora_errors_from_the_adapters(tmp_path):
     row = pack[1, :]
     row[sl["offset"]: sl["offset"] + sl["length"]] *= 1.3
     pack[1, :] = row
-    problems = uwsfmt.validate(str(tmp_path / "s.uws"), deep=True)
+    problems = uwsfmt.validate(str(tmp_path / "s.uws"), deep=True, source_root=tmp_path / "adapters")
     assert len(problems) == 1 and "adapter-001" in problems[0] and e["name"] in problems[0]

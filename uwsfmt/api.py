@@ -12,7 +12,9 @@ from typing import Any
 
 from uwsfmt import report
 from uwsfmt.errors import ConfigError
+from uwsfmt.export.hf import export_formats
 from uwsfmt.export.registry import export as export_model
+from uwsfmt.reader import files
 from uwsfmt.reader.store import ModelRef, StoreReader, open_reader
 from uwsfmt.validate import validate_store
 from uwsfmt.writer import append as appending
@@ -33,7 +35,8 @@ class Store(StoreReader):
     """
 
     def append(self, source, *, id: str | None = None, format: str | None = None, progress: bool = False,
-               max_error: float | None = None, max_delta_error: float | None = None, device: str | None = None) -> dict:
+               max_error: float | None = None, max_delta_error: float | None = None, device: str | None = None,
+               source_root: str | os.PathLike | None = None) -> dict:
         """Project a new checkpoint onto the existing bases and commit it as a new model.
 
         The store's error budget (or ``max_error`` / ``max_delta_error``) holds for it: what the bases miss is fixed
@@ -45,11 +48,11 @@ class Store(StoreReader):
         'task-41'
         """
         return appending.append(self, source, id=id, format=format, progress=progress, max_error=max_error,
-                                max_delta_error=max_delta_error, device=device)
+                                max_delta_error=max_delta_error, device=device, source_root=source_root)
 
     def extend(self, sources, *, format: str | None = None, progress: bool = False, max_error: float | None = None,
                max_delta_error: float | None = None, device: str | None = None, cancel=None,
-               skip_existing: bool = False) -> list[dict]:
+               skip_existing: bool = False, source_root: str | os.PathLike | None = None) -> list[dict]:
         """Append every checkpoint ``sources`` names (paths, folders, globs, Checkpoint objects or
         ``{model_id: state_dict}``, as for ``convert``) with one commit: all of them become visible
         together, or none does; the means and bases are read once. Their manifest entries.
@@ -63,7 +66,8 @@ class Store(StoreReader):
         ['task-41', 'task-42']
         """
         return appending.extend(self, sources, format=format, progress=progress, max_error=max_error,
-                                max_delta_error=max_delta_error, device=device, cancel=cancel, skip_existing=skip_existing)
+                                max_delta_error=max_delta_error, device=device, cancel=cancel, skip_existing=skip_existing,
+                                source_root=source_root)
 
     def plan_append(self, sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
         """What ``extend(sources)`` would do, from the checkpoints' headers (nothing written): the
@@ -78,9 +82,31 @@ class Store(StoreReader):
         """Write one model to ``out`` in ``format`` (see :func:`uwsfmt.export`)."""
         return export_model(self, model, out, format=format, **kw)
 
-    def validate(self, *, deep: bool = False, notes: list[str] | None = None) -> list[str]:
+    def export_formats(self, model: ModelRef) -> list[str]:
+        """The export formats that apply to one model, e.g. ``["safetensors", "hf"]`` for a model
+        read from a Hugging Face folder (``"peft"`` / ``"kohya"`` for adapters of those tools).
+
+        >>> uwsfmt.open("family.uws").export_formats("ft2")  # doctest: +SKIP
+        ['safetensors', 'hf']
+        """
+        return export_formats(self, model)
+
+    def file_names(self, model: ModelRef) -> list[str]:
+        """Names of the small files (config, tokenizer, ...) kept for one model (spec section 15)."""
+        return files.file_names(self, model)
+
+    def read_file(self, model: ModelRef, name: str) -> bytes:
+        """The bytes of a small file kept for one model, checked against its SHA-256.
+
+        >>> uwsfmt.open("family.uws").read_file("ft2", "config.json")[:1]  # doctest: +SKIP
+        b'{'
+        """
+        return files.read_file(self, model, name)
+
+    def validate(self, *, deep: bool = False, notes: list[str] | None = None,
+                 source_root: str | os.PathLike | None = None) -> list[str]:
         """Problems found (empty: valid); see :func:`uwsfmt.validate`. ``notes`` receives what deep checking could not do."""
-        return validate_store(self, deep=deep, notes=notes)
+        return validate_store(self, deep=deep, notes=notes, source_root=source_root)
 
     def summary(self) -> dict:
         """Sizes, ratios, ranks, errors and warnings of the whole store (what ``uwsfmt info`` prints)."""
@@ -134,7 +160,8 @@ def _with_store(store: Store | str | os.PathLike, mode: str, call: Callable[[Sto
         return call(st)
 
 
-def append(store, source, *, id=None, format=None, progress=False, max_error=None, max_delta_error=None, device=None) -> dict:
+def append(store, source, *, id=None, format=None, progress=False, max_error=None, max_delta_error=None, device=None,
+           source_root=None) -> dict:
     """Add a model to a store (path or open Store) by projection onto its bases.
 
     >>> uwsfmt.append("family.uws", "ft/task-41.safetensors")["id"]  # doctest: +SKIP
@@ -142,15 +169,16 @@ def append(store, source, *, id=None, format=None, progress=False, max_error=Non
     """
     return _with_store(store, "a", lambda st: appending.append(st, source, id=id, format=format, progress=progress,
                                                                max_error=max_error, max_delta_error=max_delta_error,
-                                                               device=device))
+                                                               device=device, source_root=source_root))
 
 
 def extend(store, sources, *, format=None, progress=False, max_error=None, max_delta_error=None, device=None,
-           skip_existing=False) -> list[dict]:
+           skip_existing=False, source_root=None) -> list[dict]:
     """Add every checkpoint ``sources`` names to a store (path or open Store), with one commit."""
     return _with_store(store, "a", lambda st: appending.extend(st, sources, format=format, progress=progress,
                                                                max_error=max_error, max_delta_error=max_delta_error,
-                                                               device=device, skip_existing=skip_existing))
+                                                               device=device, skip_existing=skip_existing,
+                                                               source_root=source_root))
 
 
 def project(store, source, *, format=None, device=None) -> dict:

@@ -34,8 +34,11 @@ def _cmd_convert(a) -> int:
     options = BuildOptions(side=a.mode, center="none" if a.no_center else a.center, residual_bits=a.residual_bits,
                            encodings=enc, min_numel=a.min_numel, basis_method=a.basis, mean_dtype=a.mean_dtype,
                            lora_mode=a.lora_mode, seed=a.seed, allow_nonfinite=a.allow_nonfinite)
+    from uwsfmt.writer.folder_files import FilePolicy  # lazy: keeps `uwsfmt --help` fast (no torch import)
+
+    files = FilePolicy(keep=not a.no_files, remote_code=a.remote_code, max_size=a.max_file_size)
     st = convert(a.sources, a.output, fidelity=fidelity, options=options, base=a.base, device=a.device,
-                 format=a.format, overwrite=a.overwrite, progress=not a.quiet)
+                 format=a.format, overwrite=a.overwrite, progress=not a.quiet, files=files, source_root=a.source_root)
     print_summary(st)
     return 0
 
@@ -87,7 +90,7 @@ def _cmd_validate(a) -> int:
     from uwsfmt.validate import validate  # lazy: keeps `uwsfmt --help` fast (no torch import)
 
     notes: list[str] = []
-    problems = validate(a.store, deep=a.deep, notes=notes)
+    problems = validate(a.store, deep=a.deep, notes=notes, source_root=a.source_root)
     for n in notes:
         print(f"  note: {n}")
     if problems:
@@ -103,7 +106,10 @@ def _cmd_export(a) -> int:
     from uwsfmt.api import open as open_store  # lazy: keeps `uwsfmt --help` fast (no torch import)
 
     with open_store(a.store) as st:
-        out = st.export(a.model, a.output, format=a.format, overwrite=a.overwrite)
+        kw = {"max_shard_size": a.max_shard_size} if a.max_shard_size is not None else {}
+        if kw and a.format != "hf":
+            raise ConfigError(f"--max-shard-size lays out the shards of --format hf, not of --format {a.format}")
+        out = st.export(a.model, a.output, format=a.format, overwrite=a.overwrite, **kw)
     print(f"wrote {out}")
     return 0
 
@@ -116,7 +122,8 @@ def _cmd_append(a) -> int:
     if a.id is not None and (a.skip_existing or a.dry_run):
         raise ConfigError(f"--{'skip-existing' if a.skip_existing else 'dry-run'} goes with sources named by their files; "
                           "drop --id (with --id, the one model is added or refused)")
-    kw = {"format": a.format, "max_error": a.max_error, "max_delta_error": a.max_delta_error, "device": a.device}
+    kw = {"format": a.format, "max_error": a.max_error, "max_delta_error": a.max_delta_error, "device": a.device,
+          "source_root": a.source_root}
     if a.dry_run:
         with open_store(a.store) as st:
             rep = st.plan_append(a.source, format=a.format, skip_existing=a.skip_existing)
@@ -209,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-nonfinite", action="store_true", help="store tensors with NaN/Inf dense instead of refusing")
     c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     c.add_argument("--format", help="force the source format")
+    c.add_argument("--no-files", action="store_true",
+                   help="keep none of a model folder's other files (config, tokenizer, chat template, model card); by "
+                        "default they are kept, so that `export --format hf` gives the folder back")
+    c.add_argument("--remote-code", action="store_true", help="also keep a model folder's *.py files (data, never run)")
+    c.add_argument("--max-file-size", default="64MiB", metavar="SIZE",
+                   help="largest folder file kept, e.g. 10MiB (default 64MiB); a larger one refuses the conversion")
+    c.add_argument("--source-root", metavar="DIR",
+                   help="record each source's path relative to DIR (default: its name only; never an absolute path)")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_convert)
@@ -230,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--deep", action="store_true",
                    help="also read every array back (checksums) and rebuild every model; where a model's source file is "
                         "still there unchanged (sha256), recompute its errors and compare with the recorded ones")
+    c.add_argument("--source-root", metavar="DIR", help="with --deep: find the sources under DIR (by recorded relative path or name)")
     c.set_defaults(func=_cmd_validate)
 
     c = sub.add_parser("export", help="write one model back out")
@@ -237,8 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model")
     c.add_argument("-o", "--output", required=True)
     c.add_argument("--format", default="safetensors",
-                   help="safetensors (any store; LoRA stores give factors), peft (an adapter folder PEFT loads), kohya (a kohya/A1111 LoRA file)")
+                   help="safetensors (any store; LoRA stores give factors; .safetensors is appended to a name without an "
+                        "extension), hf (the Hugging Face model folder it came from: config, tokenizer, shards and index, "
+                        "for from_pretrained), peft (an adapter folder PEFT loads), kohya (a kohya/A1111 LoRA file)")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--max-shard-size", metavar="SIZE", help="with --format hf: shards of at most SIZE (e.g. 5GB) instead of the source's layout")
     c.set_defaults(func=_cmd_export)
 
     c = sub.add_parser("append", help="add models by projection onto the existing bases (one commit for all)")
@@ -254,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-error", type=float, metavar="E", help="error budget for this model (default: the store's)")
     c.add_argument("--max-delta-error", type=float, metavar="E", help="delta error budget for this model (default: the store's)")
     c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    c.add_argument("--source-root", metavar="DIR", help="record each source's path relative to DIR (default: its name only)")
     c.set_defaults(func=_cmd_append)
 
     c = sub.add_parser("pack", help="directory store -> single .zip (readable in place)")

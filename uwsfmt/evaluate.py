@@ -19,6 +19,7 @@ from uwsfmt.errors import ConfigError, NotFoundError, SourceError
 from uwsfmt.reader.store import StoreReader
 from uwsfmt.reader.store import open_reader as open_store
 from uwsfmt.sources import Checkpoint, discover, open_checkpoint
+from uwsfmt.sources.provenance import resolve as resolve_source
 
 StateDict = dict[str, torch.Tensor]
 
@@ -47,13 +48,13 @@ def _as_state_dict(src: Any, mid: str) -> StateDict:
             ck.close()
 
 
-def _originals(store, sources) -> dict[str, Any]:
+def _originals(store, sources, source_root=None) -> dict[str, Any]:
     """model id -> state dict, Checkpoint or path of the original (models without one are left out)."""
     if sources is None:  # the files the store was built from, if they are still there and unchanged
         out = {}
         for m in store.manifest["models"]:
             src = m.get("source") or {}
-            path = src.get("path")
+            path = resolve_source(src, source_root)
             if not path or not os.path.exists(path):
                 continue
             ck = open_checkpoint(path, id=m["id"])
@@ -78,6 +79,7 @@ def evaluate(
     *,
     models: Iterable[str] | None = None,
     device: str | torch.device | None = None,
+    source_root: str | os.PathLike | None = None,
 ) -> dict[str, dict[str, float | None]]:
     """Metric of every model's original and reconstruction: ``{id: {original, reconstructed, delta}}``.
 
@@ -100,7 +102,7 @@ def evaluate(
     ids = list(models) if models is not None else st.model_ids
     for mid in ids:
         st.model_index(mid)  # NotFoundError with suggestions
-    originals = _originals(st, sources)
+    originals = _originals(st, sources, source_root)
     unknown = [k for k in originals if k not in st.model_ids] if sources is not None and isinstance(sources, Mapping) else []
     if unknown:
         raise NotFoundError(f"{st.path}: sources name models the store does not hold: {', '.join(map(str, unknown[:5]))}")

@@ -127,7 +127,7 @@ def model_table(store) -> list[dict]:
     for i, m in enumerate(store.manifest["models"]):
         mean, mx = _err_stats(errs[i]) if errs.shape[1] else (0.0, 0.0)
         src = m.get("source") or {}
-        out.append({"id": m["id"], "path": src.get("path"), "format": src.get("format"), "sha256": src.get("sha256"),
+        out.append({"id": m["id"], "name": src.get("name"), "path": src.get("path"), "format": src.get("format"), "sha256": src.get("sha256"),
                     "size": src.get("size"), "added": m.get("added"), "error_mean": mean, "error_max": mx})
     return out
 

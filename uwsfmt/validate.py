@@ -13,9 +13,11 @@ from uwsfmt.errors import FormatError, UWSError
 from uwsfmt.format import dtypes
 from uwsfmt.io import layout
 from uwsfmt.reader import compat, declared
+from uwsfmt.reader.files import problems as file_problems
 from uwsfmt.reader.manifest import BUILDING_MARK, REPLACED_MARK
 from uwsfmt.reader.store import open_reader as open_store
 from uwsfmt.sources import formats, open_checkpoint
+from uwsfmt.sources.provenance import resolve as resolve_source
 
 
 def _expect(store, path: str, shape: tuple | None, dtype: str | None, problems: list[str], what: str):
@@ -31,13 +33,15 @@ def _expect(store, path: str, shape: tuple | None, dtype: str | None, problems: 
     return arr
 
 
-def validate_store(store, *, deep: bool = False, tol: float = 1e-3, notes: list[str] | None = None) -> list[str]:
+def validate_store(store, *, deep: bool = False, tol: float = 1e-3, notes: list[str] | None = None,
+                   source_root: str | os.PathLike | None = None) -> list[str]:
     """Return a list of problems (empty when the store is valid).
 
     ``deep`` also reads every array and rebuilds every model (each chunk's crc32c is checked on
     read) and, where a model's recorded source file is still there with the recorded sha256,
     recomputes each tensor's relative error against it and compares with the recorded value.
-    What deep checking could not do (sources unavailable) goes to ``notes``.
+    What deep checking could not do (sources unavailable) goes to ``notes``. Sources are found
+    under ``source_root`` by their recorded relative path or name (see :mod:`uwsfmt.sources.provenance`).
     """
     problems: list[str] = []
     notes = notes if notes is not None else []
@@ -48,8 +52,9 @@ def validate_store(store, *, deep: bool = False, tol: float = 1e-3, notes: list[
         _unknown_values(store.manifest, problems, notes)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:  # fields the schema leaves open
         problems.append(f"the manifest cannot be checked ({type(e).__name__}: {e}); the store is damaged")
+    problems += file_problems(store)  # model folder files: records, arrays, sha256
     if deep and not problems:
-        problems += _deep(store, notes)
+        problems += _deep(store, notes, source_root)
     return problems
 
 
@@ -135,7 +140,7 @@ def _check_store(store, tol: float, problems: list[str]) -> None:
 ERROR_RTOL = 1e-3
 
 
-def _deep(store, notes: list[str]) -> list[str]:
+def _deep(store, notes: list[str], source_root: str | os.PathLike | None = None) -> list[str]:
     """Read everything back; recompute errors against the sources where they are at hand."""
     out = []
     for e in store.manifest["tensors"]:  # spectra are not read by state_dict: read them for their checksums
@@ -164,7 +169,7 @@ def _deep(store, notes: list[str]) -> list[str]:
                 out.append(f"model {mid!r}, tensor {e['name']!r}: shape {list(t.shape)} != {e['shape']}")
             if t.is_floating_point() and e["encoding"] == "subspace" and not bool(torch.isfinite(t).all()):
                 out.append(f"model {mid!r}, tensor {e['name']!r}: reconstruction has NaN/Inf")
-        ck, why = _source(store, i)
+        ck, why = _source(store, i, source_root)
         if ck is None:
             notes.append(f"model {mid!r}: source unavailable ({why}): checked readback only")
             continue
@@ -180,13 +185,15 @@ def _deep(store, notes: list[str]) -> list[str]:
     return out
 
 
-def _source(store, i: int):
+def _source(store, i: int, source_root: str | os.PathLike | None = None):
     """The model's source checkpoint when it is still there unchanged (size, then sha256), else (None, why)."""
 
     rec = store.manifest["models"][i].get("source") or {}
-    path, fmt = rec.get("path"), rec.get("format")
-    if not path:
+    path, fmt = resolve_source(rec, source_root), rec.get("format")
+    if not rec.get("path") and not rec.get("name"):
         return None, "built from an in-memory state dict"
+    if not path:
+        return None, f"source {rec.get('name')!r} recorded without its location: pass source_root (CLI: --source-root)"
     if not rec.get("sha256"):
         return None, "no sha256 recorded"
     if not os.path.exists(path):
@@ -274,7 +281,8 @@ def _lora_error(a, b, s: float, a_hat, b_hat, out_dim: int) -> float:
     return float(np.sqrt(err2 / x2))
 
 
-def validate(path: str, *, deep: bool = False, notes: list[str] | None = None) -> list[str]:
+def validate(path: str, *, deep: bool = False, notes: list[str] | None = None,
+             source_root: str | os.PathLike | None = None) -> list[str]:
     """Open and validate a store; raises FormatError for stores that cannot even be opened.
 
     >>> uwsfmt.validate("family.uws", deep=True)  # doctest: +SKIP
@@ -282,7 +290,7 @@ def validate(path: str, *, deep: bool = False, notes: list[str] | None = None) -
     """
 
     with open_store(path) as store:
-        problems = validate_store(store, deep=deep, notes=notes)
+        problems = validate_store(store, deep=deep, notes=notes, source_root=source_root)
     base = os.path.basename(os.path.normpath(path))
     if BUILDING_MARK in base and notes is not None:
         notes.append(f"{path} is the temporary folder of a `uwsfmt convert` killed after its commit but before moving it "

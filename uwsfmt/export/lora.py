@@ -18,7 +18,7 @@ from collections import Counter
 from safetensors.torch import save_file
 
 from uwsfmt.errors import ConfigError
-from uwsfmt.export.registry import exporter
+from uwsfmt.export.registry import exporter, store_name
 from uwsfmt.sources.peft import CONFIG, module_key
 
 #: keys of adapter_config.json that the export rewrites (the scale lives in the factors now)
@@ -108,6 +108,6 @@ def export_kohya(store, model, out: str, **_) -> str:
     sd = _drop_empty(store, sd, lora_ranks(store, sd))
     meta = dict(ad.get("metadata") or {})
     entry = store.model_entry(model)
-    meta.update({"uwsfmt.store": os.path.abspath(store.path), "uwsfmt.model": entry["id"]})
+    meta.update({"uwsfmt.store": store_name(store), "uwsfmt.model": entry["id"]})
     save_file({k: v.contiguous() for k, v in sd.items()}, out, metadata=meta)
     return out

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 from safetensors.torch import save_file
 
-from uwsfmt.export.registry import exporter
+from uwsfmt.export.registry import exporter, store_name
 
 
 @exporter("safetensors")
@@ -15,7 +14,7 @@ def export_safetensors(store, model, out: str, **_) -> str:
     """Write one model with its original names, shapes and dtypes."""
     sd = store.state_dict(model)
     entry = store.model_entry(model)
-    meta = {"uwsfmt.store": os.path.abspath(store.path), "uwsfmt.model": entry["id"],
+    meta = {"uwsfmt.store": store_name(store), "uwsfmt.model": entry["id"],
             "uwsfmt.max_error": json.dumps(max([e for e in entry["error"] if e is not None], default=0.0))}
     save_file({k: v.contiguous() for k, v in sd.items()}, out, metadata=meta)
     return out

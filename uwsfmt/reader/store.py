@@ -293,7 +293,8 @@ class StoreReader:
                 return out.to(device)
             return stack("mean"), stack("left"), stack("right")
 
-        return self.cached(("group", key, str(device)), make)
+        # the members are part of the key: state_dict(names=...) stacks a part of a group
+        return self.cached(("group", key, tuple(e["name"] for e in entries), str(device)), make)
 
     # ------------------------------------------------------------------ reading
     def state_dict(

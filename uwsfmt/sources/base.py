@@ -88,6 +88,11 @@ class Checkpoint(ABC):
         """Format-specific metadata worth keeping in the store (JSON-serialisable)."""
         return {}
 
+    def folder_layout(self) -> dict | None:
+        """Checkpoints read from a model folder: ``{"index": the shard index's file name or None,
+        "shards": [weights file names]}`` (how an export lays the weights out again); else None."""
+        return None
+
     def files(self) -> list[str]:
         """Files this checkpoint was read from (for sha256 and size)."""
         return [self.path] if self.path and os.path.isfile(self.path) else []

@@ -131,6 +131,9 @@ class HFFolderCheckpoint(Checkpoint):
                 pass
         return out
 
+    def folder_layout(self) -> dict:
+        return {"index": os.path.basename(self.index) if self.index else None, "shards": list(self._shards)}
+
     def files(self) -> list[str]:
         fs = [ck.path for ck in self._shards.values()]
         return fs + ([self.index] if self.index else [])

@@ -87,6 +87,9 @@ class PeftCheckpoint(Checkpoint):
     def metadata(self) -> dict:
         return {"peft_config": self.config, "base_model": self.config.get("base_model_name_or_path")}
 
+    def folder_layout(self) -> dict:
+        return {"index": None, "shards": [os.path.basename(self.weights)]}
+
     def files(self) -> list[str]:
         return [self.weights, os.path.join(self.path, CONFIG)]
 

@@ -27,9 +27,10 @@ from uwsfmt.io.commit import StoreLock, commit_manifest
 from uwsfmt.numerics.device import default_device, resolve_device
 from uwsfmt.reader.manifest import open_zarr_store, read_manifest
 from uwsfmt.reader.store import StoreReader
-from uwsfmt.sources import Checkpoint, StateDictCheckpoint, discover
+from uwsfmt.sources import Checkpoint, StateDictCheckpoint, discover, provenance
 from uwsfmt.writer.convert import Fingerprints, os_reason, source_record, utc_now
 from uwsfmt.writer.encode import encode_model, write_exceptions
+from uwsfmt.writer.folder_files import FilePolicy, FolderFiles
 from uwsfmt.writer.progress import Progress
 
 
@@ -155,26 +156,29 @@ def _one_checkpoint(source, *, format: str | None, id: str | None = None) -> Che
 
 
 def append(store: StoreReader, source, *, id: str | None = None, format: str | None = None, progress: bool | Callable | None = False,
-           device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None) -> dict:
+           device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None,
+           source_root: str | os.PathLike | None = None) -> dict:
     """Add one model to a directory store (see :func:`append_checkpoints`); its manifest entry."""
     ck = _one_checkpoint(source, format=format, id=id)
     return append_checkpoints(store, [ck], progress=progress, device=device, max_error=max_error,
-                              max_delta_error=max_delta_error)[0]
+                              max_delta_error=max_delta_error, source_root=source_root)[0]
 
 
 def extend(store: StoreReader, sources, *, format: str | None = None, progress: bool | Callable | None = False,
            device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None,
-           cancel: threading.Event | None = None, skip_existing: bool = False) -> list[dict]:
+           cancel: threading.Event | None = None, skip_existing: bool = False,
+           source_root: str | os.PathLike | None = None) -> list[dict]:
     """Add every checkpoint ``sources`` names (paths, folders, globs, Checkpoint objects or
     ``{model_id: state_dict}``, as for :func:`convert`) with one commit; their manifest entries."""
     return append_checkpoints(store, discover(sources, format=format), progress=progress, device=device,
                               max_error=max_error, max_delta_error=max_delta_error, cancel=cancel,
-                              skip_existing=skip_existing)
+                              skip_existing=skip_existing, source_root=source_root)
 
 
 def append_checkpoints(store: StoreReader, cks: list[Checkpoint], *, progress: bool | Callable | None = False, device: str | None = None,
                        max_error: float | None = None, max_delta_error: float | None = None,
-                       cancel: threading.Event | None = None, skip_existing: bool = False) -> list[dict]:
+                       cancel: threading.Event | None = None, skip_existing: bool = False,
+                       source_root: str | os.PathLike | None = None) -> list[dict]:
     """Add models to a directory store: project each onto the bases, write its rows, then commit
     the manifest once (all of them become visible together, or none does).
 
@@ -189,11 +193,20 @@ def append_checkpoints(store: StoreReader, cks: list[Checkpoint], *, progress: b
     commits nothing (:class:`Cancelled`). ``skip_existing``: leave out the checkpoints whose id
     the store already has (a folder synced into its store again) instead of refusing them all;
     nothing to add commits nothing and returns [].
+
+    Model folders keep their small files as the store's build did (``build.files``: the same
+    size limit and remote-code choice); sources are recorded by name, or relative to
+    ``source_root`` where one is given (as for :func:`uwsfmt.convert`).
     """
 
     if not os.path.isdir(store.path):
         raise StoreError(f"{store.path}: only directory stores can be appended to; unpack the zip first (uwsfmt unpack)")
     dev = resolve_device(device, default_device())  # before the lock: a bad device touches nothing
+    root = provenance.check_root(source_root)
+    if root is not None:
+        for ck in cks:
+            if ck.path:
+                provenance.relative_path(ck.path, root)
     hint = "pass another id (CLI: --id)" if len(cks) == 1 else "rename the sources, or append them one by one with --id"
     bad, twice = _id_problems(cks)
     if bad:
@@ -220,6 +233,10 @@ def append_checkpoints(store: StoreReader, cks: list[Checkpoint], *, progress: b
                 raise ConflictError(f"{store.path}: {'a model with id' if len(taken) == 1 else 'models with ids'} "
                                     f"{', '.join(map(repr, taken))} {'is' if len(taken) == 1 else 'are'} already in the store; {hint}")
             _refuse_misfits(store, current["tensors"], cks)  # every problem of every source, before anything is written
+            # the folders' small files, as the build kept them; contents a committed model names are there already
+            # (others may be a killed append's partial writes: written again)
+            committed = {f["sha256"] for m in current["models"] for f in ((m.get("folder") or {}).get("files") or {}).values()}
+            kept = FolderFiles(FilePolicy.from_record(current["build"].get("files")), cks, committed)
             fingerprints = Fingerprints(cks, stop)
             hashes = overlap.Background(fingerprints.work)
             fresh = StoreReader(store.path, zstore, current)
@@ -260,7 +277,14 @@ def append_checkpoints(store: StoreReader, cks: list[Checkpoint], *, progress: b
             fingerprints.work()  # the sources the background thread has not reached yet
             hashes.result()
             for ck, entry in zip(cks, entries):
-                entry["source"] = source_record(ck)
+                entry["source"] = source_record(ck, root)
+                try:
+                    folder = kept.write(zstore, ck)  # new files only, before the commit
+                except OSError as e:
+                    raise StoreError(f"{store.path}: could not write the files of model {ck.id!r} ({os_reason(e)}); the store "
+                                     f"keeps its previous committed state ({first} models)") from e
+                if folder is not None:
+                    entry["folder"] = folder
             new = dict(current)
             new["models"] = current["models"] + entries
             new["generation"] = int(current.get("generation", 0)) + 1

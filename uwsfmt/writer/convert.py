@@ -32,10 +32,11 @@ from uwsfmt.io.commit import BuildLock, replace_dir
 from uwsfmt.numerics import allocator, linalg
 from uwsfmt.numerics.device import default_device, resolve_device
 from uwsfmt.reader.manifest import BUILDING_MARK, REPLACED_MARK
-from uwsfmt.sources import Checkpoint, StateDictCheckpoint, discover, open_checkpoint
+from uwsfmt.sources import Checkpoint, StateDictCheckpoint, discover, open_checkpoint, provenance
 from uwsfmt.version import __version__
 from uwsfmt.writer.encode import encode_model, write_exceptions
 from uwsfmt.writer.fit import budget_tensor, fit_batch, fit_batches, fit_tensor, tensor_settings
+from uwsfmt.writer.folder_files import FilePolicy, FolderFiles
 from uwsfmt.writer.holdings import Holdings
 from uwsfmt.writer.means import check_base
 from uwsfmt.writer.options import BuildOptions, Fidelity, from_keywords
@@ -48,14 +49,10 @@ def utc_now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def source_record(ck: Checkpoint) -> dict:
-    fp = ck.fingerprint()
-    return {
-        "path": os.path.abspath(ck.path) if ck.path else None,
-        "format": ck.format,
-        "sha256": fp.get("sha256"),
-        "size": fp.get("size"),
-    }
+def source_record(ck: Checkpoint, source_root: str | None = None) -> dict:
+    """The manifest's ``source`` record of ``ck``: by name, never by absolute path (see
+    :mod:`uwsfmt.sources.provenance`)."""
+    return provenance.source_record(ck, source_root)
 
 
 def convert(
@@ -70,6 +67,8 @@ def convert(
     overwrite: bool = False,
     progress: bool | Callable[[int, int, str], None] | None = False,
     cancel: threading.Event | None = None,
+    files: FilePolicy | bool | None = None,
+    source_root: str | os.PathLike | None = None,
     **legacy: Any,
 ) -> str:
     """Build a UWS store at ``out`` from a family of checkpoints; returns its path (:func:`uwsfmt.convert` opens it).
@@ -93,6 +92,17 @@ def convert(
     bar) or a callback ``(done, total, message)``; ``cancel``: a ``threading.Event`` that stops
     the build, leaving nothing at ``out``.
 
+    Model folders (Hugging Face, PEFT): ``files`` (a :class:`~uwsfmt.writer.folder_files.FilePolicy`;
+    default: keep) keeps each folder's other files (config, tokenizer, chat template, model
+    card...; spec section 15) so that ``export(..., format="hf")`` gives the folder back: each at
+    most ``max_size`` bytes (a larger one refuses the build), remote code (``*.py``) only with
+    ``remote_code=True``; data, never executed. ``files=False`` keeps none.
+
+    Provenance: each model's source is recorded by name, format, sha256 and size, never by its
+    absolute path; ``source_root`` (a folder holding every source) also records each source's
+    path relative to it, which ``evaluate`` and ``validate(deep=True)`` use with their own
+    ``source_root``.
+
     Compatibility: the older one-by-one keywords (``rank``, ``tau``, ``max_rank``, ``max_error``,
     ``max_delta_error``; ``mode`` = side, ``center``, ``residual_bits``, ``encodings``,
     ``min_numel``, ``basis`` = basis_method, ``mean_dtype``, ``lora_mode``, ``seed``,
@@ -110,6 +120,8 @@ def convert(
     if os.path.exists(out) and not overwrite:
         raise StoreExistsError(f"{out}: already exists; choose another output path or pass overwrite=True (CLI: --overwrite)")
     cks = discover(sources, format=format)
+    root = provenance.check_root(source_root)
+    kept = FolderFiles(FilePolicy.of(files), cks)  # every folder's files checked before any heavy work
     base_ck = None
     if base is not None:
         if isinstance(base, Checkpoint):
@@ -141,6 +153,10 @@ def convert(
             "with --lora-mode factors (A and B stored as ordinary tensors, exact where the budget says so)")
     if base_ck is not None:
         check_base(fam, base_ck)
+    if root is not None:  # every source inside the root, before anything is computed
+        for ck in [*cks, *([base_ck] if base_ck is not None else [])]:
+            if ck.path:
+                provenance.relative_path(ck.path, root)
     dev = resolve_device(device, default_device())
     parent, name = os.path.split(os.path.abspath(out))
     if not os.path.isdir(parent):
@@ -156,13 +172,13 @@ def convert(
         try:
             with allocator.reuse_freed_memory():  # fewer page faults on the build's temporaries
                 try:
-                    _build(fam, tmp, s, dev, base_ck, progress, cancel)
+                    _build(fam, tmp, s, dev, base_ck, progress, cancel, kept, root)
                 except FactorsAreSmaller as e:  # lora_mode="auto": build again with the adapters' factors
                     shutil.rmtree(tmp, ignore_errors=True)
                     s.lora_mode = "factors"
                     s.lora_choice = (f"auto: factors (under the budget the product basis needed {e.product:,} bytes, "
                                      f"more than the adapters' own factors, {e.factors:,})")
-                    _build(factors_plan, tmp, s, dev, base_ck, progress, cancel)
+                    _build(factors_plan, tmp, s, dev, base_ck, progress, cancel, kept, root)
             _replace(tmp, out, overwrite, os.path.join(parent, f".{name}{REPLACED_MARK}{uuid.uuid4().hex[:8]}"))
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -207,7 +223,8 @@ def _replace(tmp: str, out: str, overwrite: bool, trash: str) -> None:
             os.remove(old)
 
 
-def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Checkpoint | None, progress, cancel) -> None:
+def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Checkpoint | None, progress, cancel,
+           kept: FolderFiles | None = None, source_root: str | None = None) -> None:
     cks = fam.checkpoints
     N = len(cks)
     zstore = LocalStore(path)
@@ -325,8 +342,13 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
             prog.step(ck.id)
         fingerprints.work()  # the sources the background thread has not reached yet
         hashes.result()
+        if kept is not None:
+            kept.written.clear()  # a second build (lora_mode="auto") writes into a fresh folder
         for rec, ck in zip(models, cks):
-            rec["source"] = source_record(ck)
+            rec["source"] = source_record(ck, source_root)
+            folder = kept.write(zstore, ck) if kept is not None else None
+            if folder is not None:  # the folder's small files (written before the commit below)
+                rec["folder"] = folder
         wb.drain()
         manifest = {
             "format_version": layout.version_for(any(isinstance(f, subspace.Fit) and f.mean is not None and f.mean.dtype == torch.float16
@@ -341,7 +363,8 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                 "settings": {k: v for k, v in asdict(s).items()},
                 "default_tau": DEFAULT_TAU,
                 "n_models": N,
-                "base": source_record(base) if base is not None else None,
+                "base": source_record(base, source_root) if base is not None else None,
+                **({"files": kept.policy.record()} if kept is not None else {}),
             },
             "packs": manifest_packs,
             "tensors": entries,
