@@ -137,7 +137,11 @@ def test_inspector_export_failures_are_messages():
     w = Inspector(st)
     w.export()
     assert w.export_state == "error" and "Select a model" in w.export_message
+    w.export(model_id="model-000", format="peft")  # a plain (not LoRA) store offers safetensors only
+    assert w.export_state == "error" and "choose one of safetensors" in w.export_message and st.exports == []
+    st.export_formats = lambda model_id: ["safetensors", "peft"]  # the store's own answer wins (Store.export_formats)
     w.selected_model = "model-000"
+    assert w.export_formats == ["safetensors", "peft"]
     st.export_error = StoreError("fake.uws: model 'model-000' is not a LoRA family; export it as safetensors")
     w.export(format="peft")
     assert w.export_state == "error" and "not a LoRA family" in w.export_message
