@@ -55,7 +55,7 @@ class Converter(anywidget.AnyWidget):
     >>> Converter(sources="adapters/*", output="adapters.uws")  # doctest: +SKIP
     """
 
-    _esm = esm("format.js", "converter.js")
+    _esm = esm("converter.js")
     _css = css()
 
     sources = t.Unicode("").tag(sync=True)

@@ -33,7 +33,7 @@ class Inspector(anywidget.AnyWidget):
     >>> Inspector("family.uws")  # doctest: +SKIP
     """
 
-    _esm = esm("format.js", "plot.js", "table.js", "inspector.js")
+    _esm = esm("inspector.js")
     _css = css()
 
     path = t.Unicode("").tag(sync=True)

@@ -308,7 +308,7 @@ def test_converter_buttons_carry_the_form(fake_lib):
     assert c.status == "error" and "could not be taken" in c.message and fake_lib["plan"] == ["a/*.safetensors"]
     c._on_msg(c, {"action": "plan", "form": {"unknown_trait": 1, "sources": "c/"}}, [])  # only the form's own options
     assert fake_lib["plan"] == ["c/"] and not hasattr(c, "unknown_trait")
-    js = (Path(__file__).parents[1] / "jupyter_ext" / "static" / "converter.js").read_text()
+    js = (Path(__file__).parents[1] / "labextension" / "src" / "views" / "converter.js").read_text()
     sent = re.search(r"const FORM = \[([^\]]*)\]", js).group(1)
     assert tuple(re.findall(r'"(\w+)"', sent)) == FORM_TRAITS
 
