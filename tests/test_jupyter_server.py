@@ -21,33 +21,8 @@ pytest.importorskip("jupyter_server")
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
 import uwsfmt  # noqa: E402
-
-SHAPES = {"layer.0.weight": (64, 32), "layer.1.weight": (48, 64), "layer.0.bias": (64,)}
-
-
-def _family(n: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
-    """n models sharing a base plus rank-2 deviations (plain torch tensors)."""
-    g = torch.Generator().manual_seed(seed)
-    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
-    out = {}
-    for i in range(n):
-        sd = {}
-        for k, s in SHAPES.items():
-            if len(s) == 2:
-                u, v = torch.randn(s[0], 2, generator=g), torch.randn(2, s[1], generator=g)
-                sd[k] = base[k] + 0.1 * u @ v
-            else:
-                sd[k] = base[k] + 0.01 * torch.randn(s, generator=g)
-        out[f"m{i}"] = sd
-    return out
-
-
-def _write(folder, fam) -> None:
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for mid, sd in fam.items():
-        save_file(sd, str(folder / f"{mid}.safetensors"))
+from tests.jupyter_family import family as _family  # noqa: E402
+from tests.jupyter_family import write as _write  # noqa: E402
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import {
 } from '@jupyterlab/apputils';
 import {
   ABCWidgetFactory,
+  DocumentModel,
   DocumentRegistry,
   DocumentWidget,
   IDocumentWidget,
@@ -32,9 +33,9 @@ import { ConverterView, IConverterOptions } from './converter';
 import { InspectorView } from './inspector';
 
 const UWS_SVG = `<svg xmlns="http://www.w3.org/2000/svg" width="16" height="16" viewBox="0 0 16 16">
-<rect class="jp-icon-brand0" fill="#1f6feb" x="0.5" y="2" width="15" height="12" rx="2.5"/>
-<path fill="#fff" d="M3 5h1.3v3.4c0 .8.4 1.2 1 1.2s1-.4 1-1.2V5h1.3v3.5c0 1.6-1 2.4-2.3 2.4S3 10.1 3 8.5z"/>
-<path fill="#fff" d="M8.3 5h1.2l.7 3.6.8-3.6h1l.8 3.6.7-3.6h1.2l-1.3 5.8h-1.1l-.8-3.4-.8 3.4H9.6z" transform="translate(-.6 0)"/>
+<rect class="jp-icon-brand0" fill="#1f6feb" x="0" y="2.5" width="16" height="11" rx="2.5"/>
+<text x="8" y="10.6" fill="#fff" font-family="Arial, Helvetica, sans-serif" font-size="6.4" font-weight="700"
+ text-anchor="middle" letter-spacing="-0.2">UWS</text>
 </svg>`;
 export const uwsIcon = new LabIcon({ name: 'uwsfmt:store', svgstr: UWS_SVG });
 
@@ -49,8 +50,18 @@ namespace CommandIDs {
   export const exportModel = 'uwsfmt:export-model';
 }
 
+/** Nothing in a store is saved from the page: no checkpoint of the folder/zip is made on opening. */
+class StoreModel extends DocumentModel {
+  get collaborative(): boolean {
+    return true; // what the context reads to skip saving and checkpoints
+  }
+}
+
 /** Store folders and zipped stores open without reading their content into the page (fileFormat null). */
 class StoreModelFactory extends TextModelFactory {
+  createNew(options: DocumentRegistry.IModelOptions<any> = {}): DocumentModel {
+    return new StoreModel({ ...options, collaborationEnabled: false });
+  }
   constructor(private _modelName: string, private _kind: Contents.ContentType) {
     super();
   }
@@ -225,7 +236,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     commands.addCommand(CommandIDs.open, {
       label: args => (args.path || args.fromPalette ? 'Open UWS Store in Inspector…' : 'Open in UWS Inspector'),
       caption: 'Inspect a UWS store: summary, tensors, spectra, errors, export (no kernel needed)',
-      icon: args => (args.fromPalette ? undefined : uwsIcon),
+      icon: args => (args.fromPalette && !args.fromLauncher ? undefined : uwsIcon),
       execute: async args => {
         const path = (args.path as string) || (isStore(selectedPath()) ? selectedPath() : await askStore('Open a UWS store'));
         return path ? openInspector(path, args.tab as string | undefined) : undefined;
@@ -270,14 +281,21 @@ const plugin: JupyterFrontEndPlugin<void> = {
     });
 
     // ---------------------------------------------------------------- file browser
-    const STORE = '.jp-DirListing-item[data-file-type="uws-store"], .jp-DirListing-item[data-file-type="uws-zip"]';
-    const CHECKPOINT = '.jp-DirListing-item[data-file-type="uws-safetensors"], .jp-DirListing-item[data-file-type="uws-torch"], '
-      + '.jp-DirListing-item[data-isdir="true"]:not([data-file-type="uws-store"])';
-    app.contextMenu.addItem({ command: CommandIDs.open, selector: STORE, rank: 1 });
-    app.contextMenu.addItem({ command: CommandIDs.add, selector: '.jp-DirListing-item[data-file-type="uws-store"]', rank: 2 });
-    app.contextMenu.addItem({ command: CommandIDs.validate, selector: STORE, rank: 3 });
-    app.contextMenu.addItem({ command: CommandIDs.exportModel, selector: STORE, rank: 4 });
-    app.contextMenu.addItem({ command: CommandIDs.convert, selector: CHECKPOINT, rank: 5 });
+    // (a context-menu selector cannot hold a list: one item per selector)
+    const item = (type: string) => `.jp-DirListing-item[data-file-type="${type}"]`;
+    const menu: [string, string[], number][] = [
+      [CommandIDs.open, [item('uws-store'), item('uws-zip')], 1],
+      [CommandIDs.add, [item('uws-store')], 2],
+      [CommandIDs.validate, [item('uws-store'), item('uws-zip')], 3],
+      [CommandIDs.exportModel, [item('uws-store'), item('uws-zip')], 4],
+      [CommandIDs.convert, [item('uws-safetensors'), item('uws-torch'),
+        '.jp-DirListing-item[data-isdir="true"]:not([data-file-type="uws-store"])'], 5]
+    ];
+    for (const [command, selectors, rank] of menu) {
+      for (const selector of selectors) {
+        app.contextMenu.addItem({ command, selector, rank });
+      }
+    }
 
     // A folder's double-click navigates into it: for a *.uws folder, open the inspector instead.
     browser.node.addEventListener('dblclick', (event: MouseEvent) => {
@@ -305,7 +323,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     }
     if (launcher) {
       launcher.add({ command: CommandIDs.convert, category: 'UWS', rank: 1, args: { fromLauncher: true } });
-      launcher.add({ command: CommandIDs.open, category: 'UWS', rank: 2, args: { fromPalette: true } });
+      launcher.add({ command: CommandIDs.open, category: 'UWS', rank: 2, args: { fromPalette: true, fromLauncher: true } });
     }
   }
 };
