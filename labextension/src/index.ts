@@ -207,14 +207,15 @@ const plugin: JupyterFrontEndPlugin<void> = {
     // ---------------------------------------------------------------- converter tabs
     const converters = new WidgetTracker<MainAreaWidget<ConverterView>>({ namespace: 'uwsfmt-converter' });
     let counter = 0;
-    function openConverter(options: IConverterOptions): MainAreaWidget<ConverterView> {
+    function openConverter(options: IConverterOptions & { id?: string }): MainAreaWidget<ConverterView> {
       const content = new ConverterView({
         ...options,
         onWritten: () => refresh(),
         openInspector: path => void openInspector(path)
       });
       const widget = new MainAreaWidget({ content });
-      widget.id = `uwsfmt-converter-${Date.now()}-${counter++}`;
+      // a restored tab keeps its id: the restored layout places widgets by it
+      widget.id = options.id || `uwsfmt-converter-${Date.now()}-${counter++}`;
       widget.title.label = options.action === 'add' ? `Add to ${options.output}` : 'Convert to UWS';
       widget.title.icon = uwsIcon;
       widget.title.closable = true;
@@ -227,7 +228,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
     if (restorer) {
       void restorer.restore(converters, {
         command: CommandIDs.convert,
-        args: w => ({ ...w.content.state, restoring: true }),
+        args: w => ({ ...w.content.state, id: w.id, restoring: true }),
         name: w => w.id
       });
     }
@@ -250,7 +251,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
         const fromBrowser = !args.fromLauncher && !args.fromPalette && !args.restoring && !args.sources;
         const sources = (args.sources as string[]) || (fromBrowser ? selectedPaths() : []);
         return openConverter({ sources, output: args.output as string | undefined,
-          action: (args.action as 'create' | 'add') || 'create', job: (args.job as string) || undefined });
+          action: (args.action as 'create' | 'add') || 'create', job: (args.job as string) || undefined,
+          id: (args.id as string) || undefined });
       }
     });
     commands.addCommand(CommandIDs.add, {
