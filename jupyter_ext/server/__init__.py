@@ -10,6 +10,7 @@ are listed in :mod:`jupyter_ext.server.handlers`.
 
 from __future__ import annotations
 
+import atexit
 from typing import Any
 
 #: URL prefix under the server's base_url
@@ -36,14 +37,8 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
         jobs.cancel_all()
         stores.close()
 
-    _on_shutdown(serverapp, _stop)
-
-
-def _on_shutdown(serverapp: Any, fn) -> None:
-    # jupyter_server >= 2 calls extension apps' stop hooks; plain-module extensions hook the loop's close
-    import atexit
-
-    atexit.register(fn)
+    # cancel running jobs when the server process ends: their temporary builds are removed
+    atexit.register(_stop)
 
 
 # loaded as ``jupyter_ext.server`` or through the package ``jupyter_ext``
