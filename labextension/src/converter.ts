@@ -208,6 +208,7 @@ export class ConverterView extends Widget {
   /** Show a server job (after Run, or after a page reload) and follow it until it ends. */
   async attach(jobId: string): Promise<void> {
     this._job = jobId;
+    this.model.set('job', jobId); // the tab's restore data follows (see index.ts)
     this._stopPolling();
     try {
       const st = await api(`jobs/${jobId}`);

@@ -222,7 +222,8 @@ const plugin: JupyterFrontEndPlugin<void> = {
       shell.add(widget, 'main');
       void converters.add(widget);
       // remember the job as soon as it starts, so that a reload reattaches
-      content.model.on('change:status', () => void converters.save(widget));
+      content.model.on('change:job', () => void converters.save(widget));
+      content.model.on('change:output', () => void converters.save(widget));
       return widget;
     }
     if (restorer) {
