@@ -303,3 +303,18 @@ async def test_requests_without_credentials_are_refused(jp_serverapp, http_serve
         await http_server_client.fetch(f"{jp_base_url}uwsfmt/export", method="POST",
                                        body=json.dumps({"path": "fam.uws", "model": "m0"}))
     assert e.value.code == 403 and not (root / "m0.safetensors").exists()
+
+
+async def test_zipped_store_is_served_like_a_folder(api, root):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "uwsfmt.cli", "pack", str(root / "fam.uws"), str(root / "fam.uws.zip")],
+                   check=True, capture_output=True)
+    code, view = await api("GET", "store", path="fam.uws.zip")
+    assert code == 200, view
+    assert view["summary"]["zipped"] is True and view["summary"]["n_models"] == 4
+    code, r = await api("POST", "validate", {"path": "fam.uws.zip"})
+    assert code == 200 and r["valid"] is True
+    code, r = await api("POST", "jobs", {"sources": ["ckpts"], "output": "fam.uws.zip", "options": {"action": "add"}})
+    assert code == 400 and "zipped store is read-only" in r["message"]
