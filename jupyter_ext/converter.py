@@ -8,7 +8,6 @@ loop) with progress, ETA, Cancel and a log -> summary -> "Open in Inspector".
 
 from __future__ import annotations
 
-import inspect
 import os
 import threading
 import time
@@ -18,27 +17,13 @@ import anywidget
 import ipywidgets
 import traitlets as t
 
-from . import jobs, payload
+from . import jobs, options, payload
 from .inspector import Inspector, describe_error
 from .static_files import css, esm
 
 LOG_LINES = 400
-RESIDUAL_BITS = (0, 16, 8, 4, 2)  # 0: no residual
-MODES = ("auto", "left", "right", "both", "flat")
-MEAN_DTYPES = ("auto", "float16", "compute")  # how family means are stored (uwsfmt.convert's mean_dtype)
-
-
-def available_devices() -> list[str]:
-    """Devices a build can run on here: "cpu", plus "cuda" only when torch sees a GPU."""
-    devices = ["cpu"]
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            devices.append("cuda")
-    except Exception:  # noqa: BLE001 - no torch, no CUDA
-        pass
-    return devices
+RESIDUAL_BITS, MODES, MEAN_DTYPES = options.RESIDUAL_BITS, options.MODES, options.MEAN_DTYPES
+available_devices = options.available_devices
 
 
 def split_sources(text: str) -> list[str]:
@@ -56,17 +41,6 @@ def split_sources(text: str) -> list[str]:
     return [os.path.expanduser(p) for p in out]
 
 
-def _center_argument(convert: Any, center: bool) -> Any:
-    """uwsfmt.convert takes center as "mean"/"none"; a bool if its default is one."""
-    try:
-        default = inspect.signature(convert).parameters["center"].default
-    except (KeyError, TypeError, ValueError):
-        return center
-    if isinstance(default, bool):
-        return center
-    return "mean" if center else "none"
-
-
 #: the options of the form, sent again with each button's message (see Converter._apply_form)
 FORM_TRAITS = ("sources", "output", "action", "skip_existing", "rank_mode", "tau", "rank", "center", "mode", "residual_bits",
                "max_error", "basis", "mean_dtype", "device", "overwrite")
@@ -81,7 +55,7 @@ class Converter(anywidget.AnyWidget):
     >>> Converter(sources="adapters/*", output="adapters.uws")  # doctest: +SKIP
     """
 
-    _esm = esm("format.js", "converter.js")
+    _esm = esm("converter.js")
     _css = css()
 
     sources = t.Unicode("").tag(sync=True)
@@ -156,73 +130,24 @@ class Converter(anywidget.AnyWidget):
             return None
         return sources
 
+    def _form(self) -> dict:
+        return {name: getattr(self, name) for name in FORM_TRAITS}
+
     def convert_kwargs(self) -> dict:
         """The keyword arguments the form passes to ``uwsfmt.convert`` (besides sources/out)."""
         import uwsfmt
 
-        kw: dict[str, Any] = {"rank": None, "tau": None}
-        if self.rank_mode == "rank":
-            kw["rank"] = int(self.rank)
-        elif self.rank_mode == "tau":
-            kw["tau"] = float(self.tau)
-        kw["center"] = _center_argument(uwsfmt.convert, self.center)
-        kw["device"] = self.device or None
-        try:
-            params = inspect.signature(uwsfmt.convert).parameters
-        except (TypeError, ValueError):
-            params = {}
-        if self.mode != "auto" and "mode" in params:
-            kw["mode"] = self.mode
-        if self.residual_bits and "residual_bits" in params:
-            kw["residual_bits"] = int(self.residual_bits)
-        if self.max_error is not None and "max_error" in params:
-            kw["max_error"] = float(self.max_error)
-        if self.basis != "exact" and "basis" in params:
-            kw["basis"] = self.basis
-        if self.mean_dtype != "auto" and "mean_dtype" in params:
-            kw["mean_dtype"] = self.mean_dtype
-        if self.overwrite and "overwrite" in params:
-            kw["overwrite"] = True
-        return kw
+        return options.convert_kwargs(self._form(), uwsfmt.convert)
 
     def add_kwargs(self) -> dict:
         """The keyword arguments the form passes to ``Store.extend`` when adding to a store (the
         store's own bases decide ranks, sides and residuals; only these apply)."""
-        kw: dict[str, Any] = {"device": self.device or None, "skip_existing": bool(self.skip_existing)}
-        if self.max_error is not None:
-            kw["max_error"] = float(self.max_error)
-        return kw
+        return options.add_kwargs(self._form())
 
     def _check_options(self) -> str | None:
-        if self.action not in ("create", "add"):
-            return f"Unknown action {self.action!r}; choose create (a new store) or add (to an existing store)."
-        if self.max_error is not None and self.max_error < 0:
-            return f"The error budget must be >= 0 (relative error, e.g. 0.001), not {self.max_error:g}."
-        if self.device not in self.devices:
-            return f"Device {self.device!r} is not available here; choose one of {', '.join(self.devices)}."
-        if self.action == "add":
-            out = os.path.expanduser(self.output.strip())
-            if not out:
-                return "Enter the path of the store to add the models to, e.g. family.uws."
-            if not os.path.isdir(out):
-                return (f"{out} is not a store directory to add to" + (" (a zipped store is read-only: unpack it first)"
-                        if os.path.isfile(out) else "") + ". Choose 'create a new store' to make one.")
-            return None
-        if self.rank_mode not in ("auto", "tau", "rank"):
-            return f"Unknown rank choice {self.rank_mode!r}."
-        if self.rank_mode == "tau" and not (0.0 < self.tau <= 1.0):
-            return f"The explained-variance threshold tau must be in (0, 1], not {self.tau:g}."
-        if self.rank_mode == "rank" and self.rank < 0:
-            return f"The rank must be a whole number >= 0, not {self.rank}."
-        if self.mode not in self.modes:
-            return f"Unknown basis side {self.mode!r}; choose one of {', '.join(self.modes)}."
-        if self.basis not in ("exact", "sketch"):
-            return f"Unknown basis method {self.basis!r}; choose exact or sketch."
-        if self.mean_dtype not in MEAN_DTYPES:
-            return f"Unknown mean storage {self.mean_dtype!r}; choose {', '.join(MEAN_DTYPES)}."
-        if not self.output.strip():
-            return "Enter the output path of the new store, e.g. family.uws."
-        return None
+        out = os.path.expanduser(self.output.strip())
+        return options.problem(self._form(), devices=list(self.devices), modes=tuple(self.modes), output=out,
+                               output_is_dir=bool(out) and os.path.isdir(out), output_is_file=bool(out) and os.path.isfile(out))
 
     # ------------------------------------------------------------------ plan
     def plan(self):

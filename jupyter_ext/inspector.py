@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from typing import Any
 
@@ -17,36 +16,13 @@ import anywidget
 import traitlets as t
 
 from . import jobs, payload
+from .messages import default_export_path, describe_error  # noqa: F401  (re-exported: converter imports it from here)
 from .static_files import css, esm
 
 log = logging.getLogger("jupyter_ext")
 
 EXPORT_FORMATS = ("safetensors", "peft")
 _SPECTRUM_CACHE = 64
-
-
-def describe_error(e: BaseException) -> str:
-    """One-line-ish message for the widget: the library's own words, never a traceback."""
-    try:
-        from uwsfmt import UWSError
-    except ImportError:  # pragma: no cover - the library is part of this repo
-        UWSError = ()  # noqa: N806
-    if isinstance(e, UWSError):
-        return str(e)
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return f"{e.strerror or type(e).__name__}: {e.filename}" if getattr(e, "filename", None) else str(e)
-    log.debug("unexpected error in a widget", exc_info=e)
-    return f"Unexpected {type(e).__name__}: {e}"
-
-
-def default_export_path(model_id: str, fmt: str) -> str:
-    """A file (safetensors) or folder (peft) name for a model, safe on every filesystem.
-
-    >>> default_export_path("org/model:v1", "safetensors")
-    'org_model_v1.safetensors'
-    """
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("._") or "model"
-    return f"{stem}.safetensors" if fmt == "safetensors" else f"{stem}-peft"
 
 
 class Inspector(anywidget.AnyWidget):
@@ -57,7 +33,7 @@ class Inspector(anywidget.AnyWidget):
     >>> Inspector("family.uws")  # doctest: +SKIP
     """
 
-    _esm = esm("format.js", "plot.js", "table.js", "inspector.js")
+    _esm = esm("inspector.js")
     _css = css()
 
     path = t.Unicode("").tag(sync=True)
@@ -103,23 +79,21 @@ class Inspector(anywidget.AnyWidget):
                 self.path = os.fspath(store)
                 store = uwsfmt.open(store)
             self.path = str(getattr(store, "path", self.path) or self.path)
-            summary = store.summary()
-            tensors = store.tensor_table()
-            models = store.model_table()
-            errors = store.errors()
+            view, data = payload.store_view(store)
+            formats = payload.export_formats(store)
         except Exception as e:  # noqa: BLE001
             self.store = None
             self.summary, self.tensors, self.models, self.errors, self.heatmap = {}, [], [], b"", {}
             self._say(f"Cannot open {self.path or 'the store'}: {describe_error(e)}", "error")
             return
         self.store = store
-        data, meta = payload.heatmap(errors)
         with self.hold_sync():
-            self.summary = payload.jsonable(summary)
-            self.tensors = payload.jsonable(tensors)
-            self.models = payload.jsonable(models)
+            self.summary, self.tensors, self.models = view["summary"], view["tensors"], view["models"]
             self.errors = data
-            self.heatmap = meta
+            self.heatmap = view["heatmap"]
+            self.export_formats = formats
+            if self.export_format not in formats:
+                self.export_format = formats[0]
             self.selected_tensor = ""
             self.selected_model = ""
             self.export_state, self.export_message = "idle", ""
@@ -167,6 +141,13 @@ class Inspector(anywidget.AnyWidget):
         self.export_path = self._auto_export_path
         if change["name"] == "selected_model":
             self.export_state, self.export_message = "idle", ""
+            if self.store is not None and callable(getattr(self.store, "export_formats", None)):
+                try:  # a model from a Hugging Face folder can go back to one ("hf")
+                    self.export_formats = payload.export_formats(self.store, self.selected_model)
+                except Exception as e:  # noqa: BLE001 - keep the store's formats
+                    log.debug("export formats of %s unavailable", self.selected_model, exc_info=e)
+                if self.export_format not in self.export_formats and self.export_formats:
+                    self.export_format = self.export_formats[0]
 
     # ------------------------------------------------------------------ export
     def export(self, model_id: str | None = None, path: str | None = None, format: str | None = None):
@@ -178,8 +159,8 @@ class Inspector(anywidget.AnyWidget):
             return self._export_failed("No store is open.")
         if not model_id:
             return self._export_failed("Select a model in the list first.")
-        if fmt not in EXPORT_FORMATS:
-            return self._export_failed(f"Unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}.")
+        if fmt not in self.export_formats:
+            return self._export_failed(f"Unknown export format {fmt!r}; choose one of {', '.join(self.export_formats)}.")
         if not path:
             return self._export_failed("Enter the path to export to.")
         if self.export_state == "running":

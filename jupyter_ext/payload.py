@@ -139,3 +139,34 @@ def spectrum(name: str, sp: Mapping[str, Any]) -> dict:
         float(np.asarray(explained)[k - 1]) if k and 0 < k <= len(explained) else (0.0 if k == 0 else None)
     )
     return out
+
+
+def store_view(store: Any) -> tuple[dict, bytes]:
+    """What an inspector shows on opening a store (metadata only, no spectra): summary, tensor and
+    model tables, heatmap geometry; plus the heatmap itself as float32 bytes (see :func:`heatmap`).
+    The notebook widget and the JupyterLab panel both take it from here.
+
+    >>> view, data = store_view(uwsfmt.open("family.uws"))  # doctest: +SKIP
+    >>> sorted(view)  # doctest: +SKIP
+    ['heatmap', 'models', 'summary', 'tensors']
+    """
+    summary, tensors, models, errors = store.summary(), store.tensor_table(), store.model_table(), store.errors()
+    data, meta = heatmap(errors)
+    return {"summary": jsonable(summary), "tensors": jsonable(tensors), "models": jsonable(models), "heatmap": meta}, data
+
+
+def export_formats(store: Any, model_id: str | None = None) -> list[str]:
+    """The formats a model of ``store`` can be exported to: the store's own answer where it has one
+    (``Store.export_formats``), else safetensors, plus peft and kohya for a store of LoRA adapters.
+
+    >>> class Plain:
+    ...     manifest = {"tensors": [{"name": "w", "encoding": "subspace"}]}
+    >>> export_formats(Plain())
+    ['safetensors']
+    """
+    ask = getattr(store, "export_formats", None)
+    if callable(ask) and model_id is not None:
+        return [str(f) for f in ask(model_id)]
+    tensors = (getattr(store, "manifest", None) or {}).get("tensors") or []
+    lora = any(isinstance(e, Mapping) and e.get("lora") is not None for e in tensors)
+    return ["safetensors", "peft", "kohya"] if lora else ["safetensors"]

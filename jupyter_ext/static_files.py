@@ -1,7 +1,8 @@
 """The views' ES modules and stylesheet, shipped as plain files next to this package.
 
-anywidget loads one ES module per widget, so the shared helpers (formatting, plots) are
-concatenated in front of each widget's own module; no bundler, no build step.
+``static/inspector.js`` and ``static/converter.js`` are bundles of the view sources in
+``labextension/src/views`` (the same modules the JupyterLab panels import), made by
+``jlpm build`` in ``labextension/`` (esbuild); anywidget loads one self-contained module per widget.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ STATIC = Path(__file__).resolve().parent / "static"
 
 @cache
 def esm(*names: str) -> str:
-    """The named files of ``static/`` joined into one ES module (the last one exports)."""
+    """The named files of ``static/`` joined into one ES module (the last one exports).
+
+    >>> "export" in esm("inspector.js")
+    True
+    """
     return "\n".join((STATIC / n).read_text(encoding="utf-8") for n in names)
 
 

@@ -137,7 +137,11 @@ def test_inspector_export_failures_are_messages():
     w = Inspector(st)
     w.export()
     assert w.export_state == "error" and "Select a model" in w.export_message
+    w.export(model_id="model-000", format="peft")  # a plain (not LoRA) store offers safetensors only
+    assert w.export_state == "error" and "choose one of safetensors" in w.export_message and st.exports == []
+    st.export_formats = lambda model_id: ["safetensors", "peft"]  # the store's own answer wins (Store.export_formats)
     w.selected_model = "model-000"
+    assert w.export_formats == ["safetensors", "peft"]
     st.export_error = StoreError("fake.uws: model 'model-000' is not a LoRA family; export it as safetensors")
     w.export(format="peft")
     assert w.export_state == "error" and "not a LoRA family" in w.export_message
@@ -304,7 +308,7 @@ def test_converter_buttons_carry_the_form(fake_lib):
     assert c.status == "error" and "could not be taken" in c.message and fake_lib["plan"] == ["a/*.safetensors"]
     c._on_msg(c, {"action": "plan", "form": {"unknown_trait": 1, "sources": "c/"}}, [])  # only the form's own options
     assert fake_lib["plan"] == ["c/"] and not hasattr(c, "unknown_trait")
-    js = (Path(__file__).parents[1] / "jupyter_ext" / "static" / "converter.js").read_text()
+    js = (Path(__file__).parents[1] / "labextension" / "src" / "views" / "converter.js").read_text()
     sent = re.search(r"const FORM = \[([^\]]*)\]", js).group(1)
     assert tuple(re.findall(r'"(\w+)"', sent)) == FORM_TRAITS
 

@@ -232,7 +232,7 @@ def test_basis_factors_from_batched_gemms_split_where_a_module_is_missing(tmp_pa
     st = uwsfmt.convert([str(d) for d in src], tmp_path / "s.uws", rank=4)
     calls = []
     real_bmm = torch.bmm
-    monkeypatch.setattr(lora_enc.torch, "bmm", lambda *a, **k: calls.append(a[0].shape[0]) or real_bmm(*a, **k))
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(a[0].shape[0]) or real_bmm(*a, **k))
     for mid in st.model_ids:
         calls.clear()
         sd = st.state_dict(mid)

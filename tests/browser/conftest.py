@@ -98,6 +98,19 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
+def labextension_dir(tmp: Path) -> Path:
+    """A labextensions folder holding this checkout's prebuilt extension (as pip installs it)."""
+    built = REPO_ROOT / "jupyter_ext" / "labextension"
+    if not (built / "package.json").exists():
+        raise RuntimeError(f"{built} is missing: build it with `jlpm install && jlpm build` in labextension/")
+    folder = tmp / "labextensions"
+    (folder / "uwsfmt-jupyterlab").mkdir(parents=True, exist_ok=True)
+    for name in ("package.json", "static"):
+        (folder / "uwsfmt-jupyterlab" / name).symlink_to(built / name)
+    (folder / "uwsfmt-jupyterlab" / "install.json").symlink_to(REPO_ROOT / "labextension" / "install.json")
+    return folder
+
+
 class LabServer:
     """A JupyterLab server on 127.0.0.1 with a random port, a temporary root and no token."""
 
@@ -142,6 +155,10 @@ class LabServer:
             f"--LabApp.workspaces_dir={self.tmp / 'workspaces'}",
             # The extension manager would query PyPI from the browser's requests: not wanted.
             "--LabApp.extension_manager=readonly",
+            # uwsfmt's own extensions from this checkout, installed or not: the server extension
+            # and the prebuilt labextension (jupyter_ext/labextension, see labextension_dir())
+            "--ServerApp.jpserver_extensions=jupyter_ext=True",
+            f"--LabApp.extra_labextensions_path={labextension_dir(self.tmp)}",
         ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:  # CI and dev machines run as root
             cmd.append("--allow-root")

@@ -1,6 +1,6 @@
 // Shared helpers of the uwsfmt views: DOM building, number formatting, colour map.
 
-function h(tag, attrs = {}, children = []) {
+export function h(tag, attrs = {}, children = []) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === undefined || v === null || v === false) continue;
@@ -18,18 +18,18 @@ function h(tag, attrs = {}, children = []) {
 }
 
 // replaceChildren without the "null" text nodes that null/false children would become.
-function put(el, ...children) {
+export function put(el, ...children) {
   el.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
   return el;
 }
 
 // A two-column key/value table (tables, not <dl>: notebook CSS restyles dl/dt/dd).
-function kvTable(pairs, cls) {
+export function kvTable(pairs, cls) {
   return h("table", { class: "uws-kv " + (cls || "") }, [h("tbody", {}, pairs.map(([k, v]) =>
     h("tr", {}, [h("th", { text: k }), h("td", {}, [v === null || v === undefined ? "–" : v])])))]);
 }
 
-function fmtBytes(n) {
+export function fmtBytes(n) {
   if (n === null || n === undefined || !isFinite(n)) return "–";
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
   let i = 0;
@@ -39,7 +39,7 @@ function fmtBytes(n) {
 }
 
 // Relative errors span many decades: small ones in exponent form.
-function fmtErr(x) {
+export function fmtErr(x) {
   if (x === null || x === undefined || (typeof x === "number" && !isFinite(x))) return "–";
   if (x === 0) return "0";
   const a = Math.abs(x);
@@ -47,7 +47,7 @@ function fmtErr(x) {
   return x.toPrecision(3);
 }
 
-function fmtNum(x, digits = 3) {
+export function fmtNum(x, digits = 3) {
   if (x === null || x === undefined || (typeof x === "number" && !isFinite(x))) return "–";
   if (typeof x !== "number") return String(x);
   if (Number.isInteger(x)) return x.toLocaleString("en-US");
@@ -56,23 +56,23 @@ function fmtNum(x, digits = 3) {
   return x.toPrecision(digits);
 }
 
-function fmtPct(x, digits = 2) {
+export function fmtPct(x, digits = 2) {
   if (x === null || x === undefined || !isFinite(x)) return "–";
   return (100 * x).toFixed(digits) + "%";
 }
 
-function fmtShape(s) {
+export function fmtShape(s) {
   if (!Array.isArray(s)) return s === null || s === undefined ? "varies" : String(s);
   return s.length ? s.join("×") : "scalar";
 }
 
-function fmtRank(r) {
+export function fmtRank(r) {
   if (r === null || r === undefined) return "–";
   if (Array.isArray(r)) return r.map((v) => (v === null ? "–" : v)).join("×");
   return String(r);
 }
 
-function fmtDuration(s) {
+export function fmtDuration(s) {
   if (s === null || s === undefined || !isFinite(s)) return "–";
   if (s < 1) return "<1 s";
   if (s < 60) return Math.round(s) + " s";
@@ -81,7 +81,7 @@ function fmtDuration(s) {
   return Math.floor(m / 60) + " h " + (m % 60) + " min";
 }
 
-function fmtDate(iso) {
+export function fmtDate(iso) {
   if (!iso) return "–";
   const d = new Date(iso);
   if (isNaN(d.getTime())) return String(iso);
@@ -89,11 +89,11 @@ function fmtDate(iso) {
 }
 
 // Viridis, 9 stops; t in [0, 1].
-const VIRIDIS = [
+export const VIRIDIS = [
   [68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
   [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37],
 ];
-function viridis(t) {
+export function viridis(t) {
   if (!isFinite(t)) return [190, 190, 190];
   t = Math.min(1, Math.max(0, t));
   const x = t * (VIRIDIS.length - 1);
@@ -102,13 +102,13 @@ function viridis(t) {
   const a = VIRIDIS[i], b = VIRIDIS[i + 1];
   return [0, 1, 2].map((j) => Math.round(a[j] + f * (b[j] - a[j])));
 }
-function rgb(c) { return `rgb(${c[0]},${c[1]},${c[2]})`; }
+export function rgb(c) { return `rgb(${c[0]},${c[1]},${c[2]})`; }
 // Exactly zero error (shared/dense tensors, lossless): a neutral colour apart from the scale.
-const EXACT_RGB = [226, 231, 236];
-const NAN_RGB = [150, 150, 150];
+export const EXACT_RGB = [226, 231, 236];
+export const NAN_RGB = [150, 150, 150];
 
 // Log-scale colour normalisation for relative errors.
-function errorScale(lo, hi) {
+export function errorScale(lo, hi) {
   const l = Math.log10(Math.max(lo, 1e-12));
   let u = Math.log10(Math.max(hi, 1e-12));
   if (!(u > l)) u = l + 1;

@@ -1,4 +1,5 @@
 // Small SVG line charts (log or linear y) for spectra; no dependencies.
+import { fmtNum } from "./format.js";
 
 const SVGNS = "http://www.w3.org/2000/svg";
 function s(tag, attrs = {}, children = []) {
@@ -38,7 +39,7 @@ function fmtTick(v, log) {
  * series: [{name, y: number[], color, dash, width, points}] with x = 1..n
  * vlines: [{x, label, color, dash}], hlines: [{y, label, color, dash}]
  */
-function lineChart(o) {
+export function lineChart(o) {
   const W = o.width || 520, H = o.height || 260;
   const m = { l: 58, r: 16, t: o.title ? 26 : 10, b: 40 };
   const pw = W - m.l - m.r, ph = H - m.t - m.b;

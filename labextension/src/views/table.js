@@ -1,11 +1,12 @@
 // A sortable, filterable table over an array of row objects.
+import { h } from "./format.js";
 
 /**
  * makeTable({columns, rowKey, onSelect, emptyText, limit})
  * columns: [{key, label, render?(row) -> Node|string, sort?(row) -> value, align, title}]
  * returns {el, update(rows, filterFn, selectedKey)}
  */
-function makeTable(o) {
+export function makeTable(o) {
   const state = { sortKey: o.sortKey || null, desc: !!o.desc, rows: [], filter: null, selected: null };
   const table = h("table", { class: "uws-table" });
   const thead = h("thead");
