@@ -38,4 +38,5 @@ def decode(x: dict, arrays: dict[str, np.ndarray], current: torch.Tensor | None,
         codes = torch.from_numpy(np.ascontiguousarray(arrays["codes"])).to(device)
         scales = torch.from_numpy(np.ascontiguousarray(arrays["scales"])).to(device)
         corr = quantize.dequantize_rows(codes, scales, (m, n), x["bits"])
+    assert current is not None  # a correction applies to the value before it
     return (current.to(device, cdt).reshape(m, n) + corr.to(cdt)).reshape(shape)

@@ -137,6 +137,7 @@ class WriteBehind:
             return
         self._raise_failed()
         self._slots.acquire()
+        assert self._pool is not None  # enabled
         try:
             fut = self._pool.submit(fn, *args, **kwargs)
         except BaseException:
