@@ -107,6 +107,7 @@ def write_array(zstore, path: str, data: np.ndarray, attributes: dict | None = N
     root = _local_root(zstore)
     template = _array_template(str(data.dtype), data.ndim) if root is not None else None
     if template is not None:
+        assert root is not None  # a template only for a local store
         _parent_groups(root, path)
         _write_array_files(os.path.join(root, path), template, data, chunks, attributes or {})
         return
@@ -220,7 +221,7 @@ def _write_array_files(folder: str, template: dict, data: np.ndarray, chunks: tu
             full = np.zeros(chunks, dtype=data.dtype)
             full[tuple(slice(0, s) for s in block.shape)] = block
             block = full
-        raw = memoryview(np.ascontiguousarray(block, dtype=little)).cast("B")
+        raw = memoryview(np.ascontiguousarray(block, dtype=little)).cast("B")  # type: ignore[arg-type]  # numpy stubs: no __buffer__ < 3.12
         parts = ["c", *map(str, idx[:-1])]
         for i in range(1, len(parts) + 1):
             sub = os.path.join(folder, *parts[:i])
