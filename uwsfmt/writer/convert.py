@@ -161,6 +161,7 @@ def convert(
                     s.lora_mode = "factors"
                     s.lora_choice = (f"auto: factors (under the budget the product basis needed {e.product:,} bytes, "
                                      f"more than the adapters' own factors, {e.factors:,})")
+                    assert factors_plan is not None  # planned wherever auto weighs the two modes
                     _build(factors_plan, tmp, s, dev, base_ck, progress, cancel)
             _replace(tmp, out, overwrite, os.path.join(parent, f".{name}{REPLACED_MARK}{uuid.uuid4().hex[:8]}"))
         except OSError as e:
@@ -247,6 +248,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                     fit, e["budget"] = lora_enc.fit_budgeted(tp, cks, s, dev, prog)
                     reason = f"{reason}; error budget ({s.error_budget.describe()}): rank {e['budget']['rank']}"
                     lora_bytes[0] += e["budget"]["bytes"]
+                    assert tp.lora is not None  # a LoRA module's plan
                     lora_bytes[1] += tp.lora.factor_bytes()
                 else:
                     fit = lora_enc.fit(tp, cks, s, dev, prog)
@@ -327,7 +329,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
         for rec, ck in zip(models, cks):
             rec["source"] = source_record(ck)
         wb.drain()
-        manifest = {
+        manifest: dict[str, Any] = {
             "format_version": layout.version_for(any(isinstance(f, subspace.Fit) and f.mean is not None and f.mean.dtype == torch.float16
                                                      for f in fits.values())),
             "state": "complete",
@@ -389,6 +391,7 @@ def _add_shared(e: dict, value: torch.Tensor, npath: str, write) -> None:
 
 def _add_subspace(e: dict, fit: subspace.Fit, npath: str, packs: PackLayout, s: Settings, tp: TensorPlan, write) -> None:
     """Write a subspace tensor's shared arrays with ``write(path, array)`` and fill its manifest entry."""
+    assert tp.shape is not None  # a tensor of varying shape is dense
     m, n = linalg.matrix_view(tp.shape)
     view = (m * n, 1) if fit.mode == "flat" else (m, n)
     e.update(view=list(view), mode=fit.mode, center=fit.center)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -99,7 +100,7 @@ def _batch_plans(entries: list[dict], fits: dict[str, Any], infos: dict, budgete
         key = _batch_key(e, fits.get(e["name"]), infos.get(e["name"]), budgeted)
         if key is not None:
             groups.setdefault(key, []).append(e)
-    out = []
+    out: list[list[dict]] = []
     for key, members in groups.items():
         per = max(1, BATCH_MAX_VALUES // (key[0][0] * key[0][1]))
         out.extend(members[i: i + per] for i in range(0, len(members), per))
@@ -212,9 +213,10 @@ def encode_model(
     pos = {nm: i for i, nm in enumerate(names)}
     for nm in names[:2]:
         ck.prefetch(nm)
-    ahead = None if not read_ahead or lora_entries else overlap.read_ahead([(lambda nm=nm: ck.get(nm)) for nm in names])
+    ahead = None if not read_ahead or lora_entries else overlap.read_ahead([functools.partial(ck.get, nm) for nm in names])
     lora_errors = dict(zip((e["name"] for e in lora_entries), lora_enc.encode(lora_entries, fits, ck, rows, stacks))) if lora_entries else {}
     if budgeted and lora_entries:
+        assert error_budget is not None  # budgeted
         _check_lora_budget(lora_entries, lora_errors, ck, error_budget)
     for e in entries:
         name = e["name"]
@@ -290,7 +292,7 @@ def encode_model(
                 rel, drel = _encode_subspace(e, fits[name], w, rows, keep)
             if not math.isfinite(rel) and not check_finite(w, name, ck):  # NaN/Inf in W make the error NaN or Inf: one pass saved
                 raise nonfinite_error(name, ck) if not allow_nonfinite else projected_nonfinite_error(name, ck)
-            if keep is not None and not budget.meets(error_budget, keep["error"], keep["wn"], keep["dn"], e["dtype"]):
+            if keep is not None and error_budget is not None and corrections is not None and not budget.meets(error_budget, keep["error"], keep["wn"], keep["dn"], e["dtype"]):
                 corrections[name] = fix = budget.correct(w, keep["rebuilt"], e["dtype"], error_budget, rel, keep["dn"])
                 rel, drel = fix.error, fix.delta_error
             errs.append(_finite_or_none(rel))

@@ -23,6 +23,8 @@ class TensorPlan:
     encoding: str  # candidate: subspace | dense | shared (final after pass 1)
     reason: str
     shapes: list[tuple[int, ...]] | None = None
+    #: the module of a LoRA plan (set by :func:`uwsfmt.encodings.lora.plan`)
+    lora: lora_enc.ModulePlan | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
