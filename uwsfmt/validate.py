@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from uwsfmt.reader.store import open_reader as open_store
 from uwsfmt.sources import formats, open_checkpoint
 
 
-def _expect(store, path: str, shape: tuple | None, dtype: str | None, problems: list[str], what: str):
+def _expect(store, path: str, shape: Sequence[int] | None, dtype: str | None, problems: list[str], what: str):
     try:
         arr = store._array(path)
     except FormatError as e:
@@ -126,8 +127,8 @@ def _deep(store, notes: list[str]) -> list[str]:
     for i, mid in enumerate(store.model_ids):
         try:
             sd = store.state_dict(i)
-        except UWSError as e:
-            out.append(f"model {mid!r}: {e}")
+        except UWSError as err:
+            out.append(f"model {mid!r}: {err}")
             continue
         for e in store.manifest["tensors"]:
             if e.get("lora") is not None:  # read back as factors; check that they chain to the view
@@ -204,7 +205,7 @@ def _recompute(store, i: int, sd: dict, ck) -> list[str]:
                 continue
             out_dim, inp = e["view"]
             a, b = factor_matrices(ck, pair, out_dim, inp)
-            got = _lora_error(a, b, float(pair.scale), a_hat, b_hat, out_dim)
+            got: float | None = _lora_error(a, b, float(pair.scale), a_hat, b_hat, out_dim)
         else:
             if e["name"] not in infos:
                 out.append(f"model {mid!r}, tensor {e['name']!r}: not in its source {ck.path}")

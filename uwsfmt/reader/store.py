@@ -15,7 +15,7 @@ import os
 import threading
 import zipfile
 from collections.abc import Iterable
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast, overload
 
 import numpy as np
 import torch
@@ -163,7 +163,7 @@ class StoreReader:
         when it fits, else a new array is returned)."""
         reader = self._chunked_reader(path)
         arr = self._array(path) if reader is None else None
-        have = reader.shape if reader is not None else tuple(arr.shape)
+        have = reader.shape if reader is not None else tuple(cast(zarr.Array, arr).shape)  # no reader: arr
         if shape is not None and have != tuple(shape):
             raise FormatError(f"{self.path}: array {path!r} has shape {list(have)} but the manifest implies "
                               f"{list(shape)}; the store is damaged or was tampered with")
@@ -172,7 +172,8 @@ class StoreReader:
                               "manifest allows it; the store is damaged or was tampered with")
         if reader is not None:
             fits = out is not None and out.dtype == reader.dtype and out.shape == reader.shape and out.flags.c_contiguous
-            return reader.read_into(out if fits else np.empty(reader.shape, reader.dtype))
+            return reader.read_into(out if fits and out is not None else np.empty(reader.shape, reader.dtype))
+        assert arr is not None  # no direct reader: zarr's array
         try:
             return arr[...]
         except Exception as e:
@@ -492,7 +493,11 @@ def _damaged(store: StoreReader, model: ModelRef, name: str | None = None):
                           "(run `uwsfmt validate` on it)") from e
 
 
-def open_reader(path: str | os.PathLike, *, mode: str = "r", cls: type[R] = StoreReader) -> R:  # type: ignore[assignment]
+@overload
+def open_reader(path: str | os.PathLike, *, mode: str = "r") -> StoreReader: ...
+@overload
+def open_reader(path: str | os.PathLike, *, mode: str = "r", cls: type[R]) -> R: ...
+def open_reader(path: str | os.PathLike, *, mode: str = "r", cls: type[StoreReader] = StoreReader) -> StoreReader:
     """Open a UWS store (directory or .zip) lazily: only the manifest is read. ``mode``: "r"
     (read only) or "a" (appendable); ``cls``: the class to open it as (:class:`uwsfmt.Store`).
 

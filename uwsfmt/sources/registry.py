@@ -48,7 +48,7 @@ def detect_format(path: str) -> Format:
     )
 
 
-def open_checkpoint(path: str, *, format: str | None = None, id: str | None = None) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, *, format: str | None = None, id: str | None = None) -> Checkpoint:
     """Open one checkpoint file or folder.
 
     >>> ck = open_checkpoint("model.safetensors")  # doctest: +SKIP

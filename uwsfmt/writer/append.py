@@ -54,8 +54,8 @@ def fit_problems(entries: list[dict], ck: Checkpoint) -> list[str]:
     if ck.lora_pairs() or any(e.get("lora") is not None for e in entries):
         try:
             lora_enc.model_record(entries, ck)
-        except ConflictError as e:
-            out.append(str(e))
+        except ConflictError as err:
+            out.append(str(err))
     plain = [e for e in entries if e.get("lora") is None]
     for e in plain:
         info = infos.get(e["name"])
