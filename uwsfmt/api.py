@@ -7,13 +7,17 @@ The top of the house: it joins the reader (``reader/``), the writer (``writer/``
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+import torch
 
 from uwsfmt import report
 from uwsfmt.errors import ConfigError
 from uwsfmt.export.registry import export as export_model
 from uwsfmt.reader.store import ModelRef, StoreReader, open_reader
+from uwsfmt.sources import Checkpoint
 from uwsfmt.validate import validate_store
 from uwsfmt.writer import append as appending
 from uwsfmt.writer.convert import convert as build_store
@@ -24,6 +28,13 @@ __all__ = ["OPEN_MODES", "Store", "append", "convert", "export", "extend", "open
 #: open() modes, as zarr means them; a store is only ever created by :func:`convert`
 OPEN_MODES = {"r": "read only", "r+": "read and append (the store must exist)", "a": "read and append (the store must exist)"}
 
+#: one checkpoint: a path, a Checkpoint object, or a state dict
+Source = str | os.PathLike | Checkpoint | dict[str, torch.Tensor]
+#: a family of checkpoints: paths, folders, globs, Checkpoint objects, or ``{model_id: state_dict}``
+Sources = str | os.PathLike | Iterable[str | os.PathLike | Checkpoint] | Mapping[str, Mapping[str, torch.Tensor]]
+#: progress reporting: True (a bar), or a callback ``(done, total, name)``
+ProgressArg = bool | Callable[[int, int, str], None] | None
+
 
 class Store(StoreReader):
     """An open UWS store: read models and tensors, append models, export, validate.
@@ -32,7 +43,7 @@ class Store(StoreReader):
     >>> sd = store.state_dict(store.model_ids[0])  # doctest: +SKIP
     """
 
-    def append(self, source, *, id: str | None = None, format: str | None = None, progress: bool = False,
+    def append(self, source: Source, *, id: str | None = None, format: str | None = None, progress: ProgressArg = False,
                max_error: float | None = None, max_delta_error: float | None = None, device: str | None = None) -> dict:
         """Project a new checkpoint onto the existing bases and commit it as a new model.
 
@@ -47,8 +58,8 @@ class Store(StoreReader):
         return appending.append(self, source, id=id, format=format, progress=progress, max_error=max_error,
                                 max_delta_error=max_delta_error, device=device)
 
-    def extend(self, sources, *, format: str | None = None, progress: bool = False, max_error: float | None = None,
-               max_delta_error: float | None = None, device: str | None = None, cancel=None,
+    def extend(self, sources: Sources, *, format: str | None = None, progress: ProgressArg = False, max_error: float | None = None,
+               max_delta_error: float | None = None, device: str | None = None, cancel: threading.Event | None = None,
                skip_existing: bool = False) -> list[dict]:
         """Append every checkpoint ``sources`` names (paths, folders, globs, Checkpoint objects or
         ``{model_id: state_dict}``, as for ``convert``) with one commit: all of them become visible
@@ -65,16 +76,16 @@ class Store(StoreReader):
         return appending.extend(self, sources, format=format, progress=progress, max_error=max_error,
                                 max_delta_error=max_delta_error, device=device, cancel=cancel, skip_existing=skip_existing)
 
-    def plan_append(self, sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
+    def plan_append(self, sources: Sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
         """What ``extend(sources)`` would do, from the checkpoints' headers (nothing written): the
         new model ids, those already here, and every reason it would be refused (``conflicts``)."""
         return appending.plan_append(self, sources, format=format, skip_existing=skip_existing)
 
-    def project(self, source, *, format: str | None = None, device: str | None = None) -> dict:
+    def project(self, source: Source, *, format: str | None = None, device: str | None = None) -> dict:
         """Coefficients and errors of an unseen checkpoint, without adding it."""
         return appending.project(self, source, format=format, device=device)
 
-    def export(self, model: ModelRef, out: str, *, format: str = "safetensors", **kw) -> str:
+    def export(self, model: ModelRef, out: str, *, format: str = "safetensors", **kw: Any) -> str:
         """Write one model to ``out`` in ``format`` (see :func:`uwsfmt.export`)."""
         return export_model(self, model, out, format=format, **kw)
 
@@ -114,7 +125,7 @@ def open(path: str | os.PathLike, *, mode: str = "r") -> Store:  # noqa: A001 - 
     return open_reader(path, mode="r" if mode == "r" else "a", cls=Store)
 
 
-def convert(sources, out: str | os.PathLike, **options: Any) -> Store:
+def convert(sources: Sources, out: str | os.PathLike, **options: Any) -> Store:
     """Build a UWS store at ``out`` from a family of checkpoints and return it opened.
 
     The options are those of :func:`uwsfmt.writer.convert.convert` (fidelity, encodings, device,
@@ -134,7 +145,9 @@ def _with_store(store: Store | str | os.PathLike, mode: str, call: Callable[[Sto
         return call(st)
 
 
-def append(store, source, *, id=None, format=None, progress=False, max_error=None, max_delta_error=None, device=None) -> dict:
+def append(store: Store | str | os.PathLike, source: Source, *, id: str | None = None, format: str | None = None,
+           progress: ProgressArg = False, max_error: float | None = None, max_delta_error: float | None = None,
+           device: str | None = None) -> dict:
     """Add a model to a store (path or open Store) by projection onto its bases.
 
     >>> uwsfmt.append("family.uws", "ft/task-41.safetensors")["id"]  # doctest: +SKIP
@@ -145,20 +158,21 @@ def append(store, source, *, id=None, format=None, progress=False, max_error=Non
                                                                device=device))
 
 
-def extend(store, sources, *, format=None, progress=False, max_error=None, max_delta_error=None, device=None,
-           skip_existing=False) -> list[dict]:
+def extend(store: Store | str | os.PathLike, sources: Sources, *, format: str | None = None, progress: ProgressArg = False,
+           max_error: float | None = None, max_delta_error: float | None = None, device: str | None = None,
+           skip_existing: bool = False) -> list[dict]:
     """Add every checkpoint ``sources`` names to a store (path or open Store), with one commit."""
     return _with_store(store, "a", lambda st: appending.extend(st, sources, format=format, progress=progress,
                                                                max_error=max_error, max_delta_error=max_delta_error,
                                                                device=device, skip_existing=skip_existing))
 
 
-def project(store, source, *, format=None, device=None) -> dict:
+def project(store: Store | str | os.PathLike, source: Source, *, format: str | None = None, device: str | None = None) -> dict:
     """Coefficients and errors of ``source`` against ``store``'s bases; nothing is written."""
     return _with_store(store, "r", lambda st: appending.project(st, source, format=format, device=device))
 
 
-def export(store, model: ModelRef, out: str, *, format: str = "safetensors", **kw) -> str:
+def export(store: Store | str | os.PathLike, model: ModelRef, out: str, *, format: str = "safetensors", **kw: Any) -> str:
     """Export one model of a store (path or open Store) to a file or folder; a store opened here is closed.
 
     >>> uwsfmt.export("family.uws", "task-07", "task-07.safetensors")  # doctest: +SKIP
