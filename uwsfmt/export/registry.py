@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from uwsfmt.errors import ConfigError, StoreExistsError
+
+if TYPE_CHECKING:
+    from uwsfmt.reader.store import ModelRef, StoreReader
+
+F = TypeVar("F", bound=Callable)
 
 EXPORTERS: dict[str, Callable] = {}
 
 
-def exporter(name: str):
-    def deco(fn):
+def exporter(name: str) -> Callable[[F], F]:
+    def deco(fn: F) -> F:
         EXPORTERS[name] = fn
         return fn
     return deco
 
 
-def export(store, model, out: str, *, format: str = "safetensors", overwrite: bool = False, **kw) -> str:
+def export(store: StoreReader, model: ModelRef, out: str, *, format: str = "safetensors", overwrite: bool = False,
+           **kw: Any) -> str:
     """Export one model of ``store`` to ``out`` in ``format``.
 
     >>> store.export("model-001", "model-001.safetensors")  # doctest: +SKIP
