@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from typing import Any
-
-import torch
 
 from uwsfmt import report
 from uwsfmt.errors import ConfigError
 from uwsfmt.export.registry import export as export_model
 from uwsfmt.reader.store import ModelRef, StoreReader, open_reader
-from uwsfmt.sources import Checkpoint
+from uwsfmt.sources.registry import Source, Sources
 from uwsfmt.validate import validate_store
 from uwsfmt.writer import append as appending
 from uwsfmt.writer.convert import convert as build_store
@@ -27,11 +25,6 @@ __all__ = ["OPEN_MODES", "Store", "append", "convert", "export", "extend", "open
 
 #: open() modes, as zarr means them; a store is only ever created by :func:`convert`
 OPEN_MODES = {"r": "read only", "r+": "read and append (the store must exist)", "a": "read and append (the store must exist)"}
-
-#: one checkpoint: a path, a Checkpoint object, or a state dict
-Source = str | os.PathLike | Checkpoint | dict[str, torch.Tensor]
-#: a family of checkpoints: paths, folders, globs, Checkpoint objects, or ``{model_id: state_dict}``
-Sources = str | os.PathLike | Iterable[str | os.PathLike | Checkpoint] | Mapping[str, Mapping[str, torch.Tensor]]
 #: progress reporting: True (a bar), or a callback ``(done, total, name)``
 ProgressArg = bool | Callable[[int, int, str], None] | None
 

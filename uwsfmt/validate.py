@@ -13,6 +13,7 @@ from uwsfmt.encodings.lora import factor_matrices
 from uwsfmt.errors import FormatError, UWSError
 from uwsfmt.format import dtypes
 from uwsfmt.reader.manifest import BUILDING_MARK, REPLACED_MARK
+from uwsfmt.reader.store import StoreReader
 from uwsfmt.reader.store import open_reader as open_store
 from uwsfmt.sources import formats, open_checkpoint
 
@@ -30,7 +31,7 @@ def _expect(store, path: str, shape: Sequence[int] | None, dtype: str | None, pr
     return arr
 
 
-def validate_store(store, *, deep: bool = False, tol: float = 1e-3, notes: list[str] | None = None) -> list[str]:
+def validate_store(store: StoreReader, *, deep: bool = False, tol: float = 1e-3, notes: list[str] | None = None) -> list[str]:
     """Return a list of problems (empty when the store is valid).
 
     ``deep`` also reads every array and rebuilds every model (each chunk's crc32c is checked on

@@ -28,6 +28,7 @@ from uwsfmt.numerics.device import default_device, resolve_device
 from uwsfmt.reader.manifest import open_zarr_store, read_manifest
 from uwsfmt.reader.store import StoreReader
 from uwsfmt.sources import Checkpoint, StateDictCheckpoint, discover
+from uwsfmt.sources.registry import Source, Sources
 from uwsfmt.writer.convert import Fingerprints, os_reason, source_record, utc_now
 from uwsfmt.writer.encode import encode_model, write_exceptions
 from uwsfmt.writer.progress import Progress
@@ -80,7 +81,7 @@ def _id_problems(cks: list[Checkpoint]) -> tuple[list[tuple[Checkpoint, str]], l
     return bad, sorted(i for i, n in counts.items() if n > 1)
 
 
-def plan_append(store: StoreReader, sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
+def plan_append(store: StoreReader, sources: Sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
     """What appending ``sources`` to ``store`` would do, from the checkpoints' headers (nothing is
     read beyond them, nothing written): ``{"n_models", "models", "formats", "total_bytes", "new",
     "existing", "conflicts"}``; ``conflicts`` lists every reason the append would be refused.
@@ -119,7 +120,7 @@ def _refuse_misfits(store: StoreReader, entries: list[dict], cks: list[Checkpoin
                             "give checkpoints of the family's architecture):", problems)
 
 
-def project(store: StoreReader, source, *, format: str | None = None, device: str | None = None) -> dict:
+def project(store: StoreReader, source: Source, *, format: str | None = None, device: str | None = None) -> dict:
     """Coefficients and errors of an unseen checkpoint against the store's bases (nothing written).
 
     Returns ``{"id", "coefficients": {name: tensor}, "error": {name: float}, "delta_error": {...}}``.
@@ -154,7 +155,7 @@ def _one_checkpoint(source, *, format: str | None, id: str | None = None) -> Che
     return cks[0]
 
 
-def append(store: StoreReader, source, *, id: str | None = None, format: str | None = None, progress: bool | Callable | None = False,
+def append(store: StoreReader, source: Source, *, id: str | None = None, format: str | None = None, progress: bool | Callable | None = False,
            device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None) -> dict:
     """Add one model to a directory store (see :func:`append_checkpoints`); its manifest entry."""
     ck = _one_checkpoint(source, format=format, id=id)
@@ -162,7 +163,7 @@ def append(store: StoreReader, source, *, id: str | None = None, format: str | N
                               max_delta_error=max_delta_error)[0]
 
 
-def extend(store: StoreReader, sources, *, format: str | None = None, progress: bool | Callable | None = False,
+def extend(store: StoreReader, sources: Sources, *, format: str | None = None, progress: bool | Callable | None = False,
            device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None,
            cancel: threading.Event | None = None, skip_existing: bool = False) -> list[dict]:
     """Add every checkpoint ``sources`` names (paths, folders, globs, Checkpoint objects or

@@ -32,6 +32,7 @@ from uwsfmt.numerics import allocator, linalg
 from uwsfmt.numerics.device import default_device, resolve_device
 from uwsfmt.reader.manifest import BUILDING_MARK, REPLACED_MARK
 from uwsfmt.sources import Checkpoint, StateDictCheckpoint, discover, open_checkpoint
+from uwsfmt.sources.registry import Source, Sources
 from uwsfmt.version import __version__
 from uwsfmt.writer.encode import encode_model, write_exceptions
 from uwsfmt.writer.fit import budget_tensor, fit_batch, fit_batches, fit_tensor, tensor_settings
@@ -58,12 +59,12 @@ def source_record(ck: Checkpoint) -> dict:
 
 
 def convert(
-    sources,
+    sources: Sources,
     out: str | os.PathLike,
     *,
     fidelity: Fidelity | None = None,
     options: BuildOptions | None = None,
-    base=None,
+    base: Source | None = None,
     format: str | None = None,
     device: str | None = None,
     overwrite: bool = False,
