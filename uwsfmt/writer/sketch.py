@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -42,7 +42,7 @@ def sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.devi
     return out
 
 
-def read_tensors(cks: list[Checkpoint], name: str, dev: torch.device, kept: Sequence[torch.Tensor] = ()):
+def read_tensors(cks: list[Checkpoint], name: str, dev: torch.device, kept: Sequence[torch.Tensor] = ()) -> Iterator[torch.Tensor]:
     """Every model's copy of tensor ``name`` in order, each read while the caller works on the
     previous one where that pays (:mod:`uwsfmt.overlap`); ``kept``: the first models' copies,
     already read (the first model's, or an earlier sweep's)."""
