@@ -25,7 +25,7 @@ The smallest candidate whose worst model meets ``E - slack`` wins.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -93,7 +93,7 @@ class Candidate:
         return f"{self.mode} rank {self.rank}{res}"
 
 
-def candidates(fit: Fit, *, bits=BITS, fixed_rank: bool = False, modes: tuple[str, ...] | None = None) -> list[Candidate]:
+def candidates(fit: Fit, *, bits: Sequence[int | None] = BITS, fixed_rank: bool = False, modes: tuple[str, ...] | None = None) -> list[Candidate]:
     """Every (mode, rank, bits) the fit allows. A fit of mode 'both' from a widened auto build
     offers left-only, right-only and two-sided candidates (``modes`` restricts them)."""
     kl = fit.left.shape[1] if fit.left is not None else 0
@@ -140,7 +140,7 @@ def tensor_bytes(c: Candidate, view: tuple[int, int], n_models: int, *, mean_byt
     return shared + n_models * (coef + res)
 
 
-def dense_bytes(shape, dtype: str, n_models: int) -> int:
+def dense_bytes(shape: Sequence[int], dtype: str, n_models: int) -> int:
     numel = int(np.prod(shape, dtype=np.int64))
     return n_models * numel * np.dtype(dtypes.storage_dtype(dtype)).itemsize
 
@@ -331,7 +331,7 @@ def g4(x: float) -> float | None:
     return float(f"{x:.4g}") if np.isfinite(x) else None
 
 
-def pick(sweep: ErrorSweep, *, n_models: int, budget: Budget, shape=None) -> Choice:
+def pick(sweep: ErrorSweep, *, n_models: int, budget: Budget, shape: Sequence[int] | None = None) -> Choice:
     """The candidate with the fewest bytes whose every model meets ``budget``; else dense."""
     fit, view, dtype = sweep.fit, sweep.view, sweep.dtype
     shape = shape or view
@@ -370,7 +370,7 @@ def pick(sweep: ErrorSweep, *, n_models: int, budget: Budget, shape=None) -> Cho
     return Choice("subspace", sweep.cands[best], sizes[best], dense, float(worst[best]), float(worst_d[best]), budget, frontier)
 
 
-def choose(fit: Fit, tensors: Iterable[torch.Tensor], *, name: str, shape, dtype: str, n_models: int, budget: Budget,
+def choose(fit: Fit, tensors: Iterable[torch.Tensor], *, name: str, shape: Sequence[int], dtype: str, n_models: int, budget: Budget,
            residual_bits: int | None = None, fixed_rank: bool = False, mode: str = "auto", forced: bool = False
            ) -> tuple[Choice, Fit | None]:
     """Sweep the models of one tensor (``tensors``: each model's copy, in order) and pick its
