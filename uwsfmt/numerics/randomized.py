@@ -383,7 +383,7 @@ class SketchResult:
                 "possible_gain": gain, "tail": tail}
 
 
-def sketch_test_matrix(dim: int, width: int, seed: int, device, salt: int = 0) -> torch.Tensor:
+def sketch_test_matrix(dim: int, width: int, seed: int, device: torch.device | str, salt: int = 0) -> torch.Tensor:
     """Gaussian dim x width test matrix, reproducible from ``seed`` (drawn on the CPU).
 
     Every tensor of one shape gets the same matrix, so the last few drawn are kept (drawing a
