@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from uwsfmt.encodings.slots import put, take
+from uwsfmt.encodings.slots import PackLayout, put, take
 from uwsfmt.numerics import quantize
 
 
-def plan(layout, m: int, n: int, bits: int) -> dict:
+def plan(layout: PackLayout, m: int, n: int, bits: int) -> dict:
     if bits == 16:
         return {"bits": 16, "values": layout.add("float16", m * n)}
     nbytes = (m * n * bits + 7) // 8

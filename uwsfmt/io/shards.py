@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 
 import crc32c
 import numpy as np
@@ -245,7 +246,7 @@ _DOC_KEYS = frozenset({"zarr_format", "node_type", "shape", "data_type", "chunk_
                        "fill_value", "codecs", "attributes", "dimension_names", "storage_transformers"})
 
 
-def chunked_reader(folder: str, doc: dict, dtypes: frozenset, max_chunk_bytes: int, zip=None) -> ChunkedReader | None:
+def chunked_reader(folder: str, doc: dict, dtypes: frozenset, max_chunk_bytes: int, zip: zipfile.ZipFile | None = None) -> ChunkedReader | None:
     """A :class:`ChunkedReader` for the array in ``folder`` (of ``zip``) whose parsed zarr.json is ``doc``, or
     None when the document is not exactly the plain layout (the caller then uses zarr-python,
     which applies its own checks). ``dtypes``: the data types allowed; a chunk above
@@ -285,7 +286,7 @@ def chunked_reader(folder: str, doc: dict, dtypes: frozenset, max_chunk_bytes: i
         return None
 
 
-def read_doc(path: str, limit: int, zip=None) -> dict | None:
+def read_doc(path: str, limit: int, zip: zipfile.ZipFile | None = None) -> dict | None:
     """The parsed JSON document at ``path`` (a member of ``zip`` when given); None when absent.
     Raises FormatError when it is larger than ``limit`` bytes (before reading it) or not JSON."""
 
