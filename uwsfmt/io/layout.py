@@ -23,6 +23,7 @@ import crc32c
 import numpy as np
 import zarr
 import zarr.storage
+from zarr.abc.store import Store
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 
@@ -74,7 +75,7 @@ def pack_chunk_len(width: int, dtype: str) -> int:
     return max(1, math.ceil(width / n))
 
 
-def create_pack(zstore, storage_dtype: str, n_models: int, width: int):
+def create_pack(zstore: Store, storage_dtype: str, n_models: int, width: int) -> zarr.Array:
     """A pack array (n_models, width): one shard per model row, inner chunks of the row."""
     c = pack_chunk_len(width, storage_dtype)
     shard = c * math.ceil(width / c)
@@ -93,7 +94,7 @@ def create_pack(zstore, storage_dtype: str, n_models: int, width: int):
     )
 
 
-def write_array(zstore, path: str, data: np.ndarray, attributes: dict | None = None) -> None:
+def write_array(zstore: Store, path: str, data: np.ndarray, attributes: dict | None = None) -> None:
     """Write a whole per-tensor array (mean, basis, spectrum, shared value) in row chunks,
     replacing whatever was at ``path``."""
     data = np.ascontiguousarray(data)
@@ -127,7 +128,7 @@ def write_array(zstore, path: str, data: np.ndarray, attributes: dict | None = N
         arr[...] = data
 
 
-def create_group(zstore, path: str, attributes: dict | None = None) -> None:
+def create_group(zstore: Store, path: str, attributes: dict | None = None) -> None:
     """Create (or replace) an empty group at ``path`` with ``attributes``."""
     root = _local_root(zstore)
     if root is None or not path:

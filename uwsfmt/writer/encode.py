@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from zarr.abc.store import Store
 
 from uwsfmt.encodings import dense as dense_enc
 from uwsfmt.encodings import lora as lora_enc
@@ -314,7 +315,7 @@ def _check_lora_budget(entries: list[dict], errors: dict[str, tuple[float, int]]
             "store with this adapter among its sources (uwsfmt convert), or append it with a looser budget (--max-error)")
 
 
-def write_exceptions(zstore, entries: list[dict], idx: int, fixes: dict) -> list[dict]:
+def write_exceptions(zstore: Store, entries: list[dict], idx: int, fixes: dict) -> list[dict]:
     """Write each correction's arrays under ``<node>/extra/<idx>``; return the model-table records."""
     nodes = {e["name"]: e["node"] for e in entries}
     out = []
