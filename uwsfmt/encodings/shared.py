@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from uwsfmt.encodings.base import Encoding, ReadContext, register
@@ -17,7 +19,7 @@ class Shared(Encoding):
     def slots(self, e: dict) -> list[dict]:
         return []
 
-    def value(self, reader, e: dict, device: torch.device) -> torch.Tensor:
+    def value(self, reader: Any, e: dict, device: torch.device) -> torch.Tensor:
         """The stored value (cached by the reader; callers must not modify it)."""
         def make() -> torch.Tensor:
             raw = reader.read_array(e["data"]["path"], e["shape"] or [1])
@@ -25,7 +27,7 @@ class Shared(Encoding):
 
         return reader.cached(("shared", e["name"], str(device)), make)
 
-    def stored_fit(self, reader, e: dict, device: torch.device) -> torch.Tensor:
+    def stored_fit(self, reader: Any, e: dict, device: torch.device) -> torch.Tensor:
         raw = reader.read_array(e["data"]["path"], e["shape"] or [1])
         return dtypes.from_storage(raw, e["dtype"]).reshape(e["shape"])
 

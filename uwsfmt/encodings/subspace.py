@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -332,7 +333,7 @@ class Subspace(Encoding):
             out += [r[k] for k in ("codes", "scales", "values") if k in r]
         return out
 
-    def stored_fit(self, reader, e: dict, device: torch.device) -> Fit:
+    def stored_fit(self, reader: Any, e: dict, device: torch.device) -> Fit:
         cdt = torch.float64 if e["dtype"] == "float64" else torch.float32
 
         def arr(field: str) -> torch.Tensor | None:  # the shape the manifest implies is checked before reading

@@ -192,7 +192,7 @@ class Background:
         except BaseException as e:  # re-raised in result()
             self._error = e
 
-    def result(self):
+    def result(self) -> Any:
         self._thread.join()
         if self._error is not None:
             raise self._error
