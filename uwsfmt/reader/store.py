@@ -14,7 +14,7 @@ import math
 import os
 import threading
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Self, TypeVar, cast, overload
 
 import numpy as np
@@ -238,7 +238,7 @@ class StoreReader:
             rows[pack] = t.to(device, non_blocking=True) if device.type != "cpu" else t
         return rows
 
-    def cached(self, key: tuple, make) -> Any:
+    def cached(self, key: tuple, make: Callable[[], Any]) -> Any:
         """``make()``, computed once per ``key`` and kept until :meth:`clear_cache` (bases, shared tensors)."""
         v = self._cache.get(key)
         if v is None:
@@ -257,7 +257,8 @@ class StoreReader:
         """The dtype tensor ``e`` is rebuilt in: float64 for float64 tensors, else float32."""
         return torch.float64 if e["dtype"] == "float64" else torch.float32
 
-    def group_arrays(self, key: tuple, entries: list[dict], device: torch.device):
+    def group_arrays(self, key: tuple, entries: list[dict], device: torch.device
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Stacked M / L / R of same-shape subspace tensors, cached on the device."""
 
         def make():
