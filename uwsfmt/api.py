@@ -16,6 +16,7 @@ from uwsfmt.export.hf import export_formats
 from uwsfmt.export.registry import export as export_model
 from uwsfmt.reader import files
 from uwsfmt.reader.store import ModelRef, StoreReader, open_reader
+from uwsfmt.sources.registry import Source, Sources
 from uwsfmt.validate import validate_store
 from uwsfmt.writer import append as appending
 from uwsfmt.writer.convert import convert as build_store
@@ -25,6 +26,8 @@ __all__ = ["OPEN_MODES", "Store", "append", "convert", "export", "extend", "open
 
 #: open() modes, as zarr means them; a store is only ever created by :func:`convert`
 OPEN_MODES = {"r": "read only", "r+": "read and append (the store must exist)", "a": "read and append (the store must exist)"}
+#: progress reporting: True (a bar), or a callback ``(done, total, name)``
+ProgressArg = bool | Callable[[int, int, str], None] | None
 
 
 class Store(StoreReader):
@@ -69,16 +72,16 @@ class Store(StoreReader):
                                 max_delta_error=max_delta_error, device=device, cancel=cancel, skip_existing=skip_existing,
                                 source_root=source_root)
 
-    def plan_append(self, sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
+    def plan_append(self, sources: Sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
         """What ``extend(sources)`` would do, from the checkpoints' headers (nothing written): the
         new model ids, those already here, and every reason it would be refused (``conflicts``)."""
         return appending.plan_append(self, sources, format=format, skip_existing=skip_existing)
 
-    def project(self, source, *, format: str | None = None, device: str | None = None) -> dict:
+    def project(self, source: Source, *, format: str | None = None, device: str | None = None) -> dict:
         """Coefficients and errors of an unseen checkpoint, without adding it."""
         return appending.project(self, source, format=format, device=device)
 
-    def export(self, model: ModelRef, out: str, *, format: str = "safetensors", **kw) -> str:
+    def export(self, model: ModelRef, out: str, *, format: str = "safetensors", **kw: Any) -> str:
         """Write one model to ``out`` in ``format`` (see :func:`uwsfmt.export`)."""
         return export_model(self, model, out, format=format, **kw)
 
@@ -140,7 +143,7 @@ def open(path: str | os.PathLike, *, mode: str = "r") -> Store:  # noqa: A001 - 
     return open_reader(path, mode="r" if mode == "r" else "a", cls=Store)
 
 
-def convert(sources, out: str | os.PathLike, **options: Any) -> Store:
+def convert(sources: Sources, out: str | os.PathLike, **options: Any) -> Store:
     """Build a UWS store at ``out`` from a family of checkpoints and return it opened.
 
     The options are those of :func:`uwsfmt.writer.convert.convert` (fidelity, encodings, device,
@@ -181,12 +184,12 @@ def extend(store, sources, *, format=None, progress=False, max_error=None, max_d
                                                                source_root=source_root))
 
 
-def project(store, source, *, format=None, device=None) -> dict:
+def project(store: Store | str | os.PathLike, source: Source, *, format: str | None = None, device: str | None = None) -> dict:
     """Coefficients and errors of ``source`` against ``store``'s bases; nothing is written."""
     return _with_store(store, "r", lambda st: appending.project(st, source, format=format, device=device))
 
 
-def export(store, model: ModelRef, out: str, *, format: str = "safetensors", **kw) -> str:
+def export(store: Store | str | os.PathLike, model: ModelRef, out: str, *, format: str = "safetensors", **kw: Any) -> str:
     """Export one model of a store (path or open Store) to a file or folder; a store opened here is closed.
 
     >>> uwsfmt.export("family.uws", "task-07", "task-07.safetensors")  # doctest: +SKIP

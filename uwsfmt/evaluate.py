@@ -20,6 +20,7 @@ from uwsfmt.reader.store import StoreReader
 from uwsfmt.reader.store import open_reader as open_store
 from uwsfmt.sources import Checkpoint, discover, open_checkpoint
 from uwsfmt.sources.provenance import resolve as resolve_source
+from uwsfmt.sources.registry import Sources
 
 StateDict = dict[str, torch.Tensor]
 
@@ -73,9 +74,9 @@ def _originals(store, sources, source_root=None) -> dict[str, Any]:
 
 
 def evaluate(
-    store,
+    store: StoreReader | str | os.PathLike,
     fn: Callable[..., float],
-    sources=None,
+    sources: Mapping[str, StateDict | str | os.PathLike | Checkpoint] | Sources | None = None,
     *,
     models: Iterable[str] | None = None,
     device: str | torch.device | None = None,

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import sys
 import zipfile
+from typing import IO, Any
 
 import numpy as np
+
+#: a :class:`uwsfmt.reader.store.StoreReader` (not imported: the reader imports this module)
+_Store = Any
 
 
 def store_bytes(path: str) -> int:
@@ -55,7 +59,7 @@ def _err_stats(col: np.ndarray) -> tuple[float | None, float | None]:
     return float(col.mean()), float(col.max())
 
 
-def refit_suggested(store) -> list[str]:
+def refit_suggested(store: _Store) -> list[str]:
     """Tensors whose bases no longer fit the models appended after the build.
 
     With an error budget: tensors some appended model needed a per-model exception for. Without
@@ -75,7 +79,7 @@ def refit_suggested(store) -> list[str]:
     return sorted(out)
 
 
-def budget_met(store) -> bool | None:
+def budget_met(store: _Store) -> bool | None:
     """Whether every recorded error is within the build's error budget (None: no budget)."""
     st = store.manifest["build"]["settings"]
     e, d = st.get("max_error"), st.get("max_delta_error")
@@ -90,7 +94,7 @@ def budget_met(store) -> bool | None:
     return True
 
 
-def tensor_table(store) -> list[dict]:
+def tensor_table(store: _Store) -> list[dict]:
     errs = store.errors()
     exc: dict[str, int] = {}
     for mod in store.manifest["models"]:
@@ -121,7 +125,7 @@ def tensor_table(store) -> list[dict]:
     return out
 
 
-def model_table(store) -> list[dict]:
+def model_table(store: _Store) -> list[dict]:
     errs = store.errors()
     out = []
     for i, m in enumerate(store.manifest["models"]):
@@ -132,7 +136,7 @@ def model_table(store) -> list[dict]:
     return out
 
 
-def summary(store) -> dict:
+def summary(store: _Store) -> dict:
     m = store.manifest
     enc: dict[str, int] = {}
     for t in m["tensors"]:
@@ -170,7 +174,7 @@ def summary(store) -> dict:
     }
 
 
-def info(store) -> dict:
+def info(store: _Store) -> dict:
     """Everything ``uwsfmt info --json`` prints."""
     return {"summary": summary(store), "tensors": tensor_table(store), "models": model_table(store),
             "errors": {"tensors": store.tensor_names,
@@ -187,11 +191,11 @@ def human_size(n: float | None) -> str:
     return str(n)
 
 
-def short_number(x, spec=".3g"):
+def short_number(x: float | None, spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def print_summary(store, out=None) -> None:
+def print_summary(store: _Store, out: IO[str] | None = None) -> None:
     out = out or sys.stdout  # looked up at call time (redirections, pytest capture)
 
     s = summary(store)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from uwsfmt.sources import formats, open_checkpoint
 from uwsfmt.sources.provenance import resolve as resolve_source
 
 
-def _expect(store, path: str, shape: tuple | None, dtype: str | None, problems: list[str], what: str):
+def _expect(store, path: str, shape: Sequence[int] | None, dtype: str | None, problems: list[str], what: str):
     try:
         arr = store.array(path)
     except FormatError as e:
@@ -236,7 +237,7 @@ def _recompute(store, i: int, sd: dict, ck) -> list[str]:
                 continue
             out_dim, inp = e["view"]
             a, b = factor_matrices(ck, pair, out_dim, inp)
-            got = _lora_error(a, b, float(pair.scale), a_hat, b_hat, out_dim)
+            got: float | None = _lora_error(a, b, float(pair.scale), a_hat, b_hat, out_dim)
         else:
             if e["name"] not in infos:
                 out.append(f"model {mid!r}, tensor {e['name']!r}: not in its source {ck.path}")

@@ -25,8 +25,9 @@ The smallest candidate whose worst model meets ``E - slack`` wins.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -92,7 +93,7 @@ class Candidate:
         return f"{self.mode} rank {self.rank}{res}"
 
 
-def candidates(fit: Fit, *, bits=BITS, fixed_rank: bool = False, modes: tuple[str, ...] | None = None) -> list[Candidate]:
+def candidates(fit: Fit, *, bits: Sequence[int | None] = BITS, fixed_rank: bool = False, modes: tuple[str, ...] | None = None) -> list[Candidate]:
     """Every (mode, rank, bits) the fit allows. A fit of mode 'both' from a widened auto build
     offers left-only, right-only and two-sided candidates (``modes`` restricts them)."""
     kl = fit.left.shape[1] if fit.left is not None else 0
@@ -105,7 +106,7 @@ def candidates(fit: Fit, *, bits=BITS, fixed_rank: bool = False, modes: tuple[st
         sides = {fit.mode: kl if fit.mode == "left" else kr}
     if modes is not None:
         sides = {m: k for m, k in sides.items() if m in modes}
-    out = []
+    out: list[Candidate] = []
     for mode, cap in sides.items():
         ranks = [cap] if fixed_rank else candidate_ranks(cap)
         for k in ranks:
@@ -120,8 +121,8 @@ def candidate_fit(fit: Fit, c: Candidate) -> Fit:
     """The shared arrays a candidate keeps: the first ``rank`` directions of its side(s)."""
     use_left = c.mode in ("left", "both", "flat")
     use_right = c.mode in ("right", "both")
-    left = fit.left[:, : c.rank] if use_left else None
-    right = fit.right[:, : c.rank] if use_right else None
+    left = cast(torch.Tensor, fit.left)[:, : c.rank] if use_left else None  # a candidate's sides are its fit's
+    right = cast(torch.Tensor, fit.right)[:, : c.rank] if use_right else None
     spectra = {s: v for s, v in fit.spectra.items() if (s == "left" and use_left) or (s == "right" and use_right)}
     kept = {s: c.rank for s in spectra}
     return Fit(c.mode, fit.center, fit.mean, left, right, spectra, kept)
@@ -139,7 +140,7 @@ def tensor_bytes(c: Candidate, view: tuple[int, int], n_models: int, *, mean_byt
     return shared + n_models * (coef + res)
 
 
-def dense_bytes(shape, dtype: str, n_models: int) -> int:
+def dense_bytes(shape: Sequence[int], dtype: str, n_models: int) -> int:
     numel = int(np.prod(shape, dtype=np.int64))
     return n_models * numel * np.dtype(dtypes.storage_dtype(dtype)).itemsize
 
@@ -223,7 +224,7 @@ class ErrorSweep:
     """
 
     def __init__(self, fit: Fit, cands: list[Candidate], dtype: str, view: tuple[int, int], budget: Budget | None = None):
-        self.fit, self.cands, self.dtype, self.view, self.budget = fit, cands, dtype, tuple(view), budget
+        self.fit, self.cands, self.dtype, self.view, self.budget = fit, cands, dtype, (view[0], view[1]), budget
         self.alive = [True] * len(cands)  # with a budget: candidates no model has broken it for yet
         self.cdt = torch.float64 if dtype == "float64" else torch.float32
         self.want = dtypes.torch_dtype(dtype)
@@ -317,6 +318,7 @@ class Choice:
     def reason(self) -> str:
         if self.encoding == "dense":
             return f"error budget ({self.budget.describe()}): nothing smaller than dense meets it"
+        assert self.candidate is not None  # subspace
         return f"error budget ({self.budget.describe()}): {self.candidate.describe()}"
 
 
@@ -329,7 +331,7 @@ def g4(x: float) -> float | None:
     return float(f"{x:.4g}") if np.isfinite(x) else None
 
 
-def pick(sweep: ErrorSweep, *, n_models: int, budget: Budget, shape=None) -> Choice:
+def pick(sweep: ErrorSweep, *, n_models: int, budget: Budget, shape: Sequence[int] | None = None) -> Choice:
     """The candidate with the fewest bytes whose every model meets ``budget``; else dense."""
     fit, view, dtype = sweep.fit, sweep.view, sweep.dtype
     shape = shape or view
@@ -345,6 +347,7 @@ def pick(sweep: ErrorSweep, *, n_models: int, budget: Budget, shape=None) -> Cho
     mean_bytes = 0 if fit.mean is None else view[0] * view[1] * fit.mean.element_size()  # float16 means: 2
     sizes = [tensor_bytes(c, view, n_models, mean_bytes=mean_bytes, spectrum_len=_spectrum_len(fit, c)) for c in sweep.cands]
     dense = dense_bytes(shape, dtype, n_models)
+    j: int | None  # a candidate's index (None: dense, in the frontier)
     best = None
     for j in range(ncand):
         if ok[j] and sizes[j] < dense and (best is None or (sizes[j], worst[j]) < (sizes[best], worst[best])):
@@ -352,6 +355,7 @@ def pick(sweep: ErrorSweep, *, n_models: int, budget: Budget, shape=None) -> Cho
     primary = worst_d if budget.max_delta_error is not None else worst
     points = sorted([(sizes[j], float(primary[j]), j) for j in range(ncand)] + [(dense, 0.0, None)],
                     key=lambda p: (p[0], p[1]))
+    frontier: list[tuple]  # dense's point and candidates' points
     frontier, floor = [], math.inf
     for by, e, j in points:  # bytes up, error down; a point counts when it cuts the error by 20%
         if e < 0.8 * floor or (e < floor and j is None):
@@ -366,7 +370,7 @@ def pick(sweep: ErrorSweep, *, n_models: int, budget: Budget, shape=None) -> Cho
     return Choice("subspace", sweep.cands[best], sizes[best], dense, float(worst[best]), float(worst_d[best]), budget, frontier)
 
 
-def choose(fit: Fit, tensors: Iterable[torch.Tensor], *, name: str, shape, dtype: str, n_models: int, budget: Budget,
+def choose(fit: Fit, tensors: Iterable[torch.Tensor], *, name: str, shape: Sequence[int], dtype: str, n_models: int, budget: Budget,
            residual_bits: int | None = None, fixed_rank: bool = False, mode: str = "auto", forced: bool = False
            ) -> tuple[Choice, Fit | None]:
     """Sweep the models of one tensor (``tensors``: each model's copy, in order) and pick its
@@ -393,6 +397,7 @@ def choose(fit: Fit, tensors: Iterable[torch.Tensor], *, name: str, shape, dtype
                 + (". A budget of 0 means exact bits, which only dense or shared storage gives" if budget.exact else "")
             )
         return choice, None
+    assert choice.candidate is not None  # subspace
     return choice, candidate_fit(fit, choice.candidate)
 
 

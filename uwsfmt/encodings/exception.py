@@ -10,6 +10,8 @@ error budget. A model-table entry ``{"tensor", "kind", "path", ...}`` points at 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -25,7 +27,7 @@ def array_names(x: dict) -> tuple[str, ...]:
     return ARRAYS["correct16"] if x.get("bits") == 16 else ARRAYS["correct"]
 
 
-def decode(x: dict, arrays: dict[str, np.ndarray], current: torch.Tensor | None, shape, dtype: str,
+def decode(x: dict, arrays: dict[str, np.ndarray], current: torch.Tensor | None, shape: Sequence[int], dtype: str,
            device: torch.device) -> torch.Tensor:
     """The tensor a reader returns under exception ``x`` (``current``: its value before it)."""
     if x["kind"] == "replace":
@@ -38,4 +40,5 @@ def decode(x: dict, arrays: dict[str, np.ndarray], current: torch.Tensor | None,
         codes = torch.from_numpy(np.ascontiguousarray(arrays["codes"])).to(device)
         scales = torch.from_numpy(np.ascontiguousarray(arrays["scales"])).to(device)
         corr = quantize.dequantize_rows(codes, scales, (m, n), x["bits"])
+    assert current is not None  # a correction applies to the value before it
     return (current.to(device, cdt).reshape(m, n) + corr.to(cdt)).reshape(shape)

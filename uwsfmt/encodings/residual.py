@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from uwsfmt.encodings.slots import put, take
+from uwsfmt.encodings.slots import PackLayout, put, take
 from uwsfmt.numerics import quantize
 
 
-def plan(layout, m: int, n: int, bits: int) -> dict:
+def plan(layout: PackLayout, m: int, n: int, bits: int) -> dict:
     if bits == 16:
         return {"bits": 16, "values": layout.add("float16", m * n)}
     nbytes = (m * n * bits + 7) // 8
@@ -28,7 +28,7 @@ def encode(spec: dict, r: torch.Tensor) -> tuple[dict[str, np.ndarray], torch.Te
         v = r.to(torch.float16)
         return {"values": v.cpu().numpy()}, v.to(r.dtype)
     codes, scales = quantize.quantize_rows(r, bits)
-    back = quantize.dequantize_rows(codes, scales, tuple(r.shape), bits).to(r.dtype)
+    back = quantize.dequantize_rows(codes, scales, (r.shape[0], r.shape[1]), bits).to(r.dtype)
     return {"codes": codes.cpu().numpy(), "scales": scales.cpu().numpy()}, back
 
 

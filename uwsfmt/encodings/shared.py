@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ class Shared(Encoding):
 
         return reader.cached(("shared", e["name"], str(device)), make)
 
-    def stored_fit(self, reader, e: dict, device: torch.device) -> torch.Tensor:
+    def stored_fit(self, reader: Any, e: dict, device: torch.device) -> torch.Tensor:
         raw = reader.read_array(e["data"]["path"], e["shape"] or [1])
         return dtypes.from_storage(raw, e["dtype"]).reshape(e["shape"])
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 
-def slot(pack: str, offset: int, length: int, **extra) -> dict:
+def slot(pack: str, offset: int, length: int, **extra: Any) -> dict:
     return {"pack": pack, "offset": int(offset), "length": int(length), **extra}
 
 
@@ -23,7 +25,7 @@ class PackLayout:
     def __init__(self) -> None:
         self.widths: dict[str, int] = {}
 
-    def add(self, pack: str, length: int, **extra) -> dict:
+    def add(self, pack: str, length: int, **extra: Any) -> dict:
         off = self.widths.get(pack, 0)
         self.widths[pack] = off + int(length)
         return slot(pack, off, length, **extra)

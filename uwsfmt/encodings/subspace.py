@@ -8,7 +8,9 @@ projects one model's tensor onto them. Decoding is batched over same-shape tenso
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,6 +21,9 @@ from uwsfmt.encodings.slots import take
 from uwsfmt.errors import FormatError
 from uwsfmt.format import dtypes
 from uwsfmt.numerics import gram, linalg, native
+
+#: ``choose(side, eigenvalues, limit)`` -> the rank kept (:meth:`uwsfmt.writer.settings.Settings.choose`)
+Chooser = Callable[[str, torch.Tensor, int | None], int]
 
 
 def resolve_mode(mode: str, m: int, n: int) -> str:
@@ -74,7 +79,7 @@ class Fit:
 
 
 def fit_gram(
-    stats: gram.GramStats, *, mode: str, center: str, choose
+    stats: gram.GramStats, *, mode: str, center: str, choose: Chooser
 ) -> Fit:
     """Eigen-decompose the Gram(s); ``choose(side, eigvals, limit)`` returns the kept rank."""
     mean, gl, gr = stats.center(center)
@@ -94,7 +99,7 @@ def fit_gram(
     return f
 
 
-def fit_flat(mean: torch.Tensor | None, basis: torch.Tensor, spectrum: torch.Tensor, choose) -> Fit:
+def fit_flat(mean: torch.Tensor | None, basis: torch.Tensor, spectrum: torch.Tensor, choose: Chooser) -> Fit:
     k = choose("left", spectrum, None)
     return Fit("flat", "none" if mean is None else "mean", mean, basis[:, :k].to(torch.float32), None,
                {"left": spectrum}, {"left": k})
@@ -197,7 +202,7 @@ HALF = (torch.bfloat16, torch.float16)
 EXPAND_MIN_ELEMENTS = 1 << 16
 
 
-def rebuilt_shape(left, right, c) -> tuple[int, int]:
+def rebuilt_shape(left: torch.Tensor | None, right: torch.Tensor | None, c: torch.Tensor) -> tuple[int, int]:
     """(rows, columns) of L C R^T for coefficients ``c`` (absent side = identity)."""
     return (left.shape[-2] if left is not None else c.shape[-2], right.shape[-2] if right is not None else c.shape[-1])
 
@@ -400,7 +405,7 @@ class Subspace(Encoding):
             out += [r[k] for k in ("codes", "scales", "values") if k in r]
         return out
 
-    def stored_fit(self, reader, e: dict, device: torch.device) -> Fit:
+    def stored_fit(self, reader: Any, e: dict, device: torch.device) -> Fit:
         cdt = torch.float64 if e["dtype"] == "float64" else torch.float32
 
         def arr(field: str) -> torch.Tensor | None:  # the shape the manifest implies is checked before reading

@@ -10,6 +10,11 @@ written back as it was.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from uwsfmt.reader.store import ModelRef, StoreReader
+
 import json
 import os
 import re
@@ -38,7 +43,7 @@ def _adapter(store, model, fmt: str) -> dict:
     return ad
 
 
-def lora_ranks(store, sd: dict) -> dict[str, int]:
+def lora_ranks(store: StoreReader, sd: dict) -> dict[str, int]:
     """{module: exported rank} of the LoRA modules present in ``sd``."""
     out = {}
     for e in store.manifest["tensors"]:
@@ -79,7 +84,7 @@ def _prepare_dir(out: str) -> None:
 
 
 @exporter("peft")
-def export_peft(store, model, out: str, **_) -> str:
+def export_peft(store: StoreReader, model: ModelRef, out: str, **_: Any) -> str:
     """Write a PEFT adapter folder that ``PeftModel.from_pretrained(base, out)`` loads.
 
     >>> store.export("task-3", "task-3-adapter", format="peft")  # doctest: +SKIP
@@ -100,7 +105,7 @@ def export_peft(store, model, out: str, **_) -> str:
 
 
 @exporter("kohya")
-def export_kohya(store, model, out: str, **_) -> str:
+def export_kohya(store: StoreReader, model: ModelRef, out: str, **_: Any) -> str:
     """Write a kohya / A1111 LoRA ``.safetensors``: lora_down = A', lora_up = B', alpha = rank
     (scale 1), the source file's metadata kept."""
     ad = _adapter(store, model, "kohya")

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from uwsfmt.errors import ConfigError, StoreExistsError
+
+if TYPE_CHECKING:
+    pass
+
+F = TypeVar("F", bound=Callable)
 
 EXPORTERS: dict[str, Callable] = {}
 
 
-def exporter(name: str):
-    def deco(fn):
+def exporter(name: str) -> Callable[[F], F]:
+    def deco(fn: F) -> F:
         EXPORTERS[name] = fn
         return fn
     return deco

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING, Any
 
 from safetensors.torch import save_file
 
 from uwsfmt.export.registry import exporter, store_name
 
+if TYPE_CHECKING:
+    from uwsfmt.reader.store import ModelRef, StoreReader
+
 
 @exporter("safetensors")
-def export_safetensors(store, model, out: str, **_) -> str:
+def export_safetensors(store: StoreReader, model: ModelRef, out: str, **_: Any) -> str:
     """Write one model with its original names, shapes and dtypes."""
     sd = store.state_dict(model)
     entry = store.model_entry(model)

@@ -9,6 +9,7 @@ import sys
 import time
 
 import zarr
+from zarr.abc.store import Store
 
 from uwsfmt.errors import LockError, StoreError
 from uwsfmt.format.schema import validate_manifest
@@ -65,7 +66,7 @@ class StoreLock:
             self._fd = None
 
 
-def commit_manifest(zstore, path: str, manifest: dict) -> None:
+def commit_manifest(zstore: Store, path: str, manifest: dict) -> None:
     """Validate and atomically replace the root zarr.json with ``manifest`` (the commit point)."""
 
     validate_manifest(manifest, path)

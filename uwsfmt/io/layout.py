@@ -23,6 +23,7 @@ import crc32c
 import numpy as np
 import zarr
 import zarr.storage
+from zarr.abc.store import Store
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 
@@ -74,7 +75,7 @@ def pack_chunk_len(width: int, dtype: str) -> int:
     return max(1, math.ceil(width / n))
 
 
-def create_pack(zstore, storage_dtype: str, n_models: int, width: int):
+def create_pack(zstore: Store, storage_dtype: str, n_models: int, width: int) -> zarr.Array:
     """A pack array (n_models, width): one shard per model row, inner chunks of the row."""
     c = pack_chunk_len(width, storage_dtype)
     shard = c * math.ceil(width / c)
@@ -93,7 +94,7 @@ def create_pack(zstore, storage_dtype: str, n_models: int, width: int):
     )
 
 
-def write_array(zstore, path: str, data: np.ndarray, attributes: dict | None = None) -> None:
+def write_array(zstore: Store, path: str, data: np.ndarray, attributes: dict | None = None) -> None:
     """Write a whole per-tensor array (mean, basis, spectrum, shared value) in row chunks,
     replacing whatever was at ``path``."""
     data = np.ascontiguousarray(data)
@@ -107,6 +108,7 @@ def write_array(zstore, path: str, data: np.ndarray, attributes: dict | None = N
     root = _local_root(zstore)
     template = _array_template(str(data.dtype), data.ndim) if root is not None else None
     if template is not None:
+        assert root is not None  # a template only for a local store
         _parent_groups(root, path)
         _write_array_files(os.path.join(root, path), template, data, chunks, attributes or {})
         return
@@ -126,7 +128,7 @@ def write_array(zstore, path: str, data: np.ndarray, attributes: dict | None = N
         arr[...] = data
 
 
-def create_group(zstore, path: str, attributes: dict | None = None) -> None:
+def create_group(zstore: Store, path: str, attributes: dict | None = None) -> None:
     """Create (or replace) an empty group at ``path`` with ``attributes``."""
     root = _local_root(zstore)
     if root is None or not path:
@@ -220,7 +222,7 @@ def _write_array_files(folder: str, template: dict, data: np.ndarray, chunks: tu
             full = np.zeros(chunks, dtype=data.dtype)
             full[tuple(slice(0, s) for s in block.shape)] = block
             block = full
-        raw = memoryview(np.ascontiguousarray(block, dtype=little)).cast("B")
+        raw = memoryview(np.ascontiguousarray(block, dtype=little)).cast("B")  # type: ignore[arg-type]  # numpy stubs: no __buffer__ < 3.12
         parts = ["c", *map(str, idx[:-1])]
         for i in range(1, len(parts) + 1):
             sub = os.path.join(folder, *parts[:i])

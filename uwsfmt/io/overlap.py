@@ -37,7 +37,7 @@ def background_priority() -> None:
         pass
 
 
-def useful(device) -> bool:
+def useful(device: object) -> bool:
     """Whether overlapping threads have a core to run on: the math is on a GPU, or torch's CPU
     threads leave a core free."""
     if getattr(device, "type", str(device)) != "cpu":
@@ -130,13 +130,14 @@ class WriteBehind:
         self._slots = threading.Semaphore(depth)
         self._futures: list[Future] = []
 
-    def submit(self, fn: Callable[..., Any], *args, **kwargs) -> None:
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Queue ``fn(*args, **kwargs)`` (run it now when not enabled)."""
         if not self.enabled:
             fn(*args, **kwargs)
             return
         self._raise_failed()
         self._slots.acquire()
+        assert self._pool is not None  # enabled
         try:
             fut = self._pool.submit(fn, *args, **kwargs)
         except BaseException:
@@ -191,7 +192,7 @@ class Background:
         except BaseException as e:  # re-raised in result()
             self._error = e
 
-    def result(self):
+    def result(self) -> Any:
         self._thread.join()
         if self._error is not None:
             raise self._error

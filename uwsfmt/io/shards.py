@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 
 import crc32c
 import numpy as np
@@ -94,11 +95,11 @@ class RowReader:
                     raise FormatError(f"{path}: inner chunk {j} has {nbytes} bytes at offset {offset}, not the "
                                       f"{payload + 4} an uncompressed chunk with its checksum takes; the store is damaged")
                 extra = payload - (stop - start)
-                bufs = [memoryview(dest[start:stop]), memoryview(tail[: extra + 4])]
+                bufs = [memoryview(dest[start:stop]), memoryview(tail[: extra + 4])]  # type: ignore[arg-type]  # numpy stubs: no __buffer__ < 3.12
                 got = os.preadv(fd, bufs, offset)
                 if got != nbytes:
                     raise FormatError(f"{path}: inner chunk {j} is truncated ({got} of {nbytes} bytes); the store is damaged")
-                crc = crc32c.crc32c(tail[:extra], crc32c.crc32c(dest[start:stop]))
+                crc = crc32c.crc32c(tail[:extra], crc32c.crc32c(dest[start:stop]))  # type: ignore[arg-type]  # numpy stubs: no __buffer__ < 3.12
                 if crc != int.from_bytes(tail[extra: extra + 4].tobytes(), "little"):
                     raise FormatError(f"{path}: inner chunk {j} fails its crc32c check; the store is damaged")
         finally:
@@ -193,7 +194,7 @@ class ChunkedReader:
             if not got:
                 dest[start:stop] = 0
                 continue
-            crc = crc32c.crc32c(tail[:extra], crc32c.crc32c(dest[start:stop]))
+            crc = crc32c.crc32c(tail[:extra], crc32c.crc32c(dest[start:stop]))  # type: ignore[arg-type]  # numpy stubs: no __buffer__ < 3.12
             if crc != int.from_bytes(tail[extra: extra + 4].tobytes(), "little"):
                 raise FormatError(f"{self._name(key)}: chunk fails its crc32c check; the store is damaged")
         return out
@@ -218,7 +219,7 @@ class ChunkedReader:
         try:
             size = os.fstat(fd).st_size
             self._check_size(key, size, dest.size + tail.size)
-            got = os.preadv(fd, [memoryview(dest), memoryview(tail)], 0)
+            got = os.preadv(fd, [memoryview(dest), memoryview(tail)], 0)  # type: ignore[arg-type]  # numpy stubs: no __buffer__ < 3.12
         finally:
             os.close(fd)
         if got != size:
@@ -245,7 +246,7 @@ _DOC_KEYS = frozenset({"zarr_format", "node_type", "shape", "data_type", "chunk_
                        "fill_value", "codecs", "attributes", "dimension_names", "storage_transformers"})
 
 
-def chunked_reader(folder: str, doc: dict, dtypes: frozenset, max_chunk_bytes: int, zip=None) -> ChunkedReader | None:
+def chunked_reader(folder: str, doc: dict, dtypes: frozenset, max_chunk_bytes: int, zip: zipfile.ZipFile | None = None) -> ChunkedReader | None:
     """A :class:`ChunkedReader` for the array in ``folder`` (of ``zip``) whose parsed zarr.json is ``doc``, or
     None when the document is not exactly the plain layout (the caller then uses zarr-python,
     which applies its own checks). ``dtypes``: the data types allowed; a chunk above
@@ -257,7 +258,7 @@ def chunked_reader(folder: str, doc: dict, dtypes: frozenset, max_chunk_bytes: i
             return None
         dtype = np.dtype(doc["data_type"])
         shape, grid = doc.get("shape"), doc.get("chunk_grid")
-        if grid != {"name": "regular", "configuration": {"chunk_shape": grid["configuration"]["chunk_shape"]}}:
+        if not isinstance(grid, dict) or grid != {"name": "regular", "configuration": {"chunk_shape": grid["configuration"]["chunk_shape"]}}:
             return None
         chunks = grid["configuration"]["chunk_shape"]
         if (not isinstance(shape, list) or not isinstance(chunks, list) or not shape or len(chunks) != len(shape)
@@ -285,7 +286,7 @@ def chunked_reader(folder: str, doc: dict, dtypes: frozenset, max_chunk_bytes: i
         return None
 
 
-def read_doc(path: str, limit: int, zip=None) -> dict | None:
+def read_doc(path: str, limit: int, zip: zipfile.ZipFile | None = None) -> dict | None:
     """The parsed JSON document at ``path`` (a member of ``zip`` when given); None when absent.
     Raises FormatError when it is larger than ``limit`` bytes (before reading it) or not JSON."""
 

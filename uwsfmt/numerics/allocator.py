@@ -28,6 +28,7 @@ import ctypes
 import os
 import sys
 import threading
+from collections.abc import Iterator
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -58,7 +59,7 @@ def _glibc():
 
 
 @contextlib.contextmanager
-def reuse_freed_memory():
+def reuse_freed_memory() -> Iterator[bool]:
     """Keep freed blocks up to :data:`DURING` bytes in the heap while the ``with`` body runs
     (nested or concurrent uses: the outermost sets and resets). Yields whether it changed anything.
 

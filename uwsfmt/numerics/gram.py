@@ -63,8 +63,10 @@ class GramStats:
         self.count += other.count
         self.delta_sum += other.delta_sum
         if self.left is not None:
+            assert other.left is not None  # same sides requested
             self.left += other.left
         if self.right is not None:
+            assert other.right is not None
             self.right += other.right
         self.sq_norm += other.sq_norm
 

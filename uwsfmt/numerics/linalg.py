@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -36,7 +37,7 @@ PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
 @contextlib.contextmanager
-def threads_for(numel: int):
+def threads_for(numel: int) -> Iterator[None]:
     """Run the block single-threaded when ``numel`` is small (see :data:`PARALLEL_MIN_ELEMENTS`)."""
     n = torch.get_num_threads()
     if numel >= PARALLEL_MIN_ELEMENTS or n == 1:
@@ -49,7 +50,7 @@ def threads_for(numel: int):
         torch.set_num_threads(n)
 
 
-def no_tf32():
+def no_tf32() -> _NoTF32:
     """Context that keeps TF32 out of float32 matmuls (restored on exit)."""
     return _NoTF32()
 

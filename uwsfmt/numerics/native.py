@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -211,7 +212,7 @@ def status() -> dict:
 
 
 @contextlib.contextmanager
-def suspended():
+def suspended() -> Iterator[None]:
     """Within this block (process-wide) :func:`expand` leaves everything to torch: to compare the
     two paths, as ``bench/`` does."""
     before = _suspended[0]

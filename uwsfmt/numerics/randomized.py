@@ -125,7 +125,9 @@ class GramSketch:
         """Sum of the deltas in the compute dtype (the float32 partial sum itself while there is no float64 one)."""
         if self._delta_sum is None and self._block is not None:
             return self._block
-        return self.delta_sum.to(self.cdt)
+        ds = self.delta_sum
+        assert ds is not None  # no partial sum: summing
+        return ds.to(self.cdt)
 
     def mean_delta(self) -> torch.Tensor:
         """mu = the mean of the deltas, in the compute dtype (cached until the next add)."""
@@ -180,6 +182,7 @@ class GramSketch:
             if self.w_norms:  # only the uncentred energy ("none") needs it: a pass over W
                 self.sq_norm += sq_norm(w)
             if self.cdt == torch.float64:
+                assert self.delta_sum is not None  # self.sums
                 self.delta_sum.add_(d)
             else:
                 if self._block is None:
@@ -206,6 +209,7 @@ class GramSketch:
         self.count += other.count
         self._mu = self._mean = None
         if self.sums:
+            assert self.delta_sum is not None and other.delta_sum is not None  # both summing
             self.delta_sum.add_(other.delta_sum)
             self.sq_norm += other.sq_norm
             self.delta_sq += other.delta_sq
@@ -233,13 +237,16 @@ class GramSketch:
             a, r = (mu, ref) if side == "left" else (None if mu is None else mu.T, ref.T)
             sdx = None if sd is None else (sd if side == "left" else sd.T)
             if how == "mean":  # n mu mu^T X = mu (sum_i D_i^T X)
+                assert a is not None
                 y = y - (a @ self.v[side].to(self.cdt)).to(torch.float64)
             elif how == "none":
+                assert sdx is not None
                 y = y + (sdx @ tmm(r, x) + r @ tmm(sdx, x) + n * (r @ tmm(r, x))).to(torch.float64)
             elif how != "base":
                 raise ValueError(f"unknown centring {how!r}; use one of {CENTERS}")
             out[side] = y
         if how == "mean":
+            assert mu is not None
             return s.family_mean()[0], out, max(s.delta_sq - n * sq_norm(mu), 0.0)
         if how == "base":
             return self.reference, out, s.delta_sq
@@ -327,6 +334,7 @@ class GramRitz:
             elif how == "none":
                 if self._offset is not None:
                     raise ValueError("centring 'none' needs the sweep taken against the sums' reference")
+                assert ds is not None  # the sums' sketch sums
                 r, sd = (ref, ds) if side == "left" else (ref.T, ds.T)
                 qr, qs_ = q.T @ r, q.T @ sd
                 h = h + qs_ @ qr.T + qr @ qs_.T + n * (qr @ qr.T)
@@ -375,7 +383,7 @@ class SketchResult:
                 "possible_gain": gain, "tail": tail}
 
 
-def sketch_test_matrix(dim: int, width: int, seed: int, device, salt: int = 0) -> torch.Tensor:
+def sketch_test_matrix(dim: int, width: int, seed: int, device: torch.device | str, salt: int = 0) -> torch.Tensor:
     """Gaussian dim x width test matrix, reproducible from ``seed`` (drawn on the CPU).
 
     Every tensor of one shape gets the same matrix, so the last few drawn are kept (drawing a

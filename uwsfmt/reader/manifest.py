@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.abc.store import Store
 from zarr.storage import LocalStore, ZipStore
 
 from uwsfmt.errors import FormatError, StoreError, VersionError
@@ -45,7 +46,7 @@ BUILDING_MARK = ".uws-building-"
 REPLACED_MARK = ".uws-replaced-"
 
 
-def open_zarr_store(path: str, mode: str):
+def open_zarr_store(path: str, mode: str) -> LocalStore | ZipStore:
     if os.path.isdir(path):
         return LocalStore(path, read_only=(mode == "r"))
     if os.path.isfile(path) and zipfile.is_zipfile(path):
@@ -60,7 +61,7 @@ def open_zarr_store(path: str, mode: str):
     raise FormatError(f"{path}: not a UWS store (neither a directory nor a zip file)")
 
 
-def json_size(zstore, path: str, key: str = "zarr.json", zf: zipfile.ZipFile | None = None) -> int | None:
+def json_size(zstore: Store, path: str, key: str = "zarr.json", zf: zipfile.ZipFile | None = None) -> int | None:
     """Size in bytes of the metadata document ``key`` (None when absent), read before parsing it;
     ``zf``: the store's archive when it is already open."""
     if isinstance(zstore, LocalStore):
@@ -90,7 +91,7 @@ def _interrupted_hint(path: str) -> str:
     return ""
 
 
-def read_manifest(zstore, path: str) -> dict:
+def read_manifest(zstore: Store, path: str) -> dict:
     """Load and check the manifest: size limit, JSON, format version, schema."""
     size = _root_json_size(zstore, path)
     if size is None:

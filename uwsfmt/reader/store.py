@@ -14,8 +14,8 @@ import math
 import os
 import threading
 import zipfile
-from collections.abc import Iterable
-from typing import Any, Self, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, Self, TypeVar, overload
 
 import numpy as np
 import torch
@@ -187,7 +187,8 @@ class StoreReader:
                               "manifest allows it; the store is damaged or was tampered with")
         if reader is not None:
             fits = out is not None and out.dtype == reader.dtype and out.shape == reader.shape and out.flags.c_contiguous
-            return reader.read_into(out if fits else np.empty(reader.shape, reader.dtype))
+            return reader.read_into(out if fits and out is not None else np.empty(reader.shape, reader.dtype))
+        assert arr is not None  # no direct reader: zarr's array
         try:
             return arr[...]
         except Exception as e:
@@ -252,7 +253,7 @@ class StoreReader:
             rows[pack] = t.to(device, non_blocking=True) if device.type != "cpu" else t
         return rows
 
-    def cached(self, key: tuple, make) -> Any:
+    def cached(self, key: tuple, make: Callable[[], Any]) -> Any:
         """``make()``, computed once per ``key`` and kept until :meth:`clear_cache` (bases, shared tensors)."""
         v = self._cache.get(key)
         if v is None:
@@ -271,7 +272,8 @@ class StoreReader:
         """The dtype tensor ``e`` is rebuilt in: float64 for float64 tensors, else float32."""
         return torch.float64 if e["dtype"] == "float64" else torch.float32
 
-    def group_arrays(self, key: tuple, entries: list[dict], device: torch.device):
+    def group_arrays(self, key: tuple, entries: list[dict], device: torch.device
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Stacked M / L / R of same-shape subspace tensors, cached on the device."""
 
         def make():
@@ -512,7 +514,11 @@ def _damaged(store: StoreReader, model: ModelRef, name: str | None = None):
                           "(run `uwsfmt validate` on it)") from e
 
 
-def open_reader(path: str | os.PathLike, *, mode: str = "r", cls: type[R] = StoreReader) -> R:  # type: ignore[assignment]
+@overload
+def open_reader(path: str | os.PathLike, *, mode: str = "r") -> StoreReader: ...
+@overload
+def open_reader(path: str | os.PathLike, *, mode: str = "r", cls: type[R]) -> R: ...
+def open_reader(path: str | os.PathLike, *, mode: str = "r", cls: type[StoreReader] = StoreReader) -> StoreReader:
     """Open a UWS store (directory or .zip) lazily: only the manifest is read. ``mode``: "r"
     (read only) or "a" (appendable); ``cls``: the class to open it as (:class:`uwsfmt.Store`).
 

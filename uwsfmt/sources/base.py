@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -174,8 +175,8 @@ class Format:
     """A registered checkpoint format: how to recognise a path and how to open it."""
 
     name: str
-    detect: object  # Callable[[str], bool]
-    open: object  # Callable[[str, str], Checkpoint]  (path, id) -> Checkpoint
+    detect: Callable[[str], bool]
+    open: Callable[[str, str], Checkpoint]  # (path, id) -> Checkpoint
     priority: int = 0
     description: str = ""
     extensions: tuple[str, ...] = field(default_factory=tuple)

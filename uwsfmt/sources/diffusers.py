@@ -59,7 +59,7 @@ class DiffusersLoraCheckpoint(SafetensorsCheckpoint):
             self._pairs = {}
             for module, (a, b, fifo) in find_pairs(infos, DIFFUSERS_SUFFIXES, self.path).items():
                 r = infos[a].shape[0]
-                alpha_name = module + ".alpha"
+                alpha_name: str | None = module + ".alpha"
                 if alpha_name in infos:
                     scale = read_scalar(self, alpha_name) / r
                 else:

@@ -56,14 +56,15 @@ def read_index(path: str) -> dict[str, str]:
 
 class HFFolderCheckpoint(Checkpoint):
     format = "hf_folder"
+    path: str
 
     def __init__(self, path: str, id: str):
         super().__init__(id, path)
         index = _index_file(path)
         if index is not None:
-            self.index = index
+            self.index: str | None = index
             wm = read_index(index)
-            self._shard_of = wm
+            self._shard_of: dict[str, str] | None = wm
             shards = list(dict.fromkeys(wm.values()))
         else:
             single = _single_file(path)
@@ -72,7 +73,7 @@ class HFFolderCheckpoint(Checkpoint):
             self.index = None
             shards = [os.path.basename(single)]
             self._shard_of = None
-        self._shards: dict[str, Checkpoint] = {}
+        self._shards: dict[str, SafetensorsCheckpoint | TorchCheckpoint] = {}
         for s in shards:
             p = os.path.join(path, s)
             if not os.path.isfile(p):
@@ -108,6 +109,7 @@ class HFFolderCheckpoint(Checkpoint):
     def get(self, name: str) -> torch.Tensor:
         if self._infos is None:
             self.infos()
+        assert self._shard_of is not None  # set by infos()
         try:
             shard = self._shard_of[name]
         except KeyError as e:
@@ -115,7 +117,7 @@ class HFFolderCheckpoint(Checkpoint):
         return self._shards[shard].get(name)
 
     def prefetch(self, name: str) -> None:
-        shard = self._shard_of.get(name) if self._infos is not None else None
+        shard = self._shard_of.get(name) if self._infos is not None and self._shard_of is not None else None
         if shard is not None:
             self._shards[shard].prefetch(name)
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
+from typing import Any
 
 from uwsfmt.errors import SourceError
 from uwsfmt.sources.base import TensorInfo
@@ -37,7 +39,7 @@ DIFFUSERS_SUFFIXES = PEFT_SUFFIXES + (
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 
 
-def find_pairs(infos: dict[str, TensorInfo], suffixes, where: str) -> dict[str, tuple[str, str, bool]]:
+def find_pairs(infos: dict[str, TensorInfo], suffixes: Sequence[tuple[str, str, bool]], where: str) -> dict[str, tuple[str, str, bool]]:
     """``{module: (a_name, b_name, fan_in_fan_out)}`` for every complete, well-shaped pair.
 
     A pair with a Tucker middle factor (``.lora_mid.weight``, LoCon) is not a plain product and
@@ -81,7 +83,7 @@ def product_shape(a: TensorInfo, b: TensorInfo) -> tuple[int, ...]:
     return (b.shape[0],) + tuple(a.shape[1:])
 
 
-def pattern_value(patterns: dict | None, key: str, default):
+def pattern_value(patterns: dict | None, key: str, default: Any) -> Any:
     """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first pattern matching the end of ``key``."""
     for pat, value in (patterns or {}).items():
         try:

@@ -47,6 +47,7 @@ def read_config(folder: str) -> dict:
 
 class PeftCheckpoint(Checkpoint):
     format = "peft"
+    path: str
 
     def __init__(self, path: str, id: str):
         super().__init__(id, path)

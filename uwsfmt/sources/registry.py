@@ -13,6 +13,11 @@ from uwsfmt.sources.base import Checkpoint, Format, StateDictCheckpoint
 
 _FORMATS: dict[str, Format] = {}
 
+#: one checkpoint: a path, a Checkpoint object, or a state dict
+Source = str | os.PathLike | Checkpoint | dict[str, torch.Tensor]
+#: a family of checkpoints: paths, folders, globs, Checkpoint objects, or ``{model_id: state_dict}``
+Sources = str | os.PathLike | Iterable[str | os.PathLike | Checkpoint] | Mapping[str, Mapping[str, torch.Tensor]]
+
 
 def register_format(fmt: Format) -> Format:
     """Add a checkpoint format; adding a format touches only its own module."""
@@ -48,7 +53,7 @@ def detect_format(path: str) -> Format:
     )
 
 
-def open_checkpoint(path: str, *, format: str | None = None, id: str | None = None) -> Checkpoint:
+def open_checkpoint(path: str | os.PathLike, *, format: str | None = None, id: str | None = None) -> Checkpoint:
     """Open one checkpoint file or folder.
 
     >>> ck = open_checkpoint("model.safetensors")  # doctest: +SKIP
@@ -102,7 +107,7 @@ def _expand(source: str) -> list[str]:
 
 
 def discover(
-    sources: Iterable[str | os.PathLike | Checkpoint] | Mapping[str, Mapping[str, torch.Tensor]],
+    sources: Sources,
     *,
     format: str | None = None,
 ) -> list[Checkpoint]:

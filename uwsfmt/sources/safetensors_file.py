@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -113,13 +114,14 @@ def _entry_problem(v) -> str | None:
 
 class SafetensorsCheckpoint(Checkpoint):
     format = "safetensors"
+    path: str
 
     def __init__(self, path: str, id: str):
         super().__init__(id, path)
         self._header = read_header(path)
         with open(path, "rb") as f:
             self._data_start = 8 + struct.unpack("<Q", f.read(8))[0]
-        self._file = None  # opened on the first read, kept until close()
+        self._file: io.FileIO | None = None  # opened on the first read, kept until close()
 
     def infos(self) -> dict[str, TensorInfo]:
         out = {}
@@ -154,7 +156,7 @@ class SafetensorsCheckpoint(Checkpoint):
         try:
             if self._file is None:
                 self._file = open_data(self.path)
-            got = os.preadv(self._file.fileno(), [buf.numpy()], self._data_start + start) if nbytes else 0
+            got = os.preadv(self._file.fileno(), [buf.numpy()], self._data_start + start) if nbytes else 0  # type: ignore[list-item]  # numpy stubs: no __buffer__ < 3.12
         except OSError as e:
             raise SourceError(f"{self.path}: cannot read tensor {name!r}: {e}") from e
         if got != nbytes:
@@ -182,7 +184,7 @@ class SafetensorsCheckpoint(Checkpoint):
             self._file = None
 
 
-def open_data(path: str):
+def open_data(path: str) -> io.FileIO:
     """The file a checkpoint's tensors are read from (one per checkpoint, unbuffered)."""
     return open(path, "rb", buffering=0)
 

@@ -28,6 +28,7 @@ def _reason(e: Exception) -> str:
 
 class TorchCheckpoint(Checkpoint):
     format = "torch"
+    path: str
 
     def __init__(self, path: str, id: str):
         super().__init__(id, path)

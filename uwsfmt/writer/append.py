@@ -28,6 +28,7 @@ from uwsfmt.numerics.device import default_device, resolve_device
 from uwsfmt.reader.manifest import open_zarr_store, read_manifest
 from uwsfmt.reader.store import StoreReader
 from uwsfmt.sources import Checkpoint, StateDictCheckpoint, discover, provenance
+from uwsfmt.sources.registry import Source, Sources
 from uwsfmt.writer.convert import Fingerprints, os_reason, source_record, utc_now
 from uwsfmt.writer.encode import encode_model, write_exceptions
 from uwsfmt.writer.folder_files import FilePolicy, FolderFiles
@@ -55,8 +56,8 @@ def fit_problems(entries: list[dict], ck: Checkpoint) -> list[str]:
     if ck.lora_pairs() or any(e.get("lora") is not None for e in entries):
         try:
             lora_enc.model_record(entries, ck)
-        except ConflictError as e:
-            out.append(str(e))
+        except ConflictError as err:
+            out.append(str(err))
     plain = [e for e in entries if e.get("lora") is None]
     for e in plain:
         info = infos.get(e["name"])
@@ -81,7 +82,7 @@ def _id_problems(cks: list[Checkpoint]) -> tuple[list[tuple[Checkpoint, str]], l
     return bad, sorted(i for i, n in counts.items() if n > 1)
 
 
-def plan_append(store: StoreReader, sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
+def plan_append(store: StoreReader, sources: Sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
     """What appending ``sources`` to ``store`` would do, from the checkpoints' headers (nothing is
     read beyond them, nothing written): ``{"n_models", "models", "formats", "total_bytes", "new",
     "existing", "conflicts"}``; ``conflicts`` lists every reason the append would be refused.
@@ -120,7 +121,7 @@ def _refuse_misfits(store: StoreReader, entries: list[dict], cks: list[Checkpoin
                             "give checkpoints of the family's architecture):", problems)
 
 
-def project(store: StoreReader, source, *, format: str | None = None, device: str | None = None) -> dict:
+def project(store: StoreReader, source: Source, *, format: str | None = None, device: str | None = None) -> dict:
     """Coefficients and errors of an unseen checkpoint against the store's bases (nothing written).
 
     Returns ``{"id", "coefficients": {name: tensor}, "error": {name: float}, "delta_error": {...}}``.
@@ -164,7 +165,7 @@ def append(store: StoreReader, source, *, id: str | None = None, format: str | N
                               max_delta_error=max_delta_error, source_root=source_root)[0]
 
 
-def extend(store: StoreReader, sources, *, format: str | None = None, progress: bool | Callable | None = False,
+def extend(store: StoreReader, sources: Sources, *, format: str | None = None, progress: bool | Callable | None = False,
            device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None,
            cancel: threading.Event | None = None, skip_existing: bool = False,
            source_root: str | os.PathLike | None = None) -> list[dict]:

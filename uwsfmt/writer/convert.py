@@ -33,6 +33,7 @@ from uwsfmt.numerics import allocator, linalg
 from uwsfmt.numerics.device import default_device, resolve_device
 from uwsfmt.reader.manifest import BUILDING_MARK, REPLACED_MARK
 from uwsfmt.sources import Checkpoint, StateDictCheckpoint, discover, open_checkpoint, provenance
+from uwsfmt.sources.registry import Source, Sources
 from uwsfmt.version import __version__
 from uwsfmt.writer.encode import encode_model, write_exceptions
 from uwsfmt.writer.fit import budget_tensor, fit_batch, fit_batches, fit_tensor, tensor_settings
@@ -56,12 +57,12 @@ def source_record(ck: Checkpoint, source_root: str | None = None) -> dict:
 
 
 def convert(
-    sources,
+    sources: Sources,
     out: str | os.PathLike,
     *,
     fidelity: Fidelity | None = None,
     options: BuildOptions | None = None,
-    base=None,
+    base: Source | None = None,
     format: str | None = None,
     device: str | None = None,
     overwrite: bool = False,
@@ -265,6 +266,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
                     fit, e["budget"] = lora_enc.fit_budgeted(tp, cks, s, dev, prog)
                     reason = f"{reason}; error budget ({s.error_budget.describe()}): rank {e['budget']['rank']}"
                     lora_bytes[0] += e["budget"]["bytes"]
+                    assert tp.lora is not None  # a LoRA module's plan
                     lora_bytes[1] += tp.lora.factor_bytes()
                 else:
                     fit = lora_enc.fit(tp, cks, s, dev, prog)
@@ -350,7 +352,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
             if folder is not None:  # the folder's small files (written before the commit below)
                 rec["folder"] = folder
         wb.drain()
-        manifest = {
+        manifest: dict[str, Any] = {
             "format_version": layout.version_for(any(isinstance(f, subspace.Fit) and f.mean is not None and f.mean.dtype == torch.float16
                                                      for f in fits.values())),
             "state": "complete",
@@ -413,6 +415,7 @@ def _add_shared(e: dict, value: torch.Tensor, npath: str, write) -> None:
 
 def _add_subspace(e: dict, fit: subspace.Fit, npath: str, packs: PackLayout, s: Settings, tp: TensorPlan, write) -> None:
     """Write a subspace tensor's shared arrays with ``write(path, array)`` and fill its manifest entry."""
+    assert tp.shape is not None  # a tensor of varying shape is dense
     m, n = linalg.matrix_view(tp.shape)
     view = (m * n, 1) if fit.mode == "flat" else (m, n)
     e.update(view=list(view), mode=fit.mode, center=fit.center)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import numpy as np
 import torch
+from zarr.abc.store import Store
 
 from uwsfmt import encodings
 from uwsfmt.encodings import budget, subspace
@@ -45,7 +47,7 @@ def _batch_plans(entries: list[dict], fits: dict[str, Any], infos: dict, budgete
         key = _batch_key(e, fits.get(e["name"]), infos.get(e["name"]), budgeted)
         if key is not None:
             groups.setdefault(key, []).append(e)
-    out = []
+    out: list[list[dict]] = []
     for key, members in groups.items():
         per = max(1, BATCH_MAX_VALUES // (key[0][0] * key[0][1]))
         out.extend(members[i: i + per] for i in range(0, len(members), per))
@@ -159,9 +161,10 @@ def encode_model(
     pos = {nm: i for i, nm in enumerate(names)}
     for nm in names[:2]:
         ck.prefetch(nm)
-    ahead = None if not read_ahead or lora_entries else overlap.read_ahead([(lambda nm=nm: ck.get(nm)) for nm in names])
+    ahead = None if not read_ahead or lora_entries else overlap.read_ahead([functools.partial(ck.get, nm) for nm in names])
     lora_errors = dict(zip((e["name"] for e in lora_entries), lora_enc.encode(lora_entries, fits, ck, rows, stacks))) if lora_entries else {}
     if budgeted and lora_entries:
+        assert error_budget is not None  # budgeted
         _check_lora_budget(lora_entries, lora_errors, ck, error_budget)
     for e in entries:
         name = e["name"]
@@ -234,7 +237,7 @@ def _check_lora_budget(entries: list[dict], errors: dict[str, tuple[float, int]]
             "store with this adapter among its sources (uwsfmt convert), or append it with a looser budget (--max-error)")
 
 
-def write_exceptions(zstore, entries: list[dict], idx: int, fixes: dict) -> list[dict]:
+def write_exceptions(zstore: Store, entries: list[dict], idx: int, fixes: dict) -> list[dict]:
     """Write each correction's arrays under ``<node>/extra/<idx>``; return the model-table records."""
     nodes = {e["name"]: e["node"] for e in entries}
     out = []

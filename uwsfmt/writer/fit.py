@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import cast
 
 import torch
 
@@ -26,6 +27,7 @@ def fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.de
     ``hold``: memory pass 1 may keep pass-2 results in (see :func:`coefficients_from_ritz`).
     ``target``: directions a sketch looks for (error budgets, see :func:`budget_tensor`);
     ``count``: whether this sweep counts as the tensor's progress (a refit does not)."""
+    assert tp.shape is not None  # a tensor of varying shape is dense
     m, n = linalg.matrix_view(tp.shape)
     mode = budget.gram_mode(s.mode, m, n) if s.error_budget is not None else subspace.resolve_mode(s.mode, m, n)
     first = cks[0].get(tp.name)
@@ -41,6 +43,7 @@ def fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.de
         # the sketch's later sweeps reuse the first models' tensors as read here, up to KEEP_SOURCES_BYTES
         keep = KEEP_SOURCES_BYTES // max(first.numel() * first.element_size(), 1) if sketch and mode != "flat" else 0
         kept: list[torch.Tensor] = []
+        st: randomized.GramSketch | gram.GramStats
         if mode == "flat":
             width = min(len(cks), (s.rank or s.max_rank or len(cks)) + s.sketch_oversample)
             sk = randomized.FlatSketch(m * n, max(1, width), reference, seed=s.seed)
@@ -60,7 +63,7 @@ def fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.de
                     prog.step(tp.name, len(cks) - i if count else 0)
                     return "dense", None, "non-finite values"
                 raise nonfinite_error(tp.name, ck)
-            if sketch and not math.isfinite(sq):  # finite values whose float32 delta overflows
+            if sketch and not math.isfinite(cast(float, sq)):  # finite values whose float32 delta overflows
                 raise ConfigError(f"{ck.path or ck.id}: tensor {tp.name!r} has values too large for basis='sketch' (its deltas "
                                   "overflow float32); build with basis='exact'")
             prog.step(tp.name, 1 if count else 0)
@@ -75,9 +78,11 @@ def fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.de
             basis, spectrum = randomized.flat_basis(q, proj)
             fit = subspace.fit_flat(mean, basis, spectrum, s.choose)
         elif sketch:
+            assert isinstance(st, randomized.GramSketch)
             fit = fit_sketch(tp, cks, s, dev, st, mode, prog, hold, kept)
             del st, kept
         else:
+            assert isinstance(st, gram.GramStats)
             fit = subspace.fit_gram(st, mode=mode, center=s.center, choose=s.choose)
             del st
     if fit.mean is not None:
@@ -136,6 +141,7 @@ def fit_batch(group: list[TensorPlan], cks: list[Checkpoint], s: Settings, dev: 
     tensor's own eigendecomposition. Name -> (encoding, Fit or shared value, reason)."""
     tp0 = group[0]
     ts = tensor_settings(s, tp0)
+    assert tp0.shape is not None  # batches are of tensors of one shape
     m, n = linalg.matrix_view(tp0.shape)
     mode = subspace.resolve_mode(ts.mode, m, n)
     names = [tp.name for tp in group]
@@ -146,7 +152,7 @@ def fit_batch(group: list[TensorPlan], cks: list[Checkpoint], s: Settings, dev: 
     live = list(range(g))  # members still on the subspace path (not dropped as non-finite)
     with linalg.no_tf32(), linalg.threads_for(g * m * n):
         first = torch.stack([cks[0].get(x).to(dev).reshape(m, n) for x in names])
-        ref_src = torch.stack([base.get(x).to(dev).reshape(m, n) for x in names]) if ts.center == "base" else first
+        ref_src = torch.stack([cast(Checkpoint, base).get(x).to(dev).reshape(m, n) for x in names]) if ts.center == "base" else first
         ref = ref_src.to(torch.float64)
         delta_sum = torch.zeros(g, m, n, dtype=torch.float64, device=dev)
         gl = torch.zeros(g, m, m, dtype=torch.float64, device=dev) if mode in ("left", "both") else None
@@ -177,13 +183,13 @@ def fit_batch(group: list[TensorPlan], cks: list[Checkpoint], s: Settings, dev: 
             sq_sum += sq
             for x in names:
                 prog.step(x)
-        identical = identical.tolist()
+        same = identical.tolist()
         sqs = sq_sum.tolist()
         for t in live:
             name = names[t]
-            if identical[t] and len(cks) > 1 and override_for(name, ts.encodings) != "subspace":
+            if same[t] and len(cks) > 1 and override_for(name, ts.encodings) != "subspace":
                 # on the CPU, as read (like fit_tensor's): pass 2 compares each model's copy with it
-                out[name] = ("shared", first[t].reshape(group[t].shape).to("cpu", copy=True), "bit-identical in every model")
+                out[name] = ("shared", first[t].reshape(cast(tuple[int, ...], group[t].shape)).to("cpu", copy=True), "bit-identical in every model")
                 continue
             stats = gram.GramStats(count=len(cks), reference=ref[t], delta_sum=delta_sum[t],
                                      left=None if gl is None else gl[t], right=None if gr is None else gr[t], sq_norm=sqs[t])
@@ -213,6 +219,7 @@ def budget_tensor(e: dict, tp: TensorPlan, fit, cks: list[Checkpoint], s: Settin
             yield w
 
     ts = tensor_settings(s, tp)
+    assert s.error_budget is not None and tp.shape is not None  # budget mode, a subspace tensor
     most = budget.MAX_CANDIDATE_RANK if s.max_rank is None else s.max_rank
     target = min(SKETCH_RANK, most)
     while True:
@@ -232,8 +239,9 @@ def budget_tensor(e: dict, tp: TensorPlan, fit, cks: list[Checkpoint], s: Settin
             with linalg.threads_for(math.prod(tp.shape)):
                 _, fit, _ = fit_tensor(tp, cks, ts, dev, base, prog, target=target, count=False)
             continue
-        checks = {x: fit.ritz[x].check(c.rank, s.sketch_tolerance) for x in sides}
+        checks = {x: fit.ritz[x].check(c.rank, s.sketch_tolerance) for x in sides} if c is not None else {}
         if not all(x["ok"] for x in checks.values()):
+            assert c is not None  # checks only with a candidate
             why = (f"a-posteriori check failed at rank {c.rank} (a missed direction could lower the error by more "
                    f"than {s.sketch_tolerance:.0%})")
             with linalg.threads_for(math.prod(tp.shape)):
@@ -248,6 +256,7 @@ def budget_tensor(e: dict, tp: TensorPlan, fit, cks: list[Checkpoint], s: Settin
     e["budget"] = choice.record()
     if chosen is None:
         return "dense", None, choice.reason(), s
+    assert choice.candidate is not None  # subspace
     return "subspace", chosen, choice.reason(), dataclasses.replace(s, residual_bits=choice.candidate.bits)
 
 
@@ -256,6 +265,7 @@ def _more_directions_matter(fit: subspace.Fit, most: int, tolerance: float) -> b
     the energy the ``fit.kept`` candidates miss: the sketch's own directions beyond them hold
     their Ritz values, each one it missed at most the check's estimate of the largest missed
     eigenvalue (``residual_top``)."""
+    assert fit.ritz is not None  # a sketch's fit
     for side, res in fit.ritz.items():
         k, t = fit.kept[side], res.values.numel()
         tail = max(res.total - float(res.values[:k].sum()), 0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import cast
 
 import torch
 
@@ -61,10 +62,10 @@ def coefficients_from_ritz(fit: subspace.Fit, kept: list, coords: dict[str, torc
     is at least :data:`NORM_ERROR_MIN_RATIO` of ||D_i||^2, and, as pass 2 does, when the error is
     at least :data:`EXACT_REBUILD_BELOW` of ||W_i|| (the reader's own rounding)."""
     side = "left" if fit.left is not None else "right"
-    basis = (fit.left if side == "left" else fit.right).to(torch.float64)
+    basis = cast(torch.Tensor, fit.left if side == "left" else fit.right).to(torch.float64)  # one-sided: that side's
     gram = basis.T @ basis
     v = coords[side]
-    out = []
+    out: list[tuple[torch.Tensor, float, float] | None] = []
     for zs, dsq, wsq in kept:
         z = zs[side].to(torch.float64)
         c64 = (z @ v).T if side == "left" else z @ v  # k x n (left), m x k (right): as linalg.project

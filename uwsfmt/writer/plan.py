@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,6 +13,7 @@ from uwsfmt.encodings import lora as lora_enc
 from uwsfmt.errors import ConflictError, SourceError, UWSError
 from uwsfmt.format import dtypes, naming
 from uwsfmt.sources import Checkpoint, TensorInfo, discover
+from uwsfmt.sources.registry import Sources
 from uwsfmt.writer.settings import Settings
 
 
@@ -23,6 +25,8 @@ class TensorPlan:
     encoding: str  # candidate: subspace | dense | shared (final after pass 1)
     reason: str
     shapes: list[tuple[int, ...]] | None = None
+    #: the module of a LoRA plan (set by :func:`uwsfmt.encodings.lora.plan`)
+    lora: lora_enc.ModulePlan | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -145,7 +149,7 @@ def plan_family(checkpoints: list[Checkpoint], settings: Settings | None = None,
     return FamilyPlan(checkpoints, tensors, problems, total, lora_report)
 
 
-def plan(sources, *, format: str | None = None, **settings) -> dict:
+def plan(sources: Sources, *, format: str | None = None, **settings: Any) -> dict:
     """Planning report for sources, reading headers only (never raises on conflicts)."""
     cks = discover(sources, format=format)
     s = Settings(**settings)

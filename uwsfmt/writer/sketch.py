@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -41,20 +42,20 @@ def sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.devi
     return out
 
 
-def read_tensors(cks: list[Checkpoint], name: str, dev: torch.device, kept: Sequence[torch.Tensor] = ()):
+def read_tensors(cks: list[Checkpoint], name: str, dev: torch.device, kept: Sequence[torch.Tensor] = ()) -> Iterator[torch.Tensor]:
     """Every model's copy of tensor ``name`` in order, each read while the caller works on the
     previous one where that pays (:mod:`uwsfmt.overlap`); ``kept``: the first models' copies,
     already read (the first model's, or an earlier sweep's)."""
     kept = list(kept) or [cks[0].get(name)]
     first = kept[0]
 
-    def read(i):
+    def read(i: int) -> torch.Tensor:
         if len(kept) <= i + 1 < len(cks):
             cks[i + 1].prefetch(name)  # the kernel reads the next one from disk meanwhile
         return kept[i] if i < len(kept) else cks[i].get(name)
 
     big = first.numel() * first.element_size() >= READ_AHEAD_MIN_BYTES
-    return overlap.read_ahead([(lambda i=i: read(i)) for i in range(len(cks))], enabled=big and overlap.useful(dev))
+    return overlap.read_ahead([functools.partial(read, i) for i in range(len(cks))], enabled=big and overlap.useful(dev))
 
 
 def _sweep(cks: list[Checkpoint], name: str, dev: torch.device, stats, prog: Progress, kept: Sequence[torch.Tensor] = ()):
@@ -76,6 +77,7 @@ def fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.de
     The last sweep's deltas are taken against the mean readers use (centring "mean"; the base
     for "base"), so that where ``hold`` has room it also keeps what pass 2 would compute for a
     one-sided tensor: every model's coefficients and error (:func:`coefficients_from_ritz`)."""
+    assert tp.shape is not None  # a tensor of varying shape is dense
     m, n = linalg.matrix_view(tp.shape)
     mean, ys, total = sk.products(s.center)
     qs = {side: linalg.orthonormal_columns(y) for side, y in ys.items()}
@@ -112,6 +114,7 @@ def fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.de
         last = _sweep(cks, tp.name, dev, ritz, prog, kept).centred(s.center, sk)
     except BaseException:
         if held:
+            assert hold is not None  # held: taken from it
             hold.release(held)
         raise
     fit = subspace.Fit(mode, s.center, mean, None, None,
@@ -134,6 +137,7 @@ def fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.de
         if why:
             ritz.kept.clear()
             if held:
+                assert hold is not None
                 hold.release(held)
             exact = _sweep(cks, tp.name, dev, gram.GramStats.empty(
                 m, n, left=mode in ("left", "both"), right=mode in ("right", "both"), reference=sk.reference), prog, kept)
@@ -145,6 +149,7 @@ def fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.de
         fit.method["columns"][side] = t
         fit.method["check"][side] = check
         basis = res.vectors[:, :k].to(torch.float32)
+        assert res.coords is not None  # ritz_from_h gives them
         coords[side] = res.coords[:, :k]
         if side == "left":
             fit.left = basis
@@ -153,5 +158,6 @@ def fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.de
     if held:
         fit.precomputed = coefficients_from_ritz(fit, ritz.kept, coords)
         ritz.kept.clear()
+        assert hold is not None
         hold.release(held - sum(c.numel() * c.element_size() for c, _, _ in filter(None, fit.precomputed)))
     return fit

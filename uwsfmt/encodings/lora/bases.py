@@ -242,6 +242,7 @@ def fit_budgeted(tp, cks: list[Checkpoint], s, dev: torch.device, prog) -> tuple
             target = min(4 * target, most)
     f = _fit_exact(tp, cks, s, dev, prog, not swept, rejected)
     record, _, _ = fit_budget(tp, f, cks, s, dev)
+    assert record is not None  # final: a budget not met raises
     return f, record
 
 
@@ -270,6 +271,7 @@ def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.devic
     out, inp = linalg.matrix_view(mp.shape)
     bud = s.error_budget
     f = torch.float64
+    assert fit.left is not None and fit.right is not None  # LoRA fits are two-sided
     cap_l, cap_r = fit.left.shape[1], fit.right.shape[1]
     held = [(ck, pair) for ck in cks if (pair := ck.lora_pairs().get(mp.module)) is not None]
     spanned = sum(mp.ranks.values())
@@ -284,6 +286,7 @@ def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.devic
     fits_all = np.ones((cap_l + 1, cap_r + 1), dtype=bool)
     norms, allowed = [], []
     with linalg.no_tf32():
+        assert fit.bases64 is not None  # kept by pass 1 under an error budget
         ql, qr = fit.bases64["left"], fit.bases64["right"]  # pass 1's float64 bases: orthonormal, nested
         fit.bases64 = None
         for a, b, sc in runs():
@@ -311,6 +314,7 @@ def fit_budget(tp, fit: subspace.Fit, cks: list[Checkpoint], s, dev: torch.devic
         kl, kr = cap_l, cap_r
 
     def read_errors(kl: int, kr: int) -> list[float]:
+        assert fit.left is not None and fit.right is not None
         left, right = fit.left[:, :kl].to(f), fit.right[:, :kr].to(f)
         errs = []
         for a, b, sc in runs():

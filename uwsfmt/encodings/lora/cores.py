@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -65,6 +66,7 @@ def encode(entries: list[dict], fits: dict[str, subspace.Fit], ck: Checkpoint, r
             out[i] = (0.0, 0)
             continue
         fit = fits[e["name"]]
+        assert fit.left is not None  # LoRA fits are two-sided
         r = int(infos[pair.a].shape[0])
         key = (tuple(e["view"]), tuple(e["rank"]), e["dtype"], r, infos[pair.a].dtype, infos[pair.b].dtype,
                fit.left.dtype, fit.left.device)
@@ -96,7 +98,8 @@ def _encode_run(run: list[tuple[int, dict, LoraPair]], fits: dict[str, subspace.
     names = tuple(e["name"] for _, e, _ in run)
     bases = stacks.get(("lora",) + names)
     if bases is None:  # once per run of modules, not per adapter
-        bases = (torch.stack([fits[n].left for n in names]).to(f), torch.stack([fits[n].right for n in names]).to(f))
+        bases = (torch.stack([cast(torch.Tensor, fits[n].left) for n in names]).to(f),  # LoRA fits are two-sided
+                 torch.stack([cast(torch.Tensor, fits[n].right) for n in names]).to(f))
         # kept for the next adapters, unless a module of it is kept in another run already (adapters
         # that lack different modules split the runs differently): one float64 copy per module at most
         covered = stacks.setdefault("lora_modules_kept", set())

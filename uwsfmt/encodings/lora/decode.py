@@ -111,6 +111,7 @@ def _basis_factors(into: dict[str, torch.Tensor] | None, todo: list, left: torch
     scratch = torch.empty((min(PRODUCT_BATCH, len(plain)),) + shape, dtype=left.dtype, device=left.device) if plain else None
     for run in runs:
         lo, hi = run[0][0], run[-1][0] + 1
+        assert scratch is not None  # runs of plain modules
         prod = scratch[: hi - lo]
         torch.bmm(cs[lo:hi], rt[lo:hi], out=prod) if core_right else torch.bmm(left[lo:hi], cs[lo:hi], out=prod)
         for (i, e, rk, want), p in zip(run, prod):

@@ -67,6 +67,7 @@ def check_record(e: dict) -> dict:
 
         raise FormatError(f"tensor {e.get('name')!r}: malformed LoRA record (needs a subspace entry, mode 'both', centre 'none', "
                           "and lora = {a, b, a_tail, b_tail, alpha}); the store is damaged")
+    assert isinstance(rec, dict)  # checked in ok
     return rec
 
 
