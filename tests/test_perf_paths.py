@@ -442,7 +442,7 @@ def test_small_tensors_are_encoded_in_batches_like_one_by_one(tmp_path, monkeypa
     monkeypatch.setattr(encode, "_encode_batch", lambda g, *a: calls.append(len(g)) or real(g, *a))
     batched = uwsfmt.convert(fam, tmp_path / "b.uws", rank=2, min_numel=64)
     assert sorted(set(calls)) == [4, 7]  # per model: one batch of each shape
-    monkeypatch.setattr(build, "BATCH_MAX_NUMEL", 0)
+    monkeypatch.setattr(encode, "BATCH_MAX_NUMEL", 0)
     single = uwsfmt.convert(fam, tmp_path / "s.uws", rank=2, min_numel=64)
     assert np.allclose(batched.errors(), single.errors(), rtol=1e-6, atol=0)
     assert np.allclose(batched.errors("delta_error"), single.errors("delta_error"), rtol=1e-6, atol=0)
@@ -475,7 +475,7 @@ def test_pass1_batches_fit_like_one_by_one(tmp_path, monkeypatch, dtype):
     for center in ("mean", "none"):
         batched = uwsfmt.convert(fam, tmp_path / f"b-{center}.uws", rank=2, min_numel=64, center=center)
         with monkeypatch.context() as mp:
-            mp.setattr(build, "BATCH_MAX_NUMEL", 0)
+            mp.setattr(fit, "BATCH_MAX_NUMEL", 0)
             single = uwsfmt.convert(fam, tmp_path / f"s-{center}.uws", rank=2, min_numel=64, center=center)
         encs = [(e["name"], e["encoding"]) for e in batched.manifest["tensors"]]
         assert encs == [(e["name"], e["encoding"]) for e in single.manifest["tensors"]]
