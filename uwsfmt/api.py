@@ -149,7 +149,7 @@ def convert(sources: Sources, out: str | os.PathLike, **options: Any) -> Store:
     The options are those of :func:`uwsfmt.writer.convert.convert` (fidelity, encodings, device,
     progress, cancel, ...).
 
-    >>> fam = {f"m{i}": {"w": torch.randn(64, 64)} for i in range(4)}
+    >>> fam = {f"m{i}": {"w": torch.randn(64, 64)} for i in range(4)}  # doctest: +SKIP
     >>> store = uwsfmt.convert(fam, "/tmp/doc.uws", rank=2, overwrite=True)  # doctest: +SKIP
     """
     return open(build_store(sources, out, **options))

@@ -212,10 +212,11 @@ def encode_model(
         if not encoding.projects and not allow_nonfinite and not check_finite(w, name, ck):
             raise nonfinite_error(name, ck)
         rel, drel = encoding.encode(ctx, e, w)
-        if encoding.projects and not math.isfinite(rel) and not check_finite(w, name, ck):  # NaN/Inf in W make the error NaN or Inf: one pass saved
+        if encoding.projects and rel is not None and not math.isfinite(rel) and not check_finite(w, name, ck):  # NaN/Inf in W make the error NaN or Inf: one pass saved
             raise nonfinite_error(name, ck) if not allow_nonfinite else projected_nonfinite_error(name, ck)
         keep = ctx.rebuilt.pop(name, None)  # under a budget: what the bases miss becomes a per-model exception
         if keep is not None and not budget.meets(error_budget, keep["error"], keep["wn"], keep["dn"], e["dtype"]):
+            assert error_budget is not None and corrections is not None and rel is not None  # keep is only made under a budget
             corrections[name] = fix = budget.correct(w, keep["rebuilt"], e["dtype"], error_budget, rel, keep["dn"])
             rel, drel = fix.error, fix.delta_error
         errs.append(_finite_or_none(rel))
