@@ -154,8 +154,8 @@ def _deep(store, notes: list[str], source_root: str | os.PathLike | None = None)
         unknown = compat.unreadable(store.manifest, i)  # a newer 1.y's tensors: the others are checked
         try:
             sd = store.state_dict(i, names=[e["name"] for e in store.manifest["tensors"] if e["name"] not in unknown])
-        except UWSError as e:
-            out.append(f"model {mid!r}: {e}")
+        except UWSError as err:
+            out.append(f"model {mid!r}: {err}")
             continue
         for e in store.manifest["tensors"]:
             if e["name"] in unknown:
