@@ -178,7 +178,7 @@ class StoreReader:
         when it fits, else a new array is returned)."""
         reader = self._chunked_reader(path)
         arr = self.array(path) if reader is None else None
-        have = reader.shape if reader is not None else tuple(arr.shape)
+        have = reader.shape if reader is not None else tuple(arr.shape)  # type: ignore[union-attr]  # arr is set when reader is None
         if shape is not None and have != tuple(shape):
             raise FormatError(f"{self.path}: array {path!r} has shape {list(have)} but the manifest implies "
                               f"{list(shape)}; the store is damaged or was tampered with")

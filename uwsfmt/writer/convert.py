@@ -179,12 +179,13 @@ def convert(
                     s.lora_mode = "factors"
                     s.lora_choice = (f"auto: factors (under the budget the product basis needed {e.product:,} bytes, "
                                      f"more than the adapters' own factors, {e.factors:,})")
+                    assert factors_plan is not None  # planned whenever FactorsAreSmaller can be raised
                     _build(factors_plan, tmp, s, dev, base_ck, progress, cancel, kept, root)
             _replace(tmp, out, overwrite, os.path.join(parent, f".{name}{REPLACED_MARK}{uuid.uuid4().hex[:8]}"))
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            kept = "the existing store there is unchanged" if os.path.exists(out) else "nothing was written there"
-            raise StoreError(f"{out}: could not write the store ({os_reason(e)}); {kept}") from e
+            left = "the existing store there is unchanged" if os.path.exists(out) else "nothing was written there"
+            raise StoreError(f"{out}: could not write the store ({os_reason(e)}); {left}") from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
