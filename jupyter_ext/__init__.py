@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Converter", "Inspector"]
+# no __all__: the widgets are loaded on first use (below), and the API reference documents them
+# from their modules (jupyter_ext.converter, jupyter_ext.inspector)
 
 #: the labextension's npm name (folder under share/jupyter/labextensions)
 LABEXTENSION = "uwsfmt-jupyterlab"

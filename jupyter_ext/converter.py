@@ -135,9 +135,8 @@ class Converter(anywidget.AnyWidget):
 
     def convert_kwargs(self) -> dict:
         """The keyword arguments the form passes to ``uwsfmt.convert`` (besides sources/out)."""
-        import uwsfmt
 
-        return options.convert_kwargs(self._form(), uwsfmt.convert)
+        return options.convert_kwargs(self._form())
 
     def add_kwargs(self) -> dict:
         """The keyword arguments the form passes to ``Store.extend`` when adding to a store (the

@@ -7,15 +7,17 @@ checks a form from JSON, ``problem`` says what does not fit, and ``convert_kwarg
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from uwsfmt import ConfigError
+from uwsfmt.writer.options import CHOICES
 
-RESIDUAL_BITS = (0, 16, 8, 4, 2)  # 0: no residual
-MODES = ("auto", "left", "right", "both", "flat")
-MEAN_DTYPES = ("auto", "float16", "compute")  # how family means are stored (uwsfmt.convert's mean_dtype)
+# the library's lists (uwsfmt.writer.options.CHOICES), as the form shows them
+RESIDUAL_BITS = (0, *sorted(CHOICES["residual_bits"], reverse=True))  # 0: no residual
+MODES = CHOICES["side"]
+MEAN_DTYPES = CHOICES["mean_dtype"]  # how family means are stored (uwsfmt.convert's mean_dtype)
+BASIS_METHODS = CHOICES["basis_method"]
 
 #: every option of the form and its default (the view sends them all with each button)
 DEFAULTS: dict[str, Any] = {
@@ -102,8 +104,8 @@ def problem(form: Mapping[str, Any], *, devices: list[str], modes: tuple[str, ..
         return f"Unknown basis side {form.get('mode')!r}; choose one of {', '.join(modes)}."
     if form.get("residual_bits") not in RESIDUAL_BITS:
         return f"Unknown residual {form.get('residual_bits')!r}; choose one of {', '.join(map(str, RESIDUAL_BITS))} bits (0: none)."
-    if form.get("basis") not in ("exact", "sketch"):
-        return f"Unknown basis method {form.get('basis')!r}; choose exact or sketch."
+    if form.get("basis") not in BASIS_METHODS:
+        return f"Unknown basis method {form.get('basis')!r}; choose {' or '.join(BASIS_METHODS)}."
     if form.get("mean_dtype") not in MEAN_DTYPES:
         return f"Unknown mean storage {form.get('mean_dtype')!r}; choose {', '.join(MEAN_DTYPES)}."
     if not output:
@@ -111,46 +113,32 @@ def problem(form: Mapping[str, Any], *, devices: list[str], modes: tuple[str, ..
     return None
 
 
-def _center_argument(convert: Callable, center: bool) -> Any:
-    """uwsfmt.convert takes center as "mean"/"none"; a bool if its default is one."""
-    try:
-        default = inspect.signature(convert).parameters["center"].default
-    except (KeyError, TypeError, ValueError):
-        return center
-    if isinstance(default, bool):
-        return center
-    return "mean" if center else "none"
+def convert_kwargs(form: Mapping[str, Any]) -> dict:
+    """The keyword arguments ``form`` passes to ``uwsfmt.convert`` besides sources/out (its
+    one-by-one keywords, which it maps onto ``Fidelity`` / ``BuildOptions``).
 
-
-def convert_kwargs(form: Mapping[str, Any], convert: Callable) -> dict:
-    """The keyword arguments ``form`` passes to ``convert`` (``uwsfmt.convert``) besides sources/out.
-
-    >>> import uwsfmt
-    >>> convert_kwargs({**DEFAULTS, "rank_mode": "rank", "rank": 4}, uwsfmt.convert)["rank"]
-    4
+    >>> kw = convert_kwargs({**DEFAULTS, "rank_mode": "rank", "rank": 4, "mode": "left", "residual_bits": 4})
+    >>> kw["rank"], kw["mode"], kw["residual_bits"], kw["center"]
+    (4, 'left', 4, 'mean')
     """
     kw: dict[str, Any] = {"rank": None, "tau": None}
     if form["rank_mode"] == "rank":
         kw["rank"] = int(form["rank"])
     elif form["rank_mode"] == "tau":
         kw["tau"] = float(form["tau"])
-    kw["center"] = _center_argument(convert, bool(form["center"]))
+    kw["center"] = "mean" if form["center"] else "none"  # the form's checkbox: subtract the family mean first
     kw["device"] = form["device"] or None
-    try:
-        params = inspect.signature(convert).parameters
-    except (TypeError, ValueError):
-        params = {}
-    if form["mode"] != "auto" and "mode" in params:
+    if form["mode"] != MODES[0]:  # the library's default otherwise
         kw["mode"] = form["mode"]
-    if form["residual_bits"] and "residual_bits" in params:
+    if form["residual_bits"]:
         kw["residual_bits"] = int(form["residual_bits"])
-    if form["max_error"] is not None and "max_error" in params:
+    if form["max_error"] is not None:
         kw["max_error"] = float(form["max_error"])
-    if form["basis"] != "exact" and "basis" in params:
+    if form["basis"] != BASIS_METHODS[0]:
         kw["basis"] = form["basis"]
-    if form["mean_dtype"] != "auto" and "mean_dtype" in params:
+    if form["mean_dtype"] != "auto":
         kw["mean_dtype"] = form["mean_dtype"]
-    if form["overwrite"] and "overwrite" in params:
+    if form["overwrite"]:
         kw["overwrite"] = True
     return kw
 

@@ -238,6 +238,28 @@ def test_converter_kwargs_follow_the_form():
     assert MEAN_DTYPES == LIBRARY_MEAN_DTYPES  # the form offers what convert() takes
 
 
+def test_converter_options_reach_the_real_library(tmp_path):
+    """The form's choices are what the built store holds (not dropped on the way to convert())."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        save_file({"w": torch.randn(64, 48, generator=g)}, str(tmp_path / f"m{i}.safetensors"))
+    out = tmp_path / "fam.uws"
+    c = Converter(sources=str(tmp_path / "*.safetensors"), output=str(out), device="cpu")
+    c.rank_mode, c.rank, c.mode, c.residual_bits, c.center = "rank", 2, "left", 8, False
+
+    async def main():
+        await c.run()
+
+    asyncio.run(main())
+    assert c.status == "done", c.message
+    e = c.store.manifest["tensors"][0]
+    assert (e["mode"], e["rank"][0], e["residual"]["bits"], e["center"]) == ("left", 2, 8, "none")
+    c.store.close()
+
+
 def test_converter_rejects_bad_options_with_messages():
     c = Converter(sources="", output="o.uws")
     assert c.run() is None and c.status == "error" and "at least one source" in c.message

@@ -346,7 +346,7 @@ class JobsHandler(UWSHandler):
 
             t0 = time.monotonic()
             if job.action == "create":
-                kw = options.convert_kwargs(form, uwsfmt.convert)
+                kw = options.convert_kwargs(form)
                 store = uwsfmt.convert(srcs, out, progress=job.on_progress, cancel=job.cancel_event, **kw)
                 done, extra = "Done", ""
             else:

@@ -63,7 +63,7 @@ def export_formats(store, model) -> list[str]:
 
 def _tensor_names(store) -> list[str]:
     """The names an exported model's tensors have, in store order (LoRA modules: their factors)."""
-    out = []
+    out: list[str] = []
     for e in store.manifest["tensors"]:
         out += lora_enc.factor_names(e) if e.get("lora") is not None else [e["name"]]
     return out
@@ -184,9 +184,9 @@ def export_hf(store, model, out: str, *, max_shard_size: int | str | None = None
             save_file({n: sd[n].contiguous() for n in members}, os.path.join(tmp, shard), metadata=meta)
             del sd
         if index is not None and not keep_index:
-            with open(os.path.join(tmp, index), "w", encoding="utf-8") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
-                f.write("\n")
+            with open(os.path.join(tmp, index), "w", encoding="utf-8") as text:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, text, indent=2, sort_keys=True)
+                text.write("\n")
         _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

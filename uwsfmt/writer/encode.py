@@ -215,10 +215,11 @@ def encode_model(
         if encoding.projects and rel is not None and not math.isfinite(rel) and not check_finite(w, name, ck):  # NaN/Inf in W make the error NaN or Inf: one pass saved
             raise nonfinite_error(name, ck) if not allow_nonfinite else projected_nonfinite_error(name, ck)
         keep = ctx.rebuilt.pop(name, None)  # under a budget: what the bases miss becomes a per-model exception
-        if keep is not None and not budget.meets(error_budget, keep["error"], keep["wn"], keep["dn"], e["dtype"]):
+        if keep is not None:
             assert error_budget is not None and corrections is not None and rel is not None  # keep is only made under a budget
-            corrections[name] = fix = budget.correct(w, keep["rebuilt"], e["dtype"], error_budget, rel, keep["dn"])
-            rel, drel = fix.error, fix.delta_error
+            if not budget.meets(error_budget, keep["error"], keep["wn"], keep["dn"], e["dtype"]):
+                corrections[name] = fix = budget.correct(w, keep["rebuilt"], e["dtype"], error_budget, rel, keep["dn"])
+                rel, drel = fix.error, fix.delta_error
         errs.append(_finite_or_none(rel))
         derrs.append(_finite_or_none(drel))
     return rows, per_model, errs, derrs

@@ -54,6 +54,12 @@ class FilePolicy:
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_size", parse_size(self.max_size))  # "10MiB" -> bytes, checked
 
+    @property
+    def limit(self) -> int:
+        """``max_size`` in bytes (``__post_init__`` parsed it)."""
+        assert isinstance(self.max_size, int)
+        return self.max_size
+
     def record(self) -> dict:
         """How the policy is recorded in the manifest's ``build`` (appends follow it)."""
         return {"keep": self.keep, "remote_code": self.remote_code, "max_size": self.max_size}
@@ -140,7 +146,7 @@ def plan_folder(ck: Checkpoint, policy: FilePolicy) -> FolderPlan | None:
             raise SourceError(f"{entry.path!r}: a file name a store cannot hold; rename it, or convert with files=False "
                               "(CLI: --no-files)")
         size = entry.stat().st_size
-        if size > policy.max_size:
+        if size > policy.limit:
             raise SourceError(
                 f"{entry.path}: {size:,} bytes, above the {policy.max_size:,}-byte limit for a model folder's small files "
                 "(config, tokenizer, model card...); raise the limit (files=FilePolicy(max_size=...), CLI: --max-file-size), move the "
@@ -159,10 +165,10 @@ def write_files(zstore, plan: FolderPlan | None, written: set[str], policy: File
     for name, path in plan.files.items():
         try:
             with open(path, "rb") as f:
-                data = f.read(policy.max_size + 1)
+                data = f.read(policy.limit + 1)
         except OSError as e:
             raise SourceError(f"{path}: cannot read the file ({e.strerror or e})") from None
-        if len(data) > policy.max_size:  # grew since it was planned
+        if len(data) > policy.limit:  # grew since it was planned
             raise SourceError(f"{path}: now larger than the {policy.max_size:,}-byte limit for small files; raise "
                               "the limit (FilePolicy(max_size=...), CLI: --max-file-size)")
         sha = hashlib.sha256(data).hexdigest()
