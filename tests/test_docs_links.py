@@ -18,11 +18,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {"node_modules", "build", "dist", "__pycache__", "artifacts", "api"}
 
-# Written on other branches of the same redesign (hf: docs/huggingface.md; lab: docs/jupyter.md and its
-# screenshot). A link to one of these is accepted while the file is absent; once the file exists it is
-# checked like any other. Remove this set when those branches are merged.
-PENDING = {"docs/huggingface.md", "docs/jupyter.md", "docs/img/jupyterlab-inspector.png"}
-
 FENCE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1[^\n]*$", re.M | re.S)
 CODE_SPAN = re.compile(r"(`+)(?!`).+?(?<!`)\1(?!`)", re.S)
 INLINE = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*(<[^>]*>|[^\s()]*(?:\([^\s()]*\)[^\s()]*)*)(?:\s+[\"'(][^)]*)?\s*\)")
@@ -82,8 +77,7 @@ def broken_links(path: Path) -> list[str]:
         dest = (path.parent / unquote(file_part)).resolve() if file_part else path
         rel = dest.relative_to(ROOT).as_posix() if dest.is_relative_to(ROOT) else str(dest)
         if not dest.exists():
-            if rel not in PENDING:
-                bad.append(f"{target!r}: {rel} does not exist")
+            bad.append(f"{target!r}: {rel} does not exist")
             continue
         if fragment and dest.suffix == ".md" and dest.is_file() and unquote(fragment).lower() not in anchors(dest):
             bad.append(f"{target!r}: no heading with anchor #{fragment} in {rel}")
