@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from uwsfmt.encodings import coefficients as coef_enc
 from uwsfmt.encodings.exception import array_names
 from uwsfmt.encodings.lora import factor_matrices
 from uwsfmt.errors import FormatError, UWSError
@@ -109,8 +110,12 @@ def _check_store(store, tol: float, problems: list[str]) -> None:
             kl, kr = e["rank"]
             r = kl if e["left"] else mv
             c = kr if e["right"] else nv
-            if list(e["coefficients"]["shape"]) != [r, c] or e["coefficients"]["length"] != r * c:
+            quantized = coef_enc.quantized(e["coefficients"])
+            if list(e["coefficients"]["shape"]) != [r, c] or (not quantized and e["coefficients"]["length"] != r * c):
                 problems.append(f"{what}: coefficient slot {e['coefficients']} does not match ranks {e['rank']} and view {e['view']}")
+            if quantized and _minor(m) < 2:
+                problems.append(f"{what}: quantized coefficients, which format {m['format_version']} does not allow "
+                                "(they came with format 1.2)")
             for side, dim, k in (("left", mv, kl), ("right", nv, kr)):
                 if not e[side]:
                     continue

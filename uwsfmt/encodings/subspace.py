@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from uwsfmt.encodings import coefficients as coef_enc
 from uwsfmt.encodings import residual as residual_enc
 from uwsfmt.encodings.base import EncodeContext, Encoding, ReadContext, register
-from uwsfmt.encodings.slots import take
 from uwsfmt.errors import FormatError
 from uwsfmt.format import dtypes
 from uwsfmt.numerics import gram, linalg, native
@@ -273,7 +273,7 @@ def decode_group(ctx: ReadContext, key: tuple, group: list[dict]) -> list[torch.
     cdt = ctx.reader.compute_dtype(e0)
     m, n = e0["view"]
     cshape = e0["coefficients"]["shape"]
-    cs = [take(rows, e["coefficients"]).reshape(cshape).to(cdt) for e in group]  # views of the row
+    cs = [coef_enc.decode(e["coefficients"], rows).reshape(cshape).to(cdt) for e in group]  # float32: views of the row
     if m * n >= EXPAND_MIN_ELEMENTS and rebuilt_shape(left, right, cs[0]) == (m, n):
         # large tensors one by one: straight into the caller's tensors where they can take the
         # result (no full-size temporary: a fresh allocation costs page faults and a pass over
@@ -359,7 +359,10 @@ def project_model(e: dict, fit: Fit, w: torch.Tensor, rows: dict[str, np.ndarray
         d = wc.sub(prep.mean.reshape(view)) if prep.mean is not None else wc
         c = linalg.project(d, prep.left, prep.right).to(torch.float32)
         sl = e["coefficients"]
-        if sl["length"]:  # rank 0: an empty slot, whose pack may not exist
+        if coef_enc.quantized(sl):  # the reader's C is the dequantized one: errors and residual follow it
+            values, c = coef_enc.encode(sl, c)
+            coef_enc.write(sl, values, rows)
+        elif sl["length"]:  # rank 0: an empty slot, whose pack may not exist
             rows[sl["pack"]][sl["offset"]: sl["offset"] + c.numel()] = c.cpu().numpy().reshape(-1)
         dn = math.sqrt(linalg.sq_norm(d)) if prep.mean is not None else None
         wn = math.sqrt(linalg.sq_norm(wc))
@@ -399,7 +402,7 @@ class Subspace(Encoding):
         return rel, drel
 
     def slots(self, e: dict) -> list[dict]:
-        out = [e["coefficients"]]
+        out = coef_enc.slots(e["coefficients"])
         r = e.get("residual")
         if r:
             out += [r[k] for k in ("codes", "scales", "values") if k in r]

@@ -93,6 +93,8 @@ def check_consistency(m: dict, where: str) -> None:
             slots.append(t["data"])
         if t["encoding"] == "subspace":
             slots.append(t["coefficients"])
+            if isinstance(t["coefficients"].get("scales"), dict):  # quantized coefficients (format 1.2)
+                slots.append(t["coefficients"]["scales"])
             r = t.get("residual") or {}
             slots += [r[k] for k in ("codes", "scales", "values") if k in r]
         for s in slots:

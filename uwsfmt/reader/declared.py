@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from uwsfmt.encodings import coefficients as coef_enc
 from uwsfmt.errors import FormatError
 from uwsfmt.format import dtypes
 from uwsfmt.reader import compat
@@ -108,8 +109,13 @@ def _check_subspace(e: dict, what: str, problems: list[str]) -> None:
             _slot(what, "residual codes", res.get("codes"), "uint8", -(-m * n * res["bits"] // 8), problems)
             _slot(what, "residual scales", res.get("scales"), "float32", m, problems)
     c = e["coefficients"]
-    if c.get("length") and c.get("pack") != "float32":
-        problems.append(f"{what}: coefficients are in pack {c.get('pack')!r}; coefficients are float32 (§6.3)")
+    if coef_enc.quantized(c):
+        try:
+            coef_enc.check(c, what)
+        except FormatError as err:
+            problems.append(str(err))
+    elif c.get("length") and c.get("pack") != "float32":
+        problems.append(f"{what}: coefficients are in pack {c.get('pack')!r}; unquantized coefficients are float32 (§6.3)")
     rec = e.get("lora")
     if isinstance(rec, dict) and isinstance(rec.get("a_tail"), list):
         if list(e["shape"]) != [m] + list(rec["a_tail"]) or _prod(rec["a_tail"]) != n:

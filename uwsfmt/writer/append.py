@@ -19,6 +19,7 @@ import zarr
 
 from uwsfmt import encodings
 from uwsfmt.encodings import budget
+from uwsfmt.encodings import coefficients as coef_enc
 from uwsfmt.encodings import lora as lora_enc
 from uwsfmt.errors import ConflictError, SourceError, StoreError
 from uwsfmt.format import dtypes, naming
@@ -136,8 +137,7 @@ def project(store: StoreReader, source: Source, *, format: str | None = None, de
     coefs = {}
     for e in entries:
         if e.get("coefficients") is not None:
-            sl = e["coefficients"]
-            coefs[e["name"]] = torch.from_numpy(rows[sl["pack"]][sl["offset"]: sl["offset"] + sl["length"]].copy()).reshape(sl["shape"])
+            coefs[e["name"]] = coef_enc.decode(e["coefficients"], {p: torch.from_numpy(v) for p, v in rows.items()}).clone()
     names = [e["name"] for e in entries]
     return {"id": ck.id, "coefficients": coefs, "error": dict(zip(names, errs)), "delta_error": dict(zip(names, derrs))}
 

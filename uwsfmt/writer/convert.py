@@ -19,6 +19,7 @@ import torch
 import zarr
 from zarr.storage import LocalStore
 
+from uwsfmt.encodings import coefficients as coef_enc
 from uwsfmt.encodings import lora as lora_enc
 from uwsfmt.encodings import residual as residual_enc
 from uwsfmt.encodings import subspace
@@ -355,7 +356,8 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
         wb.drain()
         manifest: dict[str, Any] = {
             "format_version": layout.version_for(any(isinstance(f, subspace.Fit) and f.mean is not None and f.mean.dtype == torch.float16
-                                                     for f in fits.values())),
+                                                     for f in fits.values()),
+                                                 any(coef_enc.quantized(e.get("coefficients") or {}) for e in entries)),
             "state": "complete",
             "generation": 1,
             "writer": f"uwsfmt {__version__}",
@@ -444,5 +446,5 @@ def _add_subspace(e: dict, fit: subspace.Fit, npath: str, packs: PackLayout, s: 
     e["energy"] = float(next(iter(fit.spectra.values())).sum()) if fit.spectra else 0.0
     r = fit.left.shape[1] if fit.left is not None else view[0]
     c = fit.right.shape[1] if fit.right is not None else view[1]
-    e["coefficients"] = packs.add("float32", r * c, shape=[r, c])
+    e["coefficients"] = coef_enc.plan(packs, (r, c), s.coefficient_scheme, fit.mode)
     e["residual"] = residual_enc.plan(packs, view[0], view[1], s.residual_bits) if s.residual_bits else None

@@ -29,7 +29,7 @@ def _batch_key(e: dict, fit, info, budgeted: bool) -> tuple | None:
     Small subspace tensors whose error takes the cheap path (:func:`_encode_subspace`: source in
     the compute dtype, no residual, no budget) are batched when they share view, mode, rank,
     dtype and centring: one stacked GEMM per group instead of Python work per tensor and model."""
-    if budgeted or e["encoding"] != "subspace" or e.get("lora") is not None or e.get("residual"):
+    if budgeted or e["encoding"] != "subspace" or e.get("lora") is not None or e.get("residual") or "bits" in e["coefficients"]:
         return None
     if e["dtype"] not in ("float32", "float64") or info is None or info.dtype != e["dtype"]:
         return None
@@ -142,7 +142,7 @@ def encode_model(
     for e in entries:
         fit = fits.get(e["name"])
         pre = getattr(fit, "precomputed", None) if index is not None else None
-        if pre is not None and e["encoding"] == "subspace" and pre[index] is not None:
+        if pre is not None and e["encoding"] == "subspace" and pre[index] is not None and "bits" not in e["coefficients"]:
             done[e["name"]] = pre[index]
             pre[index] = None
             c = done[e["name"]][0]

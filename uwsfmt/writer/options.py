@@ -21,6 +21,8 @@ CHOICES: dict[str, tuple] = {
     "side": ("auto", "left", "right", "both", "flat"),  # which side(s) of the matrix view get a basis
     "center": ("auto", "mean", "none", "base"),  # what deviations are taken from (auto: base if given, else mean)
     "residual_bits": (1, 2, 4, 8, 16),  # quantized per-model correction (16 = float16)
+    # per-model coefficients: float32, or quantized per direction (auto: float32 unless an error budget picks)
+    "coefficient_bits": ("auto", "float32", "8", "8/4", "4", "8/4/2"),
     "basis_method": ("exact", "sketch"),  # float64 Gram + eigh, or a checked randomised sketch
     "mean_dtype": ("auto", "float16", "compute"),  # how each subspace tensor's mean is stored
     "lora_mode": ("auto", "product", "factors"),  # LoRA adapters: basis over s*B*A, or A and B as tensors
@@ -115,8 +117,11 @@ class BuildOptions:
     ``side``: which side(s) of each tensor's matrix view get a shared basis (``auto``: the
     smaller one). ``center``: what deviations are taken from (``auto``: the ``base`` checkpoint
     when one is given, else the family mean). ``residual_bits``: a quantized per-model
-    correction (None: none, unless an error budget picks one). ``encodings``: name pattern ->
-    encoding overrides. ``min_numel``: smaller float tensors are stored dense (None: 1024, or 32
+    correction (None: none, unless an error budget picks one). ``coefficient_bits``: how the
+    per-model coefficients are stored: ``float32``, ``8`` / ``4`` bits per value, or mixed
+    precision by direction (``8/4``, ``8/4/2``: more bits for the leading directions); ``auto``:
+    float32, except under an error budget, which picks per tensor (format 1.2). ``encodings``:
+    name pattern -> encoding overrides. ``min_numel``: smaller float tensors are stored dense (None: 1024, or 32
     under an error budget). ``basis_method``: ``exact`` or ``sketch``. ``mean_dtype``: how means
     are stored. ``lora_mode``: LoRA adapters as a product basis or as factors. ``seed``: the
     sketch's random test matrices. ``allow_nonfinite``: store tensors with NaN/Inf dense instead
@@ -129,6 +134,7 @@ class BuildOptions:
     side: str = "auto"
     center: str = "auto"
     residual_bits: int | None = None
+    coefficient_bits: str = "auto"
     encodings: dict[str, str] = field(default_factory=dict)
     min_numel: int | None = None
     basis_method: str = "exact"
@@ -138,7 +144,7 @@ class BuildOptions:
     allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("side", "center", "basis_method", "mean_dtype", "lora_mode"):
+        for name in ("side", "center", "basis_method", "mean_dtype", "lora_mode", "coefficient_bits"):
             check_choice(name, getattr(self, name))
         if self.residual_bits not in (None, 0) + CHOICES["residual_bits"]:
             raise ConfigError(f"residual_bits must be one of {', '.join(map(str, CHOICES['residual_bits']))} (or None); "
@@ -163,7 +169,8 @@ class BuildOptions:
 
 #: keyword arguments convert() still takes one by one (before Fidelity / BuildOptions), and where each goes
 LEGACY_FIDELITY = ("rank", "tau", "max_rank", "max_error", "max_delta_error")
-LEGACY_OPTIONS = {"mode": "side", "center": "center", "residual_bits": "residual_bits", "encodings": "encodings",
+LEGACY_OPTIONS = {"mode": "side", "center": "center", "residual_bits": "residual_bits", "coefficient_bits": "coefficient_bits",
+                  "encodings": "encodings",
                   "min_numel": "min_numel", "basis": "basis_method", "mean_dtype": "mean_dtype", "lora_mode": "lora_mode",
                   "seed": "seed", "allow_nonfinite": "allow_nonfinite"}
 

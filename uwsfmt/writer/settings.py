@@ -40,6 +40,7 @@ class Settings:
     mode: str = "auto"  # auto | left | right | both | flat
     center: str = "mean"  # mean | none | base (base needs base=...)
     residual_bits: int | None = None  # 2 | 4 | 8 | 16 | None
+    coefficient_bits: str = "auto"  # auto | float32 | 8 | 8/4 | 4 | 8/4/2 (encodings.coefficients)
     encodings: dict[str, str] = field(default_factory=dict)  # name pattern -> encoding
     min_numel: int = 1024  # smaller float tensors are stored dense
     allow_nonfinite: bool = False  # store tensors with NaN/Inf as dense instead of refusing
@@ -59,7 +60,7 @@ class Settings:
         """The settings a build runs with, from the user's typed options."""
         return cls(rank=fid.rank, tau=fid.tau, max_rank=fid.max_rank, max_error=fid.max_error,
                    max_delta_error=fid.max_delta_error, mode=opts.side, center=opts.resolved_center(has_base),
-                   residual_bits=opts.residual_bits or None, encodings=dict(opts.encodings),
+                   residual_bits=opts.residual_bits or None, coefficient_bits=opts.coefficient_bits, encodings=dict(opts.encodings),
                    min_numel=opts.resolved_min_numel(fid), allow_nonfinite=opts.allow_nonfinite, seed=opts.seed,
                    lora_mode=opts.lora_mode, basis=opts.basis_method, mean_dtype=opts.mean_dtype)
 
@@ -88,9 +89,16 @@ class Settings:
             raise ConfigError(f"sketch_power must be an integer >= 1 (refinement sweeps), not {self.sketch_power!r}")
         if self.residual_bits not in (None, 0) + quantize.RESIDUAL_BITS:
             raise ConfigError(f"residual_bits must be one of 1, 2, 4, 8, 16 (or None); not {self.residual_bits!r}")
+        if self.coefficient_bits not in CHOICES["coefficient_bits"]:
+            raise ConfigError(f"coefficient_bits must be one of {', '.join(CHOICES['coefficient_bits'])}; not {self.coefficient_bits!r}")
         for pat, enc in self.encodings.items():
             if enc not in ENCODING_NAMES:
                 raise ConfigError(f"encoding override {pat!r}: {enc!r} is not one of {', '.join(ENCODING_NAMES)}")
+
+    @property
+    def coefficient_scheme(self) -> str:
+        """How this tensor's coefficients are stored ("auto" outside a budget's pick: float32)."""
+        return "float32" if self.coefficient_bits == "auto" else self.coefficient_bits
 
     @property
     def error_budget(self) -> budget.Budget | None:
