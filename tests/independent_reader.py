@@ -42,8 +42,9 @@ DTYPES = {
     "bool": (torch.bool, "bool"),
 }
 BIT_TYPES = {"bfloat16": np.int16, "float8_e4m3fn": np.int8, "float8_e5m2": np.int8}
-# the values of the open fields that format 1.1 defines (§3.4, §6.4, §6.6, §12)
+# the values of the open fields that format 1.2 defines (§3.4, §6.3.1, §6.4, §6.6, §12)
 ENCODINGS, KINDS, BITS = ("subspace", "shared", "dense"), ("correct", "replace"), (1, 2, 4, 8, 16)
+RUN_BITS = (1, 2, 4, 8)  # §6.3.1: bit widths of quantized coefficient runs
 COMPUTED = ("float64", "float32", "float16", "bfloat16")  # §4: the dtypes that may be computed
 # §6.7, factors mode: the A / B key suffixes of the layouts (informative table)
 LORA_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"),
@@ -209,7 +210,9 @@ class SpecReader:
         entries = [e for e in m["tensors"] if wanted is None or e["name"] in wanted]
         exceptions = [x for x in m["models"][i].get("exceptions") or () if wanted is None or x["tensor"] in wanted]
         for e in entries:  # §12: a value this reader does not know refuses the tensors concerned only
-            if e["encoding"] not in ENCODINGS or (e["encoding"] == "subspace" and e["residual"] and e["residual"]["bits"] not in BITS):
+            runs = e.get("coefficients", {}).get("bits") if e["encoding"] == "subspace" else None
+            if e["encoding"] not in ENCODINGS or (e["encoding"] == "subspace" and e["residual"] and e["residual"]["bits"] not in BITS) \
+                    or (runs is not None and any(b not in RUN_BITS for _, b in runs)):
                 raise SpecError(f"tensor {e['name']!r} uses an encoding or residual width this reader does not know")
         for x in exceptions:
             if x["kind"] not in KINDS or (x["kind"] == "correct" and x["bits"] not in BITS):
@@ -324,10 +327,14 @@ class SpecReader:
         cdt = compute_dtype(e["dtype"])
         m, n = e["view"]
         kl, kr = e["rank"]
-        r, c = e["coefficients"]["shape"]
-        if (r, c) != (kl if e["left"] else m, kr if e["right"] else n) or r * c != e["coefficients"]["length"]:
+        co = e["coefficients"]
+        r, c = co["shape"]
+        if (r, c) != (kl if e["left"] else m, kr if e["right"] else n) or ("bits" not in co and r * c != co["length"]):
             raise SpecError(f"tensor {e['name']!r}: coefficient shape {[r, c]} does not fit its ranks and view")
-        p = torch.from_numpy(np.asarray(take(e["coefficients"]))).to(cdt).reshape(r, c)
+        if "bits" in co:
+            p = quantized_coefficients(e["name"], co, take).to(cdt)
+        else:
+            p = torch.from_numpy(np.asarray(take(co))).to(cdt).reshape(r, c)
         scale = float(p.double().norm())
         if e["left"]:
             left = torch.from_numpy(self.array(e["left"], cache=True)).to(cdt)
@@ -352,10 +359,33 @@ class SpecReader:
         return p.reshape(e["shape"]), self._count(e) * unit(cdt) * scale
 
 
+def quantized_coefficients(name: str, co: dict, take) -> torch.Tensor:
+    """§6.3.1: C (float32) from a quantized coefficients record: D (C, or C^T for axis 1) is
+    k x len; runs [count, b] of its rows, each a byte-aligned block decoded like a residual of b
+    bits with the rows' scales."""
+    r, c = co["shape"]
+    if co.get("axis") not in (0, 1) or co["pack"] != "uint8":
+        raise SpecError(f"tensor {name!r}: quantized coefficients need axis 0 or 1 and pack uint8")
+    k, length = (r, c) if co["axis"] == 0 else (c, r)
+    runs = co["bits"]
+    blocks = [(cnt * length * b + 7) // 8 for cnt, b in runs]
+    sc = co["scales"]
+    if sum(cnt for cnt, _ in runs) != k or sum(blocks) != co["length"] or sc["pack"] != "float32" or sc["length"] != k:
+        raise SpecError(f"tensor {name!r}: quantized coefficient runs {runs} do not add up to {k} directions / {co['length']} bytes")
+    codes, scales = np.asarray(take(co)), np.asarray(take(sc))
+    parts, row, at = [], 0, 0
+    for (cnt, b), nb in zip(runs, blocks):
+        parts.append(dequantize(b, (cnt, length), codes=codes[at: at + nb], scales=scales[row: row + cnt]))
+        row, at = row + cnt, at + nb
+    d = torch.cat(parts) if parts else torch.zeros(k, length)
+    return d if co["axis"] == 0 else d.T
+
+
 def _slots(t: dict) -> list[dict]:
     if t["encoding"] == "dense" and "pack" in t["data"]:
         return [t["data"]]
     if t["encoding"] == "subspace":
         r = t.get("residual") or {}
-        return [t["coefficients"]] + [r[k] for k in ("codes", "scales", "values") if k in r]
+        co = t["coefficients"]
+        return [co] + ([co["scales"]] if "bits" in co else []) + [r[k] for k in ("codes", "scales", "values") if k in r]
     return []

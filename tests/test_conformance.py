@@ -229,6 +229,9 @@ MATRIX = {
     "sketch-tau": dict(dtype=torch.float32, kw=dict(tau=0.99, basis="sketch")),
     "base": dict(dtype=torch.float32, kw=dict(rank=2, center="base")),
     "budget-append": dict(dtype=torch.float32, kw=dict(max_error=1e-4), append=True),
+    "qcoef-right-4-bf16": dict(dtype=torch.bfloat16, kw=dict(rank=3, mode="right", coefficient_bits="4")),
+    "qcoef-both-84-r2": dict(dtype=torch.float32, kw=dict(rank=3, mode="both", coefficient_bits="8/4", residual_bits=2)),
+    "qcoef-budget-append": dict(dtype=torch.float32, kw=dict(max_delta_error=0.3, coefficient_bits="8/4/2"), append=True),
     "delta-budget-bf16-append": dict(dtype=torch.bfloat16, kw=dict(max_delta_error=0.05), append=True),
 }
 

@@ -31,6 +31,9 @@ settings per conversion:
 - ``example-lora.uws``: LoRA product mode from kohya files: float16 factors, a conv module, alpha
   tensors, ranks 4 / 8 / 6 under rank-3 bases, an adapter lacking a module (rank 0).
 - ``example-lora-factors.uws``: LoRA factors mode (A and B as ordinary tensors, ``adapter.scales``).
+- ``example-qcoef.uws`` (format 1.2): quantized coefficients (section 6.3.1), rank 8 in runs of
+  8, 4 and 2 bits, a left (axis 0) and a right (axis 1) tensor, float32 and float64, with 2-bit
+  residuals.
 - ``example-f8.uws``: float8_e4m3fn / e5m2 dense and shared tensors and an appended model with
   ``replace`` exceptions on float8 and int16 tensors and ``correct`` ones of 1, 2 and 16 bits.
 
@@ -48,7 +51,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STORES = ("example", "example-flat", "example-half", "example-r1", "example-r2", "example-r16", "example-lora",
-          "example-lora-factors", "example-f8")
+          "example-lora-factors", "example-f8", "example-qcoef")
 N_MODELS = 5
 MAX_ERROR = 1e-5
 #: model ids are arbitrary strings, never paths: these are deliberately awkward
@@ -185,6 +188,26 @@ def residual_family(seed: int, shapes: dict[str, tuple[int, int]], dts: dict[str
             k: (bases[k] + 0.1 * dirs[k] @ torch.randn(2, s[1], generator=g, dtype=torch.float64)
                 + 0.01 * torch.randn(s, generator=g, dtype=torch.float64)).to(dts.get(k, torch.float32))
             for k, s in shapes.items()}
+    return models
+
+
+def qcoef_family() -> dict[str, dict[str, torch.Tensor]]:
+    """Ten models of "base + rank-8 deviations of decaying size + noise", one tall and one wide
+    tensor (so that the smaller side differs), float32 and float64."""
+    shapes, dts = {"q.left.weight": (40, 24), "q.right.f64.weight": (24, 40)}, {"q.right.f64.weight": torch.float64}
+    g = _gen(10)
+    bases = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+    dirs = {k: _orth(min(s), 8, g) for k, s in shapes.items()}
+    decay = torch.tensor([2.0 ** -i for i in range(8)], dtype=torch.float64)
+    models = {}
+    for i in range(10):
+        g = _gen(11, i)
+        sd = {}
+        for k, s in shapes.items():
+            coef = decay[:, None] * torch.randn(8, max(s), generator=g, dtype=torch.float64)
+            dev = dirs[k] @ coef if s[0] <= s[1] else (dirs[k] @ coef).T
+            sd[k] = (bases[k] + 0.1 * dev + 0.01 * torch.randn(s, generator=g, dtype=torch.float64)).to(dts.get(k, torch.float32))
+        models[f"q-{i}"] = sd
     return models
 
 
@@ -351,6 +374,9 @@ def _build(out_dir: str) -> dict[str, str]:
         st.close()
     for name in ("example-lora", "example-lora-factors"):
         _relabel_sources(paths[name])
+    st = uwsfmt.convert(qcoef_family(), paths["example-qcoef"], rank=8, coefficient_bits="8/4/2", residual_bits=2,
+                        min_numel=64, device="cpu", overwrite=True)
+    st.close()
     fam8 = f8_family()
     st = uwsfmt.convert(fam8, paths["example-f8"], max_error=MAX_ERROR, min_numel=64, device="cpu", overwrite=True)
     st.append(f8_appended(fam8["f8-0"]), id="f8-appended")
@@ -388,6 +414,9 @@ def coverage(paths: dict[str, str]) -> set[str]:
                         have.add("rank-0")
                     if e["residual"]:
                         have.add(f"residual:{e['residual']['bits']}" + (":rank-0" if 0 in e["rank"] else ""))
+                    if "bits" in e["coefficients"]:
+                        have.add(f"coefficients:axis:{e['coefficients']['axis']}")
+                        have.update(f"coefficients:bits:{b}" for _, b in e["coefficients"]["bits"])
                     if len(e["shape"]) > 2:
                         have.add("view:conv")
                     have.add(f"subspace-dtype:{e['dtype']}")
@@ -427,7 +456,8 @@ REQUIRED = {
     "residual:1", "residual:2", "residual:16", "lora:product", "lora:conv", "lora:alpha", "lora:rank-0", "lora:factors",
     "dtype:float8_e4m3fn", "dtype:float8_e5m2", "exception:replace:float8_e4m3fn", "exception:replace:float8_e5m2",
     "exception:replace:int16", "exception:correct:1", "exception:correct:2", "exception:correct:16", "exception:correct:4",
-    "exception:correct:8",
+    "exception:correct:8", "coefficients:axis:0", "coefficients:axis:1", "coefficients:bits:8", "coefficients:bits:4",
+    "coefficients:bits:2",
 }
 
 

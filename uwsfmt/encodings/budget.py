@@ -32,6 +32,7 @@ from typing import cast
 import numpy as np
 import torch
 
+from uwsfmt.encodings import coefficients as coef_enc
 from uwsfmt.encodings import residual as residual_enc
 from uwsfmt.encodings import subspace
 from uwsfmt.encodings.subspace import Fit, resolve_mode
@@ -41,6 +42,8 @@ from uwsfmt.numerics import linalg, quantize
 
 #: residual options tried when ``residual_bits`` is not fixed (None = no residual)
 BITS: tuple[int | None, ...] = (None, 1, 2, 4, 8, 16)
+#: coefficient storage an error budget tries when ``coefficient_bits`` is "auto"
+AUTO_COEFFICIENTS: tuple[str, ...] = coef_enc.SCHEMES
 #: largest rank a budgeted build tries when ``max_rank`` is not given (bounds the sweep's cost)
 MAX_CANDIDATE_RANK = 256
 #: in ``mode='auto'`` both sides' Grams are accumulated (so left, right and two-sided candidates
@@ -87,15 +90,19 @@ class Candidate:
     mode: str  # left | right | both | flat
     rank: int
     bits: int | None  # residual bits; None = no residual
+    coef: str = "float32"  # how the coefficients are stored (encodings.coefficients.SCHEMES)
 
     def describe(self) -> str:
         res = "" if self.bits is None else (" + float16 residual" if self.bits == 16 else f" + int{self.bits} residual")
-        return f"{self.mode} rank {self.rank}{res}"
+        coef = "" if self.coef == "float32" or self.rank == 0 else f" ({coef_enc.describe(self.coef)} coefficients)"
+        return f"{self.mode} rank {self.rank}{coef}{res}"
 
 
-def candidates(fit: Fit, *, bits: Sequence[int | None] = BITS, fixed_rank: bool = False, modes: tuple[str, ...] | None = None) -> list[Candidate]:
-    """Every (mode, rank, bits) the fit allows. A fit of mode 'both' from a widened auto build
-    offers left-only, right-only and two-sided candidates (``modes`` restricts them)."""
+def candidates(fit: Fit, *, bits: Sequence[int | None] = BITS, fixed_rank: bool = False, modes: tuple[str, ...] | None = None,
+               coefs: Sequence[str] = coef_enc.SCHEMES) -> list[Candidate]:
+    """Every (mode, rank, coefficient storage, bits) the fit allows. A fit of mode 'both' from a
+    widened auto build offers left-only, right-only and two-sided candidates (``modes`` restricts
+    them). Rank 0 and flat mode keep float32 coefficients (none, or one value per direction)."""
     kl = fit.left.shape[1] if fit.left is not None else 0
     kr = fit.right.shape[1] if fit.right is not None else 0
     if fit.mode == "flat":
@@ -112,8 +119,9 @@ def candidates(fit: Fit, *, bits: Sequence[int | None] = BITS, fixed_rank: bool 
         for k in ranks:
             if k == 0 and out and any(c.rank == 0 for c in out):
                 continue  # rank 0 is the same store in every mode
-            for b in bits:
-                out.append(Candidate(mode, k, b))
+            for coef in coefs if k > 0 and mode != "flat" else ("float32",):
+                for b in bits:
+                    out.append(Candidate(mode, k, b, coef))
     return out
 
 
@@ -133,7 +141,7 @@ def tensor_bytes(c: Candidate, view: tuple[int, int], n_models: int, *, mean_byt
     m, n = view
     k = c.rank
     basis = {"left": m * k, "flat": m * k, "right": n * k, "both": (m + n) * k}[c.mode] * 4
-    coef = {"left": k * n, "flat": k * n, "right": m * k, "both": k * k}[c.mode] * 4
+    coef = coef_enc.nbytes({"left": (k, n), "flat": (k, n), "right": (m, k), "both": (k, k)}[c.mode], c.mode, c.coef)
     res = 0 if c.bits is None else quantize.residual_nbytes(m, n, c.bits)
     arrays = (mean_bytes > 0) + (1 if c.mode != "both" else 2) + (1 if spectrum_len else 0)
     shared = mean_bytes + basis + 8 * spectrum_len + ARRAY_OVERHEAD * arrays
@@ -254,13 +262,18 @@ class ErrorSweep:
                 if not idx:
                     continue  # every candidate of this rank already broke the budget: skip the projection
                 c = linalg.project(d, prep.left, prep.right).to(torch.float32)
-                r = subspace.rebuild(prep, c, self.view)
-                res = None
+                rebuilt: dict[str, tuple[torch.Tensor, list]] = {}  # coefficient storage -> (rebuild, [residual])
                 for j in idx:
-                    bits = self.cands[j].bits
+                    cand = self.cands[j]
+                    if cand.coef not in rebuilt:
+                        rebuilt[cand.coef] = (subspace.rebuild(prep, coef_enc.fake(c, cand.mode, cand.coef), self.view), [None])
+                    r, res_box = rebuilt[cand.coef]
+                    bits = cand.bits
                     out = r
                     if bits is not None:
-                        res = (wc - r).to(torch.float32) if res is None else res
+                        if res_box[0] is None:
+                            res_box[0] = (wc - r).to(torch.float32)
+                        res = res_box[0]
                         back = res.half().float() if bits == 16 else quantize.fake_quantize_rows(res, bits)
                         out = r + back.to(self.cdt)
                     if self.want != self.cdt:
@@ -298,6 +311,8 @@ class Choice:
     #: delta error), thinned to points 20% apart in the budgeted error, so a reader can tell what
     #: another budget would have cost
     frontier: list[tuple]
+    #: the coefficient storage of each frontier point (None: dense)
+    frontier_coefficients: list[str | None] | None = None
 
     def record(self) -> dict:
         """The manifest's ``budget`` entry of the tensor."""
@@ -310,9 +325,11 @@ class Choice:
             "mode": c.mode if c else None,
             "rank": c.rank if c else None,
             "residual_bits": c.bits if c else None,
+            "coefficient_bits": c.coef if c else None,
             "bytes": int(self.bytes),
             "dense_bytes": int(self.dense_bytes),
             "frontier": [list(p) for p in self.frontier],
+            **({"frontier_coefficients": list(self.frontier_coefficients)} if self.frontier_coefficients else {}),
         }
 
     def reason(self) -> str:
@@ -357,22 +374,26 @@ def pick(sweep: ErrorSweep, *, n_models: int, budget: Budget, shape: Sequence[in
                     key=lambda p: (p[0], p[1]))
     frontier: list[tuple]  # dense's point and candidates' points
     frontier, floor = [], math.inf
+    frontier_coefs: list[str | None] = []  # each frontier point's coefficient storage (a parallel list: 1.0 readers' schema fixes the points' length)
     for by, e, j in points:  # bytes up, error down; a point counts when it cuts the error by 20%
         if e < 0.8 * floor or (e < floor and j is None):
             floor = e
             if j is None:
                 frontier.append(("dense", None, None, by, 0.0, 0.0))
+                frontier_coefs.append(None)
             else:
                 c = sweep.cands[j]
                 frontier.append((c.mode, c.rank, c.bits, by, g4(worst[j]), g4(worst_d[j])))
+                frontier_coefs.append(c.coef)
     if best is None:
-        return Choice("dense", None, dense, dense, 0.0, 0.0, budget, frontier)
-    return Choice("subspace", sweep.cands[best], sizes[best], dense, float(worst[best]), float(worst_d[best]), budget, frontier)
+        return Choice("dense", None, dense, dense, 0.0, 0.0, budget, frontier, frontier_coefs)
+    return Choice("subspace", sweep.cands[best], sizes[best], dense, float(worst[best]), float(worst_d[best]), budget, frontier,
+                  frontier_coefs)
 
 
 def choose(fit: Fit, tensors: Iterable[torch.Tensor], *, name: str, shape: Sequence[int], dtype: str, n_models: int, budget: Budget,
-           residual_bits: int | None = None, fixed_rank: bool = False, mode: str = "auto", forced: bool = False
-           ) -> tuple[Choice, Fit | None]:
+           residual_bits: int | None = None, fixed_rank: bool = False, mode: str = "auto", forced: bool = False,
+           coefficient_bits: str = "auto") -> tuple[Choice, Fit | None]:
     """Sweep the models of one tensor (``tensors``: each model's copy, in order) and pick its
     encoding. Returns the choice and the fit to store (None when dense wins).
 
@@ -382,7 +403,8 @@ def choose(fit: Fit, tensors: Iterable[torch.Tensor], *, name: str, shape: Seque
     m, n = linalg.matrix_view(tuple(shape))
     view = (m * n, 1) if fit.mode == "flat" else (m, n)
     bits = BITS if residual_bits is None else (residual_bits,)
-    cands = candidates(fit, bits=bits, fixed_rank=fixed_rank, modes=None if mode == "auto" else (mode,))
+    coefs = AUTO_COEFFICIENTS if coefficient_bits == "auto" else (coefficient_bits,)
+    cands = candidates(fit, bits=bits, fixed_rank=fixed_rank, modes=None if mode == "auto" else (mode,), coefs=coefs)
     sweep = ErrorSweep(fit, cands, dtype, view, budget)
     for w in tensors:
         sweep.add(w)

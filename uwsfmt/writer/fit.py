@@ -227,6 +227,7 @@ def budget_tensor(e: dict, tp: TensorPlan, fit, cks: list[Checkpoint], s: Settin
         choice, chosen = budget.choose(
             fit, models(), name=tp.name, shape=tp.shape, dtype=tp.dtype, n_models=len(cks), budget=s.error_budget,
             residual_bits=s.residual_bits, fixed_rank=s.rank is not None or s.tau is not None, mode=s.mode,
+            coefficient_bits=s.coefficient_bits,
             forced=override_for(tp.name, s.encodings) == "subspace" and not widen,
         )
         if not fit.ritz:
@@ -257,7 +258,8 @@ def budget_tensor(e: dict, tp: TensorPlan, fit, cks: list[Checkpoint], s: Settin
     if chosen is None:
         return "dense", None, choice.reason(), s
     assert choice.candidate is not None  # subspace
-    return "subspace", chosen, choice.reason(), dataclasses.replace(s, residual_bits=choice.candidate.bits)
+    return "subspace", chosen, choice.reason(), dataclasses.replace(s, residual_bits=choice.candidate.bits,
+                                                                    coefficient_bits=choice.candidate.coef)
 
 
 def _more_directions_matter(fit: subspace.Fit, most: int, tolerance: float) -> bool:
