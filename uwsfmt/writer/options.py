@@ -29,8 +29,15 @@ CHOICES: dict[str, tuple] = {
     "encoding": ("subspace", "shared", "dense"),  # what an override (name pattern -> encoding) may force
 }
 
-#: explained variance kept when a build is given no fidelity at all (fidelity first)
+#: explained variance kept by a ``Fidelity(max_rank=...)`` alone (no rank, tau or budget)
 DEFAULT_TAU = 0.999
+#: the error budget of a build given no fidelity at all: each tensor of each model keeps at least
+#: 70% of its own deviation from the family centre (``max_delta_error``), and is never off by more
+#: than 10% of its norm (``max_error``: the cap that matters when the members share no centre,
+#: e.g. models trained from different seeds). Evidence (bench/rate_distortion.py, README
+#: "Benchmarks"): on really-trained families 0.3 costs at most a few tenths of a point of task
+#: accuracy, in-domain and held-out, where 0.45 already costs more than one point.
+DEFAULT_BUDGET = {"max_delta_error": 0.3, "max_error": 0.1}
 #: smallest float tensor given a basis (smaller ones are stored dense): without / with an error budget
 MIN_NUMEL = 1024
 MIN_NUMEL_UNDER_BUDGET = 32
@@ -67,7 +74,8 @@ class Fidelity:
       residual bits are chosen per tensor for the fewest bytes. Under a budget ``rank`` or
       ``tau`` may also be given: they then fix the rank, and the budget picks the residual.
 
-    ``rank`` with ``tau`` is refused (which would win?). ``Fidelity()`` means the default: tau 0.999.
+    ``rank`` with ``tau`` is refused (which would win?). ``Fidelity()`` means the default: the
+    error budget :data:`DEFAULT_BUDGET` (``max_delta_error=0.3, max_error=0.1``).
 
     >>> Fidelity(max_delta_error=0.3).kind
     'budget'
@@ -164,7 +172,8 @@ class BuildOptions:
     def resolved_min_numel(self, fidelity: Fidelity) -> int:
         if self.min_numel is not None:
             return self.min_numel
-        return MIN_NUMEL_UNDER_BUDGET if fidelity.kind == "budget" else MIN_NUMEL
+        budgeted = fidelity.kind == "budget" or (fidelity.kind == "default" and fidelity.max_rank is None)  # the default is a budget
+        return MIN_NUMEL_UNDER_BUDGET if budgeted else MIN_NUMEL
 
 
 #: keyword arguments convert() still takes one by one (before Fidelity / BuildOptions), and where each goes

@@ -10,7 +10,7 @@ import torch
 from uwsfmt.encodings import budget, subspace
 from uwsfmt.errors import ConfigError, UWSError
 from uwsfmt.numerics import gram, linalg, quantize, randomized
-from uwsfmt.writer.options import CHOICES, DEFAULT_TAU, BuildOptions, Fidelity
+from uwsfmt.writer.options import CHOICES, DEFAULT_BUDGET, DEFAULT_TAU, BuildOptions, Fidelity
 
 ENCODING_NAMES = CHOICES["encoding"]
 
@@ -57,9 +57,12 @@ class Settings:
 
     @classmethod
     def from_options(cls, fid: Fidelity, opts: BuildOptions, *, has_base: bool) -> Settings:
-        """The settings a build runs with, from the user's typed options."""
-        return cls(rank=fid.rank, tau=fid.tau, max_rank=fid.max_rank, max_error=fid.max_error,
-                   max_delta_error=fid.max_delta_error, mode=opts.side, center=opts.resolved_center(has_base),
+        """The settings a build runs with, from the user's typed options (no fidelity at all:
+        the default error budget, :data:`uwsfmt.writer.options.DEFAULT_BUDGET`)."""
+        budget_kw = DEFAULT_BUDGET if fid.kind == "default" and fid.max_rank is None else {
+            "max_error": fid.max_error, "max_delta_error": fid.max_delta_error}
+        return cls(rank=fid.rank, tau=fid.tau, max_rank=fid.max_rank, max_error=budget_kw["max_error"],
+                   max_delta_error=budget_kw["max_delta_error"], mode=opts.side, center=opts.resolved_center(has_base),
                    residual_bits=opts.residual_bits or None, coefficient_bits=opts.coefficient_bits, encodings=dict(opts.encodings),
                    min_numel=opts.resolved_min_numel(fid), allow_nonfinite=opts.allow_nonfinite, seed=opts.seed,
                    lora_mode=opts.lora_mode, basis=opts.basis_method, mean_dtype=opts.mean_dtype)
