@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from uwsfmt.report import leading_above
+
 #: the heatmap is max-pooled down to at most this many rows and columns
 HEATMAP_MAX_CELLS = 1024
 
@@ -99,19 +101,6 @@ def heatmap(errors: np.ndarray, max_cells: int = HEATMAP_MAX_CELLS) -> tuple[byt
         "min_positive": float(positive.min()) if positive.size else None,
     }
     return np.ascontiguousarray(e, dtype="<f4").tobytes(), meta
-
-
-def leading_above(values: np.ndarray, baseline: np.ndarray) -> int:
-    """How many leading eigenvalues rise above the null baseline (the first one that does not ends the run).
-
-    >>> leading_above(np.array([5.0, 3.0, 0.1, 2.0]), np.array([1.0, 1.0, 1.0, 1.0]))
-    2
-    """
-    v = np.asarray(values, dtype=np.float64)
-    b = np.asarray(baseline, dtype=np.float64)
-    n = min(v.size, b.size)
-    above = v[:n] > b[:n]
-    return int(n if above.all() else np.argmin(above))
 
 
 def spectrum(name: str, sp: Mapping[str, Any]) -> dict:

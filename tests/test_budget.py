@@ -101,8 +101,8 @@ def test_subspace_wins_on_low_rank_and_deltas_win_on_noise(tmp_path):
 def test_overrides_fix_what_they_name(tmp_path, noisy_family):
     st = uwsfmt.convert(noisy_family, tmp_path / "r.uws", max_error=0.02, rank=2, mode="left")
     for e in st.manifest["tensors"]:
-        if e["encoding"] == "subspace":
-            assert e["rank"][0] == 2 and e["mode"] == "left"
+        if e["encoding"] == "subspace":  # a vector (view 1 x n) has one left direction at most
+            assert e["rank"][0] == min(2, e["view"][0]) and e["mode"] == "left"
     st = uwsfmt.convert(noisy_family, tmp_path / "b.uws", max_error=0.02, residual_bits=8)
     for e in st.manifest["tensors"]:
         if e["encoding"] == "subspace":
@@ -236,9 +236,12 @@ def _budget_held(st, fam, E):
 def test_sketched_budget_meets_it_with_about_the_exact_bytes(tmp_path, E):
     fam = _wide()
     steps = []
-    st = uwsfmt.convert(fam, tmp_path / "s.uws", max_error=E, basis="sketch", progress=lambda *a: steps.append(a[:2]))
+    # float32 coefficients: the bases are compared (int8 ones at a budget of 2e-4 leave the
+    # sketch's slightly worse directions less room, ~8% more bytes)
+    st = uwsfmt.convert(fam, tmp_path / "s.uws", max_error=E, basis="sketch", coefficient_bits="float32",
+                        progress=lambda *a: steps.append(a[:2]))
     assert steps[-1][0] == steps[-1][1]
-    exact = uwsfmt.convert(fam, tmp_path / "e.uws", max_error=E)
+    exact = uwsfmt.convert(fam, tmp_path / "e.uws", max_error=E, coefficient_bits="float32")
     _budget_held(st, fam, E)
     for e, ex in zip(st.manifest["tensors"], exact.manifest["tensors"]):
         b = e["budget"]

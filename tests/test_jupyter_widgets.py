@@ -44,7 +44,7 @@ def test_heatmap_keeps_nan_and_handles_empty():
     assert data == b"" and meta["rows"] == 0 and meta["max"] is None
 
 
-def test_leading_above_null():
+def test_leading_above_null():  # payload takes it from uwsfmt.report (the notes of `info` use it too)
     assert payload.leading_above(np.array([3.0, 2.0, 0.5]), np.array([1.0, 1.0, 1.0])) == 2
     assert payload.leading_above(np.array([0.1, 2.0]), np.array([1.0, 1.0])) == 0
     assert payload.leading_above(np.array([5.0, 4.0]), np.array([1.0, 1.0])) == 2

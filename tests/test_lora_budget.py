@@ -188,7 +188,7 @@ def test_sketched_budget_is_met_at_about_the_exact_ranks(tmp_path):
 
 def test_sketched_budget_widens_the_sketch_when_its_candidates_run_short(tmp_path, monkeypatch):
     src = _wide_family(tmp_path)
-    monkeypatch.setattr(uwsfmt.numerics.linalg, "SKETCH_RANK", 8)  # 8 candidates: the budget needs more, 4x more do
+    monkeypatch.setattr(uwsfmt.numerics.randomized, "SKETCH_RANK", 8)  # 8 candidates: the budget needs more, 4x more do
     st = uwsfmt.convert(src, tmp_path / "s.uws", max_error=0.2, basis="sketch")
     _check_budget_met(st, src, 0.2)
     for e in st.manifest["tensors"]:
@@ -252,7 +252,7 @@ def test_info_says_when_a_product_store_is_larger_than_the_adapters(tmp_path):
     assert s["ratio"] < 1 and s["lora_larger_than_sources"]
     out = io.StringIO()
     print_summary(product, out)
-    assert "LARGER THAN THE ADAPTERS" in out.getvalue() and "--lora-mode factors" in out.getvalue()
+    assert "LARGER THAN ITS SOURCES" in out.getvalue() and "--lora-mode factors" in out.getvalue()
     factors = uwsfmt.convert(dirs, tmp_path / "f.uws", max_error=0.01, lora_mode="factors")
     assert not summary(factors)["lora_larger_than_sources"]
 

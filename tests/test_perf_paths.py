@@ -19,6 +19,7 @@ import zarr
 from safetensors.torch import save_file
 
 import uwsfmt
+from uwsfmt.encodings import subspace
 from uwsfmt.io.shards import row_reader
 from uwsfmt.numerics import gram, linalg, randomized
 from uwsfmt.testing.families import lora_family, synthetic_family, write_peft_family
@@ -198,7 +199,7 @@ def test_gram_ritz_equals_explicit_gram(center):
         assert torch.allclose(h, qs[side].T @ g_side @ qs[side], rtol=1e-10, atol=1e-9)
         assert torch.allclose(gu, g_side @ us[side], rtol=1e-10, atol=1e-9)
         res = randomized.ritz_from_h(qs[side], h, us[side], gu, float(torch.trace(g_side)))
-        want = torch.linalg.eigvalsh(qs[side].T @ gram @ qs[side]).flip(0).clamp_min(0)
+        want = torch.linalg.eigvalsh(qs[side].T @ g_side @ qs[side]).flip(0).clamp_min(0)
         assert torch.allclose(res.values, want, rtol=1e-9, atol=1e-9)
 
 
@@ -330,8 +331,8 @@ def test_recorded_errors_are_what_readers_get(tmp_path, monkeypatch, mode, basis
     # one-sided lossy float32/float64 tensors get coefficients and errors from pass 1 (the
     # norms' difference); the near-lossless ones fall back to pass 2's rebuild.
     encoded = []
-    real = encode._encode_subspace
-    monkeypatch.setattr(encode, "_encode_subspace", lambda e, *a, **k: encoded.append(e["name"]) or real(e, *a, **k))
+    real = subspace.Subspace.encode  # pass 2's one-tensor path (the batch and pass-1 results bypass it)
+    monkeypatch.setattr(subspace.Subspace, "encode", lambda self, ctx, e, w: encoded.append(e["name"]) or real(self, ctx, e, w))
     shapes = {"w": (128, 96), "v": (128, 96), "u": (128, 96)}
     fam = synthetic_family(n_models=5, shapes=shapes, rank=5, noise=1e-2, extra=False, seed=3)
     tiny = synthetic_family(n_models=5, shapes=shapes, rank=3, noise=1e-9, extra=False, seed=4)

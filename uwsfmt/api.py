@@ -7,6 +7,7 @@ The top of the house: it joins the reader (``reader/``), the writer (``writer/``
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -152,7 +153,11 @@ def convert(sources: Sources, out: str | os.PathLike, **options: Any) -> Store:
     >>> fam = {f"m{i}": {"w": torch.randn(64, 64)} for i in range(4)}  # doctest: +SKIP
     >>> store = uwsfmt.convert(fam, "/tmp/doc.uws", rank=2, overwrite=True)  # doctest: +SKIP
     """
-    return open(build_store(sources, out, **options))
+    store = open(build_store(sources, out, **options))
+    for note in report.summary(store)["notes"]:
+        if note.startswith("LARGER"):  # the one finding a build must not keep quiet about
+            warnings.warn(f"{store.path}: {note}", UserWarning, stacklevel=2)
+    return store
 
 
 def _with_store(store: Store | str | os.PathLike, mode: str, call: Callable[[Store], Any]) -> Any:

@@ -9,6 +9,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from uwsfmt.errors import UWSError
+
 #: a :class:`uwsfmt.reader.store.StoreReader` (not imported: the reader imports this module)
 _Store = Any
 
@@ -49,6 +51,67 @@ def null_spectrum(total: float, dim: int, samples: int, length: int) -> np.ndarr
     vals = vals / vals.sum() * total
     out = np.zeros(length)
     out[: min(length, r)] = vals[: min(length, r)]
+    return out
+
+
+def leading_above(values: np.ndarray, baseline: np.ndarray) -> int:
+    """How many leading eigenvalues rise above the null baseline (the first one that does not ends the run).
+
+    >>> leading_above(np.array([5.0, 3.0, 0.1, 2.0]), np.array([1.0, 1.0, 1.0, 1.0]))
+    2
+    """
+    v = np.asarray(values, dtype=np.float64)
+    b = np.asarray(baseline, dtype=np.float64)
+    n = min(v.size, b.size)
+    above = v[:n] > b[:n]
+    return int(n if above.all() else np.argmin(above))
+
+
+#: share of budgeted matrices stored at rank 0 from which a store is said to share no subspace
+NO_SUBSPACE_SHARE = 0.9
+
+
+def notes(store: _Store, size: int, src: int) -> list[str]:
+    """One-line findings a user should see after a build and in ``info``: a store larger than its
+    sources (and the option that would fix it), a family that shares no useful subspace (stored
+    as mean + quantized deltas), a forced rank that keeps directions indistinguishable from noise."""
+    m = store.manifest
+    st = m["build"]["settings"]
+    out = []
+    budgeted = st.get("max_error") is not None or st.get("max_delta_error") is not None
+    subs = [e for e in m["tensors"] if e["encoding"] == "subspace" and e.get("lora") is None and min(e["view"]) > 1]
+    if size and src and size > src:
+        lora = any(e.get("lora") is not None for e in m["tensors"])
+        if lora and st.get("lora_mode", "product") != "factors":
+            fix = "`--lora-mode factors` (with the default error budget: mean + quantized factors) stores them smaller"
+        elif st.get("rank") is not None or st.get("tau") is not None:
+            fix = "drop --rank/--tau to use the default error budget (or give one: --max-delta-error 0.3)"
+        elif st.get("residual_bits") == 16 or st.get("coefficient_bits") == "float32":
+            fix = "drop --residual-bits 16 / --coefficient-bits float32 and let the error budget choose"
+        else:
+            fix = "a looser error budget (--max-delta-error) stores it smaller"
+        out.append(f"LARGER THAN ITS SOURCES ({human_size(size)} vs {human_size(src)}): {fix}")
+    chosen = [e for e in subs if e.get("budget")]
+    if budgeted and chosen:
+        flat = sum(1 for e in chosen if not any(e["rank"]))
+        if flat >= NO_SUBSPACE_SHARE * len(chosen):
+            out.append(f"the family shares no useful subspace: {flat} of {len(chosen)} matrices are stored at rank 0, "
+                       "as the family centre + quantized per-model deltas")
+    if st.get("rank") and not budgeted and subs:
+        noisy = []
+        for e in subs:
+            try:
+                sp = store.spectrum(e["name"])
+            except UWSError:
+                continue
+            if sp["kept"] and leading_above(sp["eigenvalues"], sp["null"]) < sp["kept"]:
+                noisy.append(e["name"])
+        if noisy:
+            errs = store.errors()
+            worst = float(np.nanmax(errs)) if errs.size and np.isfinite(errs).any() else float("nan")
+            out.append(f"rank {st['rank']} keeps directions no stronger than noise (the null baseline) in {len(noisy)} of "
+                       f"{len(subs)} matrices (worst relative error {worst:.3g}): these models share little of a subspace; "
+                       "drop --rank to use the default error budget")
     return out
 
 
@@ -171,6 +234,7 @@ def summary(store: _Store) -> dict:
         # a product-basis LoRA store larger than the adapters: they share no subspace (see README)
         "lora_larger_than_sources": bool(size and src and size > src and m["build"]["settings"].get("lora_mode", "product") != "factors"
                                          and any(e.get("lora") is not None for e in m["tensors"])),
+        "notes": notes(store, size, src),
     }
 
 
@@ -209,10 +273,8 @@ def print_summary(store: _Store, out: IO[str] | None = None) -> None:
         print(f"  error budget: {s['budget']} per tensor and model: {met}", file=out)
     if (s.get("settings") or {}).get("lora_choice"):
         print(f"  LoRA mode {s['settings']['lora_choice']}", file=out)
-    if s.get("lora_larger_than_sources"):
-        print("  LARGER THAN THE ADAPTERS: these adapters share little of a subspace, so the product basis holds them "
-              "only near their total rank; `uwsfmt convert --lora-mode factors` (with a budget: mean + quantized "
-              "factors) stores them smaller", file=out)
+    for note in s.get("notes") or ():
+        print(f"  {note}", file=out)
     if s.get("refit_suggested"):
         names = ", ".join(s["refit_suggested"][:5]) + (" ..." if len(s["refit_suggested"]) > 5 else "")
         print(f"  REFIT SUGGESTED for {len(s['refit_suggested'])} tensor(s): {names} - appended models do not fit "

@@ -101,10 +101,14 @@ class Candidate:
 
 
 def candidates(fit: Fit, *, bits: Sequence[int | None] = BITS, fixed_rank: bool = False, modes: tuple[str, ...] | None = None,
-               coefs: Sequence[str] = coef_enc.SCHEMES) -> list[Candidate]:
+               coefs: Sequence[str] = coef_enc.SCHEMES, view: tuple[int, int] | None = None) -> list[Candidate]:
     """Every (mode, rank, coefficient storage, bits) the fit allows. A fit of mode 'both' from a
     widened auto build offers left-only, right-only and two-sided candidates (``modes`` restricts
-    them). Rank 0 and flat mode keep float32 coefficients (none, or one value per direction)."""
+    them). Rank 0 and flat mode keep float32 coefficients (none, or one value per direction).
+
+    Given the matrix ``view``, quantized coefficients are offered only where float32 ones would
+    be at least :data:`COEFFICIENT_SHARE` of a model's bytes (else quantizing them saves little
+    and only adds error), which keeps the sweep near the size it has without them."""
     kl = fit.left.shape[1] if fit.left is not None else 0
     kr = fit.right.shape[1] if fit.right is not None else 0
     if fit.mode == "flat":
@@ -121,10 +125,23 @@ def candidates(fit: Fit, *, bits: Sequence[int | None] = BITS, fixed_rank: bool 
         for k in ranks:
             if k == 0 and out and any(c.rank == 0 for c in out):
                 continue  # rank 0 is the same store in every mode
-            for coef in coefs if k > 0 and mode != "flat" else ("float32",):
-                for b in bits:
+            for b in bits:
+                for coef in coefs if k > 0 and mode != "flat" else ("float32",):
+                    if coef != "float32" and view is not None and not _coefficients_matter(mode, k, b, view):
+                        continue
                     out.append(Candidate(mode, k, b, coef))
     return out
+
+
+#: share of a model's bytes float32 coefficients must have for quantized ones to be tried
+COEFFICIENT_SHARE = 0.1
+
+
+def _coefficients_matter(mode: str, k: int, bits: int | None, view: tuple[int, int]) -> bool:
+    m, n = view
+    coef = 4 * {"left": k * n, "right": m * k, "both": k * k}.get(mode, k * n)
+    res = 0 if bits is None else quantize.residual_nbytes(m, n, bits)
+    return coef >= COEFFICIENT_SHARE * (coef + res)
 
 
 def candidate_fit(fit: Fit, c: Candidate) -> Fit:
@@ -251,7 +268,9 @@ class ErrorSweep:
         self.mean = some.mean if some is not None else None
 
     def add(self, w: torch.Tensor) -> None:
-        with linalg.no_tf32():
+        # small tensors single-threaded: the sweep is hundreds of small ops per model, and an
+        # intra-op thread pool costs more than it gives there (and stalls on a busy machine)
+        with linalg.no_tf32(), linalg.threads_for(self.view[0] * self.view[1]):
             # the same arithmetic as pass 2 (uwsfmt.writer.encode._encode_subspace), so that its errors agree
             w = w.to(self.device).reshape(self.view)
             wc = w if w.dtype == self.cdt else w.to(self.cdt)
@@ -406,7 +425,10 @@ def choose(fit: Fit, tensors: Iterable[torch.Tensor], *, name: str, shape: Seque
     view = (m * n, 1) if fit.mode == "flat" else (m, n)
     bits = BITS if residual_bits is None else (residual_bits,)
     coefs = AUTO_COEFFICIENTS if coefficient_bits == "auto" else (coefficient_bits,)
-    cands = candidates(fit, bits=bits, fixed_rank=fixed_rank, modes=None if mode == "auto" else (mode,), coefs=coefs)
+    cands = candidates(fit, bits=bits, fixed_rank=fixed_rank, modes=None if mode == "auto" else (mode,), coefs=coefs, view=view)
+    mean_bytes = 0 if fit.mean is None else view[0] * view[1] * fit.mean.element_size()
+    dense = dense_bytes(shape, dtype, n_models)  # a candidate at least as large as dense never wins: not swept
+    cands = [c for c in cands if tensor_bytes(c, view, n_models, mean_bytes=mean_bytes, spectrum_len=_spectrum_len(fit, c)) < dense]
     sweep = ErrorSweep(fit, cands, dtype, view, budget)
     for w in tensors:
         sweep.add(w)

@@ -132,7 +132,7 @@ MEAN_DTYPES = CHOICES["mean_dtype"]
 HALF_MEAN_RTOL = 2.0 ** -10
 
 
-SKETCH_RANK = randomized.SKETCH_RANK
+
 
 
 SKETCH_PROBES = randomized.SKETCH_PROBES

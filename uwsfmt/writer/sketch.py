@@ -16,7 +16,7 @@ from uwsfmt.writer.holdings import Holdings, can_keep_coefficients, coefficients
 from uwsfmt.writer.means import stored_mean
 from uwsfmt.writer.plan import TensorPlan
 from uwsfmt.writer.progress import Progress
-from uwsfmt.writer.settings import READ_AHEAD_MIN_BYTES, SKETCH_PROBES, SKETCH_RANK, Settings
+from uwsfmt.writer.settings import READ_AHEAD_MIN_BYTES, SKETCH_PROBES, Settings
 
 
 def sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.device,
@@ -24,13 +24,13 @@ def sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.devi
     """Gaussian test matrices per basis side for basis="sketch", or None where the exact Gram is
     used: the setting asks for it, or the sketch would be nearly as wide as the Gram itself.
     ``target``: directions to look for (default: the rank, else max_rank, else
-    :data:`SKETCH_RANK`; under an error budget, the candidates it picks from, SKETCH_RANK at first)."""
+    :data:`uwsfmt.numerics.randomized.SKETCH_RANK`; under an error budget, the candidates it picks from, SKETCH_RANK at first)."""
     if s.basis != "sketch" or mode == "flat":
         return None
     if target is None:
-        target = s.rank if s.rank is not None else (s.max_rank if s.max_rank is not None else SKETCH_RANK)
+        target = s.rank if s.rank is not None else (s.max_rank if s.max_rank is not None else randomized.SKETCH_RANK)
         if s.error_budget is not None and s.rank is None:
-            target = min(target, SKETCH_RANK)
+            target = min(target, randomized.SKETCH_RANK)
     width = target + s.sketch_oversample
     out = {}
     for i, side in enumerate(("left", "right")):

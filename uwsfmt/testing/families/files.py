@@ -42,6 +42,7 @@ def write_family(
     Returns the paths written, in order.
 
     >>> import tempfile
+    >>> from uwsfmt.testing.families import synthetic_family
     >>> paths = write_family(synthetic_family(2), tempfile.mkdtemp())
     >>> [p.name for p in paths]
     ['model-000.safetensors', 'model-001.safetensors']
@@ -75,6 +76,7 @@ def write_peft_family(
     Returns the adapter folders written.
 
     >>> import tempfile
+    >>> from uwsfmt.testing.families import lora_family
     >>> dirs = write_peft_family(lora_family(1, layers=1, width=16, rank=2), tempfile.mkdtemp())
     >>> sorted(p.name for p in dirs[0].iterdir())
     ['adapter_config.json', 'adapter_model.safetensors']
