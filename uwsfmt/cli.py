@@ -32,6 +32,7 @@ def _cmd_convert(a) -> int:
         raise SystemExit("uwsfmt convert: -o/--output STORE is required (or pass --dry-run for the planning report)")
     fidelity = Fidelity(rank=a.rank, tau=a.tau, max_rank=a.max_rank, max_error=a.max_error, max_delta_error=a.max_delta_error)
     options = BuildOptions(side=a.mode, center="none" if a.no_center else a.center, residual_bits=a.residual_bits,
+                           coefficient_bits=a.coefficient_bits,
                            encodings=enc, min_numel=a.min_numel, basis_method=a.basis, mean_dtype=a.mean_dtype,
                            lora_mode=a.lora_mode, seed=a.seed, allow_nonfinite=a.allow_nonfinite)
     from uwsfmt.writer.folder_files import FilePolicy  # lazy: keeps `uwsfmt --help` fast (no torch import)
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "bases, or auto (default): the product basis, except under --max-error/--max-delta-error where it "
                         "would take more bytes than the adapters' own factors (adapters that share no subspace)")
     c.add_argument("--rank", type=int, help="kept rank per tensor (fixed k)")
-    c.add_argument("--tau", type=float, help="explained-variance threshold (default 0.999 when no --rank)")
+    c.add_argument("--tau", type=float, help="explained-variance threshold (no fidelity option at all: the default error "
+                                            "budget, --max-delta-error 0.3 with --max-error 0.1)")
     c.add_argument("--max-rank", type=int)
     c.add_argument("--mode", "--side", dest="mode", default="auto", choices=CHOICES["side"],
                    help="which side(s) of each tensor's matrix view get a shared basis (auto: the smaller)")
@@ -197,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-center", action="store_true", help="same as --center none")
     c.add_argument("--base", help="checkpoint the family was fine-tuned from: stored once, deltas decomposed from it")
     c.add_argument("--residual-bits", type=int, choices=CHOICES["residual_bits"])
+    c.add_argument("--coefficient-bits", default="auto", choices=CHOICES["coefficient_bits"],
+                   help="how per-model coefficients are stored: float32, 8 or 4 bits, or mixed precision by direction "
+                        "(8/4, 8/4/2: more bits for the leading directions; format 1.2); auto (default): float32, except "
+                        "under an error budget (the default), which picks per tensor")
     c.add_argument("--basis", default="exact", choices=CHOICES["basis_method"],
                    help="how bases are found: exact (float64 Gram + eigendecomposition) or sketch (randomised range finder, "
                         "checked a-posteriori, exact where the check fails; much faster for wide tensors and LoRA families)")
@@ -208,11 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "else float32)")
     c.add_argument("--max-error", type=float, metavar="E",
                    help="error budget: relative error ||W - W_hat|| / ||W|| of every tensor of every model stays <= E; "
-                        "rank, mode and residual bits are chosen per tensor for the fewest bytes (0 = lossless)")
+                        "rank, mode, coefficient and residual bits are chosen per tensor for the fewest bytes (0 = lossless). "
+                        "With no fidelity option the default budget applies: --max-delta-error 0.3 --max-error 0.1")
     c.add_argument("--max-delta-error", type=float, metavar="E",
                    help="error budget relative to each model's deviation from the family mean: ||W - W_hat|| / ||W - M|| <= E")
     c.add_argument("--encoding", action="append", metavar="PATTERN=ENC", help="force an encoding for matching tensor names")
-    c.add_argument("--min-numel", type=int, help="smaller float tensors are stored dense (default 1024; 32 with --max-error)")
+    c.add_argument("--min-numel", type=int, help="smaller float tensors are stored dense (default 32 under an error budget, the default; 1024 with --rank or --tau)")
     c.add_argument("--allow-nonfinite", action="store_true", help="store tensors with NaN/Inf dense instead of refusing")
     c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     c.add_argument("--format", help="force the source format")
