@@ -73,12 +73,29 @@ def fake_quantize_rows(r: torch.Tensor, bits: int) -> torch.Tensor:
     return q.mul_(scales[:, None])
 
 
+_LUTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def code_table(bits: int, device: torch.device) -> torch.Tensor:
+    """(256, 8 // bits) float32: the signed values q of the codes packed in each byte value
+    (first element in the low bits), so that decoding a packed row is one table lookup."""
+    key = (bits, device)
+    if key not in _LUTS:
+        per = 8 // bits
+        b = torch.arange(256, dtype=torch.int32)[:, None]
+        v = ((b >> (torch.arange(per, dtype=torch.int32) * bits)) & ((1 << bits) - 1)).to(torch.float32)
+        _LUTS[key] = (2.0 * v - 1.0 if bits == 1 else v - (1 << (bits - 1))).to(device)
+    return _LUTS[key]
+
+
 def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], bits: int) -> torch.Tensor:
-    """Inverse of :func:`quantize_rows` (float32 result)."""
+    """Inverse of :func:`quantize_rows` (float32 result): q * scale, one float32 rounding."""
     m, n = shape
-    q = unpack_bits(codes, bits, m * n).to(torch.float32)
-    q = 2.0 * q - 1.0 if bits == 1 else q - (1 << (bits - 1))
-    return q.reshape(m, n) * scales.to(torch.float32)[:, None]
+    if bits == 8:
+        q = codes[: m * n].to(torch.float32).sub_(128.0)
+    else:  # a lookup per byte: the codes' values, unpacked and offset at once
+        q = torch.nn.functional.embedding(codes.to(torch.int32), code_table(bits, codes.device)).reshape(-1)[: m * n]
+    return q.reshape(m, n).mul_(scales.to(torch.float32)[:, None])
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
