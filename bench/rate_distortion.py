@@ -1,21 +1,29 @@
-"""Rate-distortion of UWS stores with error budgets against the honest baselines.
+"""Rate-distortion: UWS stores (the default and error budgets) against the honest baselines.
 
-For each family: bytes and a quality metric for every baseline of ``bench/baselines.py`` and
-for our automatic choice at several error budgets, then an equal-quality comparison (for each
-baseline, our smallest store at least as good). Families:
+For each family: the bytes of every baseline of ``bench/baselines.py``, of a pure rank-k
+subspace (the paper's setting) and of our stores (``uwsfmt.convert`` at its default and at a
+sweep of error budgets), each followed by the family's held-out members (appended to a store,
+coded against the members' mean by a baseline); then every model read back and scored on its
+own task. One table per family, an equal-accuracy comparison, a JSON and a PNG plot per family.
 
-- ``trained``: digits MLPs really fine-tuned from one base (``uwsfmt.testing.families.trained_family``);
-  metric = held-out task accuracy (%) of each model on its own task, measured through the
-  functional hook ``uwsfmt.evaluate`` for our stores.
-- ``lowrank``: synthetic shared base + rank-8 deltas + small iid noise (the paper's picture).
-- ``noise``: synthetic deltas with no shared structure (iid), where a subspace cannot help.
-  Synthetic metric = worst relative weight error over tensors and models (lower is better).
+    python bench/rate_distortion.py                  # transformer, conv, mlp, lora: 40 + 8 members each
+    python bench/rate_distortion.py --quick          # 8 + 2 members, short training (a few minutes)
+    python bench/rate_distortion.py --families mlp,lowrank --tasks 20 --held-out 4
+    python bench/rate_distortion.py --render bench/results/rate_distortion.json   # tables + plots again
 
-    python bench/rate_distortion.py                       # all families, writes bench/results/
-    python bench/rate_distortion.py --families trained --tasks 40 --hidden 256
+Families (``bench/families.py``; all on scikit-learn's digits, really trained): ``transformer``
+(full fine-tunes of a small pre-LN transformer), ``conv`` (a small CNN), ``mlp`` (the MLP of
+``bench/trained.py``; alias ``trained``), ``lora`` (PEFT LoRA r=8 adapters of the transformer's
+linear layers; sources = the adapters' files). Synthetic, on request: ``lowrank`` (shared
+rank-8 deltas + noise) and ``noise`` (i.i.d. deltas); their "drop" is the worst relative
+weight error (%).
 
-Bytes: baselines count raw values only (no container); our stores count their size on disk,
-metadata included (zarr.json files and the manifest), which favours the baselines.
+Columns: *bytes*: everything needed for members and held-out models; baselines count raw
+values only (codes, scales, means: no container), our stores their size on disk with all
+metadata, which favours the baselines. *ratio*: the sources' bytes (each model's safetensors
+file; the adapter files for ``lora``) / bytes. *drop*: mean over members of (original accuracy
+- accuracy of the reconstruction), in percentage points, in-domain (the members the store was
+built from) and held-out (the members appended afterwards).
 """
 
 from __future__ import annotations
@@ -24,221 +32,413 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+import traceback
 
-import numpy as np
-import torch
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import baselines as B  # noqa: E402
+import torch  # noqa: E402
 
 import uwsfmt  # noqa: E402
-from bench.trained import trained_family  # noqa: E402
-from uwsfmt.evaluate import summarize  # noqa: E402
+from bench import baselines as B  # noqa: E402
+from bench import families as F  # noqa: E402
 from uwsfmt.report import store_bytes  # noqa: E402
-from uwsfmt.testing.families import synthetic_family  # noqa: E402
 
-#: error budgets tried on each family: (max_error, max_delta_error)
-BUDGETS = {
-    "trained": [(None, 0.75), (None, 0.7), (None, 0.65), (None, 0.6), (None, 0.55), (None, 0.5), (None, 0.45), (None, 0.3), (None, 0.1), (None, 0.03),
-                (0.1, None), (0.05, None), (0.01, None), (0.0, None)],
-    "lowrank": [(None, 0.3), (None, 0.1), (None, 0.03), (1e-2, None), (1e-3, None), (7e-4, None), (5e-4, None),
-                (2e-4, None), (1e-4, None), (0.0, None)],
-    "noise": [(None, 0.7), (None, 0.65), (None, 0.45), (None, 0.3), (None, 0.1), (1e-2, None), (1e-3, None), (0.0, None)],
+DEFAULT_FAMILIES = "transformer,conv,mlp,lora"
+ALIASES = {"trained": "mlp"}
+#: our stores: label -> convert() keywords ({} = the library's default, whatever it is today)
+OURS = {
+    "ours: default": {},
+    "ours: max_delta_error=0.6": {"max_delta_error": 0.6},
+    "ours: max_delta_error=0.45": {"max_delta_error": 0.45},
+    "ours: max_delta_error=0.3": {"max_delta_error": 0.3},
+    "ours: max_delta_error=0.2": {"max_delta_error": 0.2},
+    "ours: max_delta_error=0.1": {"max_delta_error": 0.1},
+    "ours: max_error=0.05": {"max_error": 0.05},
+    "ours: max_error=0.01": {"max_error": 0.01},
 }
+#: the stores --quick builds (budgeted builds cost the most)
+QUICK_OURS = ("ours: default", "ours: max_delta_error=0.6", "ours: max_delta_error=0.3", "ours: max_delta_error=0.1",
+              "ours: max_error=0.05")
+#: the pure subspace baseline's rank
+SUBSPACE_RANK = 16
 SYNTH_SHAPES = {"blocks.0.attn.qkv.weight": (384, 128), "blocks.0.mlp.fc1.weight": (512, 128),
                 "blocks.0.mlp.fc2.weight": (128, 512), "blocks.0.attn.proj.weight": (128, 128)}
+#: --quick: narrower models, shorter training (seconds per family instead of minutes)
+QUICK = {"transformer": {"width": 32, "mlp": 64, "base_epochs": 2, "finetune_epochs": 3},
+         "conv": {"channels": 8, "hidden": 64, "base_epochs": 2, "finetune_epochs": 3},
+         "mlp": {"hidden": 64, "base_epochs": 3, "finetune_epochs": 8}, "lora": {"epochs": 4}}
 
 
-def _label(max_error, max_delta_error) -> str:
-    parts = []
-    if max_error is not None:
-        parts.append(f"--max-error {max_error:g}")
-    if max_delta_error is not None:
-        parts.append(f"--max-delta-error {max_delta_error:g}")
-    return "ours " + " ".join(parts)
+# ---------------------------------------------------------------------------- families
 
 
-def make_family(name: str, args):
-    if name == "trained":
-        tf = trained_family(n_tasks=args.tasks, hidden=args.hidden, seed=args.seed)
-        return tf.state_dicts, tf
+def make_family(name: str, args, workdir: str, cache: dict) -> F.BenchFamily:
+    """The family ``name`` at the sizes of ``args`` (the transformer is built once: lora needs its base)."""
+    quick = QUICK if args.quick else {}
+    n, h = args.tasks, args.held_out
+    if name in ("transformer", "lora") and "transformer" not in cache:
+        cache["transformer"] = F.transformer_family(n, h, args.seed, **quick.get("transformer", {}))
+    if name == "transformer":
+        return cache["transformer"]
+    if name == "lora":
+        return F.lora_family(cache["transformer"], os.path.join(workdir, "adapters"), seed=args.seed, **quick.get("lora", {}))
+    if name == "conv":
+        return F.conv_family(n, h, args.seed, **quick.get("conv", {}))
+    if name == "mlp":
+        return F.mlp_family(n, h, args.seed, **{"hidden": args.hidden, **quick.get("mlp", {})})
     if name == "lowrank":
-        return synthetic_family(n_models=args.models, shapes=SYNTH_SHAPES, rank=8, noise=1e-3, delta_scale=0.02,
-                                seed=args.seed), None
+        return F.synthetic_bench_family(name, args.models, h, SYNTH_SHAPES, args.seed, rank=8, noise=1e-3, delta_scale=0.02)
     if name == "noise":
-        return synthetic_family(n_models=args.models, shapes=SYNTH_SHAPES, rank=0, noise=0.02, delta_scale=0.0,
-                                seed=args.seed), None
-    raise SystemExit(f"unknown family {name!r}")
+        return F.synthetic_bench_family(name, args.models, h, SYNTH_SHAPES, args.seed, rank=0, noise=0.02, delta_scale=0.0)
+    raise SystemExit(f"unknown family {name!r}; choose from transformer, conv, mlp (trained), lora, lowrank, noise")
 
 
-def run_family(name: str, args, workdir: str) -> dict:
+# ---------------------------------------------------------------------------- measuring
+
+
+def measure_store(fam: F.BenchFamily, path: str, settings: dict) -> tuple[dict, dict]:
+    """Build a store of ``fam``'s members with ``settings``, append the held-out members one by
+    one, read every model back: (row fields, reconstructions)."""
+    t = time.perf_counter()
+    uwsfmt.convert(fam.sources, path, overwrite=True, **settings).close()
+    build_s = time.perf_counter() - t
+    built = store_bytes(path)
+    t = time.perf_counter()
+    with uwsfmt.open(path, mode="a") as store:
+        for mid, source in fam.held_out_sources.items():
+            store.append(source, id=mid)
+    append_s = time.perf_counter() - t
+    with uwsfmt.open(path) as store:
+        missing = set(fam.all_models) - set(store.model_ids)
+        if missing:
+            raise RuntimeError(f"{path}: the store has no model(s) {sorted(missing)} (its ids: {store.model_ids})")
+        rec = {m: fam.read_back(store, m) for m in fam.all_models}
+        m = store.manifest
+        fields = {"bytes": store_bytes(path), "bytes_before_append": built, "build_s": build_s, "append_s": append_s,
+                  "settings": m["build"]["settings"], "breakdown": store_breakdown(store),
+                  "exceptions": sum(len(x.get("exceptions") or ()) for x in m["models"]),
+                  "choices": choices(m)}
+    return fields, rec
+
+
+def choices(manifest: dict) -> str:
+    """What the build chose per matrix, briefly: ``fc1:r12+4b, head:dense, ...``."""
+    out = []
+    for e in manifest["tensors"]:
+        if not e.get("shape") or len(e["shape"]) < 2:
+            continue
+        short = ".".join(e["name"].split(".")[-3:-1]) or e["name"]
+        if e["encoding"] != "subspace":
+            out.append(f"{short}:{e['encoding']}")
+            continue
+        rank = "/".join(str(k) for k in (e.get("rank") or []) if k is not None)
+        bits = (e.get("residual") or {}).get("bits")
+        out.append(f"{short}:r{rank}" + (f"+{bits}b" if bits else ""))
+    return ", ".join(out)
+
+
+#: where a store's bytes go: the kind of each per-tensor array (by its name under the tensor's node)
+ARRAY_KINDS = {"mean": "means", "left": "bases", "right": "bases", "value": "shared tensors",
+               "extra": "exceptions (appended models)", "models": "per-model arrays"}
+
+
+def store_breakdown(store) -> dict[str, int]:
+    """Bytes on disk by kind: bases, means, spectra, shared tensors (per-tensor arrays);
+    coefficients, residuals, dense tensors (per-model pack rows, split by the manifest's slot
+    lengths x itemsize); exceptions (corrections of appended models the bases missed); metadata (every
+    ``zarr.json``, the manifest in the root one); kept folder files (configs of PEFT folders).
+    A directory store only."""
+    root = store.path
+    nodes = {e["node"]: e for e in store.manifest["tensors"]}
+    packs = {p["path"]: d for d, p in store.manifest["packs"].items()}
+    shares: dict[str, dict[str, int]] = {}  # pack dtype -> kind -> slot bytes
+    for e in store.manifest["tensors"]:
+        for kind, slot in _slots(e):
+            itemsize = torch.empty(0, dtype=getattr(torch, slot["pack"])).element_size()
+            shares.setdefault(slot["pack"], {}).setdefault(kind, 0)
+            shares[slot["pack"]][kind] += slot["length"] * itemsize
+    out: dict[str, float] = {}
+
+    def add(kind: str, n: float) -> None:
+        out[kind] = out.get(kind, 0) + n
+
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            full = os.path.join(dirpath, f)
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            size = os.path.getsize(full)
+            if size == 0:  # lock files
+                continue
+            if f == "zarr.json":
+                add("metadata (manifest)" if rel == "zarr.json" else "metadata (zarr.json)", size)
+            elif rel.startswith("packs/"):
+                dtype = packs.get("/".join(rel.split("/")[:2]))
+                kinds = shares.get(dtype) or {"pack rows": 1}
+                total = sum(kinds.values()) or 1
+                for kind, n in kinds.items():
+                    add(kind, size * n / total)
+            elif rel.startswith("tensors/"):
+                node = next((n for n in nodes if rel.startswith(n + "/")), None)
+                array = rel[len(node) + 1:].split("/")[0] if node else "?"
+                add(ARRAY_KINDS.get(array, "spectra" if array.startswith("spectrum") else f"tensor arrays ({array})"), size)
+            elif rel.startswith("files/"):
+                add("kept folder files (configs)", size)
+            else:
+                add(f"other ({rel.split('/')[0]})", size)
+    return {k: round(v) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def _slots(entry: dict):
+    """(kind, slot) of every per-model slot of a tensor entry."""
+    kinds = {"coefficients": "coefficients", "residual": "residuals", "data": "dense tensors"}
+
+    def walk(value, kind):
+        if isinstance(value, dict):
+            if {"pack", "offset", "length"} <= set(value):
+                yield kind, value
+            else:
+                for v in value.values():
+                    yield from walk(v, kind)
+        elif isinstance(value, list):
+            for v in value:
+                yield from walk(v, kind)
+
+    for key, value in entry.items():
+        if key not in ("budget", "basis", "spectrum"):
+            yield from walk(value, kinds.get(key, f"per-model ({key})"))
+
+
+def run_family(name: str, args, workdir: str, cache: dict) -> dict:
     t0 = time.time()
-    fam, tf = make_family(name, args)
-    raw = B.safetensors_bytes(fam)
-    rows = []
+    fam = make_family(name, args, workdir, cache)
+    train_s = time.time() - t0
+    models = fam.all_models
+    source_bytes = fam.source_bytes or B.safetensors_bytes(models)
+    orig = {m: fam.evaluate(m, sd) for m, sd in models.items()}
+    print(f"  [{name}] {len(fam.members)} + {len(fam.held_out)} held-out models, {source_bytes:,} B of sources, built in "
+          f"{train_s:.0f} s; original {fam.metric} {statistics.mean(orig.values()):.2f}", flush=True)
+    rows: list[dict] = []
 
-    def metric_of(rec) -> dict:
-        errs = B.relative_errors(fam, rec)
-        out = {"max_error": float(errs.max()), "mean_error": float(errs.mean())}
-        if tf is not None:
-            accs = {m: tf.evaluate(m, rec[m]) for m in fam}
-            out["acc"] = float(np.mean(list(accs.values())))
-            out["worst_drop"] = float(max(orig_acc[m] - accs[m] for m in fam))
-        return out
-
-    orig_acc = tf.accuracies() if tf is not None else None
-    if tf is not None:
-        rows.append({"method": "originals (safetensors)", "bytes": raw, "acc": float(np.mean(list(orig_acc.values()))),
-                     "worst_drop": 0.0, "max_error": 0.0, "mean_error": 0.0, "kind": "original", "note": ""})
-    else:
-        rows.append({"method": "originals (safetensors)", "bytes": raw, "max_error": 0.0, "mean_error": 0.0,
-                     "kind": "original", "note": ""})
-    for res in (B.delta_quant(fam, 8), B.delta_quant(fam, 4), B.bitdelta(fam), B.zstd_safetensors(fam),
-                B.rank_subspace(fam, 16, workdir=workdir)):
-        rows.append({"method": res.method, "bytes": res.bytes, **metric_of(res.models), "kind": "baseline", "note": res.note})
-        print(f"  [{name}] {res.method}: {res.bytes} B", flush=True)
-    # each budget as convert() does it (float16 means where the rounding stays within a tenth of
-    # the budget), then with float32 means (a budget of 0 keeps float32 anyway)
-    for me, mde, md in [(me, mde, md) for me, mde in BUDGETS[name] for md in ("auto", "compute") if md == "auto" or me or mde]:
-        path = os.path.join(workdir, f"{name}-{me}-{mde}-{md}.uws")
-        t = time.time()
-        store = uwsfmt.convert(fam, path, max_error=me, max_delta_error=mde, mean_dtype=md, overwrite=True)
-        build_s = time.time() - t
-        rec = {m: store.state_dict(m) for m in store.model_ids}
-        row = {"method": _label(me, mde) + (" --mean-dtype compute" if md == "compute" else ""), "bytes": store_bytes(path),
-               **metric_of(rec), "kind": "ours", "build_s": build_s, "max_error_budget": me, "max_delta_error_budget": mde,
-               "mean_dtype": md,
-               "note": ", ".join(f"{e['name'].split('.')[-2] if '.' in e['name'] else e['name']}:"
-                                 f"{'dense' if e['encoding'] == 'dense' else _choice(e)}"
-                                 for e in store.manifest["tensors"] if e.get("budget") and e["shape"] and len(e["shape"]) >= 2)}
-        if tf is not None:  # the functional hook gives the same numbers as evaluating the rebuilt state dicts
-            hook = summarize(uwsfmt.evaluate(store, tf.evaluate, sources=fam))
-            assert abs(hook["reconstructed"] - row["acc"]) < 1e-9 and abs(hook["original"] - rows[0]["acc"]) < 1e-9
-        store.close()
-        shutil.rmtree(path, ignore_errors=True)
+    def add(method: str, kind: str, nbytes: int, rec: dict, **extra) -> None:
+        drops = {m: orig[m] - fam.evaluate(m, rec[m]) for m in models}
+        d_in = [drops[m] for m in fam.members]
+        d_out = [drops[m] for m in fam.held_out]
+        row = {"method": method, "kind": kind, "bytes": nbytes, "ratio": source_bytes / nbytes,
+               "drop_in": statistics.mean(d_in), "drop_held_out": statistics.mean(d_out) if d_out else None,
+               "worst_in": max(d_in), "worst_held_out": max(d_out) if d_out else None, **extra}
         rows.append(row)
-        print(f"  [{name}] {row['method']}: {row['bytes']} B in {build_s:.1f} s", flush=True)
-    for r in rows:
-        r["ratio"] = raw / r["bytes"]
-    return {"family": name, "raw_bytes": raw, "n_models": len(fam), "rows": rows, "seconds": time.time() - t0,
-            "comparison": compare(rows, tf is not None)}
+        took = extra.get("seconds", extra.get("build_s", 0.0) + extra.get("append_s", 0.0))
+        print(f"  [{name}] {method}: {nbytes:,} B ({row['ratio']:.2f}x), drop {_pt(row['drop_in'])} / "
+              f"{_pt(row['drop_held_out'])} ({took:.1f} s)", flush=True)
+
+    for key, baseline in B.ALL.items():
+        t = time.perf_counter()
+        res = baseline(fam.members, fam.held_out)
+        add(res.method, "baseline", res.bytes, res.models, seconds=time.perf_counter() - t, lossless=res.lossless, note=res.note)
+    stores = {f"rank-{SUBSPACE_RANK} subspace (uws store, no residual)": ("baseline", {"rank": SUBSPACE_RANK}),
+              **{label: ("ours", kw) for label, kw in OURS.items() if not args.quick or label in QUICK_OURS}}
+    for label, (kind, kw) in stores.items():
+        path = os.path.join(workdir, f"{name}.uws")
+        try:
+            fields, rec = measure_store(fam, path, kw)
+        except Exception as err:  # one failing setting must not lose the others' figures
+            print(f"  [{name}] {label}: FAILED: {err}\n{traceback.format_exc(limit=3)}", flush=True)
+            rows.append({"method": label, "kind": kind, "error": f"{type(err).__name__}: {err}"})
+            continue
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+        add(label, kind, fields.pop("bytes"), rec, convert_kwargs=kw, **fields)
+    return {"family": name, "description": fam.description, "metric": fam.metric, "n_members": len(fam.members),
+            "n_held_out": len(fam.held_out), "source_bytes": source_bytes, "original_score": statistics.mean(orig.values()),
+            "train_seconds": train_s, "train_breakdown": fam.train_seconds, "rows": rows,
+            "comparison": compare(rows), "seconds": time.time() - t0}
 
 
-def _choice(e: dict) -> str:
-    b = e["budget"]
-    bits = "" if b["residual_bits"] is None else f"+{b['residual_bits']}b"
-    return f"{b['mode'][0]}{b['rank']}{bits}"
+# ---------------------------------------------------------------------------- comparing
 
 
-def better_or_equal(r: dict, ref: dict, task: bool) -> bool:
-    if task:
-        return r["acc"] >= ref["acc"] - 1e-9
-    return r["max_error"] <= ref["max_error"] + 1e-12
-
-
-def compare(rows: list[dict], task: bool) -> dict:
-    """For each baseline: our smallest store at least as good, and the size ratio."""
-    ours = [r for r in rows if r["kind"] == "ours"]
-    out = {"vs": []}
-    for b in (r for r in rows if r["kind"] == "baseline"):
-        ok = [r for r in ours if better_or_equal(r, b, task)]
-        best = min(ok, key=lambda r: r["bytes"]) if ok else None
-        out["vs"].append({"baseline": b["method"], "baseline_bytes": b["bytes"],
-                          "ours": best["method"] if best else None, "ours_bytes": best["bytes"] if best else None,
-                          "ratio": (b["bytes"] / best["bytes"]) if best else None})
-    if task:
-        orig = next(r for r in rows if r["kind"] == "original")
-        keep = [r for r in ours if r["acc"] >= orig["acc"] - 0.5]
-        if keep:
-            best = min(keep, key=lambda r: r["bytes"])
-            out["within_half_point"] = {
-                "ours": best["method"], "bytes": best["bytes"], "acc": best["acc"],
-                "vs_baselines_within_half_point": {b["method"]: b["bytes"] / best["bytes"] for b in rows
-                                                   if b["kind"] == "baseline" and b["acc"] >= orig["acc"] - 0.5},
-            }
+def compare(rows: list[dict]) -> list[dict]:
+    """For each baseline: our smallest store whose mean drop is no larger, in-domain and held-out
+    (each on its own), and how many times smaller it is."""
+    ours = [r for r in rows if r["kind"] == "ours" and "error" not in r]
+    out = []
+    for b in (r for r in rows if r["kind"] == "baseline" and "error" not in r):
+        entry = {"baseline": b["method"], "baseline_bytes": b["bytes"]}
+        for key in ("drop_in", "drop_held_out"):
+            if b.get(key) is None:
+                continue
+            ok = [r for r in ours if r.get(key) is not None and r[key] <= b[key] + 1e-9]
+            best = min(ok, key=lambda r: r["bytes"]) if ok else None
+            entry[key] = {"ours": best["method"] if best else None, "ours_bytes": best["bytes"] if best else None,
+                          "times_smaller": b["bytes"] / best["bytes"] if best else None}
+        out.append(entry)
     return out
+
+
+# ---------------------------------------------------------------------------- output
+
+
+def _pt(x: float | None) -> str:
+    """A drop with its sign, never "-0.00"."""
+    return "-" if x is None else f"{round(x, 2) + 0.0:+.2f}"
+
+
+def _drop_label(metric: str) -> str:
+    return "acc drop" if metric.startswith("accuracy") else "worst rel. error"
+
+
+def _unit(metric: str) -> str:
+    return "pt" if metric.startswith("accuracy") else "%"
 
 
 def table(result: dict) -> str:
-    task = "acc" in result["rows"][0]
-    head = "| method | bytes | vs safetensors |" + (" mean acc (%) | Δ acc | worst task Δ |" if task else "") + \
-        " max rel. error | per-matrix choice |\n|---|---:|---:|" + ("---:|---:|---:|" if task else "") + "---:|---|\n"
-    lines = []
-    orig = result["rows"][0]
+    """The family's table, its byte breakdown and its equal-accuracy comparison (markdown)."""
+    d, u = _drop_label(result["metric"]), _unit(result["metric"])
+    lines = [f"| setting | bytes | ratio vs sources | {d} in-domain ({u}) | {d} held-out ({u}) |", "|---|---:|---:|---:|---:|",
+             f"| sources (safetensors files) | {result['source_bytes']:,} | 1.00x | 0 | 0 |"]
     for r in result["rows"]:
-        cells = [r["method"], f"{r['bytes']:,}", f"{r['ratio']:.2f}x"]
-        if task:
-            cells += [f"{r['acc']:.2f}", f"{r['acc'] - orig['acc']:+.2f}", f"{-r['worst_drop']:+.2f}"]
-        cells += [f"{r['max_error']:.3g}", r.get("note", "")]
-        lines.append("| " + " | ".join(cells) + " |")
-    out = head + "\n".join(lines) + "\n"
-    comp = result["comparison"]
-    out += "\nEqual quality (" + ("mean accuracy" if task else "worst relative error") + \
-        "): for each baseline, our smallest store that is at least as good:\n\n"
-    for c in comp["vs"]:
-        if c["ours"] is None:
-            out += f"- {c['baseline']} ({c['baseline_bytes']:,} B): none of the budgets tried reaches it\n"
-        else:
-            verdict = f"**{c['ratio']:.2f}x smaller**" if c["ratio"] >= 1 else f"**{1 / c['ratio']:.2f}x larger**"
-            out += f"- {c['baseline']} ({c['baseline_bytes']:,} B): {c['ours']} ({c['ours_bytes']:,} B), {verdict}\n"
-    if "within_half_point" in comp:
-        w = comp["within_half_point"]
-        out += f"\nSmallest store within 0.5 point of the originals: {w['ours']} ({w['bytes']:,} B, " \
-               f"{w['acc']:.2f}%, {result['raw_bytes'] / w['bytes']:.2f}x vs safetensors); baselines also within " \
-               "0.5 point are " + ", ".join(f"{r:.2f}x larger ({m})" for m, r in w["vs_baselines_within_half_point"].items()) + \
-               "; the others do not reach that accuracy at any size.\n"
+        if "error" in r:
+            lines.append(f"| {r['method']} | failed: {r['error'][:80]} | | | |")
+            continue
+        lines.append(f"| {r['method']}{' (lossless)' if r.get('lossless') else ''} | {r['bytes']:,} | {r['ratio']:.2f}x | "
+                     f"{_pt(r['drop_in'])} | {_pt(r['drop_held_out'])} |")
+    out = "\n".join(lines) + "\n"
+    default = next((r for r in result["rows"] if r["method"] == "ours: default" and "breakdown" in r), None)
+    if default:
+        total = sum(default["breakdown"].values())
+        budget = {k: default["settings"].get(k) for k in ("rank", "tau", "max_error", "max_delta_error")
+                  if default["settings"].get(k) is not None}
+        out += (f"\nWhere the default store's {total:,} B go (after the appends; its fidelity: "
+                f"{', '.join(f'{k}={v}' for k, v in budget.items()) or 'none recorded'}): " +
+                ", ".join(f"{k} {v:,} B ({100 * v / total:.0f}%)" for k, v in default["breakdown"].items()) +
+                f". Per-matrix choices: {default['choices']}; {default['exceptions']} exception(s) for appended models.\n")
+    out += "\nEqual accuracy: for each baseline, our smallest store whose mean drop is no larger " \
+           "(in-domain | held-out):\n\n| baseline | bytes | ours, in-domain | x smaller | ours, held-out | x smaller |\n" \
+           "|---|---:|---|---:|---|---:|\n"
+    for c in result["comparison"]:
+        cells = [c["baseline"], f"{c['baseline_bytes']:,}"]
+        for key in ("drop_in", "drop_held_out"):
+            m = c.get(key) or {}
+            if m.get("ours"):
+                cells += [f"{m['ours']} ({m['ours_bytes']:,} B)", f"{m['times_smaller']:.2f}x"]
+            else:
+                cells += ["none of ours reaches it", "-"]
+        out += "| " + " | ".join(cells) + " |\n"
     return out
 
 
-def render(results: list[dict], args) -> str:
-    md = [f"# Rate-distortion: UWS error budgets vs baselines\n\n`python bench/rate_distortion.py "
-          f"--families {args.families} --tasks {args.tasks} --hidden {args.hidden} --models {args.models}`\n"]
+def plot(result: dict, path: str) -> None:
+    """Rate (bytes, log scale) vs drop, in-domain and held-out side by side, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "error" not in r]
+    u = _unit(result["metric"])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+    markers = "osD^v<>phX*"
+    for ax, key, title in ((axes[0], "drop_in", "in-domain"), (axes[1], "drop_held_out", "held-out (appended)")):
+        ours = sorted((r for r in rows if r["kind"] == "ours" and r.get(key) is not None), key=lambda r: r["bytes"])
+        ax.plot([r["bytes"] for r in ours], [r[key] for r in ours], "-o", color="tab:blue", label="ours (budget sweep)", zorder=3)
+        for r in ours:
+            if r["method"] == "ours: default":
+                ax.plot(r["bytes"], r[key], "*", color="tab:red", markersize=16, label="ours: default", zorder=4)
+        for i, r in enumerate(r for r in rows if r["kind"] == "baseline" and r.get(key) is not None):
+            ax.plot(r["bytes"], r[key], markers[i % len(markers)], color=f"C{(i + 2) % 10}", markersize=8, label=r["method"])
+        ax.axvline(result["source_bytes"], color="grey", linestyle="--", linewidth=1, label="sources (safetensors)")
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes (members + held-out)")
+        ax.set_title(f"{result['family']}: {title}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel(f"{_drop_label(result['metric'])} ({u}), mean over members")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(f"{result['family']}: {result['n_members']} members + {result['n_held_out']} held-out; {result['description']}",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.16, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_name(args: argparse.Namespace, family: str) -> str:
+    return f"rate_distortion{'-quick' if getattr(args, 'quick', False) else ''}_{family}.png"
+
+
+def render(results: list[dict], args: argparse.Namespace) -> str:
+    flags = " --quick" if getattr(args, "quick", False) else ""
+    md = [f"# Rate-distortion: UWS stores vs baselines\n\n`python bench/rate_distortion.py --families {args.families} "
+          f"--tasks {args.tasks} --held-out {args.held_out}{flags}` (torch threads: {args.threads}).\n\n"
+          "Bytes: baselines count raw values (codes, scales, float32 means; no container); our stores and the rank-k "
+          "subspace count their size on disk, metadata included. Drops: original minus reconstructed score, mean "
+          "over members, for the members built in (in-domain) and those appended afterwards (held-out).\n"]
     for r in results:
-        md.append(f"\n## {r['family']} ({r['n_models']} models, {r['raw_bytes']:,} B of safetensors, {r['seconds']:.0f} s)\n\n")
+        md.append(f"\n## {r['family']}: {r['n_members']} + {r['n_held_out']} held-out models, {r['source_bytes']:,} B of "
+                  f"sources ({r['seconds']:.0f} s, {r['train_seconds']:.0f} s of it training)\n\n{r['description']}; "
+                  f"original {r['metric']}: {r['original_score']:.2f}. Plot: `{plot_name(args, r['family'])}`.\n\n")
         md.append(table(r))
     return "".join(md)
 
 
+def write_outputs(results: list[dict], args: argparse.Namespace, out: str, stem: str) -> str:
+    text = render(results, args)
+    with open(os.path.join(out, stem + ".md"), "w") as f:
+        f.write(text)
+    for r in results:
+        plot(r, os.path.join(out, plot_name(args, r["family"])))
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--families", default="trained,lowrank,noise")
-    p.add_argument("--tasks", type=int, default=40, help="trained family: number of fine-tuned tasks")
-    p.add_argument("--hidden", type=int, default=256, help="trained family: hidden width")
-    p.add_argument("--models", type=int, default=40, help="synthetic families: number of models")
+    p.add_argument("--families", default=DEFAULT_FAMILIES, help=f"comma-separated (default {DEFAULT_FAMILIES}; also lowrank, noise)")
+    p.add_argument("--quick", action="store_true", help="8 + 2 members per family and short training: a few minutes")
+    p.add_argument("--tasks", type=int, default=None, help="members per family (default 40, --quick 8)")
+    p.add_argument("--held-out", type=int, default=None, help="held-out members per family, appended (default 8, --quick 2)")
+    p.add_argument("--hidden", type=int, default=256, help="mlp family: hidden width")
+    p.add_argument("--models", type=int, default=None, help="synthetic families: members (default: --tasks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small matrices)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    p.add_argument("--render", metavar="JSON", help="only re-render the markdown of an earlier run's JSON")
+    p.add_argument("--results", "--out", dest="out", default=os.path.join(HERE, "results"), help="folder for .md, .json, .png")
+    p.add_argument("--render", metavar="JSON", help="only re-render the tables and plots of an earlier run's JSON")
     args = p.parse_args(argv)
     if args.render:
         with open(args.render) as f:
             saved = json.load(f)
-        text = render(saved["results"], argparse.Namespace(**saved["args"]))
-        with open(os.path.splitext(args.render)[0] + ".md", "w") as f:
-            f.write(text)
+        text = write_outputs(saved["results"], argparse.Namespace(**saved["args"]), os.path.dirname(os.path.abspath(args.render)),
+                             os.path.splitext(os.path.basename(args.render))[0])
         print(text)
         return 0
+    args.tasks = args.tasks or (8 if args.quick else 40)
+    args.held_out = args.held_out if args.held_out is not None else (2 if args.quick else 8)
+    args.models = args.models or args.tasks
+    names = [ALIASES.get(n, n) for n in args.families.split(",") if n]
+    args.families = ",".join(names)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="uws-rd-")
-    results = []
+    t0 = time.time()
+    results: list[dict] = []
+    cache: dict = {}
     try:
-        for name in args.families.split(","):
+        for name in names:
             print(f"family {name} ...", flush=True)
-            results.append(run_family(name, args, workdir))
+            results.append(run_family(name, args, workdir, cache))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    text = render(results, args)
-    stem = "rate_distortion" if args.families == "trained,lowrank,noise" else "rate_distortion_" + args.families.replace(",", "_")
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(text)
+    stem = "rate_distortion" + ("-quick" if args.quick else "") + \
+        ("" if args.families == DEFAULT_FAMILIES else "_" + args.families.replace(",", "_"))
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=1, default=float)
+        json.dump({"args": vars(args), "seconds": time.time() - t0, "results": results}, f, indent=1, default=float)
+    text = write_outputs(results, args, args.out, stem)
     print(text)
+    print(f"(total {time.time() - t0:.0f} s; results in {args.out})")
     return 0
 
 

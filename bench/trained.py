@@ -65,7 +65,7 @@ def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @contextmanager
-def _private_torch_state(seed: int):
+def private_torch_state(seed: int):
     """Seeded, single-threaded torch, restoring the caller's RNG and thread count after."""
     threads = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):
@@ -125,7 +125,7 @@ class TrainedFamily:
         >>> fam.make_model().load_state_dict(fam.state_dicts["task-000"])
         <All keys matched successfully>
         """
-        with _private_torch_state(0):
+        with private_torch_state(0):
             return MLP(self.n_features, self.hidden, self.n_classes)
 
     def task_data(
@@ -259,7 +259,7 @@ def trained_family(
                     f"label c -> [{labels}][c]")
             specs[model_id] = _Task(desc, 0, mask, perm)
 
-    with _private_torch_state(seed):
+    with private_torch_state(seed):
         base_model = MLP(n_features, hidden, n_classes)
         if dataset == "digits":  # auxiliary pretraining: every orientation, true labels
             xb = torch.cat([_dihedral(x_tr, k) if k else x_tr for k in range(8)])
