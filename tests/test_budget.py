@@ -11,9 +11,8 @@ import uwsfmt
 from bench.trained import trained_family
 from uwsfmt.cli import main as cli_main
 from uwsfmt.encodings import budget
-from uwsfmt.numerics import quantize
+from uwsfmt.numerics import quantize, randomized
 from uwsfmt.testing.families import synthetic_family, write_family
-from uwsfmt.writer import fit, sketch
 
 SHAPES = {"attn.weight": (48, 32), "mlp.weight": (64, 32), "conv.weight": (16, 4, 3, 3)}
 
@@ -258,8 +257,7 @@ def test_sketched_budget_widens_then_falls_back_to_exact(tmp_path, monkeypatch):
     exact = uwsfmt.convert(fam, tmp_path / "e.uws", max_error=1e-3)
     want = [(e["budget"]["mode"], e["budget"]["rank"], e["budget"]["residual_bits"]) for e in exact.manifest["tensors"]]
     assert all(r == 8 for _, r, _ in want)
-    monkeypatch.setattr(fit, "SKETCH_RANK", 4)
-    monkeypatch.setattr(sketch, "SKETCH_RANK", 4)  # 4 candidates: rank 4 is the edge, 16 hold the 8 needed
+    monkeypatch.setattr(randomized, "SKETCH_RANK", 4)  # 4 candidates: rank 4 is the edge, 16 hold the 8 needed
     st = uwsfmt.convert(fam, tmp_path / "w.uws", max_error=1e-3, basis="sketch")
     _budget_held(st, fam, 1e-3)
     assert [(e["budget"]["mode"], e["budget"]["rank"], e["budget"]["residual_bits"]) for e in st.manifest["tensors"]] == want

@@ -69,7 +69,7 @@ def test_auto_is_float16_for_16_bit_families_and_under_budgets(tmp_path):
     f32 = family(torch.float32)
     s_bf = uwsfmt.convert(bf, tmp_path / "bf.uws", rank=2)
     s_32 = uwsfmt.convert(f32, tmp_path / "f32.uws", rank=2)
-    s_budget = uwsfmt.convert(f32, tmp_path / "budget.uws", max_delta_error=0.3)
+    s_budget = uwsfmt.convert(f32, tmp_path / "budget.uws", max_delta_error=0.3, coefficient_bits="float32")  # 1.1 alone
     assert set(mean_dtypes(s_bf).values()) == {"float16"} and s_bf.format_version == "1.1"
     assert set(mean_dtypes(s_32).values()) == {"float32"} and s_32.format_version == "1.0"
     assert set(mean_dtypes(s_budget).values()) == {"float16"} and s_budget.format_version == "1.1"

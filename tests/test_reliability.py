@@ -399,7 +399,9 @@ def test_deep_validate_catches_data_that_does_not_rebuild_what_was_written(store
         sl, mid = e["coefficients"], st.model_ids[2]
     pack = zarr.open_array(zarr.storage.LocalStore(store), path=f"packs/{sl['pack']}", mode="r+")
     row = pack[2, :]
-    row[sl["offset"]: sl["offset"] + sl["length"]] *= 1.5  # valid checksums, wrong numbers
+    part = row[sl["offset"]: sl["offset"] + sl["length"]]
+    # valid checksums, wrong numbers (float32 coefficients scaled, quantized codes' bits flipped)
+    row[sl["offset"]: sl["offset"] + sl["length"]] = part * 1.5 if part.dtype.kind == "f" else part ^ 0x5A
     pack[2, :] = row
     assert uwsfmt.validate(store) == []  # structure is fine ...
     problems = uwsfmt.validate(store, deep=True, source_root=root)  # ... the numbers are not

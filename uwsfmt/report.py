@@ -84,8 +84,8 @@ def notes(store: _Store, size: int, src: int) -> list[str]:
         lora = any(e.get("lora") is not None for e in m["tensors"])
         if lora and st.get("lora_mode", "product") != "factors":
             fix = "`--lora-mode factors` (with the default error budget: mean + quantized factors) stores them smaller"
-        elif st.get("rank") is not None or st.get("tau") is not None:
-            fix = "drop --rank/--tau to use the default error budget (or give one: --max-delta-error 0.3)"
+        elif not budgeted:
+            fix = "drop --rank/--tau/--max-rank to use the default error budget (or give one: --max-delta-error 0.3)"
         elif st.get("residual_bits") == 16 or st.get("coefficient_bits") == "float32":
             fix = "drop --residual-bits 16 / --coefficient-bits float32 and let the error budget choose"
         else:
