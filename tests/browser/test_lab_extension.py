@@ -90,7 +90,9 @@ def test_convert_open_inspect_export_from_the_file_browser(lab):
     page = open_lab(lab)
 
     # the launcher and the command palette offer the commands
-    assert page.locator(".jp-LauncherCard", has_text="Convert to UWS").count() == 1
+    card = page.locator(".jp-LauncherCard", has_text="Convert to UWS")
+    card.first.wait_for(timeout=60_000)  # the launcher renders after the page is up (slowly on a busy machine)
+    assert card.count() == 1
     page.keyboard.press("Control+Shift+C")
     page.locator(".lm-CommandPalette-input").fill("UWS")
     palette = page.locator(".lm-CommandPalette-item").all_inner_texts()
