@@ -66,13 +66,21 @@ class StoreLock:
             self._fd = None
 
 
+def put_manifest(root: zarr.Group, manifest: dict) -> None:
+    """Write ``manifest`` as the root group's ``uws`` attribute, as compact JSON: zarr's default
+    two-space indentation makes a manifest of many models and tensors 2-3x larger on disk (a
+    third of a small LoRA store's bytes), and readers parse either the same."""
+    with zarr.config.set({"json_indent": None}):
+        root.attrs.put({"uws": manifest})
+
+
 def commit_manifest(zstore: Store, path: str, manifest: dict) -> None:
     """Validate and atomically replace the root zarr.json with ``manifest`` (the commit point)."""
 
     validate_manifest(manifest, path)
     try:
         root = zarr.open_group(zstore, mode="r+")
-        root.attrs.put({"uws": manifest})
+        put_manifest(root, manifest)
     except OSError as e:
         raise StoreError(f"{path}: could not commit ({e.strerror or e}); the store keeps its previous committed state") from e
 

@@ -29,7 +29,7 @@ from uwsfmt.errors import BudgetError, ConfigError, ConflictError, StoreError, S
 from uwsfmt.format import dtypes, naming
 from uwsfmt.format.schema import validate_manifest
 from uwsfmt.io import layout, overlap
-from uwsfmt.io.commit import BuildLock, replace_dir
+from uwsfmt.io.commit import BuildLock, put_manifest, replace_dir
 from uwsfmt.numerics import allocator, linalg
 from uwsfmt.numerics.device import default_device, resolve_device
 from uwsfmt.reader.manifest import BUILDING_MARK, REPLACED_MARK
@@ -377,7 +377,7 @@ def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Che
         }
 
         validate_manifest(manifest, path)
-        root.attrs.put({"uws": manifest})
+        put_manifest(root, manifest)
     finally:
         stop.set()
         wb.close()  # waits for writes in flight (the caller may remove the folder next)
