@@ -156,6 +156,11 @@ def export_formats(store: Any, model_id: str | None = None) -> list[str]:
     ask = getattr(store, "export_formats", None)
     if callable(ask) and model_id is not None:
         return [str(f) for f in ask(model_id)]
+    if callable(ask) and getattr(store, "model_ids", None):  # the store's: every format some model offers (hf, peft...)
+        seen: dict[str, None] = {}
+        for mid in store.model_ids:
+            seen.update(dict.fromkeys(str(f) for f in ask(mid)))
+        return list(seen)
     tensors = (getattr(store, "manifest", None) or {}).get("tensors") or []
     lora = any(isinstance(e, Mapping) and e.get("lora") is not None for e in tensors)
     return ["safetensors", "peft", "kohya"] if lora else ["safetensors"]

@@ -64,6 +64,9 @@ def test_export_hf_loads_with_from_pretrained(tmp_path, folders, kind):
     mid = store.model_ids[1]
     out = store.export(mid, tmp_path / "out", format="hf")
     assert store.export_formats(mid) == ["safetensors", "hf"]
+    from jupyter_ext import payload  # what the Inspector and the JupyterLab panel offer, before a model is picked
+
+    assert payload.export_formats(store) == ["safetensors", "hf"] and payload.export_formats(store, mid) == ["safetensors", "hf"]
     # the same folder: the same file names; the small files byte for byte; the index as it was
     have, orig = _files(out), _files(src[1])
     assert sorted(have) == sorted(orig)
