@@ -365,6 +365,12 @@ def _spectrum_len(fit: Fit, c: Candidate) -> int:
     return sum(int(fit.spectra[s].numel()) for s in sides if s in fit.spectra)
 
 
+def candidate_bytes(fit: Fit, c: Candidate, view: tuple[int, int], n_models: int) -> int:
+    """:func:`tensor_bytes` of candidate ``c`` of ``fit`` (its mean as stored: float16 means take 2 bytes)."""
+    mean_bytes = 0 if fit.mean is None else view[0] * view[1] * fit.mean.element_size()
+    return tensor_bytes(c, view, n_models, mean_bytes=mean_bytes, spectrum_len=_spectrum_len(fit, c))
+
+
 def g4(x: float) -> float | None:
     return float(f"{x:.4g}") if np.isfinite(x) else None
 
@@ -382,8 +388,7 @@ def pick(sweep: ErrorSweep, *, n_models: int, budget: Budget, shape: Sequence[in
         worst_d = np.nanmax(np.where(np.isinf(absolute), np.inf, sweep.errors("delta_error")), axis=0)
     else:
         ok, worst, worst_d = np.ones(ncand, bool), np.zeros(ncand), np.zeros(ncand)
-    mean_bytes = 0 if fit.mean is None else view[0] * view[1] * fit.mean.element_size()  # float16 means: 2
-    sizes = [tensor_bytes(c, view, n_models, mean_bytes=mean_bytes, spectrum_len=_spectrum_len(fit, c)) for c in sweep.cands]
+    sizes = [candidate_bytes(fit, c, view, n_models) for c in sweep.cands]
     dense = dense_bytes(shape, dtype, n_models)
     j: int | None  # a candidate's index (None: dense, in the frontier)
     best = None
@@ -426,9 +431,8 @@ def choose(fit: Fit, tensors: Iterable[torch.Tensor], *, name: str, shape: Seque
     bits = BITS if residual_bits is None else (residual_bits,)
     coefs = AUTO_COEFFICIENTS if coefficient_bits == "auto" else (coefficient_bits,)
     cands = candidates(fit, bits=bits, fixed_rank=fixed_rank, modes=None if mode == "auto" else (mode,), coefs=coefs, view=view)
-    mean_bytes = 0 if fit.mean is None else view[0] * view[1] * fit.mean.element_size()
     dense = dense_bytes(shape, dtype, n_models)  # a candidate at least as large as dense never wins: not swept
-    cands = [c for c in cands if tensor_bytes(c, view, n_models, mean_bytes=mean_bytes, spectrum_len=_spectrum_len(fit, c)) < dense]
+    cands = [c for c in cands if candidate_bytes(fit, c, view, n_models) < dense]
     sweep = ErrorSweep(fit, cands, dtype, view, budget)
     for w in tensors:
         sweep.add(w)
