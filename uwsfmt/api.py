@@ -7,16 +7,19 @@ The top of the house: it joins the reader (``reader/``), the writer (``writer/``
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 from uwsfmt import report
-from uwsfmt.errors import ConfigError
+from uwsfmt.errors import ConfigError, StoreExistsError
 from uwsfmt.export.hf import export_formats
 from uwsfmt.export.registry import export as export_model
+from uwsfmt.io import remote
+from uwsfmt.io.commit import lock_timeout
 from uwsfmt.reader import files
-from uwsfmt.reader.store import ModelRef, StoreReader, open_reader
+from uwsfmt.reader.store import ModelRef, StoreLike, StoreReader, open_reader
 from uwsfmt.sources.registry import Source, Sources
 from uwsfmt.validate import validate_store
 from uwsfmt.writer import append as appending
@@ -125,8 +128,11 @@ class Store(StoreReader):
         return report.model_table(self)
 
 
-def open(path: str | os.PathLike, *, mode: str = "r") -> Store:  # noqa: A001 - mirrors zarr.open
-    """Open a UWS store (directory or .zip) lazily: only the manifest is read.
+def open(path: StoreLike, *, mode: str = "r", storage_options: dict | None = None) -> Store:  # noqa: A001 - mirrors zarr.open
+    """Open a UWS store lazily: only the manifest is read. ``path``: a directory, a .zip file, a
+    URL (``s3://bucket/family.uws``, ``gs://...``, ``https://...`` read-only, any fsspec URL) or
+    a zarr store object; ``storage_options``: fsspec's options for a URL (endpoint, credentials;
+    by default they come from the environment as fsspec finds them). Never recorded anywhere.
 
     ``mode`` as in zarr: ``"r"`` read only (default); ``"r+"`` or ``"a"`` read and append (the
     store must exist: stores are created by :func:`convert`). ``"w"`` and ``"w-"`` (create) are
@@ -137,11 +143,11 @@ def open(path: str | os.PathLike, *, mode: str = "r") -> Store:  # noqa: A001 - 
     ['model-000', 'model-001']
     """
     if mode in ("w", "w-"):
-        raise ConfigError(f"open(mode={mode!r}): a store is created by uwsfmt.convert(sources, {os.fspath(path)!r}) "
+        raise ConfigError(f"open(mode={mode!r}): a store is created by uwsfmt.convert(sources, {str(path)!r}) "
                           "(overwrite=True replaces one); open(mode='a') appends to an existing store")
     if mode not in OPEN_MODES:
         raise ConfigError(f"open(mode={mode!r}): unknown mode; use one of {', '.join(map(repr, OPEN_MODES))}")
-    return open_reader(path, mode="r" if mode == "r" else "a", cls=Store)
+    return open_reader(path, mode="r" if mode == "r" else "a", storage_options=storage_options, cls=Store)
 
 
 def convert(sources: Sources, out: str | os.PathLike, **options: Any) -> Store:
@@ -153,11 +159,30 @@ def convert(sources: Sources, out: str | os.PathLike, **options: Any) -> Store:
     >>> fam = {f"m{i}": {"w": torch.randn(64, 64)} for i in range(4)}  # doctest: +SKIP
     >>> store = uwsfmt.convert(fam, "/tmp/doc.uws", rank=2, overwrite=True)  # doctest: +SKIP
     """
-    store = open(build_store(sources, out, **options))
+    if remote.is_url(out):
+        store = _convert_to_url(sources, os.fspath(out), options)
+    else:
+        store = open(build_store(sources, out, **options))
     for note in report.summary(store)["notes"]:
         if note.startswith("LARGER"):  # the one finding a build must not keep quiet about
             warnings.warn(f"{store.path}: {note}", UserWarning, stacklevel=2)
     return store
+
+
+def _convert_to_url(sources: Sources, url: str, options: dict[str, Any]) -> Store:
+    """Build in a local temporary folder (``UWSFMT_TMPDIR``, else the system's), then publish the
+    complete store to ``url`` under its writer lock, the root zarr.json last (spec section 11.4)."""
+    so = options.pop("storage_options", None)
+    if options.get("overwrite"):
+        raise ConfigError(f"{remote.redact(url)}: overwrite is not offered on object storage (replacing a store there cannot "
+                          "be atomic); delete the old store first, or convert to a new URL")
+    target = remote.open_store(url, "w", so)  # before any heavy work: a bad URL, scheme or credentials fail here
+    if remote.size(target, "zarr.json") is not None:
+        raise StoreExistsError(f"{remote.redact(url)}: a store is already there; choose another URL (or delete it first)")
+    with tempfile.TemporaryDirectory(prefix="uwsfmt-convert-", dir=os.environ.get("UWSFMT_TMPDIR")) as tmp:
+        local = build_store(sources, os.path.join(tmp, os.path.basename(url.rstrip("/")) or "store.uws"), **options)
+        remote.publish(local, url, so, lock_timeout())
+    return open(url, storage_options=so)
 
 
 def _with_store(store: Store | str | os.PathLike, mode: str, call: Callable[[Store], Any]) -> Any:

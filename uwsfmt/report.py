@@ -205,13 +205,13 @@ def summary(store: _Store) -> dict:
     for t in m["tensors"]:
         enc[t["encoding"]] = enc.get(t["encoding"], 0) + 1
     src = sum((x.get("source") or {}).get("size") or 0 for x in m["models"])
-    size = store_bytes(store.path)
+    size = store.nbytes()
     errs = store.errors()
     finite = errs[np.isfinite(errs)]
     return {
         "path": store.path,
         "format_version": m["format_version"],
-        "zipped": os.path.isfile(store.path) and zipfile.is_zipfile(store.path),
+        "zipped": not store.location.remote and os.path.isfile(store.path) and zipfile.is_zipfile(store.path),
         "n_models": store.n_models,
         "n_tensors": len(m["tensors"]),
         "encodings": enc,

@@ -10,9 +10,11 @@ import time
 
 import zarr
 from zarr.abc.store import Store
+from zarr.storage import FsspecStore
 
 from uwsfmt.errors import LockError, StoreError
 from uwsfmt.format.schema import validate_manifest
+from uwsfmt.io import remote
 from uwsfmt.io.layout import LOCK_FILE
 
 #: seconds a writer waits for another one's lock (environment: UWSFMT_LOCK_TIMEOUT)
@@ -64,6 +66,48 @@ class StoreLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class Writing:
+    """One writer's hold on a store, local or on object storage: the lock on entry, then
+    :meth:`commit` (at most once) replaces the manifest. On a directory: ``flock`` on
+    ``.uws.lock`` and zarr's atomic replace of the root zarr.json. On object storage
+    (spec section 11.4): the lock object with its lease, and a commit that is a put-if-match on
+    the root zarr.json read under the lock, so no writer commits over another."""
+
+    def __init__(self, zstore: Store, path: str):
+        self.zstore = zstore
+        self.path = path
+        self._local: StoreLock | None = None
+        self._object: remote.ObjectLock | None = None
+        self._etag: str | None = None
+
+    def __enter__(self) -> Writing:
+        if isinstance(self.zstore, FsspecStore):
+            ofs = remote.ObjectFS(self.zstore)
+            self._object = remote.ObjectLock(ofs, lock_timeout()).__enter__()
+            try:
+                self._etag = remote.root_document(ofs)[1]
+            except BaseException:
+                self._object.__exit__(None, None, None)
+                raise
+        else:
+            self._local = StoreLock(self.path).__enter__()
+        return self
+
+    def commit(self, manifest: dict) -> None:
+        if self._object is not None:
+            assert self._etag is not None  # read on entry
+            validate_manifest(manifest, self.path)
+            remote.commit(self._object.ofs, self._object, manifest, self._etag)
+        else:
+            commit_manifest(self.zstore, self.path, manifest)
+
+    def __exit__(self, *exc) -> None:
+        if self._object is not None:
+            self._object.__exit__(*exc)
+        if self._local is not None:
+            self._local.__exit__(*exc)
 
 
 def put_manifest(root: zarr.Group, manifest: dict) -> None:

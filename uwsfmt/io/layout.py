@@ -42,11 +42,14 @@ def version_for(half_means: bool, quantized_coefficients: bool = False) -> str:
 PACKS = "packs"
 TENSORS = "tensors"
 #: bytes per inner chunk of a pack row: small, so that reading one tensor's slots reads little
-#: more than them (random access), while a whole row is still one shard file: uwsfmt reads it
-#: with a handful of system calls whatever the chunk count (uwsfmt.shards). Measured
-#: (bench/): 64 KiB -> 4 MiB chunks change the direct row read by < 0.5 ms on an 8 MiB row, but
-#: zarr-python's generic read from ~3 ms (4 MiB) to ~8 ms (256 KiB) to ~19 ms (64 KiB).
-PACK_CHUNK_BYTES = 256 << 10
+#: more than them (random access: on object storage one tensor of a 500-tensor family costs its
+#: shard index and one 16 KiB chunk, not the 250 KiB chunk 256 KiB chunks cost), while a whole
+#: row is still one shard: uwsfmt reads it with a handful of system calls locally (uwsfmt.shards)
+#: and with one GET remotely, whatever the chunk count. Each chunk costs 20 bytes (index entry +
+#: checksum): 0.12%. Measured (bench/): 64 KiB -> 4 MiB chunks change the direct row read by
+#: < 0.5 ms on an 8 MiB row; zarr-python's generic whole-row decode (remote stores) grows with
+#: the chunk count (~19 ms for 64 KiB chunks of an 8 MiB row).
+PACK_CHUNK_BYTES = 16 << 10
 #: bytes per chunk of the per-tensor arrays (mean, bases).
 ARRAY_CHUNK_BYTES = 8 << 20
 LOCK_FILE = ".uws.lock"

@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.abc.store import Store
-from zarr.storage import LocalStore, ZipStore
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore, ZipStore
 
 from uwsfmt.errors import FormatError, StoreError, VersionError
 from uwsfmt.format.schema import validate_manifest
-from uwsfmt.io import layout
+from uwsfmt.io import layout, remote
 
 #: a manifest larger than this is refused on open (hostile stores must not exhaust memory)
 MAX_MANIFEST_BYTES = 256 << 20
@@ -46,7 +47,12 @@ BUILDING_MARK = ".uws-building-"
 REPLACED_MARK = ".uws-replaced-"
 
 
-def open_zarr_store(path: str, mode: str) -> LocalStore | ZipStore:
+def open_zarr_store(path: str, mode: str, storage_options: dict | None = None) -> Store:
+    """The zarr store object of the UWS store at ``path``: a directory, a .zip file, or a URL
+    (``s3://``, ``gs://``, ``https://``, any fsspec URL; ``storage_options`` go to fsspec)."""
+    if remote.is_url(path):
+        return remote.open_store(path, mode, storage_options)
+    path = remote.local_path(path)
     if os.path.isdir(path):
         return LocalStore(path, read_only=(mode == "r"))
     if os.path.isfile(path) and zipfile.is_zipfile(path):
@@ -65,8 +71,15 @@ def json_size(zstore: Store, path: str, key: str = "zarr.json", zf: zipfile.ZipF
     """Size in bytes of the metadata document ``key`` (None when absent), read before parsing it;
     ``zf``: the store's archive when it is already open."""
     if isinstance(zstore, LocalStore):
-        p = os.path.join(path, *key.split("/"))
+        p = os.path.join(str(zstore.root), *key.split("/"))
         return os.path.getsize(p) if os.path.isfile(p) else None
+    if isinstance(zstore, FsspecStore):
+        return remote.size(zstore, key)
+    if not isinstance(zstore, ZipStore):  # any other zarr store object
+        try:
+            return int(sync(zstore.getsize(key)))
+        except FileNotFoundError:
+            return None
     try:
         if zf is not None:
             return zf.getinfo(key).file_size
@@ -95,7 +108,11 @@ def read_manifest(zstore: Store, path: str) -> dict:
     """Load and check the manifest: size limit, JSON, format version, schema."""
     size = _root_json_size(zstore, path)
     if size is None:
-        raise FormatError(f"{path}: not a UWS store: no zarr.json at its root.{_interrupted_hint(path)}")
+        hint = _interrupted_hint(path)
+        if isinstance(zstore, FsspecStore):
+            hint = (" A convert to this URL is uploading it, or was killed (converting again removes the leftovers)."
+                    if remote.size(zstore, remote.BUILDING_OBJECT) is not None else " Check the URL (bucket and prefix).")
+        raise FormatError(f"{path}: not a UWS store: no zarr.json at its root.{hint}")
     if size > MAX_MANIFEST_BYTES:
         raise FormatError(
             f"{path}: zarr.json is {size} bytes, above the {MAX_MANIFEST_BYTES}-byte limit; "

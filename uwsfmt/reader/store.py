@@ -7,7 +7,9 @@ last, atomically, so a crash leaves the previous committed state readable.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
 import fnmatch
 import itertools
 import math
@@ -20,7 +22,8 @@ from typing import Any, Self, TypeVar, overload
 import numpy as np
 import torch
 import zarr
-from zarr.storage import LocalStore, ZipStore
+import zarr.abc.store
+from zarr.storage import FsspecStore, LocalStore, ZipStore
 
 from uwsfmt import encodings, report
 from uwsfmt.encodings import exception as exception_enc
@@ -28,7 +31,7 @@ from uwsfmt.encodings import lora as lora_enc
 from uwsfmt.encodings import subspace
 from uwsfmt.encodings.base import ReadContext
 from uwsfmt.errors import FormatError, NotFoundError, UWSError
-from uwsfmt.io import shards
+from uwsfmt.io import remote, shards
 from uwsfmt.numerics.device import resolve_device
 from uwsfmt.reader import compat, declared
 from uwsfmt.reader.manifest import (
@@ -43,6 +46,24 @@ from uwsfmt.reader.manifest import (
 )
 
 ModelRef = str | int
+#: requests in flight at once when a remote store's shared arrays are fetched
+REMOTE_CONCURRENCY = 32
+#: what names a store: a local path, a URL, or a zarr store object
+StoreLike = str | os.PathLike | zarr.abc.store.Store
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """Where an open store can be opened again (to write to it): its URL or path as given (None
+    for a zarr store object the caller made) and the fsspec ``storage_options`` it was opened with.
+    Kept off the manifest, the summary and every message: a URL may carry credentials."""
+
+    url: str | None
+    storage_options: dict | None = None
+
+    @property
+    def remote(self) -> bool:
+        return remote.is_url(self.url)
 
 
 class StoreReader:
@@ -64,6 +85,9 @@ class StoreReader:
         self._zip: zipfile.ZipFile | None = None
         self._lock = threading.Lock()
         self._local = threading.local()  # per-thread reusable row buffers
+        self.location = Location(path)
+        self._seen: set[str] = set()  # remote stores: shared arrays fetched (or prefetched) once
+        self._fetched: dict[str, Any] = {}  # prefetched arrays, each taken once by read_array
 
     # ------------------------------------------------------------------ metadata
     def committed(self, manifest: dict) -> None:
@@ -170,12 +194,52 @@ class StoreReader:
         reader = self._chunked_reader(path)
         return reader.dtype if reader is not None else self.array(path).dtype
 
+    def _prefetch(self, entries: list[dict]) -> None:
+        """On a remote store, fetch the shared arrays (means, bases, shared values) of ``entries``
+        not read yet, many requests at a time: read one by one, a model's first read would wait
+        for one round trip per array (thousands for a large family). The next reads take them
+        from memory once (:meth:`read_array`); local stores read them as they go."""
+        if isinstance(self._zstore, (LocalStore, ZipStore)):
+            return
+        paths = []
+        for e in entries:
+            for field in ("mean", "left", "right"):
+                if isinstance(e.get(field), str):
+                    paths.append(e[field])
+            if e.get("encoding") == "shared" and isinstance(e.get("data"), dict) and isinstance(e["data"].get("path"), str):
+                paths.append(e["data"]["path"])
+        with self._lock:
+            paths = [p for p in dict.fromkeys(paths) if p not in self._seen]
+            self._seen.update(paths)
+        if len(paths) < 2:
+            return
+        with concurrent.futures.ThreadPoolExecutor(min(REMOTE_CONCURRENCY, len(paths)), thread_name_prefix="uwsfmt-fetch") as ex:
+            for p, a in zip(paths, ex.map(self._fetch, paths)):
+                self._fetched[p] = a
+
+    def _fetch(self, path: str) -> np.ndarray | _Failed:
+        try:
+            return self.read_array(path)
+        except FormatError as e:
+            return _Failed(e)  # raised where the array is used, by the reader that needs it
+
     def read_array(self, path: str, shape: Iterable[int] | None = None, out: np.ndarray | None = None,
                    most: int | None = None) -> np.ndarray:
         """The whole array at ``path``; ``shape``: what the manifest implies, or ``most``: how many
         values it may hold at most (either checked before anything is allocated or read).
         ``out``: a C-contiguous buffer of the array's shape and storage dtype to read into (used
         when it fits, else a new array is returned)."""
+        got = self._fetched.pop(path, None)
+        if got is not None:
+            if isinstance(got, _Failed):
+                raise got.error
+            if shape is not None and got.shape != tuple(shape):
+                raise FormatError(f"{self.path}: array {path!r} has shape {list(got.shape)} but the manifest implies "
+                                  f"{list(shape)}; the store is damaged or was tampered with")
+            if most is not None and got.size > most:
+                raise FormatError(f"{self.path}: array {path!r} has shape {list(got.shape)}, more than the {most} values the "
+                                  "manifest allows it; the store is damaged or was tampered with")
+            return got
         reader = self._chunked_reader(path)
         arr = self.array(path) if reader is None else None
         have = reader.shape if reader is not None else tuple(arr.shape)  # type: ignore[union-attr]  # arr is set when reader is None
@@ -267,6 +331,8 @@ class StoreReader:
         self._arrays.clear()
         self._row_readers.clear()
         self._chunked.clear()
+        self._seen.clear()
+        self._fetched.clear()
 
     def compute_dtype(self, e: dict) -> torch.dtype:
         """The dtype tensor ``e`` is rebuilt in: float64 for float64 tensors, else float32."""
@@ -323,6 +389,7 @@ class StoreReader:
         compat.refuse(self.path, self.manifest, idx, (e["name"] for e in entries), self._unknown)
         declared.refuse(self.path, self._mismatched, (e["name"] for e in entries))
         rows = self._rows(idx, dev) if self.manifest["packs"] else {}
+        self._prefetch(entries)
         exceptions = self.manifest["models"][idx].get("exceptions") or ()
         ctx = ReadContext(self, idx, rows, dev, into=into, dtype=dtype, excepted={x["tensor"] for x in exceptions})
         groups = encodings.by_encoding(entries, self.path)
@@ -474,6 +541,14 @@ class StoreReader:
     def model_table(self) -> list[dict]:
         return report.model_table(self)
 
+    def nbytes(self) -> int | None:
+        """Bytes the store takes in storage (None where the server cannot list them, e.g. HTTP)."""
+        if isinstance(self._zstore, (LocalStore, ZipStore)):
+            return report.store_bytes(str(self._zstore.root if isinstance(self._zstore, LocalStore) else self._zstore.path))
+        if isinstance(self._zstore, FsspecStore):
+            return remote.total_bytes(self._zstore)
+        return None
+
     def close(self) -> None:
         self.clear_cache()
         with self._lock:
@@ -498,6 +573,13 @@ class StoreReader:
 R = TypeVar("R", bound=StoreReader)
 
 
+@dataclasses.dataclass
+class _Failed:
+    """A prefetched array that could not be read: its error, raised where the array is used."""
+
+    error: FormatError
+
+
 @contextlib.contextmanager
 def _damaged(store: StoreReader, model: ModelRef, name: str | None = None):
     """Turn what a damaged or tampered store makes the decoders raise into a FormatError naming
@@ -515,21 +597,30 @@ def _damaged(store: StoreReader, model: ModelRef, name: str | None = None):
 
 
 @overload
-def open_reader(path: str | os.PathLike, *, mode: str = "r") -> StoreReader: ...
+def open_reader(path: StoreLike, *, mode: str = "r", storage_options: dict | None = None) -> StoreReader: ...
 @overload
-def open_reader(path: str | os.PathLike, *, mode: str = "r", cls: type[R]) -> R: ...
-def open_reader(path: str | os.PathLike, *, mode: str = "r", cls: type[StoreReader] = StoreReader) -> StoreReader:
-    """Open a UWS store (directory or .zip) lazily: only the manifest is read. ``mode``: "r"
-    (read only) or "a" (appendable); ``cls``: the class to open it as (:class:`uwsfmt.Store`).
+def open_reader(path: StoreLike, *, mode: str = "r", storage_options: dict | None = None, cls: type[R]) -> R: ...
+def open_reader(path: StoreLike, *, mode: str = "r", storage_options: dict | None = None,
+                cls: type[StoreReader] = StoreReader) -> StoreReader:
+    """Open a UWS store lazily: only the manifest is read. ``path``: a directory, a .zip file, a
+    URL (``s3://``, ``gs://``, ``https://``, any fsspec URL; ``storage_options`` go to fsspec:
+    endpoint, credentials, ...) or a zarr store object. ``mode``: "r" (read only) or "a"
+    (appendable); ``cls``: the class to open it as (:class:`uwsfmt.Store`).
 
     >>> store = open_reader("family.uws")  # doctest: +SKIP
     >>> store.model_ids[:2]  # doctest: +SKIP
     ['model-000', 'model-001']
     """
-    path = os.fspath(path)
-    zstore = open_zarr_store(path, mode)
+    if isinstance(path, zarr.abc.store.Store):  # a zarr store object the caller made
+        zstore, path, url = path, str(path), None
+    else:
+        url = remote.local_path(os.fspath(path))
+        zstore = open_zarr_store(url, mode, storage_options)
+        path = remote.redact(url)
     manifest = read_manifest(zstore, path)
     try:
-        return cls(path, zstore, manifest)
+        store = cls(path, zstore, manifest)
     except (KeyError, TypeError, ValueError, AttributeError) as e:  # fields the schema leaves open (LoRA records)
         raise FormatError(f"{path}: the manifest cannot be indexed ({short(e)}); the store is damaged") from e
+    store.location = Location(url, storage_options)
+    return store

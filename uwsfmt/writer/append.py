@@ -24,7 +24,7 @@ from uwsfmt.encodings import lora as lora_enc
 from uwsfmt.errors import ConflictError, SourceError, StoreError
 from uwsfmt.format import dtypes, naming
 from uwsfmt.io import layout, overlap
-from uwsfmt.io.commit import StoreLock, commit_manifest
+from uwsfmt.io.commit import Writing
 from uwsfmt.numerics.device import default_device, resolve_device
 from uwsfmt.reader.manifest import open_zarr_store, read_manifest
 from uwsfmt.reader.store import StoreReader
@@ -200,8 +200,10 @@ def append_checkpoints(store: StoreReader, cks: list[Checkpoint], *, progress: b
     ``source_root`` where one is given (as for :func:`uwsfmt.convert`).
     """
 
-    if not os.path.isdir(store.path):
-        raise StoreError(f"{store.path}: only directory stores can be appended to; unpack the zip first (uwsfmt unpack)")
+    where = store.location
+    if not (where.remote or where.url is not None and os.path.isdir(where.url)):
+        raise StoreError(f"{store.path}: only directory stores and stores on object storage can be appended to; "
+                         "unpack a zipped store first (uwsfmt unpack)")
     dev = resolve_device(device, default_device())  # before the lock: a bad device touches nothing
     root = provenance.check_root(source_root)
     if root is not None:
@@ -220,8 +222,9 @@ def append_checkpoints(store: StoreReader, cks: list[Checkpoint], *, progress: b
     stop = threading.Event()  # the sources' sha256 on a background thread, as in convert
     all_cks = cks
     try:
-        with StoreLock(store.path):
-            zstore = open_zarr_store(store.path, "w")
+        assert where.url is not None  # checked above
+        zstore = open_zarr_store(where.url, "w", where.storage_options)
+        with Writing(zstore, store.path) as writing:
             current = read_manifest(zstore, store.path)  # re-read under the lock: another writer may have committed
             have = {m["id"] for m in current["models"]}
             if skip_existing:
@@ -290,7 +293,7 @@ def append_checkpoints(store: StoreReader, cks: list[Checkpoint], *, progress: b
             new["models"] = current["models"] + entries
             new["generation"] = int(current.get("generation", 0)) + 1
             new["updated"] = utc_now()
-            commit_manifest(zstore, store.path, new)
+            writing.commit(new)
     finally:
         stop.set()
         prog.close()
