@@ -176,7 +176,8 @@ def _convert_to_url(sources: Sources, url: str, options: dict[str, Any]) -> Stor
     if options.get("overwrite"):
         raise ConfigError(f"{remote.redact(url)}: overwrite is not offered on object storage (replacing a store there cannot "
                           "be atomic); delete the old store first, or convert to a new URL")
-    target = remote.open_store(url, "w", so)  # before any heavy work: a bad URL, scheme or credentials fail here
+    target = remote.open_store(url, "w", so)  # before any heavy work: a bad URL, scheme, bucket or credentials fail here
+    remote.ObjectFS(target).check()
     if remote.size(target, "zarr.json") is not None:
         raise StoreExistsError(f"{remote.redact(url)}: a store is already there; choose another URL (or delete it first)")
     with tempfile.TemporaryDirectory(prefix="uwsfmt-convert-", dir=os.environ.get("UWSFMT_TMPDIR")) as tmp:

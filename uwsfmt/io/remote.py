@@ -166,6 +166,19 @@ class ObjectFS:
             raise StoreError(f"{self.where}: this file system has no conditional writes; uwsfmt writes only to S3 and "
                              "S3-compatible stores")
 
+    def check(self) -> None:
+        """Fail early, before a build, when the bucket is missing or the credentials do not open it."""
+        bucket = self._split("")[0]
+        try:
+            sync(self.fs._call_s3("head_bucket", Bucket=bucket))
+        except FileNotFoundError as e:
+            raise StoreError(f"{self.where}: the bucket {bucket!r} does not exist (or these credentials cannot see it); "
+                             "create it first") from e
+        except PermissionError as e:
+            raise StoreError(f"{self.where}: cannot write ({reason(e)})") from e
+        except OSError as e:
+            raise StoreError(f"{self.where}: cannot reach the bucket ({reason(e)})") from e
+
     def key(self, name: str) -> str:
         return f"{self.root}/{name}" if name else self.root
 
