@@ -280,8 +280,11 @@ def test_cli_reads_and_writes_s3_with_credentials_from_the_environment(s3, bucke
     r = subprocess.run([*run, "convert", *sorted(map(str, src.glob("*.safetensors"))), "-o", url, "--rank", "2", "-q"],
                        capture_output=True, text=True, env=dict(os.environ))
     assert r.returncode == 0, r.stderr
+    save_file(family(1, seed=5)["m0"], str(tmp_path / "late.safetensors"))
+    r = subprocess.run([*run, "append", url, str(tmp_path / "late.safetensors")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     r = subprocess.run([*run, "info", url], capture_output=True, text=True)
-    assert r.returncode == 0 and "models: 3" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "models: 4" in r.stdout, r.stdout + r.stderr
     r = subprocess.run([*run, "info", url], capture_output=True, text=True,
                        env={**os.environ, "AWS_SECRET_ACCESS_KEY": "wrong-secret-xyz"})
     assert r.returncode != 0 and "access denied" in r.stderr and "wrong-secret-xyz" not in r.stderr

@@ -194,7 +194,7 @@ class StoreReader:
         reader = self._chunked_reader(path)
         return reader.dtype if reader is not None else self.array(path).dtype
 
-    def _prefetch(self, entries: list[dict]) -> None:
+    def prefetch(self, entries: list[dict]) -> None:
         """On a remote store, fetch the shared arrays (means, bases, shared values) of ``entries``
         not read yet, many requests at a time: read one by one, a model's first read would wait
         for one round trip per array (thousands for a large family). The next reads take them
@@ -389,7 +389,7 @@ class StoreReader:
         compat.refuse(self.path, self.manifest, idx, (e["name"] for e in entries), self._unknown)
         declared.refuse(self.path, self._mismatched, (e["name"] for e in entries))
         rows = self._rows(idx, dev) if self.manifest["packs"] else {}
-        self._prefetch(entries)
+        self.prefetch(entries)
         exceptions = self.manifest["models"][idx].get("exceptions") or ()
         ctx = ReadContext(self, idx, rows, dev, into=into, dtype=dtype, excepted={x["tensor"] for x in exceptions})
         groups = encodings.by_encoding(entries, self.path)

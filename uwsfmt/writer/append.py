@@ -39,6 +39,7 @@ from uwsfmt.writer.progress import Progress
 def _fits_from_store(store: StoreReader, dev: torch.device) -> dict[str, Any]:
     """What each tensor of a new model is encoded against (its encoding's stored shared part)."""
     fits: dict[str, Any] = {}
+    store.prefetch(store.manifest["tensors"])  # a remote store's bases: many requests at a time
     for e in store.manifest["tensors"]:
         fit = encodings.for_entry(e, store.path).stored_fit(store, e, dev)
         if fit is not None:
