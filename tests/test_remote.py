@@ -343,3 +343,22 @@ def test_remote_summary_and_errors_match_local(served):
     assert s["store_bytes"] is None  # HTTP cannot list: the size is unknown, not wrong
     assert s["n_models"] == local.n_models
     assert np.array_equal(st.errors(), local.errors())
+
+
+def test_convert_reads_safetensors_sources_in_place_from_s3(s3, bucket, tmp_path):
+    from safetensors.torch import save_file
+
+    fam = family(4)
+    c = s3.client()
+    for k, sd in fam.items():
+        save_file(sd, str(tmp_path / f"{k}.safetensors"))
+        c.upload_file(str(tmp_path / f"{k}.safetensors"), bucket, f"src/{k}.safetensors")
+    local = uwsfmt.convert(sorted(str(p) for p in tmp_path.glob("*.safetensors")), tmp_path / "local.uws", rank=4)
+    for i, sources in enumerate((f"s3://{bucket}/src/*.safetensors", f"s3://{bucket}/src/")):
+        st = uwsfmt.convert(sources, tmp_path / f"r{i}.uws", rank=4)
+        same_models(st, local)
+        assert [m["source"] for m in st.manifest["models"]] == [m["source"] for m in local.manifest["models"]]
+    with pytest.raises(uwsfmt.errors.SourceError, match="matches no object"):
+        uwsfmt.convert(f"s3://{bucket}/nothing/*.safetensors", tmp_path / "x.uws")
+    with pytest.raises(uwsfmt.errors.SourceError, match="only .safetensors files"):
+        uwsfmt.convert([f"s3://{bucket}/src/m0.bin"], tmp_path / "y.uws")

@@ -6,9 +6,11 @@ import glob
 import os
 from collections.abc import Iterable, Mapping
 
+import fsspec
 import torch
 
 from uwsfmt.errors import SourceError
+from uwsfmt.io import remote
 from uwsfmt.sources.base import Checkpoint, Format, StateDictCheckpoint
 
 _FORMATS: dict[str, Format] = {}
@@ -59,7 +61,11 @@ def open_checkpoint(path: str | os.PathLike, *, format: str | None = None, id: s
     >>> ck = open_checkpoint("model.safetensors")  # doctest: +SKIP
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if remote.is_url(path):
+        if format is None and not path.split("?")[0].endswith(".safetensors"):
+            raise SourceError(f"{remote.redact(path)}: only .safetensors files are read from URLs (in place); copy other "
+                              "checkpoints (folders, PEFT adapters, torch files) to local disk first")
+    elif not os.path.exists(path):
         raise SourceError(f"{path}: no such file or directory")
     if format is not None:
         if format not in _FORMATS:
@@ -71,7 +77,10 @@ def open_checkpoint(path: str | os.PathLike, *, format: str | None = None, id: s
 
 
 def _expand(source: str) -> list[str]:
-    """A path, a glob, or a folder of checkpoints -> checkpoint paths."""
+    """A path, a glob, or a folder of checkpoints -> checkpoint paths (URLs: a glob, a prefix
+    ending in ``/`` (its ``.safetensors`` objects), or one object)."""
+    if remote.is_url(source):
+        return _expand_url(source)
     if any(ch in source for ch in "*?["):
         hits = sorted(glob.glob(source))
         if not hits:
@@ -104,6 +113,20 @@ def _expand(source: str) -> list[str]:
             )
         return found
     return [source]
+
+
+def _expand_url(source: str) -> list[str]:
+    protocol = remote.scheme(source)
+    if not any(ch in source for ch in "*?[") and not source.endswith("/"):
+        return [source]
+    try:
+        fs, key = fsspec.core.url_to_fs(source)
+        hits = sorted(fs.glob(key if not source.endswith("/") else key.rstrip("/") + "/*.safetensors"))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{remote.redact(source)}: cannot list the sources ({remote.reason(e)})") from e
+    if not hits:
+        raise SourceError(f"{remote.redact(source)}: matches no object")
+    return [f"{protocol}://{h}" if "://" not in h else h for h in hits]
 
 
 def discover(

@@ -16,7 +16,7 @@ from uwsfmt.format.dtypes import torch_dtype
 from uwsfmt.sources.base import Checkpoint, Format, TensorInfo
 from uwsfmt.sources.registry import register_format
 
-_ST_DTYPES = {
+ST_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
@@ -62,11 +62,18 @@ def _parse_header(path: str) -> dict:
                     f"{path}: not a valid safetensors file (header length {n} does not fit the "
                     f"file of {size} bytes); the file is truncated or not safetensors"
                 )
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise SourceError(f"{path}: corrupt safetensors header ({type(e).__name__}: {str(e)[:200]}); re-export the checkpoint") from e
+            raw = f.read(n)
     except OSError as e:
         raise SourceError(f"{path}: cannot read the file ({e.strerror or e})") from e
+    return check_header(raw, n, size, path)
+
+
+def check_header(raw: bytes, n: int, size: int, path: str) -> dict:
+    """Parse and check the JSON header ``raw`` (``n`` bytes) of a safetensors file of ``size`` bytes."""
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise SourceError(f"{path}: corrupt safetensors header ({type(e).__name__}: {str(e)[:200]}); re-export the checkpoint") from e
     if not isinstance(header, dict):
         raise SourceError(f"{path}: corrupt safetensors header (not a JSON object)")
     end = 0
@@ -112,6 +119,18 @@ def _entry_problem(v) -> str | None:
     return None
 
 
+def infos_of(header: dict, path: str) -> dict[str, TensorInfo]:
+    """The tensors a checked safetensors header describes."""
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        if v["dtype"] not in ST_DTYPES:
+            raise SourceError(f"{path}: tensor {k!r} has unsupported dtype {v['dtype']}")
+        out[k] = TensorInfo(k, tuple(int(s) for s in v["shape"]), ST_DTYPES[v["dtype"]])
+    return out
+
+
 class SafetensorsCheckpoint(Checkpoint):
     format = "safetensors"
     path: str
@@ -124,14 +143,7 @@ class SafetensorsCheckpoint(Checkpoint):
         self._file: io.FileIO | None = None  # opened on the first read, kept until close()
 
     def infos(self) -> dict[str, TensorInfo]:
-        out = {}
-        for k, v in self._header.items():
-            if k == "__metadata__":
-                continue
-            if v["dtype"] not in _ST_DTYPES:
-                raise SourceError(f"{self.path}: tensor {k!r} has unsupported dtype {v['dtype']}")
-            out[k] = TensorInfo(k, tuple(int(s) for s in v["shape"]), _ST_DTYPES[v["dtype"]])
-        return out
+        return infos_of(self._header, self.path)
 
     def metadata(self) -> dict:
         return dict(self._header.get("__metadata__") or {})
@@ -143,9 +155,9 @@ class SafetensorsCheckpoint(Checkpoint):
         v = self._header.get(name) if name != "__metadata__" else None
         if v is None:
             raise SourceError(f"{self.path}: cannot read tensor {name!r}: the file has no such tensor")
-        if v["dtype"] not in _ST_DTYPES:
+        if v["dtype"] not in ST_DTYPES:
             raise SourceError(f"{self.path}: tensor {name!r} has unsupported dtype {v['dtype']}")
-        dtype = torch_dtype(_ST_DTYPES[v["dtype"]])
+        dtype = torch_dtype(ST_DTYPES[v["dtype"]])
         shape = [int(x) for x in v["shape"]]
         start, end = (int(x) for x in v["data_offsets"])
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
