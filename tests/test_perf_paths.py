@@ -23,8 +23,7 @@ from uwsfmt.encodings import subspace
 from uwsfmt.io.shards import row_reader
 from uwsfmt.numerics import gram, linalg, randomized
 from uwsfmt.testing.families import lora_family, synthetic_family, write_peft_family
-from uwsfmt.writer import convert as build
-from uwsfmt.writer import encode, fit, holdings, sketch
+from uwsfmt.writer import build, encode, fit, holdings, sketch
 
 SHAPES = {"a": (256, 512), "b": (512, 200), "c": (48, 40)}
 

@@ -150,15 +150,19 @@ def open(path: StoreLike, *, mode: str = "r", storage_options: dict | None = Non
     return open_reader(path, mode="r" if mode == "r" else "a", storage_options=storage_options, cls=Store)
 
 
-def convert(sources: Sources, out: str | os.PathLike, **options: Any) -> Store:
+def convert(sources: Sources, out: str | os.PathLike, *, client: Any = None, **options: Any) -> Store:
     """Build a UWS store at ``out`` from a family of checkpoints and return it opened.
 
     The options are those of :func:`uwsfmt.writer.convert.convert` (fidelity, encodings, device,
-    progress, cancel, ...).
+    progress, cancel, ...). ``client``: build on a Dask cluster (a ``dask.distributed.Client``,
+    a scheduler address, or ``"local"``); the sources and the output's folder must be on a file
+    system every worker shares (docs/guide/distributed.md).
 
     >>> fam = {f"m{i}": {"w": torch.randn(64, 64)} for i in range(4)}  # doctest: +SKIP
     >>> store = uwsfmt.convert(fam, "/tmp/doc.uws", rank=2, overwrite=True)  # doctest: +SKIP
     """
+    if client is not None:
+        options["client"] = client
     if remote.is_url(out):
         store = _convert_to_url(sources, os.fspath(out), options)
     else:

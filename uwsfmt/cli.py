@@ -39,7 +39,8 @@ def _cmd_convert(a) -> int:
 
     files = FilePolicy(keep=not a.no_files, remote_code=a.remote_code, max_size=a.max_file_size)
     st = convert(a.sources, a.output, fidelity=fidelity, options=options, base=a.base, device=a.device,
-                 format=a.format, overwrite=a.overwrite, progress=not a.quiet, files=files, source_root=a.source_root)
+                 format=a.format, overwrite=a.overwrite, progress=not a.quiet, files=files, source_root=a.source_root,
+                 client=a.dask)
     print_summary(st)
     return 0
 
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest folder file kept, e.g. 10MiB (default 64MiB); a larger one refuses the conversion")
     c.add_argument("--source-root", metavar="DIR",
                    help="record each source's path relative to DIR (default: its name only; never an absolute path)")
+    c.add_argument("--dask", metavar="ADDRESS",
+                   help="build on a Dask cluster: its scheduler's address (tcp://HOST:8786), or 'local' (worker processes "
+                        "on this machine); sources and output folder on a file system every worker shares")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_convert)

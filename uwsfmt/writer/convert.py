@@ -4,51 +4,36 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as _dt
+import functools
 import math
 import os
 import shutil
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
-import numpy as np
 import torch
-import zarr
-from zarr.storage import LocalStore
 
-from uwsfmt.encodings import coefficients as coef_enc
-from uwsfmt.encodings import lora as lora_enc
-from uwsfmt.encodings import residual as residual_enc
-from uwsfmt.encodings import subspace
-from uwsfmt.encodings.shared import same_bits
-from uwsfmt.encodings.slots import PackLayout
 from uwsfmt.errors import BudgetError, ConfigError, ConflictError, StoreError, StoreExistsError
-from uwsfmt.format import dtypes, naming
-from uwsfmt.format.schema import validate_manifest
+from uwsfmt.format import dtypes
 from uwsfmt.io import layout, overlap
-from uwsfmt.io.commit import BuildLock, put_manifest, replace_dir
-from uwsfmt.numerics import allocator, linalg
+from uwsfmt.io.commit import BuildLock, replace_dir
+from uwsfmt.numerics import allocator
 from uwsfmt.numerics.device import default_device, resolve_device
 from uwsfmt.reader.manifest import BUILDING_MARK, REPLACED_MARK
 from uwsfmt.sources import Checkpoint, StateDictCheckpoint, discover, open_checkpoint, provenance
 from uwsfmt.sources.registry import Source, Sources
-from uwsfmt.version import __version__
-from uwsfmt.writer.encode import encode_model, write_exceptions
-from uwsfmt.writer.fit import budget_tensor, fit_batch, fit_batches, fit_tensor, tensor_settings
+from uwsfmt.writer.build import StoreBuild, TensorFit, encode_one, fit_unit, fit_units, utc_now, write_model
 from uwsfmt.writer.folder_files import FilePolicy, FolderFiles
 from uwsfmt.writer.holdings import Holdings
 from uwsfmt.writer.means import check_base
 from uwsfmt.writer.options import BuildOptions, Fidelity, from_keywords
 from uwsfmt.writer.plan import FamilyPlan, TensorPlan, plan_family
 from uwsfmt.writer.progress import Progress
-from uwsfmt.writer.settings import DEFAULT_TAU, FactorsAreSmaller, Settings
+from uwsfmt.writer.settings import FactorsAreSmaller, Settings
 
-
-def utc_now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+__all__ = ["Fingerprints", "convert", "os_reason", "source_record", "utc_now"]
 
 
 def source_record(ck: Checkpoint, source_root: str | None = None) -> dict:
@@ -71,6 +56,7 @@ def convert(
     cancel: threading.Event | None = None,
     files: FilePolicy | bool | None = None,
     source_root: str | os.PathLike | None = None,
+    client: Any = None,
     **legacy: Any,
 ) -> str:
     """Build a UWS store at ``out`` from a family of checkpoints; returns its path (:func:`uwsfmt.convert` opens it).
@@ -104,6 +90,12 @@ def convert(
     absolute path; ``source_root`` (a folder holding every source) also records each source's
     path relative to it, which ``evaluate`` and ``validate(deep=True)`` use with their own
     ``source_root``.
+
+    ``client``: build on a Dask cluster (a ``dask.distributed.Client``, a scheduler address
+    ``"tcp://host:8786"``, or ``"local"``: worker processes on this machine; needs the ``dask``
+    extra): workers fit the tensors and encode the models, reading the sources and writing into
+    the output's folder themselves, so both must be on a file system every worker shares. The
+    store is the same as this process would build (:mod:`uwsfmt.writer.distributed`).
 
     Compatibility: the older one-by-one keywords (``rank``, ``tau``, ``max_rank``, ``max_error``,
     ``max_delta_error``; ``mode`` = side, ``center``, ``residual_bits``, ``encodings``,
@@ -159,14 +151,16 @@ def convert(
         for ck in [*cks, *([base_ck] if base_ck is not None else [])]:
             if ck.path:
                 provenance.relative_path(ck.path, root)
-    dev = resolve_device(device, default_device())
+    # the build runs here, or on a Dask cluster (whose workers resolve ``device`` themselves)
+    dev = resolve_device(device, default_device()) if client is None else torch.device("cpu")
     parent, name = os.path.split(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise StoreError(f"{out}: the parent folder {parent} does not exist")
     # The store is built in a hidden sibling and renamed into place at the end, so a killed
     # convert never leaves a store at ``out``; converts to one target serialise on a lock, under
     # which the leftovers of killed ones are removed.
-    with BuildLock(out):
+    with contextlib.ExitStack() as cluster, BuildLock(out):
+        run = _build if client is None else _on_cluster(client, device, cluster)
         _remove_stale_builds(parent, name)
         if os.path.lexists(out) and not overwrite:  # another convert finished it while we waited
             raise StoreExistsError(f"{out}: already exists; choose another output path or pass overwrite=True (CLI: --overwrite)")
@@ -174,14 +168,14 @@ def convert(
         try:
             with allocator.reuse_freed_memory():  # fewer page faults on the build's temporaries
                 try:
-                    _build(fam, tmp, s, dev, base_ck, progress, cancel, kept, root)
+                    run(fam, tmp, s, dev, base_ck, progress, cancel, kept, root)
                 except FactorsAreSmaller as e:  # lora_mode="auto": build again with the adapters' factors
                     shutil.rmtree(tmp, ignore_errors=True)
                     s.lora_mode = "factors"
                     s.lora_choice = (f"auto: factors (under the budget the product basis needed {e.product:,} bytes, "
                                      f"more than the adapters' own factors, {e.factors:,})")
                     assert factors_plan is not None  # planned whenever FactorsAreSmaller can be raised
-                    _build(factors_plan, tmp, s, dev, base_ck, progress, cancel, kept, root)
+                    run(factors_plan, tmp, s, dev, base_ck, progress, cancel, kept, root)
             _replace(tmp, out, overwrite, os.path.join(parent, f".{name}{REPLACED_MARK}{uuid.uuid4().hex[:8]}"))
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -194,6 +188,19 @@ def convert(
             for c in cks:
                 c.close()
     return out
+
+
+def _on_cluster(client: Any, device: str | None, stack: contextlib.ExitStack) -> Callable[..., None]:
+    """The Dask build on ``client`` (connected for as long as ``stack`` is open). dask is an
+    optional dependency, and a heavy import: only builds given a client import it."""
+    try:
+        from uwsfmt.writer import distributed
+    except ImportError as e:
+        if (e.name or "").split(".")[0] not in ("dask", "distributed"):
+            raise
+        raise ConfigError("a build on a Dask cluster (client=..., CLI: --dask) needs dask.distributed, which is not installed: "
+                          "pip install 'uwsfmt[dask]'") from e
+    return functools.partial(distributed.build, client=stack.enter_context(distributed.connect(client)), device=device)
 
 
 def os_reason(e: OSError) -> str:
@@ -228,156 +235,45 @@ def _replace(tmp: str, out: str, overwrite: bool, trash: str) -> None:
 
 def _build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Checkpoint | None, progress, cancel,
            kept: FolderFiles | None = None, source_root: str | None = None) -> None:
+    """The build in this process: the steps of :mod:`uwsfmt.writer.build`, with the sources read
+    ahead of the compute and the arrays written behind it."""
     cks = fam.checkpoints
     N = len(cks)
-    zstore = LocalStore(path)
-    root = zarr.open_group(zstore, mode="w", attributes={"uws": {"format_version": layout.version_for(False), "state": "building"}})
-    layout.create_group(zstore, layout.TENSORS)
-    nodes = naming.unique_nodes([t.name for t in fam.tensors])
     prog = Progress(len(fam.tensors) * N + N, progress, cancel, "uwsfmt convert")
-    packs = PackLayout()
-    lora_bytes = [0, 0]  # under a budget: bytes of the LoRA modules' product bases, of the adapters' own factors
-    entries: list[dict] = []
-    fits: dict[str, Any] = {}
     # overlap: the sources' sha256 on a background thread, array writes behind the compute
     stop = threading.Event()
     fingerprints = Fingerprints(cks, stop)
     hashes = overlap.Background(fingerprints.work)
     wb = overlap.WriteBehind(enabled=overlap.useful(dev))
-
-    def write(path, data):
-        wb.submit(layout.write_array, zstore, path, data)
-
-    # the next tensors' bytes come from disk while this one is computed (cold builds)
-    ahead = overlap.Lookahead(cks, [(tp.name, _model_bytes(tp)) for tp in fam.tensors])
-    batched = fit_batches(fam.tensors, s, dev)  # small same-kind tensors: pass 1 in batches
-    hold = Holdings()  # pass 2's results that pass 1 found on the way (sketched tensors)
-    batch_fits: dict[str, tuple] = {}
     try:
-        for j, (tp, node) in enumerate(zip(fam.tensors, nodes)):
+        sb = StoreBuild(fam, path, s, lambda where, data: wb.submit(layout.write_array, sb.zstore, where, data))
+        # the next tensors' bytes come from disk while this one is computed (cold builds)
+        ahead = overlap.Lookahead(cks, [(tp.name, _model_bytes(tp)) for tp in fam.tensors])
+        unit_of = {tp.name: unit for unit in fit_units(fam.tensors, s, dev) for tp in unit}
+        hold = Holdings()  # pass 2's results that pass 1 found on the way (sketched tensors)
+        fitted: dict[str, TensorFit] = {}
+        for j, tp in enumerate(fam.tensors):
             ahead.advance(j)
-            npath = layout.tensor_node(node)
-            layout.create_group(zstore, npath, {"uws_tensor": tp.name})
-            e: dict[str, Any] = {"name": tp.name, "node": npath, "dtype": tp.dtype}
-            enc, reason = tp.encoding, tp.reason
-            if tp.shape is None:
-                e.update(shape=None, encoding="dense", data={"per_model": True}, reason=reason)
-                prog.step(tp.name, N)
-            elif enc == "lora":  # one LoRA module: product basis, per-adapter cores (encodings/lora.py)
-                if s.error_budget is not None:  # the cheapest ranks at which every adapter meets the budget
-                    fit, e["budget"] = lora_enc.fit_budgeted(tp, cks, s, dev, prog)
-                    reason = f"{reason}; error budget ({s.error_budget.describe()}): rank {e['budget']['rank']}"
-                    lora_bytes[0] += e["budget"]["bytes"]
-                    assert tp.lora is not None  # a LoRA module's plan
-                    lora_bytes[1] += tp.lora.factor_bytes()
-                else:
-                    fit = lora_enc.fit(tp, cks, s, dev, prog)
-                e["shape"] = list(tp.shape)
-                _add_subspace(e, fit, npath, packs, dataclasses.replace(s, residual_bits=None), tp, write)
-                e.update(encoding="subspace", reason=reason, lora=lora_enc.entry_record(tp))
-                fits[tp.name] = fit
-            elif enc == "subspace":
-                if tp.name in batched and tp.name not in batch_fits:  # this tensor's batch: all of it at once
-                    batch_fits.update(fit_batch(batched[tp.name], cks, s, dev, base, prog))
-                if tp.name in batch_fits:
-                    enc, fit, reason = batch_fits.pop(tp.name)
-                else:
-                    with linalg.threads_for(math.prod(tp.shape)):
-                        enc, fit, reason = fit_tensor(tp, cks, tensor_settings(s, tp), dev, base, prog, hold)
-                e["shape"] = list(tp.shape)
-                ts = tensor_settings(s, tp)
-                if enc == "subspace" and s.error_budget is not None:
-                    enc, fit, reason, ts = budget_tensor(e, tp, fit, cks, s, dev, prog, base)
-                if enc == "subspace":
-                    _add_subspace(e, fit, npath, packs, ts, tp, write)
-                    fits[tp.name] = fit
-                elif enc == "shared":
-                    _add_shared(e, fit, npath, write)
-                    fits[tp.name] = fit
-                else:
-                    e["data"] = packs.add(dtypes.storage_dtype(tp.dtype), int(np.prod(tp.shape)))
-                e["encoding"], e["reason"] = enc, reason
-            else:
-                e["shape"] = list(tp.shape)
-                first = cks[0].get(tp.name)
-                identical = False
-                if N > 1 and reason != "override" or enc == "shared":
-                    identical = True
-                    for i, ck in enumerate(cks[1:], 1):
-                        if not same_bits(ck.get(tp.name), first):
-                            identical = False
-                            break
-                prog.step(tp.name, N)
-                if enc == "shared" and not identical and N > 1:
-                    raise ConflictError(f"tensor {tp.name!r} is forced to 'shared' but differs between models; use 'dense' or 'subspace'")
-                if identical:
-                    _add_shared(e, first, npath, write)
-                    fits[tp.name] = first
-                    e["encoding"], e["reason"] = "shared", "bit-identical in every model"
-                else:
-                    e["encoding"], e["reason"] = "dense", reason
-                    e["data"] = packs.add(dtypes.storage_dtype(tp.dtype), int(np.prod(tp.shape)))
-            entries.append(e)
-
-        if s.lora_mode == "auto" and lora_bytes[1]:
-            if lora_bytes[0] > lora_bytes[1]:
-                raise FactorsAreSmaller(*lora_bytes)
-            s.lora_mode = "product"
-            s.lora_choice = (f"auto: product (under the budget the product basis needs {lora_bytes[0]:,} bytes, "
-                             f"the adapters' own factors {lora_bytes[1]:,})")
-        pack_arrays = {p: layout.create_pack(zstore, p, N, w) for p, w in packs.widths.items() if w > 0}
-        manifest_packs = {p: {"path": layout.pack_path(p), "dtype": p, "width": w} for p, w in packs.widths.items() if w > 0}
+            if tp.name not in fitted:  # a batch's first tensor: all of it at once
+                fitted.update(fit_unit(unit_of[tp.name], cks, s, dev, base, prog, hold))
+            sb.record(tp, fitted.pop(tp.name))
+        sb.choose_lora_mode()
+        packs = sb.start_models()
+        nodes = {e["name"]: e["node"] for e in sb.entries}
         models = []
         stacks: dict = {}  # pass 2's stacked means and bases of small same-kind tensors, for every model
         for i, ck in enumerate(cks):
-            fixes: dict = {}
-            rows, per_model, errs, derrs = encode_model(entries, fits, ck, packs.widths, allow_nonfinite=s.allow_nonfinite, store_path=path,
-                                                        error_budget=s.error_budget, corrections=fixes,
-                                                        read_ahead=overlap.useful(dev), stacks=stacks, index=i, hold=hold)
-            for p, arr in pack_arrays.items():  # one shard per row, one writer thread: no shard has two writers
-                wb.submit(arr.__setitem__, (i, slice(None)), rows[p])
-            for name, w in per_model.items():
-                e = entries[[x["name"] for x in entries].index(name)]
-                write(f"{e['node']}/models/{i}", dtypes.to_storage(w))
-            models.append({"id": ck.id, "added": utc_now(), "source": None, "error": errs, "delta_error": derrs,
-                           **lora_enc.model_record(entries, ck)})
-            if fixes:  # the budget's emulation and pass 2 disagreed by rounding: keep the promise anyway
-                models[-1]["exceptions"] = write_exceptions(zstore, entries, i, fixes)
+            m = encode_one(i, ck, sb.entries, sb.fits, sb.packs.widths, s, path, read_ahead=overlap.useful(dev), stacks=stacks, hold=hold)
+            write_model(sb.zstore, packs, sb.entries, nodes, i, m, wb.submit)  # one writer thread: no shard has two writers
+            models.append(m.record)
             prog.step(ck.id)
         fingerprints.work()  # the sources the background thread has not reached yet
         hashes.result()
         if kept is not None:
             kept.written.clear()  # a second build (lora_mode="auto") writes into a fresh folder
-        for rec, ck in zip(models, cks):
-            rec["source"] = source_record(ck, source_root)
-            folder = kept.write(zstore, ck) if kept is not None else None
-            if folder is not None:  # the folder's small files (written before the commit below)
-                rec["folder"] = folder
+        sources = [source_record(ck, source_root) for ck in cks]
         wb.drain()
-        manifest: dict[str, Any] = {
-            "format_version": layout.version_for(any(isinstance(f, subspace.Fit) and f.mean is not None and f.mean.dtype == torch.float16
-                                                     for f in fits.values()),
-                                                 any(coef_enc.quantized(e.get("coefficients") or {}) for e in entries)),
-            "state": "complete",
-            "generation": 1,
-            "writer": f"uwsfmt {__version__}",
-            "created": utc_now(),
-            "updated": utc_now(),
-            "build": {
-                "device": str(dev),
-                "settings": {k: v for k, v in asdict(s).items()},
-                "default_tau": DEFAULT_TAU,
-                "n_models": N,
-                "base": source_record(base, source_root) if base is not None else None,
-                **({"files": kept.policy.record()} if kept is not None else {}),
-            },
-            "packs": manifest_packs,
-            "tensors": entries,
-            "models": models,
-        }
-
-        validate_manifest(manifest, path)
-        put_manifest(root, manifest)
+        sb.commit(models, sources, str(dev), source_record(base, source_root) if base is not None else None, kept)
     finally:
         stop.set()
         wb.close()  # waits for writes in flight (the caller may remove the folder next)
@@ -409,42 +305,3 @@ class Fingerprints:
             if ck is None:
                 return
             ck.fingerprint()
-
-
-def _add_shared(e: dict, value: torch.Tensor, npath: str, write) -> None:
-    write(f"{npath}/value", dtypes.to_storage(value))
-    e["data"] = {"path": f"{npath}/value"}
-
-
-def _add_subspace(e: dict, fit: subspace.Fit, npath: str, packs: PackLayout, s: Settings, tp: TensorPlan, write) -> None:
-    """Write a subspace tensor's shared arrays with ``write(path, array)`` and fill its manifest entry."""
-    assert tp.shape is not None  # a tensor of varying shape is dense
-    m, n = linalg.matrix_view(tp.shape)
-    view = (m * n, 1) if fit.mode == "flat" else (m, n)
-    e.update(view=list(view), mode=fit.mode, center=fit.center)
-    if fit.mean is not None:
-        write(f"{npath}/mean", fit.mean.reshape(view).cpu().numpy())
-        e["mean"] = f"{npath}/mean"
-    else:
-        e["mean"] = None
-    e["left"] = e["right"] = None
-    if fit.left is not None:
-        write(f"{npath}/left", fit.left.cpu().numpy())
-        e["left"] = f"{npath}/left"
-    if fit.right is not None:
-        write(f"{npath}/right", fit.right.cpu().numpy())
-        e["right"] = f"{npath}/right"
-    e["spectrum"] = {}
-    for side, vals in fit.spectra.items():
-        write(f"{npath}/spectrum_{side}", vals.cpu().numpy().astype(np.float64))
-        e["spectrum"][side] = f"{npath}/spectrum_{side}"
-    e["rank"] = fit.rank
-    if fit.method:
-        e["basis"] = fit.method
-    ex = fit.explained()
-    e["explained_variance"] = {k: float(v) for k, v in ex.items()}
-    e["energy"] = float(next(iter(fit.spectra.values())).sum()) if fit.spectra else 0.0
-    r = fit.left.shape[1] if fit.left is not None else view[0]
-    c = fit.right.shape[1] if fit.right is not None else view[1]
-    e["coefficients"] = coef_enc.plan(packs, (r, c), s.coefficient_scheme, fit.mode)
-    e["residual"] = residual_enc.plan(packs, view[0], view[1], s.residual_bits) if s.residual_bits else None
