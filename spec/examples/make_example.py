@@ -131,7 +131,7 @@ def appended(first: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     sd["embed.frozen.weight"] = (first["embed.frozen.weight"].double() + 1e-4 * torch.randn(12, 8, generator=g, dtype=torch.float64)).float()
     # a changed integer buffer -> exception "replace"
     sd["position_ids"] = torch.arange(8, 16, dtype=torch.int64).reshape(1, 8)
-    sd["head.weight"] = torch.randn(5, 8, generator=g)
+    sd["head.weight"] = torch.randn(5, 8, generator=g, dtype=torch.float64).float()  # float64: float32 randn is vectorised by CPU
     sd["num_batches_tracked"] = torch.tensor(123, dtype=torch.int64)
     return sd
 
