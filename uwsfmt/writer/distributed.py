@@ -14,7 +14,8 @@ The steps are those of the build in one process (:mod:`uwsfmt.writer.build`), sp
 
 Every worker must see the sources and the output's folder at the same paths as the driver (a
 shared file system). Same inputs, same functions: the store equals the local build's, bit for
-bit (tests/test_dask_build.py). The one thing the local build decides across tensors, how many
+bit, where both compute with the same number of torch threads (tests/test_dask_build.py; Dask
+gives each worker one, and some BLAS/LAPACK reductions round differently with more). The one thing the local build decides across tensors, how many
 of the sketch's pass-2 results pass 1 may keep (:class:`~uwsfmt.writer.holdings.Holdings`), is
 replayed by the driver in tensor order.
 
