@@ -213,24 +213,24 @@ class ObjectFS:
 
     def put_if_absent(self, name: str, data: bytes) -> bool:
         """Write ``name`` unless it exists (If-None-Match: *); whether it was written."""
-        try:
-            self._call("put_object", name, Body=data, IfNoneMatch="*")
-        except FileExistsError:
-            return False
-        except OSError as e:
-            if _precondition(e):
-                return False
-            raise
-        self.fs.invalidate_cache(self.key(name))
-        return True
+        return self._put_if(name, data, IfNoneMatch="*") is not None
 
     def put_if_match(self, name: str, data: bytes, etag: str) -> str | None:
         """Replace ``name`` only if its ETag is still ``etag`` (If-Match); the new ETag, or None
         when another writer replaced or deleted it first."""
+        return self._put_if(name, data, IfMatch=etag)
+
+    def _put_if(self, name: str, data: bytes, **condition: str) -> str | None:
+        """A conditional PUT: the new ETag, or None when the condition failed (the object exists,
+        changed, or is gone)."""
         try:
-            r = self._call("put_object", name, Body=data, IfMatch=etag)
-        except FileNotFoundError:
+            r = self._call("put_object", name, Body=data, **condition)
+        except FileExistsError:
             return None
+        except FileNotFoundError:
+            if "IfMatch" in condition:  # the object is gone; for a put-if-absent it means no bucket
+                return None
+            raise
         except OSError as e:
             if _precondition(e):
                 return None
