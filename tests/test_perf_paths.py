@@ -24,6 +24,7 @@ from uwsfmt.io.shards import row_reader
 from uwsfmt.numerics import gram, linalg, randomized
 from uwsfmt.testing.families import lora_family, synthetic_family, write_peft_family
 from uwsfmt.writer import build, encode, fit, holdings, sketch
+from uwsfmt.writer.settings import FLOAT32_GRAM_MIN_NUMEL
 
 SHAPES = {"a": (256, 512), "b": (512, 200), "c": (48, 40)}
 
@@ -49,8 +50,8 @@ def test_sketch_matches_exact(tmp_path, noisy_family, settings):
         ee, es = exact.tensor_entry(name), sketch.tensor_entry(name)
         assert es["basis"]["method"] == "sketch"
         assert es["rank"] == ee["rank"]
-        # the sketch spectrum's sum is the total energy (Ritz values + one tail entry); the sketch
-        # takes each model's delta in float32 (sums in float64), so it agrees to float32 rounding
+        # the sketch spectrum's sum is the total energy (Ritz values + one tail entry); both paths
+        # take each model's delta in float32 (sums in float64), so they agree to float32 rounding
         assert es["energy"] == pytest.approx(ee["energy"], rel=1e-6)
         side = "left" if ee["rank"][0] else "right"
         assert es["explained_variance"][side] == pytest.approx(ee["explained_variance"][side], abs=2e-3)
@@ -158,6 +159,50 @@ def test_blocked_gram_equals_full_gemm(m):
     _, gl, gr = st.center("base")
     assert torch.allclose(gl, want, rtol=1e-12, atol=1e-10)
     assert torch.allclose(gr, sum(d.T @ d for d in ds), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("center", ["mean", "base", "none"])
+def test_float32_gram_products_agree_with_float64(center):
+    """Large tensors' exact path takes each model's delta and Gram product in float32 (summed in
+    float64): the centred Grams agree with the float64 ones to float32 rounding, and the noise
+    floor separates a low-rank family's real eigenvalues from the round-off ones."""
+    g = torch.Generator().manual_seed(3)
+    m, n, r = 96, 400, 3
+    base = torch.randn(m, n, generator=g) * 0.05
+    u = torch.randn(m, r, generator=g)
+    ws = [base + u @ torch.randn(r, n, generator=g) * 1e-3 for _ in range(6)]
+    ref = ws[0] if center != "base" else base
+    sts = {dt: gram.GramStats.empty(m, n, left=True, right=True, reference=ref, compute=dt) for dt in (torch.float32, torch.float64)}
+    for st in sts.values():
+        for w in ws:
+            st.add(w)
+    (m64, l64, r64), (m32, l32, r32) = sts[torch.float64].center(center), sts[torch.float32].center(center)
+    for a, b in ((l32, l64), (r32, r64)):
+        assert a.dtype == torch.float64
+        scale = float(torch.diagonal(b).sum())
+        assert float((a - b).abs().max()) <= 1e-6 * scale
+    assert sts[torch.float64].noise_floor(l64, "left") == 0.0
+    for side, g32, g64 in (("left", l32, l64), ("right", r32, r64)):
+        vals, _ = gram.eig_desc(g32)
+        want = gram.numerical_rank(gram.eig_desc(g64)[0], g64.shape[0])  # left: r (+1 off the mean); right: r per model
+        assert want < g64.shape[0] or center == "none"  # W itself (centre none) has full rank
+        assert int((vals > sts[torch.float32].noise_floor(g32, side)).sum()) == want
+    other = gram.GramStats.empty(m, n, left=True, right=False, reference=ref, compute=torch.float64)
+    with pytest.raises(ValueError, match="same dtype"):
+        gram.GramStats.empty(m, n, left=True, right=False, reference=ref, compute=torch.float32).merge(other)
+
+
+def test_exact_build_float32_products_on_large_tensors(tmp_path):
+    """A large float32 tensor's exact build keeps the family's real rank (no round-off direction
+    kept even when more are asked for) and reconstructs as well as float64 products would."""
+    fam = synthetic_family(n_models=5, shapes={"w": (512, 640)}, rank=3, noise=0.0, extra=False, seed=4)
+    assert 512 * 640 >= FLOAT32_GRAM_MIN_NUMEL  # on the float32-product path
+    store = uwsfmt.convert(fam, tmp_path / "f32.uws", rank=8)
+    e = store.tensor_entry("w")
+    assert e["rank"][0] == 3  # the family's 3 directions; no round-off one, though 8 were allowed
+    assert float(store.errors().max()) < 1e-6
+    vals = np.asarray(store.spectrum("w")["eigenvalues"])
+    assert vals[2] > 1e6 * vals[3]  # what is past the real directions is round-off
 
 
 @pytest.mark.parametrize("center", ["mean", "base", "none"])

@@ -17,7 +17,7 @@ from uwsfmt.writer.holdings import KEEP_SOURCES_BYTES, Holdings
 from uwsfmt.writer.means import mean_dtype_for, rms_spread, stored_mean
 from uwsfmt.writer.plan import TensorPlan, check_finite, nonfinite_error, override_for
 from uwsfmt.writer.progress import Progress
-from uwsfmt.writer.settings import BATCH_MAX_NUMEL, BATCH_STATS_BYTES, Settings
+from uwsfmt.writer.settings import BATCH_MAX_NUMEL, BATCH_STATS_BYTES, Settings, gram_compute_dtype
 from uwsfmt.writer.sketch import fit_sketch, read_tensors, sketch_test_matrices
 
 
@@ -50,7 +50,8 @@ def fit_tensor(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.de
         elif sketch:
             st = randomized.GramSketch(m, n, sketch, reference, w_norms=s.center == "none")
         else:
-            st = gram.GramStats.empty(m, n, left=mode in ("left", "both"), right=mode in ("right", "both"), reference=reference)
+            st = gram.GramStats.empty(m, n, left=mode in ("left", "both"), right=mode in ("right", "both"), reference=reference,
+                                      compute=gram_compute_dtype(tp.dtype, m * n, s))
         for i, (ck, w) in enumerate(zip(cks, read_tensors(cks, tp.name, dev, [first]))):
             if i > 0:
                 identical = identical and same_bits(w, first)

@@ -158,6 +158,20 @@ EXACT_REBUILD_BELOW = subspace.EXACT_REBUILD_BELOW
 #: subspace tensors up to this many values are encoded in batches of equal shape (pass 2)
 BATCH_MAX_NUMEL = 1 << 16
 
+#: tensors of at least this many values take float32 Gram products on the exact path (below it
+#: the float64 products cost little: a 512 x 512 tensor's is ~5 ms a model on 2 cores)
+FLOAT32_GRAM_MIN_NUMEL = 1 << 18
+
+
+def gram_compute_dtype(dtype: str, numel: int, s: Settings) -> torch.dtype:
+    """The dtype of one model's delta and Gram product on the exact path. float32 (half the GEMM
+    time of float64; the GEMMs are most of an exact build) for large tensors; float64 for small
+    ones (batched in pass 1, in float64), for float64 tensors, and in error-budget builds, whose
+    rank pick sums spectrum tails down to the budget."""
+    if dtype == "float64" or s.error_budget is not None or numel < FLOAT32_GRAM_MIN_NUMEL:
+        return torch.float64
+    return torch.float32
+
 
 #: values per batch (bounds the stacked temporaries: 4M float32 values = 16 MiB each)
 BATCH_MAX_VALUES = 1 << 22

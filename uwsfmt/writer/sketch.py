@@ -16,7 +16,7 @@ from uwsfmt.writer.holdings import Holdings, can_keep_coefficients, coefficients
 from uwsfmt.writer.means import stored_mean
 from uwsfmt.writer.plan import TensorPlan
 from uwsfmt.writer.progress import Progress
-from uwsfmt.writer.settings import READ_AHEAD_MIN_BYTES, SKETCH_PROBES, Settings
+from uwsfmt.writer.settings import READ_AHEAD_MIN_BYTES, SKETCH_PROBES, Settings, gram_compute_dtype
 
 
 def sketch_test_matrices(s: Settings, mode: str, m: int, n: int, dev: torch.device,
@@ -140,7 +140,8 @@ def fit_sketch(tp: TensorPlan, cks: list[Checkpoint], s: Settings, dev: torch.de
                 assert hold is not None
                 hold.release(held)
             exact = _sweep(cks, tp.name, dev, gram.GramStats.empty(
-                m, n, left=mode in ("left", "both"), right=mode in ("right", "both"), reference=sk.reference), prog, kept)
+                m, n, left=mode in ("left", "both"), right=mode in ("right", "both"), reference=sk.reference,
+                compute=gram_compute_dtype(tp.dtype, m * n, s)), prog, kept)
             fit = subspace.fit_gram(exact, mode=mode, center=s.center, choose=s.choose)
             fit.method = {"method": "exact", "sketch_rejected": why}
             return fit
