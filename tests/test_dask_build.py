@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 import uwsfmt
 from uwsfmt.testing.families import lora_family, synthetic_family, write_family, write_peft_family
-from uwsfmt.writer import holdings
+from uwsfmt.writer import adding, holdings
 
 dd = pytest.importorskip("dask.distributed")
 
@@ -173,3 +173,84 @@ def test_without_dask_a_client_is_a_clear_error(sources, tmp_path, monkeypatch):
     monkeypatch.delattr(uwsfmt.writer, "distributed", raising=False)
     with pytest.raises(uwsfmt.ConfigError, match=r"pip install 'uwsfmt\[dask\]'"):
         uwsfmt.convert(str(sources / "models"), tmp_path / "s.uws", client="local")
+
+
+@pytest.fixture(scope="module")
+def newcomers(sources, tmp_path_factory):
+    """Three new members of the family, one of them off its subspace (exceptions under a budget)."""
+    root = tmp_path_factory.mktemp("dask_new")
+    fam = synthetic_family(n_models=N, shapes=SHAPES, rank=3, noise=1e-2, seed=4)
+    g = torch.Generator().manual_seed(11)
+    new = {}
+    for k, (mid, sd) in enumerate(list(fam.items())[:3]):
+        sd = {n: (t + (0.05 if k == 2 else 1e-3) * torch.randn(t.shape, generator=g) if n in SHAPES else t)  # shared ones kept
+              for n, t in sd.items()}
+        sd["head.weight"] = torch.randn(3 + k % 2, 8, generator=g)
+        new[f"new-{k}"] = sd
+    write_family(new, root / "new")
+    return root / "new"
+
+
+@pytest.mark.parametrize("settings", [{}, {"rank": 2, "basis": "sketch", "min_numel": 64}])
+def test_dask_extend_equals_local_extend(client, sources, newcomers, tmp_path, settings):
+    """``extend(..., client=)``: each new model encoded and written by a worker, the commit by
+    this process; the store equals the one an extend in this process makes, file for file."""
+    import shutil
+
+    built = uwsfmt.convert(str(sources / "models"), tmp_path / "built.uws", **settings)
+    built.close()
+    for name in ("local", "dask"):
+        shutil.copytree(tmp_path / "built.uws", tmp_path / f"{name}.uws")
+    local = uwsfmt.open(tmp_path / "local.uws", mode="a")
+    local.extend(str(newcomers))
+    steps = []
+    on_dask = uwsfmt.open(tmp_path / "dask.uws", mode="a")
+    with pytest.MonkeyPatch.context() as mp:  # in this process nothing is encoded: the workers (other processes) do it
+        mp.setattr(adding, "encode_model", lambda *a, **k: pytest.fail("encoded in the driver"))
+        added = on_dask.extend(str(newcomers), client=client, progress=lambda *a: steps.append(a))
+    assert [e["id"] for e in added] == ["new-0", "new-1", "new-2"]
+    assert steps and steps[-1][0] == steps[-1][1] == 3
+    assert_same_store(tmp_path / "dask.uws", tmp_path / "local.uws")
+    m = uwsfmt.open(tmp_path / "dask.uws").manifest
+    assert m["models"][-1]["source"]["sha256"]  # hashed on the worker
+    if not settings:  # under the default budget the off-subspace newcomer gets exceptions
+        assert m["models"][-1].get("exceptions")
+    assert uwsfmt.validate(str(tmp_path / "dask.uws"), deep=True) == []
+
+
+def test_dask_extend_errors_leave_the_store_as_it_was(client, sources, newcomers, tmp_path):
+    import shutil
+
+    uwsfmt.convert(str(sources / "models"), tmp_path / "s.uws", rank=2).close()
+    before = files_of(tmp_path / "s.uws")
+    st = uwsfmt.open(tmp_path / "s.uws", mode="a")
+    with pytest.raises(uwsfmt.ConfigError, match="not a checkpoint file or folder"):
+        st.extend({f"new-{k}": sd for k, sd in enumerate(uwsfmt.open(tmp_path / "s.uws").state_dict(m) for m in ["model-000"])},
+                  client=client)
+    # a truncated source: its error, nothing committed
+    bad = tmp_path / "bad"
+    shutil.copytree(newcomers, bad)
+    victim = sorted(bad.glob("*.safetensors"))[1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(uwsfmt.UWSError, match=victim.name):
+        st.extend(str(bad), client=client)
+    assert uwsfmt.open(tmp_path / "s.uws").n_models == N
+    assert uwsfmt.validate(str(tmp_path / "s.uws")) == []
+    assert files_of(tmp_path / "s.uws")["zarr.json"] == before["zarr.json"]  # nothing committed
+
+
+def test_cli_append_dask_local(sources, newcomers, tmp_path):
+    import shutil
+
+    uwsfmt.convert(str(sources / "models"), tmp_path / "a.uws", rank=2).close()
+    shutil.copytree(tmp_path / "a.uws", tmp_path / "b.uws")
+    p = subprocess.run([sys.executable, "-m", "uwsfmt.cli", "append", str(tmp_path / "a.uws"), str(newcomers), "--dask", "local", "-q"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("appended") == 3
+    uwsfmt.extend(str(tmp_path / "b.uws"), str(newcomers))
+    assert_same_store(tmp_path / "a.uws", tmp_path / "b.uws")
+    p = subprocess.run([sys.executable, "-m", "uwsfmt.cli", "append", str(tmp_path / "a.uws"), str(newcomers / "new-0.safetensors"),
+                        "--id", "x", "--dask", "local"], capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "drop --id" in p.stderr

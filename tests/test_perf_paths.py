@@ -176,7 +176,7 @@ def test_float32_gram_products_agree_with_float64(center):
     for st in sts.values():
         for w in ws:
             st.add(w)
-    (m64, l64, r64), (m32, l32, r32) = sts[torch.float64].center(center), sts[torch.float32].center(center)
+    (_, l64, r64), (_, l32, r32) = sts[torch.float64].center(center), sts[torch.float32].center(center)
     for a, b in ((l32, l64), (r32, r64)):
         assert a.dtype == torch.float64
         scale = float(torch.diagonal(b).sum())

@@ -59,14 +59,16 @@ class Store(StoreReader):
 
     def extend(self, sources, *, format: str | None = None, progress: bool = False, max_error: float | None = None,
                max_delta_error: float | None = None, device: str | None = None, cancel=None,
-               skip_existing: bool = False, source_root: str | os.PathLike | None = None) -> list[dict]:
+               skip_existing: bool = False, source_root: str | os.PathLike | None = None, client: Any = None) -> list[dict]:
         """Append every checkpoint ``sources`` names (paths, folders, globs, Checkpoint objects or
         ``{model_id: state_dict}``, as for ``convert``) with one commit: all of them become visible
         together, or none does; the means and bases are read once. Their manifest entries.
         ``progress``: True or a callback ``(done, total, model id)``; ``cancel``: a
         ``threading.Event`` that stops before the next model (nothing is committed);
         ``skip_existing``: leave out checkpoints whose id the store already has (else they are
-        refused, and nothing is added).
+        refused, and nothing is added). ``client``: encode the models on a Dask cluster (a
+        ``dask.distributed.Client``, a scheduler address, or ``"local"``); its workers must see the
+        sources, and the store, at the same paths (docs/guide/distributed.md).
 
         >>> store = uwsfmt.open("family.uws", mode="a")  # doctest: +SKIP
         >>> [e["id"] for e in store.extend("ft/new/*.safetensors")]  # doctest: +SKIP
@@ -74,7 +76,7 @@ class Store(StoreReader):
         """
         return appending.extend(self, sources, format=format, progress=progress, max_error=max_error,
                                 max_delta_error=max_delta_error, device=device, cancel=cancel, skip_existing=skip_existing,
-                                source_root=source_root)
+                                source_root=source_root, client=client)
 
     def plan_append(self, sources: Sources, *, format: str | None = None, skip_existing: bool = False) -> dict:
         """What ``extend(sources)`` would do, from the checkpoints' headers (nothing written): the
@@ -211,12 +213,13 @@ def append(store, source, *, id=None, format=None, progress=False, max_error=Non
 
 
 def extend(store, sources, *, format=None, progress=False, max_error=None, max_delta_error=None, device=None,
-           skip_existing=False, source_root=None) -> list[dict]:
-    """Add every checkpoint ``sources`` names to a store (path or open Store), with one commit."""
+           skip_existing=False, source_root=None, client=None) -> list[dict]:
+    """Add every checkpoint ``sources`` names to a store (path or open Store), with one commit
+    (``client``: on a Dask cluster, as :meth:`Store.extend`)."""
     return _with_store(store, "a", lambda st: appending.extend(st, sources, format=format, progress=progress,
                                                                max_error=max_error, max_delta_error=max_delta_error,
                                                                device=device, skip_existing=skip_existing,
-                                                               source_root=source_root))
+                                                               source_root=source_root, client=client))
 
 
 def project(store: Store | str | os.PathLike, source: Source, *, format: str | None = None, device: str | None = None) -> dict:

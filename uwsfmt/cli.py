@@ -121,6 +121,10 @@ def _cmd_append(a) -> int:
 
     if a.id is not None and len(a.source) > 1:
         raise ConfigError(f"--id names one model, but {len(a.source)} sources were given; append them one by one to name each")
+    if a.dask is not None and a.id is not None:
+        raise ConfigError("--dask adds sources named by their files; drop --id (or add this one model without --dask)")
+    if a.dask is not None and a.dry_run:
+        raise ConfigError("--dry-run reads the sources' headers here and needs no cluster; drop --dask")
     if a.id is not None and (a.skip_existing or a.dry_run):
         raise ConfigError(f"--{'skip-existing' if a.skip_existing else 'dry-run'} goes with sources named by their files; "
                           "drop --id (with --id, the one model is added or refused)")
@@ -142,7 +146,8 @@ def _cmd_append(a) -> int:
         if a.id is not None:
             added = [st.append(a.source[0], id=a.id, **kw)]
         else:
-            added = st.extend(a.source, progress=not a.quiet and sys.stderr.isatty(), skip_existing=a.skip_existing, **kw)
+            added = st.extend(a.source, progress=not a.quiet and sys.stderr.isatty(), skip_existing=a.skip_existing,
+                              client=a.dask, **kw)
             if a.skip_existing and not added:
                 print(f"nothing to add: the store already has every model these sources name ({first} models)")
         for i, e in enumerate(added):
@@ -205,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(8/4, 8/4/2: more bits for the leading directions; format 1.2); auto (default): float32, except "
                         "under an error budget (the default), which picks per tensor")
     c.add_argument("--basis", default="exact", choices=CHOICES["basis_method"],
-                   help="how bases are found: exact (float64 Gram + eigendecomposition) or sketch (randomised range finder, "
+                   help="how bases are found: exact (Gram summed in float64 + eigendecomposition) or sketch (randomised range finder, "
                         "checked a-posteriori, exact where the check fails; much faster for wide tensors and LoRA families)")
     c.add_argument("--seed", type=int, default=0, help="seed of the sketch's random test matrices (--basis sketch)")
     c.add_argument("--mean-dtype", default="auto", choices=CHOICES["mean_dtype"],
@@ -285,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-delta-error", type=float, metavar="E", help="delta error budget for this model (default: the store's)")
     c.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     c.add_argument("--source-root", metavar="DIR", help="record each source's path relative to DIR (default: its name only)")
+    c.add_argument("--dask", metavar="ADDRESS",
+                   help="encode the new models on a Dask cluster: its scheduler's address (tcp://HOST:8786), or 'local'; "
+                        "workers must see the sources and the store at the same paths (or URL)")
     c.set_defaults(func=_cmd_append)
 
     c = sub.add_parser("pack", help="directory store -> single .zip (readable in place)")

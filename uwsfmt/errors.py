@@ -60,3 +60,9 @@ class NotFoundError(UWSError, KeyError):
 
 class BudgetError(UWSError):
     """An error budget cannot be met with the available encodings."""
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError in a message: its reason and, where it names one, the file."""
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    return f"{e.strerror or e}{where}"

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,8 +20,8 @@ class GramStats:
     ``compute`` is the dtype of one model's work: its delta D_i and the GEMM D_i D_i^T, whose
     result is added into the float64 sums. float64 (the default) makes the Gram exact to float64
     round-off; float32 halves the GEMMs' time (they are most of an exact build) and leaves the
-    Gram's entries within ~sqrt(K) * 2^-24 of their scale: eigenvalues below that floor
-    (:meth:`noise_floor`) are round-off, not directions.
+    Gram's entries with float32 round-off: eigenvalues below :meth:`noise_floor` are round-off,
+    not directions.
 
     >>> s = GramStats.empty(3, 2, left=True, right=False, reference=torch.zeros(3, 2))
     >>> _ = s.add(torch.ones(3, 2)); s.count
@@ -36,6 +35,9 @@ class GramStats:
     right: torch.Tensor | None  # (n, n), likewise
     sq_norm: float  # sum of ||W_i||^2
     compute: torch.dtype = torch.float64  # dtype of one model's delta and Gram GEMM (see above)
+    #: the reference in the compute dtype (made on first use), and one model's Gram product per side (reused)
+    _ref_c: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _bufs: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def empty(cls, m: int, n: int, *, left: bool, right: bool, reference: torch.Tensor,
@@ -77,10 +79,6 @@ class GramStats:
         self.count += 1
         self.sq_norm += sq
         return sq
-
-    def __post_init__(self) -> None:
-        self._ref_c: torch.Tensor | None = None  # the reference in the compute dtype, made on first use
-        self._bufs: dict[str, torch.Tensor] = {}  # one model's Gram product per side (compute dtype), reused
 
     def noise_floor(self, gram: torch.Tensor, side: str) -> float:
         """Eigenvalues of ``gram`` (this side's centred Gram) at or below this are round-off of

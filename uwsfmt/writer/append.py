@@ -15,36 +15,25 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import zarr
 
 from uwsfmt import encodings
 from uwsfmt.encodings import budget
 from uwsfmt.encodings import coefficients as coef_enc
 from uwsfmt.encodings import lora as lora_enc
-from uwsfmt.errors import ConflictError, SourceError, StoreError
-from uwsfmt.format import dtypes, naming
-from uwsfmt.io import layout, overlap
+from uwsfmt.errors import ConfigError, ConflictError, SourceError, StoreError
+from uwsfmt.format import naming
+from uwsfmt.io import overlap
 from uwsfmt.io.commit import Writing
 from uwsfmt.numerics.device import default_device, resolve_device
 from uwsfmt.reader.manifest import open_zarr_store, read_manifest
 from uwsfmt.reader.store import StoreReader
 from uwsfmt.sources import Checkpoint, StateDictCheckpoint, discover, provenance
 from uwsfmt.sources.registry import Source, Sources
+from uwsfmt.writer.adding import Appending, fits_from_store, grow_packs
 from uwsfmt.writer.convert import Fingerprints, os_reason, source_record, utc_now
-from uwsfmt.writer.encode import encode_model, write_exceptions
+from uwsfmt.writer.encode import encode_model
 from uwsfmt.writer.folder_files import FilePolicy, FolderFiles
 from uwsfmt.writer.progress import Progress
-
-
-def _fits_from_store(store: StoreReader, dev: torch.device) -> dict[str, Any]:
-    """What each tensor of a new model is encoded against (its encoding's stored shared part)."""
-    fits: dict[str, Any] = {}
-    store.prefetch(store.manifest["tensors"])  # a remote store's bases: many requests at a time
-    for e in store.manifest["tensors"]:
-        fit = encodings.for_entry(e, store.path).stored_fit(store, e, dev)
-        if fit is not None:
-            fits[e["name"]] = fit
-    return fits
 
 
 def fit_problems(entries: list[dict], ck: Checkpoint) -> list[str]:
@@ -133,7 +122,7 @@ def project(store: StoreReader, source: Source, *, format: str | None = None, de
     widths = {p: info["width"] for p, info in store.manifest["packs"].items()}
     entries = store.manifest["tensors"]
     _refuse_misfits(store, entries, [ck])
-    rows, _, errs, derrs = encode_model(entries, _fits_from_store(store, dev), ck, widths,
+    rows, _, errs, derrs = encode_model(entries, fits_from_store(store, dev), ck, widths,
                                         allow_nonfinite=False, store_path=store.path)
     coefs = {}
     for e in entries:
@@ -169,20 +158,27 @@ def append(store: StoreReader, source, *, id: str | None = None, format: str | N
 def extend(store: StoreReader, sources: Sources, *, format: str | None = None, progress: bool | Callable | None = False,
            device: str | None = None, max_error: float | None = None, max_delta_error: float | None = None,
            cancel: threading.Event | None = None, skip_existing: bool = False,
-           source_root: str | os.PathLike | None = None) -> list[dict]:
+           source_root: str | os.PathLike | None = None, client: Any = None) -> list[dict]:
     """Add every checkpoint ``sources`` names (paths, folders, globs, Checkpoint objects or
-    ``{model_id: state_dict}``, as for :func:`convert`) with one commit; their manifest entries."""
+    ``{model_id: state_dict}``, as for :func:`convert`) with one commit; their manifest entries.
+    ``client``: encode the models on a Dask cluster (see :func:`append_checkpoints`)."""
     return append_checkpoints(store, discover(sources, format=format), progress=progress, device=device,
                               max_error=max_error, max_delta_error=max_delta_error, cancel=cancel,
-                              skip_existing=skip_existing, source_root=source_root)
+                              skip_existing=skip_existing, source_root=source_root, client=client)
 
 
 def append_checkpoints(store: StoreReader, cks: list[Checkpoint], *, progress: bool | Callable | None = False, device: str | None = None,
                        max_error: float | None = None, max_delta_error: float | None = None,
                        cancel: threading.Event | None = None, skip_existing: bool = False,
-                       source_root: str | os.PathLike | None = None) -> list[dict]:
+                       source_root: str | os.PathLike | None = None, client: Any = None) -> list[dict]:
     """Add models to a directory store: project each onto the bases, write its rows, then commit
     the manifest once (all of them become visible together, or none does).
+
+    ``client`` (a ``dask.distributed.Client``, a scheduler address or ``"local"``): each model is
+    encoded by a Dask worker, which reads its source, writes its rows (one writer per row) and
+    hashes it; this process holds the lock, makes room in the packs first and commits last, as
+    without a cluster. The workers must see the sources at the same paths, and the store at the
+    same path (or URL).
 
     The store's error budget (``max_error`` / ``max_delta_error`` of its build, or those given here) holds for the
     new models too: a tensor whose projection misses it gets a per-model exception (a quantized
@@ -242,7 +238,7 @@ def append_checkpoints(store: StoreReader, cks: list[Checkpoint], *, progress: b
             # (others may be a killed append's partial writes: written again)
             committed = {f["sha256"] for m in current["models"] for f in ((m.get("folder") or {}).get("files") or {}).values()}
             kept = FolderFiles(FilePolicy.from_record(current["build"].get("files")), cks, committed)
-            fingerprints = Fingerprints(cks, stop)
+            fingerprints = Fingerprints([] if client is not None else cks, stop)  # on a cluster the workers hash
             hashes = overlap.Background(fingerprints.work)
             fresh = StoreReader(store.path, zstore, current)
             widths = {p: info["width"] for p, info in current["packs"].items()}
@@ -250,39 +246,28 @@ def append_checkpoints(store: StoreReader, cks: list[Checkpoint], *, progress: b
                 built = current["build"]["settings"]
                 max_error, max_delta_error = built.get("max_error"), built.get("max_delta_error")
             error_budget = None if (max_error, max_delta_error) == (None, None) else budget.Budget(max_error, max_delta_error)
-            fits = _fits_from_store(fresh, dev)
             first = len(current["models"])
-            entries = []
-            for k, ck in enumerate(cks):
-                prog.step(ck.id, 0)  # a cancel stops here, before the model
-                idx = first + k
-                fixes: dict = {}
-                rows, per_model, errs, derrs = encode_model(current["tensors"], fits, ck, widths,
-                                                            allow_nonfinite=bool(current["build"]["settings"].get("allow_nonfinite")),
-                                                            store_path=store.path, error_budget=error_budget, corrections=fixes)
-                entry = {"id": ck.id, "added": utc_now(), "source": None, "error": errs, "delta_error": derrs,  # source: below
-                         **lora_enc.model_record(current["tensors"], ck)}
-                try:  # new files only (rows >= n_models are uncommitted); the manifest, replaced last, commits them
-                    for p, info in current["packs"].items():
-                        arr = zarr.open_array(zstore, path=info["path"], mode="r+")
-                        if arr.shape[0] < first + len(cks):
-                            arr.resize((first + len(cks), arr.shape[1]))
-                        arr[idx, :] = rows[p]
-                    for e in current["tensors"]:
-                        if e["name"] in per_model:
-                            layout.write_array(zstore, f"{e['node']}/models/{idx}", dtypes.to_storage(per_model[e["name"]]))
-                    if fixes:
-                        entry["exceptions"] = write_exceptions(zstore, current["tensors"], idx, fixes)
-                except OSError as e:
-                    raise StoreError(f"{store.path}: could not write model {ck.id!r} ({os_reason(e)}); the store keeps its "
-                                     f"previous committed state ({first} models)") from e
-                entries.append(entry)
-                ck.close()
-                prog.step(ck.id)
-            fingerprints.work()  # the sources the background thread has not reached yet
+            try:
+                grow_packs(zstore, current, first + len(cks))
+            except OSError as e:
+                raise StoreError(f"{store.path}: could not make room for {len(cks)} model(s) ({os_reason(e)}); the store keeps "
+                                 f"its previous committed state ({first} models)") from e
+            job = Appending(store.path, current, widths, error_budget)
+            if client is not None:
+                entries = _on_cluster(client, device, where, job, cks, first, root, prog, cancel)
+            else:
+                fits = fits_from_store(fresh, dev)
+                entries = []
+                for k, ck in enumerate(cks):
+                    prog.step(ck.id, 0)  # a cancel stops here, before the model
+                    entries.append(job.encode_and_write(zstore, fits, ck, first + k))
+                    ck.close()
+                    prog.step(ck.id)
+            fingerprints.work()  # the sources the background thread has not reached yet (on a cluster: none left)
             hashes.result()
             for ck, entry in zip(cks, entries):
-                entry["source"] = source_record(ck, root)
+                if entry["source"] is None:  # a worker's entry carries the record its worker hashed
+                    entry["source"] = source_record(ck, root)
                 try:
                     folder = kept.write(zstore, ck)  # new files only, before the commit
                 except OSError as e:
@@ -302,3 +287,19 @@ def append_checkpoints(store: StoreReader, cks: list[Checkpoint], *, progress: b
             ck.close()
     store.committed(new)
     return entries
+
+
+def _on_cluster(client: Any, device: str | None, where: Any, job: Appending, cks: list[Checkpoint], first: int,
+                root: str | None, prog: Progress, cancel: threading.Event | None) -> list[dict]:
+    """Encode and write ``cks`` as models ``first``, ``first + 1``, ... on the Dask cluster
+    ``client``; their entries, in order, with their sources' records. dask is optional and a
+    heavy import: only appends given a client import it."""
+    try:
+        from uwsfmt.writer import distributed
+    except ImportError as e:
+        if (e.name or "").split(".")[0] not in ("dask", "distributed"):
+            raise
+        raise ConfigError("an append on a Dask cluster (client=..., CLI: --dask) needs dask.distributed, which is not installed: "
+                          "pip install 'uwsfmt[dask]'") from e
+    with distributed.connect(client) as c:
+        return distributed.append(c, device, where, job, cks, first, root, prog, cancel)

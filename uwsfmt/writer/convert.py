@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from uwsfmt.errors import BudgetError, ConfigError, ConflictError, StoreError, StoreExistsError
+from uwsfmt.errors import BudgetError, ConfigError, ConflictError, StoreError, StoreExistsError, os_reason
 from uwsfmt.format import dtypes
 from uwsfmt.io import layout, overlap
 from uwsfmt.io.commit import BuildLock, replace_dir
@@ -201,11 +201,6 @@ def _on_cluster(client: Any, device: str | None, stack: contextlib.ExitStack) ->
         raise ConfigError("a build on a Dask cluster (client=..., CLI: --dask) needs dask.distributed, which is not installed: "
                           "pip install 'uwsfmt[dask]'") from e
     return functools.partial(distributed.build, client=stack.enter_context(distributed.connect(client)), device=device)
-
-
-def os_reason(e: OSError) -> str:
-    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-    return f"{e.strerror or e}{where}"
 
 
 def _remove_stale_builds(parent: str, name: str) -> None:

@@ -43,8 +43,11 @@ from zarr.storage import LocalStore
 from uwsfmt.errors import ConfigError
 from uwsfmt.io import layout, overlap
 from uwsfmt.numerics.device import default_device, resolve_device
+from uwsfmt.reader.manifest import open_zarr_store
+from uwsfmt.reader.store import Location
 from uwsfmt.sources import Checkpoint, formats, open_checkpoint, provenance
 from uwsfmt.version import __version__
+from uwsfmt.writer.adding import Appending
 from uwsfmt.writer.build import StoreBuild, TensorFit, encode_one, fit_unit, fit_units, write_model
 from uwsfmt.writer.folder_files import FolderFiles
 from uwsfmt.writer.holdings import Holdings
@@ -89,14 +92,16 @@ def connect(client: dd.Client | str) -> Iterator[dd.Client]:
         yield c
 
 
-def _worker_view(store_folder: str, source: str) -> dict:
+def _worker_view(store_folder: str | None, source: str) -> dict:
     """What one worker sees (run on every worker before the build)."""
-    return {"version": __version__, "store_folder": os.path.isdir(store_folder), "source": os.path.exists(source)}
+    return {"version": __version__, "store_folder": store_folder is None or os.path.isdir(store_folder),
+            "source": os.path.exists(source)}
 
 
-def _check_workers(client: dd.Client, path: str, refs: Sequence[SourceRef]) -> int:
+def _check_workers(client: dd.Client, path: str | None, refs: Sequence[SourceRef]) -> int:
     """The number of worker threads, after checking that every worker runs this uwsfmt and sees
-    the store's folder and the sources where the driver does."""
+    the store's folder (``path``; None: a store on object storage) and the sources where the
+    driver does."""
     try:
         client.wait_for_workers(1, timeout=CONNECT_TIMEOUT_S)
     except TimeoutError as e:
@@ -106,7 +111,7 @@ def _check_workers(client: dd.Client, path: str, refs: Sequence[SourceRef]) -> i
         if v["version"] != __version__:
             raise ConfigError(f"Dask worker {worker} runs uwsfmt {v['version']}, this process {__version__}; install the same "
                               "version on every worker")
-        for what, where in (("store_folder", path), ("source", refs[0].path)):
+        for what, where in (("store_folder", str(path)), ("source", refs[0].path)):
             if not v[what]:
                 raise ConfigError(f"Dask worker {worker} cannot see {where}: the sources and the output's folder must be on a file "
                                   "system every worker shares, at the same paths as here")
@@ -233,6 +238,68 @@ def _now(fn: Callable[..., Any], *args: Any) -> None:
     fn(*args)
 
 
+@dataclass(frozen=True)
+class _Append:
+    """What every task of an append needs (sent to each worker once)."""
+
+    job: Appending
+    url: str
+    storage_options: dict | None
+    device: str | None
+    stop: str
+    source_root: str | None
+    token: str  # this append: a worker reads the bases once per append (:data:`_BASES`)
+
+
+#: the bases a worker read for the append it last served: (token, fits)
+_BASES: dict[str, Any] = {}
+
+
+def _append_task(idx: int, ref: SourceRef, a: _Append) -> tuple[dict, dict]:
+    """Encode one new model on a worker and write it as row ``idx``; (its entry, its source record)."""
+    prog = Progress(0, None, _Stop(a.stop), "uwsfmt extend", stopped="the append was stopped")  # type: ignore[arg-type]
+    prog.step("start", 0)
+    dev = resolve_device(a.device, default_device())
+    zstore = open_zarr_store(a.url, "w", a.storage_options)
+    if _BASES.get("token") != a.token:
+        _BASES.clear()
+        _BASES.update(token=a.token, fits=a.job.fits(zstore, dev))
+    with _opened([ref]) as (ck,):
+        prog.step(ck.id, 0)  # stopped meanwhile: nothing of this model is written
+        entry = a.job.encode_and_write(zstore, _BASES["fits"], ck, idx)
+        return entry, provenance.source_record(ck, a.source_root)
+
+
+def append(client: dd.Client, device: str | None, where: Location, job: Appending, cks: list[Checkpoint], first: int,
+           root: str | None, prog: Progress, cancel) -> list[dict]:
+    """:func:`uwsfmt.writer.append.append_checkpoints`'s models encoded on the workers of
+    ``client``: model ``first + k`` by one task each, which writes its row (the packs were grown
+    by the caller) and hashes its source; their entries in order, ``source`` filled in. The
+    caller holds the lock and commits."""
+    refs = [SourceRef.of(ck) for ck in cks]
+    assert where.url is not None
+    folder = None if where.remote else where.url
+    window = TASKS_PER_THREAD * _check_workers(client, folder, refs)
+    stop = dd.Event(f"uwsfmt-stop-{uuid.uuid4().hex}", client=client)
+    a = client.scatter(_Append(job, where.url, where.storage_options, device, stop.name, root, uuid.uuid4().hex),
+                       broadcast=True, hash=False)
+    tasks = _Pass(client, _append_task, [(first + k, r, a) for k, r in enumerate(refs)], [(r.id, 1) for r in refs],
+                  prog, cancel, stop, window)
+    try:
+        entries = []
+        for k in range(len(refs)):
+            entry, source = tasks.result(k)
+            entry["source"] = source
+            entries.append(entry)
+        return entries
+    except BaseException:
+        tasks.close()
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            stop.clear()
+
+
 # ------------------------------------------------------------------------------- the driver
 
 
@@ -354,4 +421,4 @@ def build(fam: FamilyPlan, path: str, s: Settings, dev: torch.device, base: Chec
             stop.clear()
 
 
-__all__ = ["SourceRef", "build", "connect"]
+__all__ = ["SourceRef", "append", "build", "connect"]

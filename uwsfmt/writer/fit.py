@@ -100,7 +100,7 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def _fit_batch_key(tp: TensorPlan, s: Settings, dev: torch.device) -> tuple | None:
     """Key under which pass 1 gathers the statistics of ``tp`` with others of its kind, or None:
-    small float subspace tensors on the exact (float64 Gram) path, without an error budget."""
+    small float subspace tensors on the exact (float64 product) path, without an error budget."""
     if tp.encoding != "subspace" or tp.shape is None or s.error_budget is not None:
         return None
     if tp.dtype not in ("float16", "bfloat16", "float32", "float64"):

@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple] = {
     "residual_bits": (1, 2, 4, 8, 16),  # quantized per-model correction (16 = float16)
     # per-model coefficients: float32, or quantized per direction (auto: float32 unless an error budget picks)
     "coefficient_bits": ("auto", "float32", "8", "8/4", "4", "8/4/2"),
-    "basis_method": ("exact", "sketch"),  # float64 Gram + eigh, or a checked randomised sketch
+    "basis_method": ("exact", "sketch"),  # Gram (float64 sums) + eigh, or a checked randomised sketch
     "mean_dtype": ("auto", "float16", "compute"),  # how each subspace tensor's mean is stored
     "lora_mode": ("auto", "product", "factors"),  # LoRA adapters: basis over s*B*A, or A and B as tensors
     "encoding": ("subspace", "shared", "dense"),  # what an override (name pattern -> encoding) may force

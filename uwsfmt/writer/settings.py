@@ -45,7 +45,7 @@ class Settings:
     min_numel: int = 1024  # smaller float tensors are stored dense
     allow_nonfinite: bool = False  # store tensors with NaN/Inf as dense instead of refusing
     sketch_oversample: int = 16  # flat mode and basis="sketch": extra sketch columns
-    basis: str = "exact"  # exact (float64 Gram + eigh) | sketch (randomised range finder, checked, exact fallback)
+    basis: str = "exact"  # exact (Gram summed in float64 + eigh) | sketch (randomised range finder, checked, exact fallback)
     sketch_power: int = 1  # basis="sketch": refinement sweeps after the sketch (the last one also checks)
     sketch_tolerance: float = 0.01  # basis="sketch": accepted loss of squared error vs the best basis
     seed: int = 0
