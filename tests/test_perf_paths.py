@@ -181,12 +181,12 @@ def test_float32_gram_products_agree_with_float64(center):
         assert a.dtype == torch.float64
         scale = float(torch.diagonal(b).sum())
         assert float((a - b).abs().max()) <= 1e-6 * scale
-    assert sts[torch.float64].noise_floor(l64, "left") == 0.0
+    assert sts[torch.float64].noise_floor(l64) == 0.0
     for side, g32, g64 in (("left", l32, l64), ("right", r32, r64)):
         vals, _ = gram.eig_desc(g32)
         want = gram.numerical_rank(gram.eig_desc(g64)[0], g64.shape[0])  # left: r (+1 off the mean); right: r per model
         assert want < g64.shape[0] or center == "none"  # W itself (centre none) has full rank
-        assert int((vals > sts[torch.float32].noise_floor(g32, side)).sum()) == want
+        assert int((vals > sts[torch.float32].noise_floor(g32)).sum()) == want
     other = gram.GramStats.empty(m, n, left=True, right=False, reference=ref, compute=torch.float64)
     with pytest.raises(ValueError, match="same dtype"):
         gram.GramStats.empty(m, n, left=True, right=False, reference=ref, compute=torch.float32).merge(other)

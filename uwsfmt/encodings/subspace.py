@@ -90,7 +90,7 @@ def fit_gram(
         # in float64 also after float32 products: a float32 eigh would halve its time, but its
         # round-off (~2^-24 * ||G|| per eigenvalue) sits above the products' own
         vals, vecs = gram.eig_desc(g)
-        floor = stats.noise_floor(g, side)  # eigenvalues at or below it are round-off: no direction
+        floor = stats.noise_floor(g)  # eigenvalues at or below it are round-off: no direction
         k = choose(side, vals, int((vals > floor).sum()) if floor > 0 else None)
         f.spectra[side] = vals
         f.kept[side] = k
