@@ -106,6 +106,42 @@ class RowReader:
             os.close(fd)
         return out
 
+    def write(self, index: int, row: np.ndarray) -> None:
+        """Write row ``index`` (``width`` values) as its shard file, as zarr-python lays it out:
+        every inner chunk (the last padded with the fill value 0) followed by its crc32c, then
+        the index (offset, nbytes per chunk, little-endian u64) and its crc32c. Every chunk is
+        written, even one of zeros (zarr would skip it; readers read both the same). zarr-python
+        encodes a shard chunk by chunk through its codec pipeline, ~20 us per chunk: a 9.6 MB row
+        of 16 KiB chunks took 320 ms, this takes a few ms. Plain (uncompressed) packs only."""
+        if self.zstd:
+            raise ValueError(f"{self.path}: compressed packs are written by zarr-python")
+        if not (0 <= index < self.rows):
+            raise ValueError(f"{self.path}: row {index} is outside the array's {self.rows} rows")
+        row = np.ascontiguousarray(row, dtype=self.dtype.newbyteorder("<")).reshape(-1)
+        if row.size != self.width:
+            raise ValueError(f"{self.path}: a row has {self.width} values, not {row.size}")
+        payload = self.chunk * self.dtype.itemsize
+        n = self.n_chunks
+        step = payload + 4
+        buf = np.zeros(n * step + n * 16 + 4, dtype=np.uint8)
+        body = buf[: n * step].reshape(n, step)
+        data = row.view(np.uint8)
+        full, rest = divmod(data.size, payload)
+        body[:full, :payload] = data[: full * payload].reshape(full, payload)
+        if rest:
+            body[full, :rest] = data[full * payload:]
+        crcs = body[:, payload:].view("<u4").reshape(n)
+        for j in range(n):
+            crcs[j] = crc32c.crc32c(body[j, :payload])  # type: ignore[arg-type]  # numpy stubs: no __buffer__ < 3.12
+        index_view = buf[n * step: n * step + n * 16].view("<u8").reshape(n, 2)
+        index_view[:, 0] = np.arange(n, dtype=np.uint64) * step
+        index_view[:, 1] = step
+        buf[-4:] = np.frombuffer(crc32c.crc32c(buf[n * step: -4]).to_bytes(4, "little"), dtype=np.uint8)  # type: ignore[arg-type]  # numpy stubs: no __buffer__ < 3.12
+        path = self.shard_file(index)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(memoryview(buf))  # type: ignore[arg-type]  # numpy stubs: no __buffer__ < 3.12
+
     @staticmethod
     def _read_compressed(fd: int, path: str, j: int, offset: int, nbytes: int, end: int, dest: np.ndarray, payload: int) -> None:
         from numcodecs import Zstd
@@ -122,6 +158,17 @@ class RowReader:
         if full.size != payload:
             raise FormatError(f"{path}: inner chunk {j} decompresses to {full.size} bytes, not {payload}; the store is damaged")
         dest[...] = full[: dest.size]
+
+
+def write_row(zstore, arr, index: int, row: np.ndarray) -> None:
+    """Row ``index`` of the pack array ``arr`` := ``row``: straight into its shard file where
+    :func:`row_reader` knows the layout and the store is a writable local folder of a plain
+    (uncompressed) pack, else through zarr-python."""
+    rr = row_reader(zstore, arr.path, arr) if not getattr(zstore, "read_only", True) else None
+    if rr is not None and not rr.zstd and 0 <= index < rr.rows:
+        rr.write(index, row)
+    else:
+        arr[index, :] = row
 
 
 def row_reader(zstore, path: str, arr) -> RowReader | None:

@@ -14,7 +14,7 @@ from uwsfmt.encodings import budget
 from uwsfmt.encodings import lora as lora_enc
 from uwsfmt.errors import StoreError, os_reason
 from uwsfmt.format import dtypes
-from uwsfmt.io import layout
+from uwsfmt.io import layout, shards
 from uwsfmt.reader.store import StoreReader
 from uwsfmt.sources import Checkpoint
 from uwsfmt.writer.build import utc_now
@@ -63,7 +63,7 @@ class Appending:
                  **lora_enc.model_record(current["tensors"], ck)}
         try:
             for p, info in current["packs"].items():
-                zarr.open_array(zstore, path=info["path"], mode="r+")[idx, :] = rows[p]
+                shards.write_row(zstore, zarr.open_array(zstore, path=info["path"], mode="r+"), idx, rows[p])
             for e in current["tensors"]:
                 if e["name"] in per_model:
                     layout.write_array(zstore, f"{e['node']}/models/{idx}", dtypes.to_storage(per_model[e["name"]]))

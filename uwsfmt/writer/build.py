@@ -40,7 +40,7 @@ from uwsfmt.encodings.slots import PackLayout
 from uwsfmt.errors import ConflictError
 from uwsfmt.format import dtypes, naming
 from uwsfmt.format.schema import validate_manifest
-from uwsfmt.io import layout
+from uwsfmt.io import layout, shards
 from uwsfmt.io.commit import put_manifest
 from uwsfmt.numerics import linalg
 from uwsfmt.sources import Checkpoint
@@ -281,7 +281,7 @@ def write_model(zstore: Store, packs: dict[str, zarr.Array], entries: list[dict]
     """Write model ``i``'s pack rows and per-model arrays with ``submit(fn, *args)`` (one writer
     per row: a row is one shard), its exceptions at once (they go into its record)."""
     for p, arr in packs.items():
-        submit(arr.__setitem__, (i, slice(None)), m.rows[p])
+        submit(shards.write_row, zstore, arr, i, m.rows[p])
     for name, w in m.per_model.items():
         submit(layout.write_array, zstore, f"{nodes[name]}/models/{i}", dtypes.to_storage(w))
     if m.fixes:  # the budget's emulation and pass 2 disagreed by rounding: keep the promise anyway
