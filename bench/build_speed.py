@@ -98,7 +98,9 @@ def arithmetic(store, n_models: int, basis: str, rates: dict, eighs: dict) -> di
         if basis == "exact":
             # n models' products, plus the mean's n mu mu^T (one more), upper blocks only
             gemm += (n_models + 1) * 2.0 * d * d * k * _blocks_fraction(d) / rates[dt]
-            eig += eighs.setdefault(d, eigh_seconds(d))
+            if d not in eighs:  # timed once per Gram size
+                eighs[d] = eigh_seconds(d)
+            eig += eighs[d]
     if basis == "sketch":
         for e in store.manifest["tensors"]:
             cols = (e.get("basis") or {}).get("columns") or {}

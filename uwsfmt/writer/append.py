@@ -20,7 +20,7 @@ from uwsfmt import encodings
 from uwsfmt.encodings import budget
 from uwsfmt.encodings import coefficients as coef_enc
 from uwsfmt.encodings import lora as lora_enc
-from uwsfmt.errors import ConfigError, ConflictError, SourceError, StoreError
+from uwsfmt.errors import ConflictError, SourceError, StoreError
 from uwsfmt.format import naming
 from uwsfmt.io import overlap
 from uwsfmt.io.commit import Writing
@@ -30,7 +30,7 @@ from uwsfmt.reader.store import StoreReader
 from uwsfmt.sources import Checkpoint, StateDictCheckpoint, discover, provenance
 from uwsfmt.sources.registry import Source, Sources
 from uwsfmt.writer.adding import Appending, fits_from_store, grow_packs
-from uwsfmt.writer.convert import Fingerprints, os_reason, source_record, utc_now
+from uwsfmt.writer.convert import Fingerprints, distributed_module, os_reason, source_record, utc_now
 from uwsfmt.writer.encode import encode_model
 from uwsfmt.writer.folder_files import FilePolicy, FolderFiles
 from uwsfmt.writer.progress import Progress
@@ -294,12 +294,6 @@ def _on_cluster(client: Any, device: str | None, where: Any, job: Appending, cks
     """Encode and write ``cks`` as models ``first``, ``first + 1``, ... on the Dask cluster
     ``client``; their entries, in order, with their sources' records. dask is optional and a
     heavy import: only appends given a client import it."""
-    try:
-        from uwsfmt.writer import distributed
-    except ImportError as e:
-        if (e.name or "").split(".")[0] not in ("dask", "distributed"):
-            raise
-        raise ConfigError("an append on a Dask cluster (client=..., CLI: --dask) needs dask.distributed, which is not installed: "
-                          "pip install 'uwsfmt[dask]'") from e
+    distributed = distributed_module("an append")
     with distributed.connect(client) as c:
         return distributed.append(c, device, where, job, cks, first, root, prog, cancel)

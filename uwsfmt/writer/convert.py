@@ -190,16 +190,24 @@ def convert(
     return out
 
 
-def _on_cluster(client: Any, device: str | None, stack: contextlib.ExitStack) -> Callable[..., None]:
-    """The Dask build on ``client`` (connected for as long as ``stack`` is open). dask is an
-    optional dependency, and a heavy import: only builds given a client import it."""
+def distributed_module(what: str) -> Any:
+    """:mod:`uwsfmt.writer.distributed`, imported here only when ``what`` (a build, an append) is
+    given a Dask client: dask is an optional dependency and a heavy import. A clear ConfigError
+    where dask is not installed."""
     try:
         from uwsfmt.writer import distributed
     except ImportError as e:
         if (e.name or "").split(".")[0] not in ("dask", "distributed"):
             raise
-        raise ConfigError("a build on a Dask cluster (client=..., CLI: --dask) needs dask.distributed, which is not installed: "
+        raise ConfigError(f"{what} on a Dask cluster (client=..., CLI: --dask) needs dask.distributed, which is not installed: "
                           "pip install 'uwsfmt[dask]'") from e
+    return distributed
+
+
+def _on_cluster(client: Any, device: str | None, stack: contextlib.ExitStack) -> Callable[..., None]:
+    """The Dask build on ``client`` (connected for as long as ``stack`` is open). dask is an
+    optional dependency, and a heavy import: only builds given a client import it."""
+    distributed = distributed_module("a build")
     return functools.partial(distributed.build, client=stack.enter_context(distributed.connect(client)), device=device)
 
 
