@@ -42,7 +42,7 @@ DTYPES = {
     "bool": (torch.bool, "bool"),
 }
 BIT_TYPES = {"bfloat16": np.int16, "float8_e4m3fn": np.int8, "float8_e5m2": np.int8}
-# the values of the open fields that format 1.2 defines (§3.4, §6.3.1, §6.4, §6.6, §12)
+# the values of the open fields that format 1.3 defines (§3.4, §6.3.1, §6.4, §6.6, §12)
 ENCODINGS, KINDS, BITS = ("subspace", "shared", "dense"), ("correct", "replace"), (1, 2, 4, 8, 16)
 RUN_BITS = (1, 2, 4, 8)  # §6.3.1: bit widths of quantized coefficient runs
 COMPUTED = ("float64", "float32", "float16", "bfloat16")  # §4: the dtypes that may be computed
@@ -85,9 +85,16 @@ def unpack_codes(codes: np.ndarray, bits: int, count: int) -> np.ndarray:
     return ((codes[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
 
 
-def dequantize(bits: int, view: tuple[int, int], *, codes=None, scales=None, values=None) -> torch.Tensor:
-    """§6.4: a residual / correction as a float32 (m, n) matrix."""
+def dequantize(bits: int, view: tuple[int, int], *, codes=None, scales=None, values=None, axis: int = 0) -> torch.Tensor:
+    """§6.4: a residual / correction as a float32 (m, n) matrix; ``axis`` 1 (format 1.3): the
+    codes and scales are those of Q^T (one scale per column of Q), only where m > n."""
     m, n = view
+    if axis == 1:
+        if not m > n or bits == 16:
+            raise SpecError(f"residual axis 1 over a {m}x{n} view ({bits} bits): only for views taller than wide")
+        return dequantize(bits, (n, m), codes=codes, scales=scales).T
+    if axis != 0:
+        raise SpecError(f"unknown residual axis {axis}")
     if bits == 16:
         return torch.from_numpy(np.asarray(values, dtype=np.float16).reshape(m, n).astype(np.float32))
     if bits not in (1, 2, 4, 8):
@@ -352,8 +359,13 @@ class SpecReader:
         if res:
             if res["bits"] == 16:
                 q = dequantize(16, (m, n), values=take(res["values"]))
-            else:
-                q = dequantize(res["bits"], (m, n), codes=take(res["codes"]), scales=take(res["scales"]))
+            else:  # §3.4 / §6.4: m scales per row, or (1.3, axis 1, only where m > n) n per column
+                axis = res.get("axis", 0)
+                if axis not in (0, 1) or (axis == 1 and not m > n) \
+                        or res["scales"]["length"] != (n if axis == 1 else m) or res["scales"]["pack"] != "float32" \
+                        or res["codes"]["length"] != -(-m * n * res["bits"] // 8) or res["codes"]["pack"] != "uint8":
+                    raise SpecError(f"tensor {e['name']!r}: residual slots {res} do not fit its {m}x{n} view")
+                q = dequantize(res["bits"], (m, n), codes=take(res["codes"]), scales=take(res["scales"]), axis=axis)
             p = p + q.to(cdt)
             scale += float(q.abs().max())
         return p.reshape(e["shape"]), self._count(e) * unit(cdt) * scale

@@ -447,3 +447,40 @@ def test_both_readers_refuse_only_the_tensors_an_unknown_value_touches(tmp_path,
     got = reader.model(model, names=others, tolerances=tol)
     assert sorted(got) == sorted(others)
     assert_conforms(got, {k: want[k] for k in others}, tol, what)
+
+
+@pytest.mark.parametrize("what, edit", [
+    # a 1.2 writer's view of the record: no axis field, so a reader takes the n scales for m rows
+    ("1.2 reader (no axis field)", lambda r: r.pop("axis")),
+    ("unknown axis", lambda r: r.update(axis=2)),
+])
+def test_per_column_residual_scales_are_refused_where_they_do_not_fit(tmp_path, what, edit):
+    """§6.4 (1.3): a reader that does not know `axis` meets n scales where §3.4 wants m and refuses
+    the tensor (it cannot misread it), as does one that meets an axis it does not know."""
+    dst = tmp_path / "t.uws"
+    shutil.copytree(EXAMPLES / "example-tall.uws", dst)
+    root = json.loads((dst / "zarr.json").read_text())
+    m = root["attributes"]["uws"]
+    tall = next(e for e in m["tensors"] if e["name"] == "tall.weight")
+    assert tall["residual"]["axis"] == 1 and tall["view"][0] >= 2 * tall["view"][1]
+    edit(tall["residual"])
+    (dst / "zarr.json").write_text(json.dumps(root))
+    want, _ = load_expected(EXAMPLES / "expected" / "example-tall")[0]
+    with uwsfmt.open(dst) as store:
+        with pytest.raises(uwsfmt.FormatError, match="tall.weight"):
+            store.state_dict(0)
+        got = store.state_dict(0, names=["tall.bf16.weight"])
+        assert torch.equal(got["tall.bf16.weight"], want["tall.bf16.weight"])
+    with pytest.raises(SpecError, match="tall.weight"):
+        SpecReader(dst).model(0)
+    assert any("tall.weight" in p for p in uwsfmt.validate(dst))
+
+
+def test_per_column_scales_in_a_store_declaring_1_2_are_reported(tmp_path):
+    dst = tmp_path / "t.uws"
+    shutil.copytree(EXAMPLES / "example-tall.uws", dst)
+    root = json.loads((dst / "zarr.json").read_text())
+    root["attributes"]["uws"]["format_version"] = "1.2"
+    (dst / "zarr.json").write_text(json.dumps(root))
+    problems = uwsfmt.validate(dst)
+    assert any("per-column scales" in p and "1.3" in p for p in problems), problems

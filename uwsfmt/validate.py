@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from uwsfmt.encodings import coefficients as coef_enc
+from uwsfmt.encodings import residual as residual_enc
 from uwsfmt.encodings.exception import array_names
 from uwsfmt.encodings.lora import factor_matrices
 from uwsfmt.errors import FormatError, UWSError
@@ -116,6 +117,9 @@ def _check_store(store, tol: float, problems: list[str]) -> None:
             if quantized and _minor(m) < 2:
                 problems.append(f"{what}: quantized coefficients, which format {m['format_version']} does not allow "
                                 "(they came with format 1.2)")
+            if residual_enc.uses_column_scales(e.get("residual")) and _minor(m) < 3:
+                problems.append(f"{what}: a residual with per-column scales (axis 1), which format {m['format_version']} "
+                                "does not allow (they came with format 1.3)")
             for side, dim, k in (("left", mv, kl), ("right", nv, kr)):
                 if not e[side]:
                     continue

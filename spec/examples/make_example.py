@@ -34,6 +34,8 @@ settings per conversion:
 - ``example-qcoef.uws`` (format 1.2): quantized coefficients (section 6.3.1), rank 8 in runs of
   8, 4 and 2 bits, a left (axis 0) and a right (axis 1) tensor, float32 and float64, with 2-bit
   residuals.
+- ``example-tall.uws`` (format 1.3): rank 1 plus 4-bit residuals with **per-column scales**
+  (section 6.4, ``axis`` 1) over views at least twice as tall as wide, float32 and bfloat16.
 - ``example-f8.uws``: float8_e4m3fn / e5m2 dense and shared tensors and an appended model with
   ``replace`` exceptions on float8 and int16 tensors and ``correct`` ones of 1, 2 and 16 bits.
 
@@ -51,7 +53,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STORES = ("example", "example-flat", "example-half", "example-r1", "example-r2", "example-r16", "example-lora",
-          "example-lora-factors", "example-f8", "example-qcoef")
+          "example-lora-factors", "example-f8", "example-qcoef", "example-tall")
 N_MODELS = 5
 MAX_ERROR = 1e-5
 #: model ids are arbitrary strings, never paths: these are deliberately awkward
@@ -218,6 +220,9 @@ RESIDUAL_STORES = {
     16: ({"r16.weight": (20, 12), "r16.fp16.weight": (16, 16)}, {"r16.fp16.weight": torch.float16}),
 }
 
+#: the per-column residual store (format 1.3): views at least twice as tall as wide, like LoRA B factors
+TALL_STORE = ({"tall.weight": (48, 6), "tall.bf16.weight": (40, 8)}, {"tall.bf16.weight": torch.bfloat16})
+
 #: kohya-layout LoRA modules: name -> (out, in, conv kernel or None)
 LORA_MODULES = {
     "lora_unet_mid_block_attentions_0_proj_in": (40, 32, None),
@@ -374,6 +379,9 @@ def _build(out_dir: str) -> dict[str, str]:
         st.close()
     for name in ("example-lora", "example-lora-factors"):
         _relabel_sources(paths[name])
+    st = uwsfmt.convert(residual_family(4, *TALL_STORE), paths["example-tall"], rank=1, residual_bits=4, min_numel=64,
+                        device="cpu", overwrite=True)
+    st.close()
     st = uwsfmt.convert(qcoef_family(), paths["example-qcoef"], rank=8, coefficient_bits="8/4/2", residual_bits=2,
                         min_numel=64, device="cpu", overwrite=True)
     st.close()
@@ -414,6 +422,8 @@ def coverage(paths: dict[str, str]) -> set[str]:
                         have.add("rank-0")
                     if e["residual"]:
                         have.add(f"residual:{e['residual']['bits']}" + (":rank-0" if 0 in e["rank"] else ""))
+                        if e["residual"]["bits"] != 16:
+                            have.add(f"residual:axis:{e['residual'].get('axis', 0)}")
                     if "bits" in e["coefficients"]:
                         have.add(f"coefficients:axis:{e['coefficients']['axis']}")
                         have.update(f"coefficients:bits:{b}" for _, b in e["coefficients"]["bits"])
@@ -457,7 +467,7 @@ REQUIRED = {
     "dtype:float8_e4m3fn", "dtype:float8_e5m2", "exception:replace:float8_e4m3fn", "exception:replace:float8_e5m2",
     "exception:replace:int16", "exception:correct:1", "exception:correct:2", "exception:correct:16", "exception:correct:4",
     "exception:correct:8", "coefficients:axis:0", "coefficients:axis:1", "coefficients:bits:8", "coefficients:bits:4",
-    "coefficients:bits:2",
+    "coefficients:bits:2", "residual:axis:0", "residual:axis:1",
 }
 
 

@@ -295,7 +295,7 @@ class ErrorSweep:
                         if res_box[0] is None:
                             res_box[0] = (wc - r).to(torch.float32)
                         res = res_box[0]
-                        back = res.half().float() if bits == 16 else quantize.fake_quantize_rows(res, bits)
+                        back = res.half().float() if bits == 16 else quantize.fake_quantize_view(res, bits, quantize.scale_axis(*self.view, bits))
                         out = r + back.to(self.cdt)
                     if self.want != self.cdt:
                         out = out.to(self.want).to(self.cdt)

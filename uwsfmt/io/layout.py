@@ -29,15 +29,15 @@ from zarr.core.buffer import default_buffer_prototype
 
 #: the newest format this uwsfmt writes (spec/uws-1.md section 12); a store is written with the
 #: lowest version whose features it uses (:func:`version_for`), so 1.0 readers read what they can
-FORMAT_VERSION = "1.2"
-FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_VERSION = "1.3"
+FORMAT_MAJOR, FORMAT_MINOR = (int(x) for x in FORMAT_VERSION.split("."))
 
 
-def version_for(half_means: bool, quantized_coefficients: bool = False) -> str:
-    """The format version a new store declares: 1.2 when coefficients are quantized (added by
-    1.2), else 1.1 when a subspace mean is stored in float16 (added by 1.1), else 1.0."""
-    return "1.2" if quantized_coefficients else "1.1" if half_means else "1.0"
+def version_for(half_means: bool, quantized_coefficients: bool = False, column_scales: bool = False) -> str:
+    """The format version a new store declares: 1.3 when a residual has per-column scales (added
+    by 1.3), else 1.2 when coefficients are quantized (added by 1.2), else 1.1 when a subspace
+    mean is stored in float16 (added by 1.1), else 1.0."""
+    return "1.3" if column_scales else "1.2" if quantized_coefficients else "1.1" if half_means else "1.0"
 
 PACKS = "packs"
 TENSORS = "tensors"

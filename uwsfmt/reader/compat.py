@@ -4,7 +4,7 @@ that this reader knows, and which tensors a store's unknown values make unreadab
 A later 1.y MAY add values of ``encoding``, exception ``kind`` and residual / correction ``bits``.
 The schema accepts any such value, so that one new value does not make a whole store unreadable;
 a reader refuses to rebuild only the tensors that use one, naming them. A store whose declared
-version this reader implements (1.0 - 1.2) and that still uses an unknown value is invalid:
+version this reader implements (1.0 - 1.3) and that still uses an unknown value is invalid:
 ``validate`` reports it as a problem; for a newer minor version it is a note (a newer uwsfmt
 reads those tensors).
 """
@@ -16,10 +16,12 @@ from collections.abc import Iterable
 from uwsfmt.errors import FormatError
 from uwsfmt.io import layout
 
-#: the values format 1.2 defines (spec §3.4, §6.3.1, §6.4, §6.6)
+#: the values format 1.3 defines (spec §3.4, §6.3.1, §6.4, §6.6)
 ENCODINGS = ("subspace", "shared", "dense")
 EXCEPTION_KINDS = ("correct", "replace")
 BITS = (1, 2, 4, 8, 16)
+#: axes a residual's scales may run along: rows, or columns (format 1.3, §6.4)
+RESIDUAL_AXES = (0, 1)
 #: bit widths of quantized coefficient runs (format 1.2, §6.3.1)
 COEFFICIENT_BITS = (1, 2, 4, 8)
 #: logical dtypes the subspace encoding and ``correct`` exceptions may be computed in (§4); every
@@ -40,6 +42,8 @@ def entry_problem(e: dict) -> str | None:
         res = e.get("residual")
         if isinstance(res, dict) and res.get("bits") not in BITS:
             return f"residual bits {res.get('bits')!r}"
+        if isinstance(res, dict) and res.get("axis", 0) not in RESIDUAL_AXES:
+            return f"residual axis {res.get('axis')!r}"
         runs = (e.get("coefficients") or {}).get("bits")
         if isinstance(runs, list) and any(not isinstance(r, list) or len(r) != 2 or r[1] not in COEFFICIENT_BITS for r in runs):
             return f"coefficient bits {runs!r}"

@@ -107,7 +107,10 @@ def _check_subspace(e: dict, what: str, problems: list[str]) -> None:
             _slot(what, "residual values", res.get("values"), "float16", m * n, problems)
         else:
             _slot(what, "residual codes", res.get("codes"), "uint8", -(-m * n * res["bits"] // 8), problems)
-            _slot(what, "residual scales", res.get("scales"), "float32", m, problems)
+            column = res.get("axis", 0) == 1  # format 1.3: one scale per column, only where the view is taller than wide
+            if column and not m > n:
+                problems.append(f"{what}: residual axis 1 (per-column scales) needs a view taller than wide, not {m}x{n}")
+            _slot(what, "residual scales", res.get("scales"), "float32", n if column else m, problems)
     c = e["coefficients"]
     if coef_enc.quantized(c):
         try:

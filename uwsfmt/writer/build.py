@@ -229,7 +229,8 @@ class StoreBuild:
         s, entries = self.s, self.entries
         half = any(isinstance(f, subspace.Fit) and f.mean is not None and f.mean.dtype == torch.float16 for f in self.fits.values())
         manifest: dict[str, Any] = {
-            "format_version": layout.version_for(half, any(coef_enc.quantized(e.get("coefficients") or {}) for e in entries)),
+            "format_version": layout.version_for(half, any(coef_enc.quantized(e.get("coefficients") or {}) for e in entries),
+                                                 any(residual_enc.uses_column_scales(e.get("residual")) for e in entries)),
             "state": "complete",
             "generation": 1,
             "writer": f"uwsfmt {__version__}",
