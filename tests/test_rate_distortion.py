@@ -101,3 +101,27 @@ def test_a_budget_meets_every_member_with_quantized_coefficients_and_appends_too
             for k, w in fam[mid].items():
                 centre = torch.stack([first[m][k] for m in first]).mean(0)
                 assert float((got[k] - w).norm() / (w - centre).norm()) <= 0.3 + 1e-5, (mid, k)
+
+
+def test_tall_views_quantize_residuals_per_column(tmp_path):
+    """Format 1.3: a view at least twice as tall as wide (a LoRA B factor, out x r) gets one
+    residual scale per column, not per row: r scales instead of out, the same codes."""
+    from tests.independent_reader import SpecReader
+
+    fam = synthetic_family(n_models=5, shapes={"b.weight": (96, 8), "a.weight": (8, 96)}, rank=2, noise=0.05,
+                           extra=False, seed=3)
+    st = uwsfmt.convert(fam, tmp_path / "s.uws", rank=0, residual_bits=4, min_numel=64)
+    tall, wide = (st.tensor_entry(n)["residual"] for n in ("b.weight", "a.weight"))
+    assert tall["axis"] == 1 and tall["scales"]["length"] == 8 and tall["codes"]["length"] == 96 * 8 * 4 // 8
+    assert "axis" not in wide and wide["scales"]["length"] == 8
+    assert st.format_version == "1.3"
+    reader = SpecReader(tmp_path / "s.uws")
+    for i, (mid, sd) in enumerate(fam.items()):
+        got, spec = st.state_dict(mid), reader.model(i)
+        for name, w in sd.items():
+            assert torch.allclose(got[name], spec[name], rtol=0, atol=1e-6)
+            d = w - torch.stack([m[name] for m in fam.values()]).mean(0)
+            # 4-bit codes over a column of 96 deviations: well within a 7-level step of each column's range
+            assert float((got[name] - w).norm() / d.norm()) < 0.15
+            assert float((got[name] - w).norm() / w.norm()) == pytest.approx(st.errors()[i][st.tensor_position(name)], rel=1e-4)
+    assert st.validate(deep=True) == []
