@@ -326,3 +326,63 @@ def test_threads_work_in_a_forked_child(fresh):
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     assert torch.equal(shared, out)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_residual_is_added_as_the_dequantized_one_on_every_path(fresh, bits):
+    """mean + a b + Q in one pass: bit for bit the float32 rebuild plus the dequantized residual
+    (spec 6.4), per-row and per-column scales, on every vector path, split between threads or not,
+    whatever the element count of a row in bits (rows not byte-aligned)."""
+    from uwsfmt.numerics import quantize
+
+    k = native.kernel()
+    for m, n, r in [(1, 1, 1), (5, 17, 3), (9, 63, 33), (130, 7, 4), (13, 300, 0), (66, 3, 2)]:
+        for axis in (0, 1):
+            _, mean, a, b = _items(m, n, r, seed=bits)
+            codes, scales = quantize.quantize_view(torch.randn(m, n, generator=torch.Generator().manual_seed(m)), bits, axis)
+            res = (codes, scales, bits, axis)
+            want = torch.empty(m, n)
+            _call(k, [(want, mean, a, b)], isa=0)
+            want.add_(quantize.dequantize_view(codes, scales, (m, n), bits, axis))
+            for isa in [0] + [i for i in (2, 1) if i <= k.isa]:
+                for parts in (1, 3):
+                    got = torch.full((m, n), float("nan"))
+                    _call(k, [(got, mean, a, b, res)], isa=isa, parts=parts)
+                    assert torch.equal(got, want), (m, n, r, axis, isa, parts)
+
+
+@needs_kernel
+def test_residual_items_the_kernel_cannot_take_are_left_to_the_caller(fresh):
+    from uwsfmt.numerics import quantize
+
+    out, mean, a, b = _items(8, 12, 2)
+    codes, scales = quantize.quantize_view(torch.randn(8, 12), 4, 0)
+    assert not native.expand([(out.to(torch.bfloat16), mean, a, b, (codes, scales, 4, 0))])  # half output: cast after Q
+    assert not native.expand([(out, mean, a, b, (codes[:-1], scales, 4, 0))])  # too few codes
+    assert not native.expand([(out, mean, a, b, (codes, scales[:-1], 4, 0))])  # a scale short
+    assert not native.expand([(out, mean, a, b, (codes, scales, 16, 0))])  # float16 residuals are added by torch
+    assert native.expand([(out, mean, a, b, (codes, scales, 4, 0))])
+
+
+@needs_kernel
+def test_stores_with_residuals_read_the_same_with_and_without_kernel(tmp_path, monkeypatch, fresh):
+    """Budgeted stores (quantized coefficients, 1-8 bit residuals, per-row and per-column scales):
+    the kernel's one-pass decode gives what torch's separate passes give, and what was recorded."""
+    fam = synthetic_family(n_models=5, shapes={"tall": (600, 120), "wide": (160, 500)}, rank=4, noise=2e-2,
+                           seed=5, extra=False)
+    st = uwsfmt.convert(fam, tmp_path / "s.uws", rank=2, residual_bits=2)
+    res = {e["name"]: e["residual"] for e in st.manifest["tensors"]}
+    assert res["tall"]["axis"] == 1 and "axis" not in res["wide"] and min(600 * 120, 160 * 500) >= subspace.EXPAND_MIN_ELEMENTS
+    fast = {i: st.state_dict(i) for i in st.model_ids}
+    names = [e["name"] for e in st.manifest["tensors"]]
+    for j, i in enumerate(st.model_ids):
+        for name, w in fam[i].items():
+            err = float((fast[i][name].double() - w.double()).norm() / w.double().norm())
+            assert err == pytest.approx(st.errors()[j, names.index(name)], rel=1e-6)
+    monkeypatch.setenv("UWSFMT_NATIVE", "0")
+    monkeypatch.setattr(native, "_state", {})
+    with uwsfmt.open(tmp_path / "s.uws") as slow:
+        for i in st.model_ids:
+            for name, t in slow.state_dict(i).items():
+                assert torch.equal(fast[i][name], t), (i, name)

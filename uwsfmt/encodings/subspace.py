@@ -18,9 +18,10 @@ import torch
 from uwsfmt.encodings import coefficients as coef_enc
 from uwsfmt.encodings import residual as residual_enc
 from uwsfmt.encodings.base import EncodeContext, Encoding, ReadContext, register
+from uwsfmt.encodings.slots import take
 from uwsfmt.errors import FormatError
 from uwsfmt.format import dtypes
-from uwsfmt.numerics import gram, linalg, native
+from uwsfmt.numerics import gram, linalg, native, quantize
 
 #: ``choose(side, eigenvalues, limit)`` -> the rank kept (:meth:`uwsfmt.writer.settings.Settings.choose`)
 Chooser = Callable[[str, torch.Tensor, int | None], int]
@@ -212,7 +213,7 @@ def rebuilt_shape(left: torch.Tensor | None, right: torch.Tensor | None, c: torc
 
 def expand_into(items: list[tuple]) -> None:
     """``out = mean + left @ c @ right^T`` (None parts skipped) for each ``(out, mean, left, c,
-    right)``, ``out`` of the product's shape, all in one dtype on one device, except that ``out``
+    right[, residual])``, ``out`` of the product's shape, all in one dtype on one device, except that ``out``
     may be in a lower precision (:data:`HALF`) than float32 parts: it then gets the float32
     result cast, exactly as ``Tensor.to`` casts it; and ``mean`` may be float16 (a format 1.1
     mean), added as its exact float32 value.
@@ -221,9 +222,12 @@ def expand_into(items: list[tuple]) -> None:
     in one call (one pass over memory per tensor, split between torch's threads, the rounding to
     half precision done as it writes); otherwise one BLAS GEMM writes each ``out`` (after a copy
     of the mean: on the CPU ~2x faster than ``torch.addmm(M, a, b, out=out)``), into a temporary
-    where ``out`` is in half precision. Both compute the product, then add the mean."""
+    where ``out`` is in half precision. Both compute the product, then add the mean, then the
+    ``residual`` where one is given (:data:`uwsfmt.numerics.native.Residual`: packed codes, scales,
+    bits, axis; the kernel adds it row block by row block while they are in cache)."""
     products = []
-    for out, mean, left, c, right in items:
+    for out, mean, left, c, right, *rest in items:
+        res = rest[0] if rest else None
         if left is not None and right is not None:
             a, b = left @ c, right.T
         elif left is not None:
@@ -231,27 +235,37 @@ def expand_into(items: list[tuple]) -> None:
         elif right is not None:
             a, b = c, right.T
         else:
-            if mean is not None and out.dtype != c.dtype:
+            if res is not None:
+                out.copy_(_with_residual(c + mean if mean is not None else c.clone(), res))
+            elif mean is not None and out.dtype != c.dtype:
                 out.copy_(c + mean)  # one rounding, of the float32 sum
             else:
                 out.copy_(c)
                 if mean is not None:
                     out.add_(mean)
             continue
-        products.append((out, mean, a, b))
+        products.append((out, mean, a, b, res))
     if not products:
         return
-    if products[0][0].device.type == "cpu" and native.expand([(o, m, a.contiguous(), b.contiguous()) for o, m, a, b in products]):
+    if products[0][0].device.type == "cpu" and native.expand([(o, m, a.contiguous(), b.contiguous(), r) for o, m, a, b, r in products]):
         return
-    for out, mean, a, b in products:
+    for out, mean, a, b, res in products:
         dest = out if out.dtype == a.dtype else torch.empty(out.shape, dtype=a.dtype, device=out.device)
         if mean is None:
             torch.mm(a, b, out=dest)
         else:
             dest.copy_(mean)
             dest.addmm_(a, b)
+        if res is not None:
+            _with_residual(dest, res)
         if dest is not out:
             out.copy_(dest)
+
+
+def _with_residual(x: torch.Tensor, res: tuple) -> torch.Tensor:
+    """``x += Q`` in x's dtype, Q the dequantized residual ``res`` (codes, scales, bits, axis)."""
+    codes, scales, bits, axis = res
+    return x.add_(quantize.dequantize_view(codes, scales, (x.shape[0], x.shape[1]), bits, axis).to(x.dtype))
 
 
 def implied_shape(e: dict, field: str) -> tuple[int, int]:
@@ -292,10 +306,17 @@ def decode_group(ctx: ReadContext, key: tuple, group: list[dict]) -> list[torch.
 
         dests = [dest(e) for e in group]
         views = [d.view(m, n) for d in dests]
+
+        def fused(e: dict) -> tuple | None:  # a quantized residual, added in the same pass
+            r = e.get("residual")
+            if not r or r["bits"] == 16:
+                return None
+            return take(rows, r["codes"]), take(rows, r["scales"]), r["bits"], residual_enc.axis(r)
+
         expand_into([(d, None if mean is None else mean[i], None if left is None else left[i], cs[i],
-                               None if right is None else right[i]) for i, d in enumerate(views)])
+                      None if right is None else right[i], fused(e)) for i, (e, d) in enumerate(zip(group, views))])
         for e, d in zip(group, views):
-            if e.get("residual"):
+            if e.get("residual") and e["residual"]["bits"] == 16:
                 d.add_(residual_enc.decode(e["residual"], rows, m, n).to(cdt))
         return dests
     w = c = torch.stack(cs)

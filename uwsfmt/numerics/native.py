@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from uwsfmt.errors import ConfigError
+from uwsfmt.numerics import quantize
 
 SOURCE = Path(__file__).with_name("native_expand.c")
 ISA_NAMES = {2: "avx512", 1: "avx2"}
@@ -47,7 +48,8 @@ ROWS_PER_THREAD = 64
 
 
 class _Job(ctypes.Structure):
-    _fields_ = [(f, ctypes.c_int64) for f in ("mean", "a", "b", "out", "m", "n", "k", "stream", "otype", "mtype")]
+    _fields_ = [(f, ctypes.c_int64) for f in ("mean", "a", "b", "out", "m", "n", "k", "stream", "otype", "mtype",
+                                               "res", "rscale", "rbits", "raxis")]
 
 
 class _Kernel:
@@ -148,6 +150,16 @@ def _self_test(k: _Kernel) -> str | None:
         _run(k, [(ref, mean16.float(), a, b)], threads=2)
         if not torch.equal(out, ref):
             return f"self-test failed on {m}x{n} (rank {r}): a float16 mean is not read as its float32 value"
+    for bits in (1, 2, 4, 8):  # a residual: what adding the dequantized one afterwards gives, bit for bit
+        for m, n, r, axis in ((9, 37, 3, 0), (37, 6, 2, 1), (5, 3, 0, 0)):
+            a, b, mean = (torch.randn(s, generator=g) for s in ((m, r), (r, n), (m, n)))
+            codes, scales = quantize.quantize_view(torch.randn(m, n, generator=g), bits, axis)
+            out, ref = torch.empty(m, n), torch.empty(m, n)
+            _run(k, [(out, mean, a, b, (codes, scales, bits, axis))], threads=2)
+            _run(k, [(ref, mean, a, b)], threads=2)
+            ref.add_(quantize.dequantize_view(codes, scales, (m, n), bits, axis))
+            if not torch.equal(out, ref):
+                return f"self-test failed on {m}x{n} (rank {r}): the kernel's {bits}-bit residual (axis {axis}) is not the dequantized one"
     return None
 
 
@@ -223,7 +235,25 @@ def suspended() -> Iterator[None]:
         _suspended[0] = before
 
 
-def _fits(out: torch.Tensor, mean: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> bool:
+#: a residual the kernel adds: (packed codes uint8, float32 scales, bits 1/2/4/8, scale axis 0/1)
+Residual = tuple[torch.Tensor, torch.Tensor, int, int]
+
+
+def _fits_residual(out: torch.Tensor, res: Residual) -> bool:
+    codes, scales, bits, axis = res
+    m, n = out.shape
+    if out.dtype != torch.float32 or bits not in (1, 2, 4, 8) or axis not in (0, 1):
+        return False
+    if codes.dtype != torch.uint8 or scales.dtype != torch.float32 or codes.device.type != "cpu" or scales.device.type != "cpu":
+        return False
+    if not (codes.is_contiguous() and scales.is_contiguous()):
+        return False
+    return codes.numel() >= (m * n * bits + 7) // 8 and scales.numel() == (n if axis else m)
+
+
+def _fits(out: torch.Tensor, mean: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, res: Residual | None = None) -> bool:
+    if res is not None and (out.dim() != 2 or not _fits_residual(out, res)):
+        return False
     ts = (out, a, b) if mean is None else (out, mean, a, b)
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in ts) or out.dtype not in OUT_TYPES:
         return False
@@ -239,9 +269,12 @@ def _fits(out: torch.Tensor, mean: torch.Tensor | None, a: torch.Tensor, b: torc
 
 
 def _jobs(items: list[tuple], stream: bool):
-    """The C array of jobs for ``(out, mean, a, b)`` items (the tensors must outlive the call)."""
+    """The C array of jobs for ``(out, mean, a, b[, residual])`` items (the tensors must outlive the call)."""
     jobs = (_Job * len(items))()
-    for job, (out, mean, a, b) in zip(jobs, items):
+    for job, (out, mean, a, b, *rest) in zip(jobs, items):
+        res = rest[0] if rest else None
+        if res is not None:
+            job.res, job.rscale, job.rbits, job.raxis = res[0].data_ptr(), res[1].data_ptr(), res[2], res[3]
         job.mean = 0 if mean is None else mean.data_ptr()
         job.a, job.b, job.out = a.data_ptr(), b.data_ptr(), out.data_ptr()
         job.m, job.n, job.k, job.stream = out.shape[0], out.shape[1], a.shape[1], int(stream)
@@ -258,11 +291,14 @@ def _run(k: _Kernel, items: list[tuple], *, threads: int, stream: bool = True) -
     k.fn(_jobs(items, stream), len(items), 1 if _forked[0] else max(1, min(threads, rows // ROWS_PER_THREAD)), k.isa)
 
 
-def expand(items: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]], *, stream: bool = True) -> bool:
+def expand(items: list[tuple], *, stream: bool = True) -> bool:
     """``out = mean + a @ b`` (``mean`` may be None) for every ``(out, mean, a, b)`` in ``items``,
     split over torch's thread count. ``a``, ``b`` float32, ``mean`` float32 or float16 (read as its
     exact float32 value), ``out`` float32, bfloat16 or float16 (the float32 result rounded as
     ``Tensor.to`` does); all contiguous, on the CPU, ``out`` none of the inputs.
+    An item ``(out, mean, a, b, residual)`` also adds a quantized residual (:data:`Residual`, spec
+    section 6.4; None: none) to its float32 ``out``: ``out + fl(scale * q)``, bit for bit what
+    :func:`uwsfmt.numerics.quantize.dequantize_view` added afterwards gives, in the same pass.
     Returns False, having written nothing, when the kernel is unavailable or an item does not fit;
     the caller then computes them itself."""
     if _suspended[0] or not items or not all(_fits(*it) for it in items):

@@ -1,5 +1,7 @@
-/* uwsfmt native kernel: out = a @ b (+ mean) for float32 factors and a float32 or float16 mean,
- * row-major, contiguous; the output in float32, or rounded to bfloat16 / float16 as it is written.
+/* uwsfmt native kernel: out = a @ b (+ mean) (+ a quantized residual) for float32 factors and a
+ * float32 or float16 mean, row-major, contiguous; the output in float32, or rounded to bfloat16 /
+ * float16 as it is written (not with a residual: that is added to the float32 rows afterwards,
+ * tile by tile, while they are in cache).
  *
  * The reconstruction of a subspace tensor, M + L C R^T, is one thin product (inner dimension the
  * rank k, often 8-64) plus a full-size addition. With BLAS that is two passes over memory (copy M
@@ -36,6 +38,9 @@ typedef struct {
     int64_t stream;          /* non-zero: streaming stores where the output is aligned */
     int64_t otype;           /* UWS_F32, UWS_BF16 or UWS_F16 */
     int64_t mtype;           /* the mean's type: UWS_F32 or UWS_F16 */
+    int64_t res, rscale;     /* a quantized residual added last (spec 6.4): its packed codes and
+                                float32 scales (0: none; then otype is UWS_F32 and stream 0) */
+    int64_t rbits, raxis;    /* its bits (1, 2, 4, 8) and scale axis (0: per row, 1: per column) */
 } uws_job;
 
 /* float16 bits -> float32, exactly (subnormals, infinities and NaN payloads kept). */
@@ -121,6 +126,52 @@ static inline void uws_put(void *out, int64_t at, float v, int ot)
         ((float *)out)[at] = v;
     else
         ((uint16_t *)out)[at] = ot == UWS_BF16 ? uws_bf16(v) : uws_f16(v);
+}
+
+/* Code ``e`` of a residual's packed codes as its signed value q (spec 6.4): ``B``-bit codes, 8 / B per
+ * byte, first element in the lowest bits; q = code - 2^(B-1), or 2 code - 1 for one bit. */
+static inline __attribute__((always_inline)) float uws_q(const uint8_t *C, int64_t e, const int B)
+{
+    const int code = (C[(e * B) >> 3] >> ((e * B) & 7)) & ((1 << B) - 1);
+    return B == 1 ? (float)(2 * code - 1) : (float)(code - (1 << (B - 1)));
+}
+
+/* out[i, j] += scale * q[i, j] for rows [r0, r1), after the rest of the tensor was written there:
+ * Q = scale * q rounded once to float32, then the float32 sum (-ffp-contract=off: no fused
+ * multiply-add), exactly what adding the dequantized residual afterwards gives. Axis 1: the codes
+ * are Q^T's (element (i, j) at j * m + i) and the scales are per column. */
+static inline __attribute__((always_inline)) void uws_resid_t(const uws_job *J, int64_t r0, int64_t r1, const int B)
+{
+    const int64_t n = J->n, m = J->m;
+    const uint8_t *C = (const uint8_t *)J->res;
+    const float *S = (const float *)J->rscale;
+    float *O = (float *)J->out;
+    for (int64_t i = r0; i < r1; i++) {
+        float *o = O + i * n;
+        if (J->raxis == 0) {
+            const float s = S[i];
+            const int64_t e0 = i * n;
+            for (int64_t j = 0; j < n; j++) {
+                const float d = s * uws_q(C, e0 + j, B);
+                o[j] = o[j] + d;
+            }
+        } else {
+            for (int64_t j = 0; j < n; j++) {
+                const float d = S[j] * uws_q(C, j * m + i, B);
+                o[j] = o[j] + d;
+            }
+        }
+    }
+}
+
+static void uws_resid(const uws_job *J, int64_t r0, int64_t r1)
+{
+    switch (J->rbits) {
+    case 1: uws_resid_t(J, r0, r1, 1); break;
+    case 2: uws_resid_t(J, r0, r1, 2); break;
+    case 4: uws_resid_t(J, r0, r1, 4); break;
+    default: uws_resid_t(J, r0, r1, 8); break;
+    }
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -250,12 +301,18 @@ UWS512 void uws_tile512(const uws_job *J, int64_t i, const int R, int nt, const 
 UWS512 void uws_rows512t(const uws_job *J, int64_t r0, int64_t r1, const int ot, const int mt)
 {
     /* streaming stores of whole vectors (64 bytes of float32, 32 of 16-bit values), each aligned */
-    const int nt = J->stream && ((uintptr_t)J->out % (ot == UWS_F32 ? 64 : 32) == 0) && (J->n % 16 == 0);
+    const int nt = J->stream && !J->res && ((uintptr_t)J->out % (ot == UWS_F32 ? 64 : 32) == 0) && (J->n % 16 == 0);
     int64_t i = r0;
-    for (; i + 4 <= r1; i += 4)
+    for (; i + 4 <= r1; i += 4) {
         uws_tile512(J, i, 4, nt, ot, mt);
-    for (; i < r1; i++)
+        if (J->res) /* the residual while the 4 rows are still in cache */
+            uws_resid(J, i, i + 4);
+    }
+    for (; i < r1; i++) {
         uws_tile512(J, i, 1, nt, ot, mt);
+        if (J->res)
+            uws_resid(J, i, i + 1);
+    }
     if (nt)
         _mm_sfence();
 }
@@ -361,12 +418,18 @@ UWS256 void uws_tile256(const uws_job *J, int64_t i, const int R, int nt, const 
 UWS256 void uws_rows256t(const uws_job *J, int64_t r0, int64_t r1, const int ot, const int mt)
 {
     /* streaming stores of whole vectors (32 bytes of float32, 16 of 16-bit values), each aligned */
-    const int nt = J->stream && ((uintptr_t)J->out % (ot == UWS_F32 ? 32 : 16) == 0) && (J->n % 8 == 0);
+    const int nt = J->stream && !J->res && ((uintptr_t)J->out % (ot == UWS_F32 ? 32 : 16) == 0) && (J->n % 8 == 0);
     int64_t i = r0;
-    for (; i + 4 <= r1; i += 4)
+    for (; i + 4 <= r1; i += 4) {
         uws_tile256(J, i, 4, nt, ot, mt);
-    for (; i < r1; i++)
+        if (J->res) /* the residual while the 4 rows are still in cache */
+            uws_resid(J, i, i + 4);
+    }
+    for (; i < r1; i++) {
         uws_tile256(J, i, 1, nt, ot, mt);
+        if (J->res)
+            uws_resid(J, i, i + 1);
+    }
     if (nt)
         _mm_sfence();
 }
@@ -417,6 +480,8 @@ static void uws_part(const uws_job *jobs, int64_t count, int64_t part, int64_t p
                         uws_one((const float *)J->a + i * J->k, (const float *)J->b, J->n, j, J->k,
                                 (const void *)J->mean, i, (int)J->mtype),
                         (int)J->otype);
+        if (J->res)
+            uws_resid(J, r0, r1);
     }
 }
 
