@@ -34,7 +34,7 @@ def axis(spec: dict) -> int:
 
 def uses_column_scales(spec: dict | None) -> bool:
     """Whether a residual record needs format 1.3 (per-column scales)."""
-    return bool(spec) and axis(spec) == 1
+    return spec is not None and axis(spec) == 1
 
 
 def encode(spec: dict, r: torch.Tensor) -> tuple[dict[str, np.ndarray], torch.Tensor]:
