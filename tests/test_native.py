@@ -337,7 +337,7 @@ def test_residual_is_added_as_the_dequantized_one_on_every_path(fresh, bits):
     from uwsfmt.numerics import quantize
 
     k = native.kernel()
-    for m, n, r in [(1, 1, 1), (5, 17, 3), (9, 63, 33), (130, 7, 4), (13, 300, 0), (66, 3, 2)]:
+    for m, n, r in [(1, 1, 1), (5, 17, 3), (9, 63, 33), (130, 7, 4), (13, 300, 0), (66, 3, 2), (257, 40, 5), (64, 24, 1)]:
         for axis in (0, 1):
             _, mean, a, b = _items(m, n, r, seed=bits)
             codes, scales = quantize.quantize_view(torch.randn(m, n, generator=torch.Generator().manual_seed(m)), bits, axis)

@@ -178,6 +178,110 @@ static void uws_resid(const uws_job *J, int64_t r0, int64_t r1)
 #include <immintrin.h>
 #define UWS_X86 1
 
+/* ---- The residual with AVX2, per-row scales: 8 codes at a time, from the B bytes that hold them
+ * (a row's codes start on a byte boundary when n * B is a multiple of 8; otherwise, and for
+ * per-column scales, the portable loop above). The same two roundings: fl(scale * q), then the sum. */
+/* Per-column scales (axis 1: element (i, j) is code j * m + i): for up to 4 rows and 8 columns, one
+ * gather of the 4 bytes that hold each column's codes of those rows (consecutive codes), then per
+ * row a shift by the lane's bit offset. Columns whose 4 bytes would reach past the codes, and
+ * tensors too large for 32-bit offsets, take the portable loop. */
+__attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) void
+uws_resid_cols256t(const uws_job *J, int64_t r0, int64_t r1, const int B)
+{
+    const int64_t n = J->n, m = J->m, nbytes = (m * n * B + 7) / 8;
+    const uint8_t *C = (const uint8_t *)J->res;
+    const float *S = (const float *)J->rscale;
+    float *O = (float *)J->out;
+    if (8 * m * B >= ((int64_t)1 << 31)) {
+        uws_resid_t(J, r0, r1, B);
+        return;
+    }
+    const __m256i lane = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)(m * B)));
+    const __m256i mk = _mm256_set1_epi32((1 << B) - 1);
+    const __m256i off = _mm256_set1_epi32(B == 1 ? 0 : 1 << (B - 1));
+    for (int64_t i = r0; i < r1; i += 4) {
+        const int R = r1 - i < 4 ? (int)(r1 - i) : 4;
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8) {
+            const int64_t bit0 = (j * m + i) * B;
+            if ((bit0 >> 3) + ((7 * m * B + (bit0 & 7)) >> 3) + 4 > nbytes)
+                break; /* the last columns: their 4-byte reads could pass the end of the codes */
+            const __m256i tot = _mm256_add_epi32(lane, _mm256_set1_epi32((int)(bit0 & 7)));
+            const __m256i g = _mm256_i32gather_epi32((const int *)(C + (bit0 >> 3)), _mm256_srli_epi32(tot, 3), 1);
+            const __m256i bit = _mm256_and_si256(tot, _mm256_set1_epi32(7));
+            const __m256 sc = _mm256_loadu_ps(S + j);
+            for (int t = 0; t < R; t++) {
+                __m256i v = _mm256_and_si256(_mm256_srlv_epi32(g, _mm256_add_epi32(bit, _mm256_set1_epi32(t * B))), mk);
+                v = B == 1 ? _mm256_sub_epi32(_mm256_add_epi32(v, v), _mm256_set1_epi32(1)) : _mm256_sub_epi32(v, off);
+                const __m256 d = _mm256_mul_ps(sc, _mm256_cvtepi32_ps(v));
+                float *o = O + (i + t) * n + j;
+                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), d));
+            }
+        }
+        for (int t = 0; t < R; t++) /* the remaining columns */
+            for (int64_t jj = j; jj < n; jj++) {
+                const float d = S[jj] * uws_q(C, jj * m + i + t, B);
+                O[(i + t) * n + jj] = O[(i + t) * n + jj] + d;
+            }
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) void
+uws_resid256t(const uws_job *J, int64_t r0, int64_t r1, const int B)
+{
+    const int64_t n = J->n, m = J->m;
+    const uint8_t *C = (const uint8_t *)J->res;
+    const float *S = (const float *)J->rscale;
+    float *O = (float *)J->out;
+    if (J->raxis == 1) {
+        uws_resid_cols256t(J, r0, r1, B);
+        return;
+    }
+    if ((n * B) % 8 != 0) {
+        uws_resid_t(J, r0, r1, B);
+        return;
+    }
+    (void)m;
+    const __m256i sh = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+    const __m256i mk = _mm256_set1_epi32((1 << B) - 1);
+    const __m256i off = _mm256_set1_epi32(B == 1 ? 0 : 1 << (B - 1));
+    for (int64_t i = r0; i < r1; i++) {
+        const uint8_t *rc = C + i * n * B / 8;
+        float *o = O + i * n;
+        const __m256 s = _mm256_set1_ps(S[i]);
+        int64_t j = 0;
+        for (; j + 8 <= n; j += 8) {
+            __m256i v;
+            if (B == 8) {
+                int64_t w;
+                memcpy(&w, rc + j, 8);
+                v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(w));
+            } else {
+                uint32_t w = 0;
+                memcpy(&w, rc + j * B / 8, (size_t)B);
+                v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), mk);
+            }
+            v = B == 1 ? _mm256_sub_epi32(_mm256_add_epi32(v, v), _mm256_set1_epi32(1)) : _mm256_sub_epi32(v, off);
+            const __m256 d = _mm256_mul_ps(s, _mm256_cvtepi32_ps(v));
+            _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(o + j), d));
+        }
+        for (; j < n; j++) {
+            const float d = S[i] * uws_q(C, i * n + j, B);
+            o[j] = o[j] + d;
+        }
+    }
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void uws_resid256(const uws_job *J, int64_t r0, int64_t r1)
+{
+    switch (J->rbits) {
+    case 1: uws_resid256t(J, r0, r1, 1); break;
+    case 2: uws_resid256t(J, r0, r1, 2); break;
+    case 4: uws_resid256t(J, r0, r1, 4); break;
+    default: uws_resid256t(J, r0, r1, 8); break;
+    }
+}
+
 /* ---- AVX-512: tiles of R rows x 64 columns (16 accumulators for R = 4) ---- */
 
 #define UWS512 __attribute__((target("avx512f"))) static inline __attribute__((always_inline))
@@ -305,13 +409,13 @@ UWS512 void uws_rows512t(const uws_job *J, int64_t r0, int64_t r1, const int ot,
     int64_t i = r0;
     for (; i + 4 <= r1; i += 4) {
         uws_tile512(J, i, 4, nt, ot, mt);
-        if (J->res) /* the residual while the 4 rows are still in cache */
-            uws_resid(J, i, i + 4);
+        if (J->res) /* the residual while the 4 rows are still in cache (CPUs with AVX-512 have AVX2) */
+            uws_resid256(J, i, i + 4);
     }
     for (; i < r1; i++) {
         uws_tile512(J, i, 1, nt, ot, mt);
         if (J->res)
-            uws_resid(J, i, i + 1);
+            uws_resid256(J, i, i + 1);
     }
     if (nt)
         _mm_sfence();
@@ -423,12 +527,12 @@ UWS256 void uws_rows256t(const uws_job *J, int64_t r0, int64_t r1, const int ot,
     for (; i + 4 <= r1; i += 4) {
         uws_tile256(J, i, 4, nt, ot, mt);
         if (J->res) /* the residual while the 4 rows are still in cache */
-            uws_resid(J, i, i + 4);
+            uws_resid256(J, i, i + 4);
     }
     for (; i < r1; i++) {
         uws_tile256(J, i, 1, nt, ot, mt);
         if (J->res)
-            uws_resid(J, i, i + 1);
+            uws_resid256(J, i, i + 1);
     }
     if (nt)
         _mm_sfence();
