@@ -62,6 +62,8 @@ QUICK_BUDGETS = "default,mde=0.6,mde=0.3,mde=0.1,me=0.05"
 def parse_budgets(text: str) -> dict[str, dict]:
     """``"default,mde=0.3,me=0.05"`` -> {row label: convert() keywords}.
 
+    >>> parse_budgets("default,mde=0.3,mde=0.2+me=0.1")["ours: max_delta_error=0.2, max_error=0.1"]
+    {'max_delta_error': 0.2, 'max_error': 0.1}
     >>> parse_budgets("default,mde=0.3")
     {'ours: default': {}, 'ours: max_delta_error=0.3': {'max_delta_error': 0.3}}
     """
@@ -71,10 +73,13 @@ def parse_budgets(text: str) -> dict[str, dict]:
         if token == "default":
             out["ours: default"] = {}
             continue
-        key, _, value = token.partition("=")
-        if key not in keys or not value:
-            raise SystemExit(f"--budgets: {token!r} is not 'default', 'mde=X' or 'me=X'")
-        out[f"ours: {keys[key]}={float(value):g}"] = {keys[key]: float(value)}
+        kw = {}
+        for part in token.split("+"):  # "mde=0.25+me=0.1": both budgets at once
+            key, _, value = part.partition("=")
+            if key not in keys or not value:
+                raise SystemExit(f"--budgets: {token!r} is not 'default', 'mde=X', 'me=X' or such joined by '+'")
+            kw[keys[key]] = float(value)
+        out["ours: " + ", ".join(f"{k}={v:g}" for k, v in kw.items())] = kw
     return out
 
 
@@ -467,7 +472,7 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=None, help="mlp family: hidden width (default 256, --quick 64)")
     p.add_argument("--models", type=int, default=None, help="synthetic families: members (default: --tasks)")
     p.add_argument("--budgets", default=None, help=f"our stores (default {BUDGETS}; --quick {QUICK_BUDGETS}): "
-                   "'default' (no fidelity argument), 'mde=X' (max_delta_error), 'me=X' (max_error)")
+                   "'default' (no fidelity argument), 'mde=X' (max_delta_error), 'me=X' (max_error), or such joined by '+' (both at once: 'mde=0.2+me=0.1')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small matrices)")
     p.add_argument("--results", "--out", dest="out", default=os.path.join(HERE, "results"), help="folder for .md, .json, .png")
