@@ -386,3 +386,19 @@ def test_stores_with_residuals_read_the_same_with_and_without_kernel(tmp_path, m
         for i in st.model_ids:
             for name, t in slow.state_dict(i).items():
                 assert torch.equal(fast[i][name], t), (i, name)
+
+
+@needs_kernel
+def test_a_kernel_whose_job_layout_differs_is_not_used(fresh, monkeypatch):
+    """A C source edited (or upgraded) under a running process: the library it builds reads jobs
+    of another size than this process passes; the loader refuses it instead of crashing."""
+    import ctypes
+
+    class Old(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_int64) for f in ("mean", "a", "b", "out", "m", "n", "k", "stream", "otype", "mtype")]
+
+    monkeypatch.setattr(native, "_Job", Old)
+    st = native.status()
+    assert not st["available"] and "job layout" in st["detail"]
+    out, mean, a, b = _items(8, 12, 2)
+    assert not native.expand([(out, mean, a, b)])  # the caller computes it with torch

@@ -59,6 +59,9 @@ class _Kernel:
         self.fn.argtypes = [ctypes.POINTER(_Job), ctypes.c_int64, ctypes.c_int, ctypes.c_int]
         self.fn.restype = None
         self.openmp = bool(lib.uws_openmp())
+        # the C struct this library was compiled with: a source edited (or a package upgraded)
+        # under a running process must not meet this process's older ctypes layout
+        self.job_size = int(lib.uws_job_size()) if hasattr(lib, "uws_job_size") else -1
 
 
 _lock = threading.Lock()
@@ -195,6 +198,9 @@ def _load() -> tuple[_Kernel | None, str]:
         return None, "this CPU has neither AVX-512 nor AVX2 + FMA"
     if not kernel.openmp:
         return None, "the kernel was built without OpenMP (it would run on one core)"
+    if kernel.job_size != ctypes.sizeof(_Job):
+        return None, (f"the kernel's job layout ({kernel.job_size} bytes) is not this uwsfmt's ({ctypes.sizeof(_Job)}): "
+                      "its source changed after this process imported uwsfmt; restart the process")
     bad = _self_test(kernel)
     if bad:
         return None, bad

@@ -606,6 +606,12 @@ void uws_expand(const uws_job *jobs, int64_t count, int threads, int isa)
 #endif
 }
 
+/* sizeof(uws_job): the loader refuses a library whose job layout is not the one it passes. */
+int64_t uws_job_size(void)
+{
+    return (int64_t)sizeof(uws_job);
+}
+
 /* 1 when built with OpenMP (the loader refuses a build without: it would run on one core). */
 int uws_openmp(void)
 {
