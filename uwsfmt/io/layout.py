@@ -63,17 +63,13 @@ def tensor_node(node: str) -> str:
     return f"{TENSORS}/{node}"
 
 
-#: packs written without zstd although integer: the ``uint8`` pack holds quantized codes
-#: (coefficients, residuals), which a good quantizer makes high-entropy: zstd shrank the uint8
-#: packs of budgeted, LoRA and conformance stores by 1.00-1.04x, and decoding a row's 16 KiB
-#: frames made reading a model with 8-bit residuals 2-5x slower than with none. (Per-tensor
-#: uint8 arrays, e.g. kept text files, stay compressed.)
-UNCOMPRESSED_PACKS = frozenset({"uint8"})
-
-
-def _compressors(dtype: str, *, pack: bool = False) -> list:
+def _compressors(dtype: str) -> list:
     # float data barely compresses (~1.1x) and decoding costs time on every read: checksum only.
-    if np.dtype(dtype).kind in "biu" and dtype != "uint16" and not (pack and dtype in UNCOMPRESSED_PACKS):
+    # Integer arrays, the uint8 pack of quantized codes included, get zstd: on 16 KiB frames of
+    # codes it gives 1.1-1.3x (4 and 8 bits) and 1.3-1.6x (2 bits, whose codes use 3 of 4
+    # levels), nothing on 1-bit codes; the transformer family's default store is 5.5% larger
+    # without it (bench/rate_distortion.py)
+    if np.dtype(dtype).kind in "biu" and dtype != "uint16":
         return [ZstdCodec(level=3), Crc32cCodec()]
     return [Crc32cCodec()]
 
@@ -97,7 +93,7 @@ def create_pack(zstore: Store, storage_dtype: str, n_models: int, width: int) ->
         dtype=storage_dtype,
         chunks=(1, c),
         shards=(1, shard),
-        compressors=_compressors(storage_dtype, pack=True),
+        compressors=_compressors(storage_dtype),
         filters=None,
         fill_value=0,
         dimension_names=("model", "element"),
