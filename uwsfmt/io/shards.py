@@ -82,6 +82,9 @@ class RowReader:
             if not self.zstd and self._packed(entries, payload, size - index_bytes):
                 self._read_packed(fd, path, dest, payload)
                 return out
+            if self.zstd and self._frames_in_order(entries, size - index_bytes):
+                self._read_frames(fd, path, entries, dest, payload)
+                return out
             tail = np.empty(payload + 4, dtype=np.uint8)  # what lies beyond the row's end, and the checksum
             for j, (offset, nbytes) in enumerate(entries.tolist()):
                 start = j * payload
@@ -187,6 +190,40 @@ class RowReader:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
             f.write(memoryview(buf))  # type: ignore[arg-type]  # numpy stubs: no __buffer__ < 3.12
+
+    def _frames_in_order(self, entries: np.ndarray, end: int) -> bool:
+        """Whether every inner chunk is present, one after the other from offset 0 (as written)."""
+        offsets, sizes = entries[:, 0], entries[:, 1]
+        if (offsets == EMPTY).any() or (sizes < 4).any():
+            return False
+        starts = np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.uint64)]).astype(np.uint64)
+        return bool((offsets == starts).all()) and int(sizes.sum()) <= end
+
+    def _read_frames(self, fd: int, path: str, entries: np.ndarray, dest: np.ndarray, payload: int) -> None:
+        """Compressed chunks stored back to back: one read, then each frame's crc32c checked and
+        the frame decompressed into the row."""
+        from numcodecs import zstd
+
+        total = int(entries[:, 1].sum())
+        raw = os.pread(fd, total, 0)
+        if len(raw) != total:
+            raise FormatError(f"{path}: the shard is truncated ({len(raw)} of {total} bytes); the store is damaged")
+        view, nbytes, at = memoryview(raw), dest.size, 0
+        for j, size in enumerate(entries[:, 1].tolist()):
+            frame = view[at: at + size - 4]
+            if crc32c.crc32c(frame) != int.from_bytes(view[at + size - 4: at + size], "little"):
+                raise FormatError(f"{path}: inner chunk {j} fails its crc32c check; the store is damaged")
+            at += size
+            start = j * payload
+            if start >= nbytes:
+                break
+            try:  # (decompressed on its own, not into the row: its size is checked before it is kept)
+                full = np.frombuffer(zstd.decompress(frame), dtype=np.uint8)
+            except Exception as e:
+                raise FormatError(f"{path}: inner chunk {j} is not a valid zstd frame ({e}); the store is damaged") from e
+            if full.size != payload:
+                raise FormatError(f"{path}: inner chunk {j} decompresses to {full.size} bytes, not {payload}; the store is damaged")
+            dest[start: start + payload] = full[: nbytes - start]
 
     @staticmethod
     def _read_compressed(fd: int, path: str, j: int, offset: int, nbytes: int, end: int, dest: np.ndarray, payload: int) -> None:
