@@ -181,6 +181,67 @@ static void uws_resid(const uws_job *J, int64_t r0, int64_t r1)
 /* ---- The residual with AVX2, per-row scales: 8 codes at a time, from the B bytes that hold them
  * (a row's codes start on a byte boundary when n * B is a multiple of 8; otherwise, and for
  * per-column scales, the portable loop above). The same two roundings: fl(scale * q), then the sum. */
+/* Per-column scales, 8 rows from row i (i * B and m * B multiples of 8): column j's codes of the 8
+ * rows are B consecutive bytes; 8 columns decoded so, one 8 x 8 transpose, then per row
+ * fl(scale * q) and the sum, as everywhere else. */
+__attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) void
+uws_resid_cols8(const uws_job *J, int64_t i, const int B)
+{
+    const int64_t n = J->n, m = J->m;
+    const uint8_t *C = (const uint8_t *)J->res;
+    const float *S = (const float *)J->rscale;
+    float *O = (float *)J->out;
+    const __m256i sh = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+    const __m256i mk = _mm256_set1_epi32((1 << B) - 1);
+    const __m256i off = _mm256_set1_epi32(B == 1 ? 0 : 1 << (B - 1));
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 c[8];
+        for (int k = 0; k < 8; k++) {
+            const uint8_t *p = C + (((j + k) * m + i) * B >> 3);
+            __m256i v;
+            if (B == 8) {
+                int64_t w;
+                memcpy(&w, p, 8);
+                v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(w));
+            } else {
+                uint32_t w = 0;
+                memcpy(&w, p, (size_t)B);
+                v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), mk);
+            }
+            v = B == 1 ? _mm256_sub_epi32(_mm256_add_epi32(v, v), _mm256_set1_epi32(1)) : _mm256_sub_epi32(v, off);
+            c[k] = _mm256_cvtepi32_ps(v); /* column j + k, rows i .. i + 7 */
+        }
+        const __m256 t0 = _mm256_unpacklo_ps(c[0], c[1]), t1 = _mm256_unpackhi_ps(c[0], c[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(c[2], c[3]), t3 = _mm256_unpackhi_ps(c[2], c[3]);
+        const __m256 t4 = _mm256_unpacklo_ps(c[4], c[5]), t5 = _mm256_unpackhi_ps(c[4], c[5]);
+        const __m256 t6 = _mm256_unpacklo_ps(c[6], c[7]), t7 = _mm256_unpackhi_ps(c[6], c[7]);
+        const __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+        __m256 r[8];
+        r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+        r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+        r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+        r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+        r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+        r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+        r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+        r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+        const __m256 sc = _mm256_loadu_ps(S + j);
+        for (int t = 0; t < 8; t++) { /* row i + t, columns j .. j + 7 */
+            float *o = O + (i + t) * n + j;
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_mul_ps(sc, r[t])));
+        }
+    }
+    for (int t = 0; t < 8; t++) /* the remaining columns */
+        for (int64_t jj = j; jj < n; jj++) {
+            const float d = S[jj] * uws_q(C, jj * m + i + t, B);
+            O[(i + t) * n + jj] = O[(i + t) * n + jj] + d;
+        }
+}
+
 /* Per-column scales (axis 1: element (i, j) is code j * m + i): for up to 4 rows and 8 columns, one
  * gather of the 4 bytes that hold each column's codes of those rows (consecutive codes), then per
  * row a shift by the lane's bit offset. Columns whose 4 bytes would reach past the codes, and
@@ -199,7 +260,11 @@ uws_resid_cols256t(const uws_job *J, int64_t r0, int64_t r1, const int B)
     const __m256i lane = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)(m * B)));
     const __m256i mk = _mm256_set1_epi32((1 << B) - 1);
     const __m256i off = _mm256_set1_epi32(B == 1 ? 0 : 1 << (B - 1));
-    for (int64_t i = r0; i < r1; i += 4) {
+    int64_t i = r0;
+    if ((m * B) % 8 == 0) /* blocks of 8 rows whose codes start on byte boundaries: no gathers */
+        for (; i + 8 <= r1 && (i * B) % 8 == 0; i += 8)
+            uws_resid_cols8(J, i, B);
+    for (; i < r1; i += 4) {
         const int R = r1 - i < 4 ? (int)(r1 - i) : 4;
         int64_t j = 0;
         for (; j + 8 <= n; j += 8) {
@@ -407,16 +472,18 @@ UWS512 void uws_rows512t(const uws_job *J, int64_t r0, int64_t r1, const int ot,
     /* streaming stores of whole vectors (64 bytes of float32, 32 of 16-bit values), each aligned */
     const int nt = J->stream && !J->res && ((uintptr_t)J->out % (ot == UWS_F32 ? 64 : 32) == 0) && (J->n % 16 == 0);
     int64_t i = r0;
+    int64_t done = r0; /* rows whose residual is added: 8 at a time, while they are in cache */
     for (; i + 4 <= r1; i += 4) {
         uws_tile512(J, i, 4, nt, ot, mt);
-        if (J->res) /* the residual while the 4 rows are still in cache (CPUs with AVX-512 have AVX2) */
-            uws_resid256(J, i, i + 4);
+        if (J->res && i + 4 - done >= 8) { /* (CPUs with AVX-512 have AVX2) */
+            uws_resid256(J, done, i + 4);
+            done = i + 4;
+        }
     }
-    for (; i < r1; i++) {
+    for (; i < r1; i++)
         uws_tile512(J, i, 1, nt, ot, mt);
-        if (J->res)
-            uws_resid256(J, i, i + 1);
-    }
+    if (J->res && done < r1)
+        uws_resid256(J, done, r1);
     if (nt)
         _mm_sfence();
 }
@@ -524,16 +591,18 @@ UWS256 void uws_rows256t(const uws_job *J, int64_t r0, int64_t r1, const int ot,
     /* streaming stores of whole vectors (32 bytes of float32, 16 of 16-bit values), each aligned */
     const int nt = J->stream && !J->res && ((uintptr_t)J->out % (ot == UWS_F32 ? 32 : 16) == 0) && (J->n % 8 == 0);
     int64_t i = r0;
+    int64_t done = r0; /* rows whose residual is added: 8 at a time, while they are in cache */
     for (; i + 4 <= r1; i += 4) {
         uws_tile256(J, i, 4, nt, ot, mt);
-        if (J->res) /* the residual while the 4 rows are still in cache */
-            uws_resid256(J, i, i + 4);
+        if (J->res && i + 4 - done >= 8) { /* (CPUs with AVX-512 have AVX2) */
+            uws_resid256(J, done, i + 4);
+            done = i + 4;
+        }
     }
-    for (; i < r1; i++) {
+    for (; i < r1; i++)
         uws_tile256(J, i, 1, nt, ot, mt);
-        if (J->res)
-            uws_resid256(J, i, i + 1);
-    }
+    if (J->res && done < r1)
+        uws_resid256(J, done, r1);
     if (nt)
         _mm_sfence();
 }
