@@ -295,7 +295,14 @@ class ErrorSweep:
                         if res_box[0] is None:
                             res_box[0] = (wc - r).to(torch.float32)
                         res = res_box[0]
-                        back = res.half().float() if bits == 16 else quantize.fake_quantize_view(res, bits, quantize.scale_axis(*self.view, bits))
+                        if bits == 16:
+                            back = res.half().float()
+                        elif quantize.scale_axis(*self.view, bits):  # per-column scales: quantize R^T's rows
+                            if len(res_box) == 1:
+                                res_box.append(res.T.contiguous())  # once for every bit width
+                            back = quantize.fake_quantize_rows(res_box[1], bits).T
+                        else:
+                            back = quantize.fake_quantize_rows(res, bits)
                         out = r + back.to(self.cdt)
                     if self.want != self.cdt:
                         out = out.to(self.want).to(self.cdt)
