@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "would take more bytes than the adapters' own factors (adapters that share no subspace)")
     c.add_argument("--rank", type=int, help="kept rank per tensor (fixed k)")
     c.add_argument("--tau", type=float, help="explained-variance threshold (no fidelity option at all: the default error "
-                                            "budget, --max-delta-error 0.3 with --max-error 0.1)")
+                                            "budget, --max-delta-error 0.2 with --max-error 0.1)")
     c.add_argument("--max-rank", type=int)
     c.add_argument("--mode", "--side", dest="mode", default="auto", choices=CHOICES["side"],
                    help="which side(s) of each tensor's matrix view get a shared basis (auto: the smaller)")
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-error", type=float, metavar="E",
                    help="error budget: relative error ||W - W_hat|| / ||W|| of every tensor of every model stays <= E; "
                         "rank, mode, coefficient and residual bits are chosen per tensor for the fewest bytes (0 = lossless). "
-                        "With no fidelity option the default budget applies: --max-delta-error 0.3 --max-error 0.1")
+                        "With no fidelity option the default budget applies: --max-delta-error 0.2 --max-error 0.1")
     c.add_argument("--max-delta-error", type=float, metavar="E",
                    help="error budget relative to each model's deviation from the family mean: ||W - W_hat|| / ||W - M|| <= E")
     c.add_argument("--encoding", action="append", metavar="PATTERN=ENC", help="force an encoding for matching tensor names")

@@ -85,7 +85,7 @@ def notes(store: _Store, size: int, src: int) -> list[str]:
         if lora and st.get("lora_mode", "product") != "factors":
             fix = "`--lora-mode factors` (with the default error budget: mean + quantized factors) stores them smaller"
         elif not budgeted:
-            fix = "drop --rank/--tau/--max-rank to use the default error budget (or give one: --max-delta-error 0.3)"
+            fix = "drop --rank/--tau/--max-rank to use the default error budget (or give one: --max-delta-error 0.2)"
         elif st.get("residual_bits") == 16 or st.get("coefficient_bits") == "float32":
             fix = "drop --residual-bits 16 / --coefficient-bits float32 and let the error budget choose"
         else:
