@@ -649,3 +649,27 @@ def test_small_tensors_run_single_threaded_and_restore():
     assert torch.get_num_threads() == n
     with linalg.threads_for(linalg.PARALLEL_MIN_ELEMENTS):
         assert torch.get_num_threads() == n
+
+
+def test_zstd_rows_decompressed_by_several_threads_are_checked(tmp_path, monkeypatch):
+    """The threaded path (rows of many frames): the same bytes as zarr, a damaged frame still refused."""
+    import zarr
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+    from zarr.storage import LocalStore
+
+    from uwsfmt.io import shards
+
+    monkeypatch.setattr(shards, "PARALLEL_FRAMES", 2)
+    zs = LocalStore(str(tmp_path / "z"))
+    a = zarr.create_array(zs, name="p", shape=(2, 5000), dtype="uint8", chunks=(1, 256), shards=(1, 5120),
+                          compressors=[ZstdCodec(level=3), Crc32cCodec()], filters=None, fill_value=0)
+    data = np.random.default_rng(0).integers(0, 16, size=(2, 5000), dtype=np.uint8)
+    a[...] = data
+    reader = row_reader(zs, "p", a)
+    assert reader is not None and reader.zstd and reader.n_chunks == 20
+    buf = np.empty(5000, np.uint8)
+    for i in range(2):
+        assert np.array_equal(reader.read_into(i, buf), data[i])
+    _flip_byte(reader.shard_file(1), 2000)
+    with pytest.raises(uwsfmt.FormatError, match="crc32c"):
+        reader.read_into(1, buf)

@@ -25,15 +25,44 @@ its crc32c. Metadata in any other form is left to zarr-python.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import crc32c
 import numpy as np
 
 from uwsfmt.errors import FormatError
+
+#: compressed rows of at least this many frames are decompressed by several threads (zstd
+#: releases the GIL: 2 threads decompress a 2.6 MB row of 4-bit codes 1.8x faster on 2 cores)
+PARALLEL_FRAMES = 32
+_pool: dict[str, tuple[ThreadPoolExecutor, int]] = {}
+_pool_lock = threading.Lock()
+
+
+def _decompress_pool() -> tuple[ThreadPoolExecutor, int] | None:
+    """Threads for decompressing one row, and how many (None on a single core)."""
+    n = min(4, os.cpu_count() or 1)
+    if n < 2:
+        return None
+    with _pool_lock:
+        if "pool" not in _pool:
+            _pool["pool"] = (ThreadPoolExecutor(n, thread_name_prefix="uwsfmt-zstd"), n)
+        return _pool["pool"]
+
+
+def _forget_pool() -> None:
+    _pool.clear()  # a forked child has none of its parent's threads: it starts its own pool
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
 
 #: an index entry of a chunk that was never written (it reads as the fill value)
 EMPTY = 2**64 - 1
@@ -208,15 +237,18 @@ class RowReader:
         raw = os.pread(fd, total, 0)
         if len(raw) != total:
             raise FormatError(f"{path}: the shard is truncated ({len(raw)} of {total} bytes); the store is damaged")
-        view, nbytes, at = memoryview(raw), dest.size, 0
-        for j, size in enumerate(entries[:, 1].tolist()):
+        view, nbytes = memoryview(raw), dest.size
+        sizes = entries[:, 1].tolist()
+        starts = [0, *itertools.accumulate(sizes[:-1])]
+
+        def one(j: int) -> None:
+            at, size = starts[j], sizes[j]
             frame = view[at: at + size - 4]
             if crc32c.crc32c(frame) != int.from_bytes(view[at + size - 4: at + size], "little"):
                 raise FormatError(f"{path}: inner chunk {j} fails its crc32c check; the store is damaged")
-            at += size
             start = j * payload
             if start >= nbytes:
-                break
+                return
             try:  # (decompressed on its own, not into the row: its size is checked before it is kept)
                 full = np.frombuffer(zstd.decompress(frame), dtype=np.uint8)
             except Exception as e:
@@ -224,6 +256,19 @@ class RowReader:
             if full.size != payload:
                 raise FormatError(f"{path}: inner chunk {j} decompresses to {full.size} bytes, not {payload}; the store is damaged")
             dest[start: start + payload] = full[: nbytes - start]
+
+        def run(part: range) -> None:
+            for j in part:
+                one(j)
+
+        n = len(sizes)
+        threads = _decompress_pool() if n >= PARALLEL_FRAMES else None
+        if threads is None:
+            run(range(n))
+            return
+        pool, k = threads
+        for f in [pool.submit(run, range(i, n, k)) for i in range(k)]:
+            f.result()  # re-raises a worker's FormatError
 
     @staticmethod
     def _read_compressed(fd: int, path: str, j: int, offset: int, nbytes: int, end: int, dest: np.ndarray, payload: int) -> None:
