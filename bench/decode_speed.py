@@ -80,8 +80,8 @@ def main() -> None:
     print(f"{n} models of {model_mb:.1f} MB ({blocks} blocks, width {args.width}); torch threads {torch.get_num_threads()}; "
           f"native kernel: {kernel or 'none'}", flush=True)
     rows = []
-    for name, kw in STORES.items():
-        path = os.path.join(work, name.split(" ")[0] + str(abs(hash(name)) % 10**6) + ".uws")
+    for i, (name, kw) in enumerate(STORES.items()):
+        path = os.path.join(work, f"store-{i}.uws")
         t = time.perf_counter()
         st = uwsfmt.convert(paths, path, progress=False, **kw)
         built = time.perf_counter() - t

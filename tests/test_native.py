@@ -3,6 +3,7 @@ quiet fallback to torch wherever it cannot be built."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import shutil
@@ -14,7 +15,7 @@ import torch
 import uwsfmt
 from uwsfmt.encodings import subspace
 from uwsfmt.errors import ConfigError
-from uwsfmt.numerics import native
+from uwsfmt.numerics import native, quantize
 from uwsfmt.testing.families import synthetic_family
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
@@ -334,8 +335,6 @@ def test_residual_is_added_as_the_dequantized_one_on_every_path(fresh, bits):
     """mean + a b + Q in one pass: bit for bit the float32 rebuild plus the dequantized residual
     (spec 6.4), per-row and per-column scales, on every vector path, split between threads or not,
     whatever the element count of a row in bits (rows not byte-aligned)."""
-    from uwsfmt.numerics import quantize
-
     k = native.kernel()
     for m, n, r in [(1, 1, 1), (5, 17, 3), (9, 63, 33), (130, 7, 4), (13, 300, 0), (66, 3, 2), (257, 40, 5), (64, 24, 1)]:
         for axis in (0, 1):
@@ -354,8 +353,6 @@ def test_residual_is_added_as_the_dequantized_one_on_every_path(fresh, bits):
 
 @needs_kernel
 def test_residual_items_the_kernel_cannot_take_are_left_to_the_caller(fresh):
-    from uwsfmt.numerics import quantize
-
     out, mean, a, b = _items(8, 12, 2)
     codes, scales = quantize.quantize_view(torch.randn(8, 12), 4, 0)
     assert not native.expand([(out.to(torch.bfloat16), mean, a, b, (codes, scales, 4, 0))])  # half output: cast after Q
@@ -392,8 +389,6 @@ def test_stores_with_residuals_read_the_same_with_and_without_kernel(tmp_path, m
 def test_a_kernel_whose_job_layout_differs_is_not_used(fresh, monkeypatch):
     """A C source edited (or upgraded) under a running process: the library it builds reads jobs
     of another size than this process passes; the loader refuses it instead of crashing."""
-    import ctypes
-
     class Old(ctypes.Structure):
         _fields_ = [(f, ctypes.c_int64) for f in ("mean", "a", "b", "out", "m", "n", "k", "stream", "otype", "mtype")]
 

@@ -592,17 +592,21 @@ class _Named(torch.nn.Module):
         raise AssertionError("load_into must not need load_state_dict")
 
 
-def test_zstd_pack_rows_are_checked(tmp_path):
-    import zarr
+def _zstd_rows(tmp_path, data: np.ndarray, shard: int):
+    """A uint8 pack-like array of ``data`` (zstd + crc32c, 256-value inner chunks) and its row reader."""
     from zarr.codecs import Crc32cCodec, ZstdCodec
     from zarr.storage import LocalStore
 
     zs = LocalStore(str(tmp_path / "z"))
-    a = zarr.create_array(zs, name="p", shape=(2, 700), dtype="uint8", chunks=(1, 256), shards=(1, 768),
+    a = zarr.create_array(zs, name="p", shape=data.shape, dtype="uint8", chunks=(1, 256), shards=(1, shard),
                           compressors=[ZstdCodec(level=3), Crc32cCodec()], filters=None, fill_value=0)
-    data = (np.arange(1400) % 7).astype(np.uint8).reshape(2, 700)
     a[...] = data
-    reader = row_reader(zs, "p", a)
+    return row_reader(zs, "p", a)
+
+
+def test_zstd_pack_rows_are_checked(tmp_path):
+    data = (np.arange(1400) % 7).astype(np.uint8).reshape(2, 700)
+    reader = _zstd_rows(tmp_path, data, 768)
     assert reader is not None and reader.zstd
     buf = np.empty(700, np.uint8)
     assert np.array_equal(reader.read_into(1, buf), data[1])
@@ -653,19 +657,11 @@ def test_small_tensors_run_single_threaded_and_restore():
 
 def test_zstd_rows_decompressed_by_several_threads_are_checked(tmp_path, monkeypatch):
     """The threaded path (rows of many frames): the same bytes as zarr, a damaged frame still refused."""
-    import zarr
-    from zarr.codecs import Crc32cCodec, ZstdCodec
-    from zarr.storage import LocalStore
-
     from uwsfmt.io import shards
 
     monkeypatch.setattr(shards, "PARALLEL_FRAMES", 2)
-    zs = LocalStore(str(tmp_path / "z"))
-    a = zarr.create_array(zs, name="p", shape=(2, 5000), dtype="uint8", chunks=(1, 256), shards=(1, 5120),
-                          compressors=[ZstdCodec(level=3), Crc32cCodec()], filters=None, fill_value=0)
     data = np.random.default_rng(0).integers(0, 16, size=(2, 5000), dtype=np.uint8)
-    a[...] = data
-    reader = row_reader(zs, "p", a)
+    reader = _zstd_rows(tmp_path, data, 5120)
     assert reader is not None and reader.zstd and reader.n_chunks == 20
     buf = np.empty(5000, np.uint8)
     for i in range(2):

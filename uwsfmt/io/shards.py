@@ -25,7 +25,6 @@ its crc32c. Metadata in any other form is left to zarr-python.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -225,43 +224,25 @@ class RowReader:
         offsets, sizes = entries[:, 0], entries[:, 1]
         if (offsets == EMPTY).any() or (sizes < 4).any():
             return False
-        starts = np.concatenate([[0], np.cumsum(sizes[:-1], dtype=np.uint64)]).astype(np.uint64)
-        return bool((offsets == starts).all()) and int(sizes.sum()) <= end
+        return bool((offsets == np.cumsum(sizes) - sizes).all()) and int(sizes.sum()) <= end
 
     def _read_frames(self, fd: int, path: str, entries: np.ndarray, dest: np.ndarray, payload: int) -> None:
-        """Compressed chunks stored back to back: one read, then each frame's crc32c checked and
-        the frame decompressed into the row."""
-        from numcodecs import zstd
-
+        """Compressed chunks stored back to back (:meth:`_frames_in_order`): one read, then each
+        chunk decoded by :meth:`_decode_chunk`."""
         total = int(entries[:, 1].sum())
         raw = os.pread(fd, total, 0)
         if len(raw) != total:
             raise FormatError(f"{path}: the shard is truncated ({len(raw)} of {total} bytes); the store is damaged")
-        view, nbytes = memoryview(raw), dest.size
-        sizes = entries[:, 1].tolist()
-        starts = [0, *itertools.accumulate(sizes[:-1])]
-
-        def one(j: int) -> None:
-            at, size = starts[j], sizes[j]
-            frame = view[at: at + size - 4]
-            if crc32c.crc32c(frame) != int.from_bytes(view[at + size - 4: at + size], "little"):
-                raise FormatError(f"{path}: inner chunk {j} fails its crc32c check; the store is damaged")
-            start = j * payload
-            if start >= nbytes:
-                return
-            try:  # (decompressed on its own, not into the row: its size is checked before it is kept)
-                full = np.frombuffer(zstd.decompress(frame), dtype=np.uint8)
-            except Exception as e:
-                raise FormatError(f"{path}: inner chunk {j} is not a valid zstd frame ({e}); the store is damaged") from e
-            if full.size != payload:
-                raise FormatError(f"{path}: inner chunk {j} decompresses to {full.size} bytes, not {payload}; the store is damaged")
-            dest[start: start + payload] = full[: nbytes - start]
+        view, nbytes, spans = memoryview(raw), dest.size, entries.tolist()
 
         def run(part: range) -> None:
             for j in part:
-                one(j)
+                start = j * payload
+                if start < nbytes:  # (chunks wholly beyond the row: none as written)
+                    at, size = spans[j]
+                    self._decode_chunk(path, j, view[at: at + size], dest[start: start + payload], payload)
 
-        n = len(sizes)
+        n = self.n_chunks
         threads = _decompress_pool() if n >= PARALLEL_FRAMES else None
         if threads is None:
             run(range(n))
@@ -270,17 +251,25 @@ class RowReader:
         for f in [pool.submit(run, range(i, n, k)) for i in range(k)]:
             f.result()  # re-raises a worker's FormatError
 
-    @staticmethod
-    def _read_compressed(fd: int, path: str, j: int, offset: int, nbytes: int, end: int, dest: np.ndarray, payload: int) -> None:
-        from numcodecs import Zstd
-
+    @classmethod
+    def _read_compressed(cls, fd: int, path: str, j: int, offset: int, nbytes: int, end: int, dest: np.ndarray, payload: int) -> None:
         if nbytes < 4 or offset + nbytes > end:
             raise FormatError(f"{path}: inner chunk {j} has {nbytes} bytes at offset {offset}, outside the shard; the store is damaged")
         raw = os.pread(fd, nbytes, offset)
-        if len(raw) != nbytes or crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+        if len(raw) != nbytes:
+            raise FormatError(f"{path}: inner chunk {j} is truncated ({len(raw)} of {nbytes} bytes); the store is damaged")
+        cls._decode_chunk(path, j, memoryview(raw), dest, payload)
+
+    @staticmethod
+    def _decode_chunk(path: str, j: int, chunk: memoryview, dest: np.ndarray, payload: int) -> None:
+        """Inner chunk ``j`` (a zstd frame and its crc32c) checked, decompressed (on its own: its
+        size is checked before it is kept) and its first ``dest.size`` bytes put in ``dest``."""
+        from numcodecs import zstd
+
+        if crc32c.crc32c(chunk[:-4]) != int.from_bytes(chunk[-4:], "little"):
             raise FormatError(f"{path}: inner chunk {j} fails its crc32c check; the store is damaged")
         try:
-            full = np.frombuffer(Zstd().decode(raw[:-4]), dtype=np.uint8)
+            full = np.frombuffer(zstd.decompress(chunk[:-4]), dtype=np.uint8)
         except Exception as e:
             raise FormatError(f"{path}: inner chunk {j} is not a valid zstd frame ({e}); the store is damaged") from e
         if full.size != payload:

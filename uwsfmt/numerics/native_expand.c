@@ -136,30 +136,39 @@ static inline __attribute__((always_inline)) float uws_q(const uint8_t *C, int64
     return B == 1 ? (float)(2 * code - 1) : (float)(code - (1 << (B - 1)));
 }
 
+/* Per-column scales (codes of Q^T: element (i, j) is code j * m + i), portable: rows [i, i + R), columns [j0, n). */
+static inline __attribute__((always_inline)) void uws_resid_cols_rest(const uws_job *J, int64_t i, int64_t R, int64_t j0, const int B)
+{
+    const int64_t n = J->n, m = J->m;
+    const uint8_t *C = (const uint8_t *)J->res;
+    const float *S = (const float *)J->rscale;
+    float *O = (float *)J->out;
+    for (int64_t t = 0; t < R; t++)
+        for (int64_t j = j0; j < n; j++) {
+            const float d = S[j] * uws_q(C, j * m + i + t, B);
+            O[(i + t) * n + j] = O[(i + t) * n + j] + d;
+        }
+}
+
 /* out[i, j] += scale * q[i, j] for rows [r0, r1), after the rest of the tensor was written there:
  * Q = scale * q rounded once to float32, then the float32 sum (-ffp-contract=off: no fused
  * multiply-add), exactly what adding the dequantized residual afterwards gives. Axis 1: the codes
  * are Q^T's (element (i, j) at j * m + i) and the scales are per column. */
 static inline __attribute__((always_inline)) void uws_resid_t(const uws_job *J, int64_t r0, int64_t r1, const int B)
 {
-    const int64_t n = J->n, m = J->m;
+    if (J->raxis == 1) {
+        uws_resid_cols_rest(J, r0, r1 - r0, 0, B);
+        return;
+    }
+    const int64_t n = J->n;
     const uint8_t *C = (const uint8_t *)J->res;
     const float *S = (const float *)J->rscale;
     float *O = (float *)J->out;
     for (int64_t i = r0; i < r1; i++) {
         float *o = O + i * n;
-        if (J->raxis == 0) {
-            const float s = S[i];
-            const int64_t e0 = i * n;
-            for (int64_t j = 0; j < n; j++) {
-                const float d = s * uws_q(C, e0 + j, B);
-                o[j] = o[j] + d;
-            }
-        } else {
-            for (int64_t j = 0; j < n; j++) {
-                const float d = S[j] * uws_q(C, j * m + i, B);
-                o[j] = o[j] + d;
-            }
+        for (int64_t j = 0; j < n; j++) {
+            const float d = S[i] * uws_q(C, i * n + j, B);
+            o[j] = o[j] + d;
         }
     }
 }
@@ -178,40 +187,51 @@ static void uws_resid(const uws_job *J, int64_t r0, int64_t r1)
 #include <immintrin.h>
 #define UWS_X86 1
 
-/* ---- The residual with AVX2, per-row scales: 8 codes at a time, from the B bytes that hold them
- * (a row's codes start on a byte boundary when n * B is a multiple of 8; otherwise, and for
- * per-column scales, the portable loop above). The same two roundings: fl(scale * q), then the sum. */
+/* ---- The residual with AVX2. Every path does the same two roundings: fl(scale * q), then the sum. */
+
+#define UWSRES __attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline))
+
+/* The signed values q of B-bit codes held as unsigned fields in v's lanes (spec 6.4). */
+UWSRES __m256 uws_signed8(__m256i v, const int B)
+{
+    v = B == 1 ? _mm256_sub_epi32(_mm256_add_epi32(v, v), _mm256_set1_epi32(1)) : _mm256_sub_epi32(v, _mm256_set1_epi32(1 << (B - 1)));
+    return _mm256_cvtepi32_ps(v);
+}
+
+/* q of the 8 consecutive B-bit codes in the B bytes at p (first code in the lowest bits). */
+UWSRES __m256 uws_codes8(const uint8_t *p, const int B)
+{
+    if (B == 8) {
+        int64_t w;
+        memcpy(&w, p, 8);
+        return uws_signed8(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(w)), B);
+    }
+    uint32_t w = 0;
+    memcpy(&w, p, (size_t)B);
+    const __m256i sh = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+    return uws_signed8(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), _mm256_set1_epi32((1 << B) - 1)), B);
+}
+
+/* o[0..7] += fl(sc * q), the float32 sum. */
+UWSRES void uws_add8(float *o, __m256 sc, __m256 q)
+{
+    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_mul_ps(sc, q)));
+}
+
 /* Per-column scales, 8 rows from row i (i * B and m * B multiples of 8): column j's codes of the 8
  * rows are B consecutive bytes; 8 columns decoded so, one 8 x 8 transpose, then per row
  * fl(scale * q) and the sum, as everywhere else. */
-__attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) void
-uws_resid_cols8(const uws_job *J, int64_t i, const int B)
+UWSRES void uws_resid_cols8(const uws_job *J, int64_t i, const int B)
 {
     const int64_t n = J->n, m = J->m;
     const uint8_t *C = (const uint8_t *)J->res;
     const float *S = (const float *)J->rscale;
     float *O = (float *)J->out;
-    const __m256i sh = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
-    const __m256i mk = _mm256_set1_epi32((1 << B) - 1);
-    const __m256i off = _mm256_set1_epi32(B == 1 ? 0 : 1 << (B - 1));
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
         __m256 c[8];
-        for (int k = 0; k < 8; k++) {
-            const uint8_t *p = C + (((j + k) * m + i) * B >> 3);
-            __m256i v;
-            if (B == 8) {
-                int64_t w;
-                memcpy(&w, p, 8);
-                v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(w));
-            } else {
-                uint32_t w = 0;
-                memcpy(&w, p, (size_t)B);
-                v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), mk);
-            }
-            v = B == 1 ? _mm256_sub_epi32(_mm256_add_epi32(v, v), _mm256_set1_epi32(1)) : _mm256_sub_epi32(v, off);
-            c[k] = _mm256_cvtepi32_ps(v); /* column j + k, rows i .. i + 7 */
-        }
+        for (int k = 0; k < 8; k++) /* column j + k, rows i .. i + 7 */
+            c[k] = uws_codes8(C + (((j + k) * m + i) * B >> 3), B);
         const __m256 t0 = _mm256_unpacklo_ps(c[0], c[1]), t1 = _mm256_unpackhi_ps(c[0], c[1]);
         const __m256 t2 = _mm256_unpacklo_ps(c[2], c[3]), t3 = _mm256_unpackhi_ps(c[2], c[3]);
         const __m256 t4 = _mm256_unpacklo_ps(c[4], c[5]), t5 = _mm256_unpackhi_ps(c[4], c[5]);
@@ -230,24 +250,17 @@ uws_resid_cols8(const uws_job *J, int64_t i, const int B)
         r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
         r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
         const __m256 sc = _mm256_loadu_ps(S + j);
-        for (int t = 0; t < 8; t++) { /* row i + t, columns j .. j + 7 */
-            float *o = O + (i + t) * n + j;
-            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_mul_ps(sc, r[t])));
-        }
+        for (int t = 0; t < 8; t++) /* row i + t, columns j .. j + 7 */
+            uws_add8(O + (i + t) * n + j, sc, r[t]);
     }
-    for (int t = 0; t < 8; t++) /* the remaining columns */
-        for (int64_t jj = j; jj < n; jj++) {
-            const float d = S[jj] * uws_q(C, jj * m + i + t, B);
-            O[(i + t) * n + jj] = O[(i + t) * n + jj] + d;
-        }
+    uws_resid_cols_rest(J, i, 8, j, B);
 }
 
 /* Per-column scales (axis 1: element (i, j) is code j * m + i): for up to 4 rows and 8 columns, one
  * gather of the 4 bytes that hold each column's codes of those rows (consecutive codes), then per
  * row a shift by the lane's bit offset. Columns whose 4 bytes would reach past the codes, and
  * tensors too large for 32-bit offsets, take the portable loop. */
-__attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) void
-uws_resid_cols256t(const uws_job *J, int64_t r0, int64_t r1, const int B)
+UWSRES void uws_resid_cols256t(const uws_job *J, int64_t r0, int64_t r1, const int B)
 {
     const int64_t n = J->n, m = J->m, nbytes = (m * n * B + 7) / 8;
     const uint8_t *C = (const uint8_t *)J->res;
@@ -259,7 +272,6 @@ uws_resid_cols256t(const uws_job *J, int64_t r0, int64_t r1, const int B)
     }
     const __m256i lane = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)(m * B)));
     const __m256i mk = _mm256_set1_epi32((1 << B) - 1);
-    const __m256i off = _mm256_set1_epi32(B == 1 ? 0 : 1 << (B - 1));
     int64_t i = r0;
     if ((m * B) % 8 == 0) /* blocks of 8 rows whose codes start on byte boundaries: no gathers */
         for (; i + 8 <= r1 && (i * B) % 8 == 0; i += 8)
@@ -276,60 +288,35 @@ uws_resid_cols256t(const uws_job *J, int64_t r0, int64_t r1, const int B)
             const __m256i bit = _mm256_and_si256(tot, _mm256_set1_epi32(7));
             const __m256 sc = _mm256_loadu_ps(S + j);
             for (int t = 0; t < R; t++) {
-                __m256i v = _mm256_and_si256(_mm256_srlv_epi32(g, _mm256_add_epi32(bit, _mm256_set1_epi32(t * B))), mk);
-                v = B == 1 ? _mm256_sub_epi32(_mm256_add_epi32(v, v), _mm256_set1_epi32(1)) : _mm256_sub_epi32(v, off);
-                const __m256 d = _mm256_mul_ps(sc, _mm256_cvtepi32_ps(v));
-                float *o = O + (i + t) * n + j;
-                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), d));
+                const __m256i v = _mm256_and_si256(_mm256_srlv_epi32(g, _mm256_add_epi32(bit, _mm256_set1_epi32(t * B))), mk);
+                uws_add8(O + (i + t) * n + j, sc, uws_signed8(v, B));
             }
         }
-        for (int t = 0; t < R; t++) /* the remaining columns */
-            for (int64_t jj = j; jj < n; jj++) {
-                const float d = S[jj] * uws_q(C, jj * m + i + t, B);
-                O[(i + t) * n + jj] = O[(i + t) * n + jj] + d;
-            }
+        uws_resid_cols_rest(J, i, R, j, B);
     }
 }
 
-__attribute__((target("avx2,fma,f16c"))) static inline __attribute__((always_inline)) void
-uws_resid256t(const uws_job *J, int64_t r0, int64_t r1, const int B)
+UWSRES void uws_resid256t(const uws_job *J, int64_t r0, int64_t r1, const int B)
 {
-    const int64_t n = J->n, m = J->m;
-    const uint8_t *C = (const uint8_t *)J->res;
-    const float *S = (const float *)J->rscale;
-    float *O = (float *)J->out;
     if (J->raxis == 1) {
         uws_resid_cols256t(J, r0, r1, B);
         return;
     }
-    if ((n * B) % 8 != 0) {
+    const int64_t n = J->n;
+    if ((n * B) % 8 != 0) { /* rows not starting on byte boundaries */
         uws_resid_t(J, r0, r1, B);
         return;
     }
-    (void)m;
-    const __m256i sh = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
-    const __m256i mk = _mm256_set1_epi32((1 << B) - 1);
-    const __m256i off = _mm256_set1_epi32(B == 1 ? 0 : 1 << (B - 1));
-    for (int64_t i = r0; i < r1; i++) {
+    const uint8_t *C = (const uint8_t *)J->res;
+    const float *S = (const float *)J->rscale;
+    float *O = (float *)J->out;
+    for (int64_t i = r0; i < r1; i++) { /* per-row scales: 8 codes from the B bytes that hold them */
         const uint8_t *rc = C + i * n * B / 8;
         float *o = O + i * n;
         const __m256 s = _mm256_set1_ps(S[i]);
         int64_t j = 0;
-        for (; j + 8 <= n; j += 8) {
-            __m256i v;
-            if (B == 8) {
-                int64_t w;
-                memcpy(&w, rc + j, 8);
-                v = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(w));
-            } else {
-                uint32_t w = 0;
-                memcpy(&w, rc + j * B / 8, (size_t)B);
-                v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)w), sh), mk);
-            }
-            v = B == 1 ? _mm256_sub_epi32(_mm256_add_epi32(v, v), _mm256_set1_epi32(1)) : _mm256_sub_epi32(v, off);
-            const __m256 d = _mm256_mul_ps(s, _mm256_cvtepi32_ps(v));
-            _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(o + j), d));
-        }
+        for (; j + 8 <= n; j += 8)
+            uws_add8(o + j, s, uws_codes8(rc + j * B / 8, B));
         for (; j < n; j++) {
             const float d = S[i] * uws_q(C, i * n + j, B);
             o[j] = o[j] + d;
@@ -594,7 +581,7 @@ UWS256 void uws_rows256t(const uws_job *J, int64_t r0, int64_t r1, const int ot,
     int64_t done = r0; /* rows whose residual is added: 8 at a time, while they are in cache */
     for (; i + 4 <= r1; i += 4) {
         uws_tile256(J, i, 4, nt, ot, mt);
-        if (J->res && i + 4 - done >= 8) { /* (CPUs with AVX-512 have AVX2) */
+        if (J->res && i + 4 - done >= 8) {
             uws_resid256(J, done, i + 4);
             done = i + 4;
         }

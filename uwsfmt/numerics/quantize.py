@@ -150,11 +150,6 @@ def dequantize_view(codes: torch.Tensor, scales: torch.Tensor, shape: tuple[int,
     return dequantize_rows(codes, scales, (m, n), bits)
 
 
-def fake_quantize_view(r: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
-    """``dequantize_view(*quantize_view(r, bits, axis), r.shape, bits, axis)`` without packing."""
-    return fake_quantize_rows(r.T.contiguous(), bits).T if axis else fake_quantize_rows(r, bits)
-
-
 def residual_nbytes(m: int, n: int, bits: int) -> int:
     """Bytes one model's residual of an (m, n) view takes (codes + scales, along
     :func:`scale_axis`)."""
