@@ -158,6 +158,9 @@ class LabServer:
             # uwsfmt's own extensions from this checkout, installed or not: the server extension
             # and the prebuilt labextension (jupyter_ext/labextension, see labextension_dir())
             "--ServerApp.jpserver_extensions=jupyter_ext=True",
+            # test-only: jobs writing to *slow* outputs wait at each step, so that a test can
+            # cancel one or reload the page while it runs (tests/browser/slow_jobs.py)
+            "--ServerApp.jpserver_extensions=tests.browser.slow_jobs=True",
             f"--LabApp.extra_labextensions_path={labextension_dir(self.tmp)}",
         ]
         if hasattr(os, "geteuid") and os.geteuid() == 0:  # CI and dev machines run as root

@@ -3,7 +3,7 @@
 Starts JupyterLab (the harness in conftest.py, with this checkout's server extension and prebuilt
 labextension) on a temporary root holding a folder of checkpoints, and drives it as a user would:
 right-click the folder, "Convert to UWS store…", Run, see the store appear, double-click it, compare
-the inspector's numbers with ``uwsfmt info --json``, export a model, validate, reload mid-job.
+the inspector's numbers with ``uwsfmt info --json``, export a model, validate; then cancel a running job and reload the page while another runs.
 Screenshots of each panel go to tests/browser/artifacts/; the inspector's also to docs/img/.
 """
 
@@ -185,18 +185,68 @@ def test_convert_open_inspect_export_from_the_file_browser(lab):
     shot(page, "validate", ".jp-Dialog-content")
     dialog.locator(".jp-mod-accept").click()
 
-    # a job keeps running on the server across a page reload; the restored tab reattaches to it
-    context_menu(page, "ckpts", "Convert to UWS store…")
-    conv2 = page.locator(f"{CURRENT} .uws-lab-converter")
-    conv2.locator(".uws-output").fill("again.uws")
-    conv2.locator(".uws-run-button").click()
-    page.wait_for_function("() => [...document.querySelectorAll('.uws-lab-converter .uws-converter')]"
-                           ".some(e => ['running', 'done'].includes(e.dataset.status))")
+    assert not lab.js_errors, lab.js_errors
+
+
+def server_jobs(page, output: str) -> list[dict]:
+    jobs = json.loads(page.evaluate("fetch('/uwsfmt/jobs').then(r => r.text())"))["jobs"]
+    return [j for j in jobs if j.get("output") == output]
+
+
+def start_slow_convert(page, source: str, output: str):
+    """Right-click ``source`` -> convert to ``output`` (a *slow* name: see slow_jobs.py); return the panel
+    once the server job has taken a step and is still running."""
+    context_menu(page, source, "Convert to UWS store…")
+    conv = page.locator(f"{CURRENT} .uws-lab-converter")
+    conv.locator(".uws-output").fill(output)
+    conv.locator(".uws-rank-mode").select_option("rank")
+    conv.locator(".uws-rank").fill("2")
+    conv.locator(".uws-run-button").click()
+    page.wait_for_function(
+        "(out) => [...document.querySelectorAll('.uws-lab-converter')].some(e => e.querySelector('.uws-output')?.value === out"
+        " && e.querySelector('.uws-converter')?.dataset.status === 'running'"
+        " && /^[1-9]/.test(e.querySelector('.uws-progress-text')?.textContent || ''))", arg=output, timeout=60_000)
+    return conv
+
+
+def test_cancel_and_reload_while_a_job_runs(lab):
+    """Cancel leaves nothing behind; a page reload reattaches the restored tab to the job still running."""
+    root = lab.root
+    write(root / "family", family(4))
+    page = open_lab(lab)
+
+    # Cancel: the job stops at its next step, its temporary build is removed, no store appears
+    conv = start_slow_convert(page, "family", "slow-cancel.uws")
+    building = [n for n in os.listdir(root) if "slow-cancel" in n]
+    assert building and all(n.startswith(".") for n in building), building  # the build happens out of sight
+    assert conv.locator(".uws-cancel-button").is_visible()
+    conv.locator(".uws-cancel-button").click()
+    page.wait_for_function("() => document.querySelector('.uws-lab-converter .uws-converter')?.dataset.status === 'cancelled'",
+                           timeout=60_000)
+    assert "Cancelled" in conv.locator(".uws-message").inner_text()
+    (job,) = server_jobs(page, "slow-cancel.uws")
+    assert job["status"] == "cancelled" and job["progress"]["done"] < job["progress"]["total"], job["progress"]
+    assert [n for n in os.listdir(root) if "slow-cancel" in n] == []
+    assert not conv.locator(".uws-cancel-button").is_visible()
+    assert not row(page, "slow-cancel.uws").count()
+    shot(page, "converter-cancelled")
+
+    # Reload mid-job: the server goes on; the restored tab finds the same job, shows it running, then done
+    start_slow_convert(page, "family", "slow-reload.uws")
+    (job,) = server_jobs(page, "slow-reload.uws")
     page.wait_for_timeout(500)  # the layout is saved with the job's id
     page.reload()
     page.wait_for_function(
-        "() => [...document.querySelectorAll('.uws-lab-converter')].some(e => e.querySelector('.uws-output')?.value === 'again.uws'"
-        " && e.querySelector('.uws-converter')?.dataset.status === 'done')", timeout=120_000)
-    assert (root / "again.uws").is_dir()
+        "() => [...document.querySelectorAll('.uws-lab-converter')].some(e => e.querySelector('.uws-output')?.value === 'slow-reload.uws'"
+        " && e.querySelector('.uws-converter')?.dataset.status === 'running')", timeout=90_000)
+    still = server_jobs(page, "slow-reload.uws")
+    assert [j["id"] for j in still] == [job["id"]] and still[0]["status"] == "running", still  # reattached, not rerun
     shot(page, "converter-reattached")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.uws-lab-converter')].some(e => e.querySelector('.uws-output')?.value === 'slow-reload.uws'"
+        " && e.querySelector('.uws-converter')?.dataset.status === 'done')", timeout=120_000)
+    assert (root / "slow-reload.uws").is_dir()
+    with __import__("uwsfmt").open(root / "slow-reload.uws") as st:
+        assert st.summary()["n_models"] == 4
+    row(page, "slow-reload.uws", "uws-store").wait_for(timeout=30_000)
     assert not lab.js_errors, lab.js_errors
