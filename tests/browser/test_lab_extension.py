@@ -3,7 +3,7 @@
 Starts JupyterLab (the harness in conftest.py, with this checkout's server extension and prebuilt
 labextension) on a temporary root holding a folder of checkpoints, and drives it as a user would:
 right-click the folder, "Convert to UWS store…", Run, see the store appear, double-click it, compare
-the inspector's numbers with ``uwsfmt info --json``, export a model, validate; then cancel a running job and reload the page while another runs.
+the inspector's numbers with ``uwsfmt info --json``, export a model, validate, add checkpoints; then cancel a running job and reload the page while another runs.
 Screenshots of each panel go to tests/browser/artifacts/; the inspector's also to docs/img/.
 """
 
@@ -184,6 +184,22 @@ def test_convert_open_inspect_export_from_the_file_browser(lab):
     assert "valid UWS store" in dialog.inner_text()
     shot(page, "validate", ".jp-Dialog-content")
     dialog.locator(".jp-mod-accept").click()
+
+    # right-click the store -> Add checkpoints… -> the converter in "add" mode on that store
+    more = family(6)
+    write(root / "more", {k: more[k] for k in ("m4", "m5")})
+    context_menu(page, "ckpts.uws", "Add checkpoints…")
+    add = page.locator(f"{CURRENT} .uws-lab-converter")
+    add.wait_for()
+    assert add.locator(".uws-action").input_value() == "add"
+    assert add.locator(".uws-output").input_value() == "ckpts.uws"
+    add.locator(".uws-sources").fill("more")
+    add.locator(".uws-run-button").click()
+    page.wait_for_function(f"() => document.querySelector('{CURRENT} .uws-lab-converter .uws-converter')?.dataset.status === 'done'",
+                           timeout=120_000)
+    assert "Added 2 model(s)" in add.locator(".uws-message").inner_text()
+    assert info_json(root, "ckpts.uws")["summary"]["n_models"] == 6
+    shot(page, "converter-added-from-browser")
 
     assert not lab.js_errors, lab.js_errors
 
