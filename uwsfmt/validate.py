@@ -8,12 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from uwsfmt.encodings import coefficients as coef_enc
-from uwsfmt.encodings import residual as residual_enc
+from uwsfmt.encodings import for_entry
 from uwsfmt.encodings.exception import array_names
 from uwsfmt.encodings.lora import factor_matrices
 from uwsfmt.errors import FormatError, UWSError
-from uwsfmt.format import dtypes
 from uwsfmt.io import layout
 from uwsfmt.reader import compat, declared
 from uwsfmt.reader.files import problems as file_problems
@@ -74,10 +72,6 @@ def _unknown_values(m: dict, problems: list[str], notes: list[str]) -> None:
                             "the store is damaged or was written by a non-conforming writer")
 
 
-def _minor(manifest: dict) -> int:
-    return int(str(manifest["format_version"]).split(".")[1])
-
-
 def _check_store(store, tol: float, problems: list[str]) -> None:
     m = store.manifest
     n = store.n_models
@@ -90,53 +84,13 @@ def _check_store(store, tol: float, problems: list[str]) -> None:
                 problems.append(f"pack {p}: width {arr.shape[1]} != manifest width {info['width']}")
             if arr.shape[0] < n:
                 problems.append(f"pack {p}: {arr.shape[0]} rows for {n} committed models")
-    for e in m["tensors"]:
-        what = f"tensor {e['name']!r}"
-        enc = e["encoding"]
-        if enc == "shared":
-            _expect(store, e["data"]["path"], e["shape"] or [1], dtypes.storage_dtype(e["dtype"]), problems, what)  # 0-D: stored as [1]
-        elif enc == "dense" and e["data"].get("per_model"):
-            for i in range(n):
-                _expect(store, f"{e['node']}/models/{i}", None, dtypes.storage_dtype(e["dtype"]), problems, what)
-        elif enc == "subspace":
-            mv, nv = e["view"]
-            if int(np.prod(e["shape"], dtype=np.int64)) != mv * nv:
-                problems.append(f"{what}: view {e['view']} does not hold shape {e['shape']}")
-            cdt = "float64" if e["dtype"] == "float64" else "float32"
-            if e["mean"]:  # the compute dtype, or float16 (format 1.1)
-                arr = _expect(store, e["mean"], (mv, nv), f"{cdt}|float16", problems, what)
-                if arr is not None and str(arr.dtype) == "float16" and _minor(m) < 1:
-                    problems.append(f"{what}: mean {e['mean']} is float16, which format {m['format_version']} does not allow "
-                                    "(float16 means came with format 1.1)")
-            kl, kr = e["rank"]
-            r = kl if e["left"] else mv
-            c = kr if e["right"] else nv
-            quantized = coef_enc.quantized(e["coefficients"])
-            if list(e["coefficients"]["shape"]) != [r, c] or (not quantized and e["coefficients"]["length"] != r * c):
-                problems.append(f"{what}: coefficient slot {e['coefficients']} does not match ranks {e['rank']} and view {e['view']}")
-            if quantized and _minor(m) < 2:
-                problems.append(f"{what}: quantized coefficients, which format {m['format_version']} does not allow "
-                                "(they came with format 1.2)")
-            if residual_enc.uses_column_scales(e.get("residual")) and _minor(m) < 3:
-                problems.append(f"{what}: a residual with per-column scales (axis 1), which format {m['format_version']} "
-                                "does not allow (they came with format 1.3)")
-            for side, dim, k in (("left", mv, kl), ("right", nv, kr)):
-                if not e[side]:
-                    continue
-                arr = _expect(store, e[side], (dim, k), "float32", problems, what)
-                if arr is not None and k and tuple(arr.shape) == (dim, k):
-                    try:
-                        b = torch.from_numpy(store.read_array(e[side])).double()
-                    except FormatError as err:
-                        problems.append(f"{what}: {err}")
-                        continue
-                    dev = float((b.T @ b - torch.eye(k, dtype=torch.float64)).abs().max())
-                    if dev > tol:
-                        problems.append(f"{what}: {side} basis is not orthonormal (max |B^T B - I| = {dev:.2e})")
-            for side, path in e["spectrum"].items():
-                arr = _expect(store, path, None, "float64", problems, what)
-                if arr is not None and arr.ndim != 1:
-                    problems.append(f"{what}: spectrum {path} is not 1-D")
+
+    def expect(path: str, shape: Sequence[int] | None, dtype: str | None, what: str):
+        return _expect(store, path, shape, dtype, problems, what)
+
+    for e in m["tensors"]:  # each encoding checks the arrays its entries name (encodings/*.check_stored)
+        if not compat.entry_problem(e):  # else reported by _unknown_values
+            for_entry(e).check_stored(store, e, f"tensor {e['name']!r}", problems, expect, tol)
 
     for mod in m["models"]:
         for x in mod.get("exceptions") or ():

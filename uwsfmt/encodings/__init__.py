@@ -6,6 +6,6 @@ the registry (:func:`for_entry`). Residuals and exceptions are parts of entries,
 """
 
 from uwsfmt.encodings import dense, lora, shared, subspace  # noqa: F401  (register the encodings)
-from uwsfmt.encodings.base import REGISTRY, Encoding, ReadContext, by_encoding, for_entry, kind_of, register
+from uwsfmt.encodings.base import REGISTRY, Encoding, ReadContext, by_encoding, for_entry, format_names, kind_of, register
 
-__all__ = ["REGISTRY", "Encoding", "ReadContext", "by_encoding", "for_entry", "kind_of", "register"]
+__all__ = ["REGISTRY", "Encoding", "ReadContext", "by_encoding", "for_entry", "format_names", "kind_of", "register"]

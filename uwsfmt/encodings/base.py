@@ -12,7 +12,7 @@ them raises a FormatError naming it, the rest of the model reads as usual.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -87,6 +87,11 @@ class EncodeContext:
     rebuilt: dict[str, dict] = field(default_factory=dict)
 
 
+#: how ``validate`` looks at a stored array: ``expect(path, shape, dtype, what)`` -> the array, or
+#: None; a missing array, or one of another shape or dtype (``"a|b"``: either), is noted as a problem
+Expect = Callable[[str, Sequence[int] | None, str | None, str], Any]
+
+
 class Encoding(ABC):
     """How one kind of tensor entry keeps its values, and how a reader gets them back."""
 
@@ -132,6 +137,37 @@ class Encoding(ABC):
         """The names a model's read gives back for entry ``e`` (a LoRA module: its factors)."""
         return [e["name"]]
 
+    # ------------------------------------------------------------- what a reader checks (validate)
+
+    @property
+    def format_name(self) -> str:
+        """The value of ``encoding`` in this encoding's entries (a LoRA module is a ``"subspace"`` entry)."""
+        return self.name
+
+    #: whether a model's exception (spec §6.6) may apply to this encoding's tensors
+    takes_exceptions: ClassVar[bool] = False
+
+    def unknown_value(self, e: dict) -> str | None:
+        """A value of entry ``e``'s open fields this reader does not know (spec §12), named; or None."""
+        return None
+
+    @abstractmethod
+    def check_declared(self, e: dict, what: str, problems: list[str]) -> None:
+        """Note in ``problems`` where ``e``'s declared shape and dtype disagree with its own slots and
+        fields (spec §3.4, §4, §6); ``what`` names the tensor in messages."""
+
+    @abstractmethod
+    def check_stored(self, store: Any, e: dict, what: str, problems: list[str], expect: Expect, tol: float) -> None:
+        """Note in ``problems`` where the arrays entry ``e`` of ``store`` names are missing, of the wrong
+        shape or dtype, or off by more than ``tol`` from what the spec demands of their values (an
+        orthonormal basis), or where ``e`` uses what the store's declared format version does not
+        allow; ``expect``: see :data:`Expect`."""
+
+
+def version_minor(manifest: dict) -> int:
+    """The minor version a manifest declares (``"1.3"`` -> 3)."""
+    return int(str(manifest["format_version"]).split(".")[1])
+
 
 REGISTRY: dict[str, Encoding] = {}
 
@@ -140,6 +176,11 @@ def register(enc: Encoding) -> Encoding:
     """Make ``enc`` the encoding for entries that name ``enc.name``."""
     REGISTRY[enc.name] = enc
     return enc
+
+
+def format_names() -> frozenset[str]:
+    """The ``encoding`` values this uwsfmt reads (spec §3.4; a later 1.y may add more, §12)."""
+    return frozenset(enc.format_name for enc in REGISTRY.values())
 
 
 def kind_of(e: dict) -> str:

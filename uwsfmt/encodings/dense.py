@@ -3,11 +3,14 @@ varies between models, as an array of its own per model."""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 import torch
 
-from uwsfmt.encodings.base import EncodeContext, Encoding, ReadContext, register
-from uwsfmt.encodings.slots import put, take
+from uwsfmt.encodings.base import EncodeContext, Encoding, Expect, ReadContext, register
+from uwsfmt.encodings.slots import check_slot, put, take
 from uwsfmt.format import dtypes
 
 
@@ -49,6 +52,19 @@ class Dense(Encoding):
                 value = decode(e, ctx.rows)
                 out[e["name"]] = value if ctx.wants(e["name"]) else value.clone()  # the rows are reused: a copy
         return out
+
+    def check_declared(self, e: dict, what: str, problems: list[str]) -> None:
+        if e["data"].get("per_model"):
+            return
+        if e["shape"] is None:
+            problems.append(f"{what}: a dense tensor in a pack slot needs a shape (null is for per-model arrays)")
+            return
+        check_slot(what, "data", e["data"], dtypes.storage_dtype(e["dtype"]), math.prod(int(x) for x in e["shape"]), problems)
+
+    def check_stored(self, store: Any, e: dict, what: str, problems: list[str], expect: Expect, tol: float) -> None:
+        if e["data"].get("per_model"):
+            for i in range(store.n_models):
+                expect(f"{e['node']}/models/{i}", None, dtypes.storage_dtype(e["dtype"]), what)
 
 
 DENSE = register(Dense())

@@ -15,6 +15,11 @@ import torch
 from uwsfmt.encodings.slots import PackLayout, put, take
 from uwsfmt.numerics import quantize
 
+#: residual bit widths (spec §6.4): codes of 1, 2, 4 or 8 bits with scales, or float16 values
+BITS = (1, 2, 4, 8, 16)
+#: axes a residual's scales may run along: rows (0), or columns (1, format 1.3)
+AXES = (0, 1)
+
 
 def plan(layout: PackLayout, m: int, n: int, bits: int) -> dict:
     if bits == 16:

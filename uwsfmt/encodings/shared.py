@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from uwsfmt.encodings import budget
-from uwsfmt.encodings.base import EncodeContext, Encoding, ReadContext, register
+from uwsfmt.encodings.base import EncodeContext, Encoding, Expect, ReadContext, register
 from uwsfmt.errors import ConflictError
 from uwsfmt.format import dtypes
 
@@ -67,6 +67,15 @@ class Shared(Encoding):
             v = self.value(ctx.reader, e, ctx.device)
             out[e["name"]] = v if ctx.wants(e["name"]) else v.clone()  # the cached value is never handed out
         return out
+
+    takes_exceptions = True
+
+    def check_declared(self, e: dict, what: str, problems: list[str]) -> None:
+        if e["shape"] is None:
+            problems.append(f"{what}: a shared tensor needs a shape")
+
+    def check_stored(self, store: Any, e: dict, what: str, problems: list[str], expect: Expect, tol: float) -> None:
+        expect(e["data"]["path"], e["shape"] or [1], dtypes.storage_dtype(e["dtype"]), what)  # 0-D: stored as [1]
 
 
 SHARED = register(Shared())

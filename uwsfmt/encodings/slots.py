@@ -34,3 +34,20 @@ class PackLayout:
 def put(rows: dict[str, np.ndarray], s: dict, values: np.ndarray) -> None:
     """Write ``values`` (already in the pack's dtype) into slot ``s`` of model rows."""
     rows[s["pack"]][s["offset"]: s["offset"] + s["length"]] = values.reshape(-1)
+
+
+def check_slot(what: str, field: str, s: dict | None, pack: str, length: int, problems: list[str]) -> None:
+    """Note in ``problems`` where slot ``s`` (named ``field`` of ``what``) does not hold ``length``
+    values of pack ``pack`` (a declared shape or dtype its storage cannot hold, spec §3.4 / §4).
+
+    >>> check_slot("tensor 'w'", "data", {"pack": "float32", "offset": 0, "length": 4}, "uint16", 4, found := [])
+    >>> found
+    ["tensor 'w': data is in pack 'float32', values of this kind are stored in pack 'uint16'"]
+    """
+    if not isinstance(s, dict):
+        problems.append(f"{what}: {field} is missing")
+        return
+    if s.get("length") != length:
+        problems.append(f"{what}: {field} holds {s.get('length')} values, the declared shape needs {length}")
+    elif length and s.get("pack") != pack:
+        problems.append(f"{what}: {field} is in pack {s.get('pack')!r}, values of this kind are stored in pack {pack!r}")

@@ -17,7 +17,8 @@ import torch
 
 from uwsfmt.encodings import coefficients as coef_enc
 from uwsfmt.encodings import residual as residual_enc
-from uwsfmt.encodings.base import EncodeContext, Encoding, ReadContext, register
+from uwsfmt.encodings import subspace_checks
+from uwsfmt.encodings.base import EncodeContext, Encoding, Expect, ReadContext, register
 from uwsfmt.encodings.slots import take
 from uwsfmt.errors import FormatError
 from uwsfmt.format import dtypes
@@ -452,6 +453,17 @@ class Subspace(Encoding):
             for e, w in zip(group, decode_group(ctx, key, group)):
                 out[e["name"]] = w
         return out
+
+    takes_exceptions = True
+
+    def unknown_value(self, e: dict) -> str | None:
+        return subspace_checks.unknown_value(e)
+
+    def check_declared(self, e: dict, what: str, problems: list[str]) -> None:
+        subspace_checks.check_declared(e, what, problems)
+
+    def check_stored(self, store: Any, e: dict, what: str, problems: list[str], expect: Expect, tol: float) -> None:
+        subspace_checks.check_stored(store, e, what, problems, expect, tol)
 
 
 SUBSPACE = register(Subspace())

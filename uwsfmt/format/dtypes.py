@@ -50,6 +50,11 @@ def storage_dtype(name: str) -> str:
     return _TABLE[name][1]
 
 
+#: logical dtypes a tensor may be computed in (the subspace encoding, ``correct`` exceptions; spec §4);
+#: every other dtype (integers, bool, float8) is stored exactly: dense, shared or ``replace``
+COMPUTED = ("float64", "float32", "float16", "bfloat16")
+
+
 def is_float(name: str) -> bool:
     return name in FLOAT_DTYPES
 

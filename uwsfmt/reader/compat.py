@@ -13,41 +13,32 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from uwsfmt.encodings import for_entry, format_names
+from uwsfmt.encodings import residual as residual_enc
 from uwsfmt.errors import FormatError
+from uwsfmt.format import dtypes
 from uwsfmt.io import layout
 
-#: the values format 1.3 defines (spec §3.4, §6.3.1, §6.4, §6.6)
-ENCODINGS = ("subspace", "shared", "dense")
+#: the exception kinds format 1.3 defines (spec §6.6); encodings: the registry's (:func:`format_names`)
 EXCEPTION_KINDS = ("correct", "replace")
-BITS = (1, 2, 4, 8, 16)
-#: axes a residual's scales may run along: rows, or columns (format 1.3, §6.4)
-RESIDUAL_AXES = (0, 1)
-#: bit widths of quantized coefficient runs (format 1.2, §6.3.1)
-COEFFICIENT_BITS = (1, 2, 4, 8)
-#: logical dtypes the subspace encoding and ``correct`` exceptions may be computed in (§4); every
-#: other dtype (integers, bool, float8) is stored exactly: dense, shared or ``replace``
-COMPUTED_DTYPES = ("float64", "float32", "float16", "bfloat16")
+#: bit widths of residuals and ``correct`` exceptions (spec §6.4, §6.6)
+BITS = residual_enc.BITS
+#: logical dtypes a tensor may be computed in (§4); every other dtype is stored exactly
+COMPUTED_DTYPES = dtypes.COMPUTED
 
 
 def entry_problem(e: dict) -> str | None:
-    """Why this reader cannot rebuild tensor-table entry ``e`` (an unknown value), or None.
+    """Why this reader cannot rebuild tensor-table entry ``e`` (an unknown value), or None: an
+    encoding the registry does not know, or a value of the encoding's open fields it does not
+    (:meth:`~uwsfmt.encodings.base.Encoding.unknown_value`).
 
     >>> entry_problem({"encoding": "hologram"})
     "encoding 'hologram'"
     """
     enc = e.get("encoding")
-    if enc not in ENCODINGS:
+    if enc not in format_names():
         return f"encoding {enc!r}"
-    if enc == "subspace":
-        res = e.get("residual")
-        if isinstance(res, dict) and res.get("bits") not in BITS:
-            return f"residual bits {res.get('bits')!r}"
-        if isinstance(res, dict) and res.get("axis", 0) not in RESIDUAL_AXES:
-            return f"residual axis {res.get('axis')!r}"
-        runs = (e.get("coefficients") or {}).get("bits")
-        if isinstance(runs, list) and any(not isinstance(r, list) or len(r) != 2 or r[1] not in COEFFICIENT_BITS for r in runs):
-            return f"coefficient bits {runs!r}"
-    return None
+    return for_entry(e).unknown_value(e)
 
 
 def exception_problem(x: dict) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from uwsfmt.encodings import coefficients as coef_enc
+from uwsfmt.encodings import for_entry
 from uwsfmt.errors import FormatError
 from uwsfmt.format import dtypes
 from uwsfmt.reader import compat
@@ -19,16 +19,6 @@ from uwsfmt.reader import compat
 
 def _prod(shape) -> int:
     return math.prod(int(x) for x in shape)
-
-
-def _slot(what: str, field: str, s: dict | None, pack: str, length: int, problems: list[str]) -> None:
-    if not isinstance(s, dict):
-        problems.append(f"{what}: {field} is missing")
-        return
-    if s.get("length") != length:
-        problems.append(f"{what}: {field} holds {s.get('length')} values, the declared shape needs {length}")
-    elif length and s.get("pack") != pack:
-        problems.append(f"{what}: {field} is in pack {s.get('pack')!r}, values of this kind are stored in pack {pack!r}")
 
 
 def check_entries(manifest: dict, problems: list[str]) -> None:
@@ -44,18 +34,7 @@ def check_entries(manifest: dict, problems: list[str]) -> None:
     for e in manifest["tensors"]:
         if compat.entry_problem(e):
             continue
-        what = f"tensor {e['name']!r}"
-        enc, dt, shape = e["encoding"], e["dtype"], e["shape"]
-        storage = dtypes.storage_dtype(dt)
-        if enc == "dense" and not e["data"].get("per_model"):
-            if shape is None:
-                problems.append(f"{what}: a dense tensor in a pack slot needs a shape (null is for per-model arrays)")
-                continue
-            _slot(what, "data", e["data"], storage, _prod(shape), problems)
-        elif enc == "shared" and shape is None:
-            problems.append(f"{what}: a shared tensor needs a shape")
-        elif enc == "subspace":
-            _check_subspace(e, what, problems)
+        for_entry(e).check_declared(e, f"tensor {e['name']!r}", problems)
 
 
 def entry_problems(manifest: dict) -> dict[str, str]:
@@ -90,42 +69,6 @@ def refuse(path: str, problems: dict[str, str], names) -> None:
                               "on it). The other tensors can still be read (pass names=[...])")
 
 
-def _check_subspace(e: dict, what: str, problems: list[str]) -> None:
-    if e["dtype"] not in compat.COMPUTED_DTYPES:
-        problems.append(f"{what}: logical dtype {e['dtype']} cannot be a subspace tensor (only "
-                        f"{', '.join(compat.COMPUTED_DTYPES)} are computed; others are stored exactly, §4)")
-    m, n = e["view"]
-    if _prod(e["shape"]) != m * n:
-        return  # reported by the caller (view vs shape)
-    kl, kr = e["rank"]
-    for side, k in (("left", kl), ("right", kr)):
-        if (e[side] is None) != (k is None):
-            problems.append(f"{what}: {side} is {'absent' if e[side] is None else 'present'} but rank[{side == 'right':d}] is {k!r}")
-    res = e.get("residual")
-    if res:
-        if res["bits"] == 16:
-            _slot(what, "residual values", res.get("values"), "float16", m * n, problems)
-        else:
-            _slot(what, "residual codes", res.get("codes"), "uint8", -(-m * n * res["bits"] // 8), problems)
-            column = res.get("axis", 0) == 1  # format 1.3: one scale per column, only where the view is taller than wide
-            if column and not m > n:
-                problems.append(f"{what}: residual axis 1 (per-column scales) needs a view taller than wide, not {m}x{n}")
-            _slot(what, "residual scales", res.get("scales"), "float32", n if column else m, problems)
-    c = e["coefficients"]
-    if coef_enc.quantized(c):
-        try:
-            coef_enc.check(c, what)
-        except FormatError as err:
-            problems.append(str(err))
-    elif c.get("length") and c.get("pack") != "float32":
-        problems.append(f"{what}: coefficients are in pack {c.get('pack')!r}; unquantized coefficients are float32 (§6.3)")
-    rec = e.get("lora")
-    if isinstance(rec, dict) and isinstance(rec.get("a_tail"), list):
-        if list(e["shape"]) != [m] + list(rec["a_tail"]) or _prod(rec["a_tail"]) != n:
-            problems.append(f"{what}: a LoRA module of shape {e['shape']} and view {e['view']} needs shape "
-                            f"[out] + a_tail = {[m] + list(rec['a_tail'])} and view (out, prod(a_tail)) (§6.7)")
-
-
 def check_exceptions(store, problems: list[str]) -> None:
     """Each model's exceptions against the tensor they apply to and the arrays that hold them:
     a ``replace`` value has the tensor's storage dtype and shape, a ``correct`` one the tensor's
@@ -141,7 +84,7 @@ def check_exceptions(store, problems: list[str]) -> None:
             e = by_name.get(x["tensor"])
             if e is None or compat.exception_problem(x) or compat.entry_problem(e):
                 continue
-            if e["encoding"] not in ("subspace", "shared"):
+            if not for_entry(e).takes_exceptions:
                 problems.append(f"{what}: the tensor is {e['encoding']}; exceptions apply to subspace and shared tensors only (§6.6)")
                 continue
             shape = e["shape"]

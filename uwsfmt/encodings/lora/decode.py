@@ -160,6 +160,10 @@ class Lora(subspace.Subspace):
 
     name = "lora"
 
+    @property
+    def format_name(self) -> str:
+        return "subspace"  # a subspace entry with a ``lora`` record (spec §6.7)
+
     def reads_single(self, e: dict) -> bool:
         return True  # the module's own name: its dense update, from its core alone
 
