@@ -87,6 +87,27 @@ class EncodeContext:
     rebuilt: dict[str, dict] = field(default_factory=dict)
 
 
+@dataclass
+class EntryContext:
+    """One tensor's manifest entry being written by a build, after pass 1 (the driver, in tensor
+    order: pack slots are laid out in that order).
+
+    ``node``: the tensor's group path; ``packs``: the build's pack layout (where slots come from);
+    ``write(path, array)``: how its shared arrays are written; ``residual_bits`` /
+    ``coefficient_scheme``: the tensor's settings (a subspace tensor); ``lora``: a LoRA module's
+    plan (:class:`~uwsfmt.encodings.lora.planning.ModulePlan`).
+    """
+
+    node: str
+    shape: tuple[int, ...] | None
+    dtype: str
+    packs: Any
+    write: Callable[[str, Any], None]
+    residual_bits: int | None = None
+    coefficient_scheme: Any = None
+    lora: Any = None
+
+
 #: how ``validate`` looks at a stored array: ``expect(path, shape, dtype, what)`` -> the array, or
 #: None; a missing array, or one of another shape or dtype (``"a|b"``: either), is noted as a problem
 Expect = Callable[[str, Sequence[int] | None, str | None, str], Any]
@@ -115,6 +136,15 @@ class Encoding(ABC):
     #: whether a model's values are projected (NaN/Inf in a source then show as a non-finite
     #: error, checked after encoding) rather than copied (checked before)
     projects: ClassVar[bool] = False
+
+    @abstractmethod
+    def write_entry(self, e: dict, fit: Any, ctx: EntryContext) -> None:
+        """Fill manifest entry ``e`` (its name, node, dtype, shape and budget already there) with
+        this encoding's fields and ``encoding``, writing pass 1's shared arrays (``fit``: what
+        pass 1 found, e.g. a subspace Fit or the shared value) and taking its pack slots."""
+
+    #: whether a model's values are encoded against pass 1's result (kept for pass 2 and appends)
+    keeps_fit: ClassVar[bool] = True
 
     def encode(self, ctx: EncodeContext, e: dict, w: torch.Tensor) -> tuple[float | None, float | None]:
         """Write one model's tensor ``w`` of entry ``e``; its (relative error, delta error) as a reader gets it back."""

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from uwsfmt.encodings.base import EncodeContext, Encoding, Expect, ReadContext, register
+from uwsfmt.encodings.base import EncodeContext, Encoding, EntryContext, Expect, ReadContext, register
 from uwsfmt.encodings.slots import check_slot, put, take
 from uwsfmt.format import dtypes
 
@@ -28,6 +28,15 @@ class Dense(Encoding):
     """Stored per model as-is: a pack slot, or (shape varying between models) an array per model."""
 
     name = "dense"
+    keeps_fit = False
+
+    def write_entry(self, e: dict, fit: None, ctx: EntryContext) -> None:
+        """A pack slot of the tensor's storage dtype; for a shape that varies between models, an array per model."""
+        if ctx.shape is None:
+            e["data"] = {"per_model": True}
+        else:
+            e["data"] = ctx.packs.add(dtypes.storage_dtype(ctx.dtype), math.prod(ctx.shape))
+        e["encoding"] = "dense"
 
     def slots(self, e: dict) -> list[dict]:
         return [] if e["data"].get("per_model") else [e["data"]]

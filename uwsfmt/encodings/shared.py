@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from uwsfmt.encodings import budget
-from uwsfmt.encodings.base import EncodeContext, Encoding, Expect, ReadContext, register
+from uwsfmt.encodings.base import EncodeContext, Encoding, EntryContext, Expect, ReadContext, register
 from uwsfmt.errors import ConflictError
 from uwsfmt.format import dtypes
 
@@ -31,6 +31,12 @@ class Shared(Encoding):
 
     name = "shared"
     shared_value = True
+
+    def write_entry(self, e: dict, fit: torch.Tensor, ctx: EntryContext) -> None:
+        """The value (``fit``) written once, at ``<node>/value``."""
+        ctx.write(f"{ctx.node}/value", dtypes.to_storage(fit))
+        e["data"] = {"path": f"{ctx.node}/value"}
+        e["encoding"] = "shared"
 
     def slots(self, e: dict) -> list[dict]:
         return []

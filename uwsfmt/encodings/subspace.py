@@ -17,8 +17,8 @@ import torch
 
 from uwsfmt.encodings import coefficients as coef_enc
 from uwsfmt.encodings import residual as residual_enc
-from uwsfmt.encodings import subspace_checks
-from uwsfmt.encodings.base import EncodeContext, Encoding, Expect, ReadContext, register
+from uwsfmt.encodings import subspace_entry
+from uwsfmt.encodings.base import EncodeContext, Encoding, EntryContext, Expect, ReadContext, register
 from uwsfmt.encodings.slots import take
 from uwsfmt.errors import FormatError
 from uwsfmt.format import dtypes
@@ -456,14 +456,17 @@ class Subspace(Encoding):
 
     takes_exceptions = True
 
+    def write_entry(self, e: dict, fit: Fit, ctx: EntryContext) -> None:
+        subspace_entry.write_entry(e, fit, ctx)
+
     def unknown_value(self, e: dict) -> str | None:
-        return subspace_checks.unknown_value(e)
+        return subspace_entry.unknown_value(e)
 
     def check_declared(self, e: dict, what: str, problems: list[str]) -> None:
-        subspace_checks.check_declared(e, what, problems)
+        subspace_entry.check_declared(e, what, problems)
 
     def check_stored(self, store: Any, e: dict, what: str, problems: list[str], expect: Expect, tol: float) -> None:
-        subspace_checks.check_stored(store, e, what, problems, expect, tol)
+        subspace_entry.check_stored(store, e, what, problems, expect, tol)
 
 
 SUBSPACE = register(Subspace())

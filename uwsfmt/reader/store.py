@@ -7,15 +7,12 @@ last, atomically, so a crash leaves the previous committed state readable.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import fnmatch
 import itertools
 import math
 import os
-import threading
-import zipfile
 from collections.abc import Callable, Iterable
 from typing import Any, Self, TypeVar, overload
 
@@ -31,23 +28,17 @@ from uwsfmt.encodings import lora as lora_enc
 from uwsfmt.encodings import subspace
 from uwsfmt.encodings.base import ReadContext
 from uwsfmt.errors import FormatError, NotFoundError, UWSError
-from uwsfmt.io import remote, shards
+from uwsfmt.io import remote
 from uwsfmt.numerics.device import resolve_device
 from uwsfmt.reader import compat, declared
+from uwsfmt.reader.arrays import StoreArrays
 from uwsfmt.reader.manifest import (
-    MAX_ARRAY_METADATA_BYTES,
-    MAX_CHUNK_BYTES,
-    STORAGE_DTYPES,
-    check_array_metadata,
-    json_size,
     open_zarr_store,
     read_manifest,
     short,
 )
 
 ModelRef = str | int
-#: requests in flight at once when a remote store's shared arrays are fetched
-REMOTE_CONCURRENCY = 32
 #: what names a store: a local path, a URL, or a zarr store object
 StoreLike = str | os.PathLike | zarr.abc.store.Store
 
@@ -66,7 +57,7 @@ class Location:
         return remote.is_url(self.url)
 
 
-class StoreReader:
+class StoreReader(StoreArrays):
     """An open UWS store. Opening reads only the manifest; arrays are read on demand.
 
     >>> store = uwsfmt.open("family.uws")  # doctest: +SKIP
@@ -74,29 +65,17 @@ class StoreReader:
     """
 
     def __init__(self, path: str, zstore, manifest: dict):
-        self.path = path
-        self._zstore = zstore
-        self.manifest = manifest
+        super().__init__(path, zstore, manifest)
         self._index_cache()
-        self._arrays: dict[str, Any] = {}
         self._cache: dict[tuple, Any] = {}
-        self._row_readers: dict[str, Any] = {}
-        self._chunked: dict[str, shards.ChunkedReader | None] = {}
-        self._zip: zipfile.ZipFile | None = None
-        self._lock = threading.Lock()
-        self._local = threading.local()  # per-thread reusable row buffers
         self.location = Location(path)
-        self._seen: set[str] = set()  # remote stores: shared arrays fetched (or prefetched) once
-        self._fetched: dict[str, Any] = {}  # prefetched arrays, each taken once by read_array
 
     # ------------------------------------------------------------------ metadata
     def committed(self, manifest: dict) -> None:
         """Take ``manifest`` as the store's committed state (after an append): indexes rebuilt, array handles dropped."""
         self.manifest = manifest
         self._index_cache()
-        self._arrays.clear()
-        self._row_readers.clear()
-        self._chunked.clear()
+        self.drop_handles()
 
     def tensor_position(self, name: str) -> int:
         """The position of tensor ``name`` in the tensor table (and in each model's error lists)."""
@@ -149,174 +128,6 @@ class StoreReader:
     def model_entry(self, model: ModelRef) -> dict:
         return self.manifest["models"][self.model_index(model)]
 
-    # ------------------------------------------------------------------ arrays
-    def array(self, path: str):
-        a = self._arrays.get(path)
-        if a is None:
-            zf = self._zipfile() if type(self._zstore) is ZipStore else None  # one archive, not one per array
-            size = json_size(self._zstore, self.path, f"{path}/zarr.json", zf)
-            if size is None:
-                raise FormatError(f"{self.path}: array {path!r} named by the manifest is missing (no {path}/zarr.json); the store is damaged")
-            if size > MAX_ARRAY_METADATA_BYTES:
-                raise FormatError(f"{self.path}: {path}/zarr.json is {size} bytes, above the {MAX_ARRAY_METADATA_BYTES}-byte "
-                                  "limit for array metadata; refusing to parse it (the store is damaged or hostile)")
-            try:
-                a = zarr.open_array(self._zstore, path=path, mode="r", zarr_format=3)
-            except Exception as e:
-                raise FormatError(f"{self.path}: array {path!r} named by the manifest cannot be opened ({short(e)}); the store is damaged") from e
-            check_array_metadata(a, f"{self.path}: array {path!r}")
-            self._arrays[path] = a
-        return a
-
-    def _zipfile(self) -> zipfile.ZipFile:
-        """The store's archive, opened once (its directory parsed once, not per array)."""
-        with self._lock:
-            if self._zip is None:
-                self._zip = zipfile.ZipFile(self.path)
-            return self._zip
-
-    def _chunked_reader(self, path: str) -> shards.ChunkedReader | None:
-        """The direct reader of the array at ``path`` (None: read it with zarr-python)."""
-        if path not in self._chunked:
-            reader = None
-            if type(self._zstore) in (LocalStore, ZipStore):
-                zf = self._zipfile() if type(self._zstore) is ZipStore else None
-                folder = path if zf else os.path.join(self.path, *path.split("/"))
-                doc = shards.read_doc(f"{path}/zarr.json" if zf else os.path.join(folder, "zarr.json"), MAX_ARRAY_METADATA_BYTES, zf)
-                if doc is None:
-                    raise FormatError(f"{self.path}: array {path!r} named by the manifest is missing (no {path}/zarr.json); the store is damaged")
-                reader = shards.chunked_reader(folder, doc, STORAGE_DTYPES, MAX_CHUNK_BYTES, zf)
-            self._chunked[path] = reader
-        return self._chunked[path]
-
-    def _storage_dtype(self, path: str) -> np.dtype:
-        """The data type of the array at ``path`` (from its metadata; nothing read)."""
-        reader = self._chunked_reader(path)
-        return reader.dtype if reader is not None else self.array(path).dtype
-
-    def prefetch(self, entries: list[dict]) -> None:
-        """On a remote store, fetch the shared arrays (means, bases, shared values) of ``entries``
-        not read yet, many requests at a time: read one by one, a model's first read would wait
-        for one round trip per array (thousands for a large family). The next reads take them
-        from memory once (:meth:`read_array`); local stores read them as they go."""
-        if isinstance(self._zstore, (LocalStore, ZipStore)):
-            return
-        paths = []
-        for e in entries:
-            for field in ("mean", "left", "right"):
-                if isinstance(e.get(field), str):
-                    paths.append(e[field])
-            if e.get("encoding") == "shared" and isinstance(e.get("data"), dict) and isinstance(e["data"].get("path"), str):
-                paths.append(e["data"]["path"])
-        with self._lock:
-            paths = [p for p in dict.fromkeys(paths) if p not in self._seen]
-            self._seen.update(paths)
-        if len(paths) < 2:
-            return
-        with concurrent.futures.ThreadPoolExecutor(min(REMOTE_CONCURRENCY, len(paths)), thread_name_prefix="uwsfmt-fetch") as ex:
-            for p, a in zip(paths, ex.map(self._fetch, paths)):
-                self._fetched[p] = a
-
-    def _fetch(self, path: str) -> np.ndarray | _Failed:
-        try:
-            return self.read_array(path)
-        except FormatError as e:
-            return _Failed(e)  # raised where the array is used, by the reader that needs it
-
-    def read_array(self, path: str, shape: Iterable[int] | None = None, out: np.ndarray | None = None,
-                   most: int | None = None) -> np.ndarray:
-        """The whole array at ``path``; ``shape``: what the manifest implies, or ``most``: how many
-        values it may hold at most (either checked before anything is allocated or read).
-        ``out``: a C-contiguous buffer of the array's shape and storage dtype to read into (used
-        when it fits, else a new array is returned)."""
-        got = self._fetched.pop(path, None)
-        if got is not None:
-            if isinstance(got, _Failed):
-                raise got.error
-            if shape is not None and got.shape != tuple(shape):
-                raise FormatError(f"{self.path}: array {path!r} has shape {list(got.shape)} but the manifest implies "
-                                  f"{list(shape)}; the store is damaged or was tampered with")
-            if most is not None and got.size > most:
-                raise FormatError(f"{self.path}: array {path!r} has shape {list(got.shape)}, more than the {most} values the "
-                                  "manifest allows it; the store is damaged or was tampered with")
-            return got
-        reader = self._chunked_reader(path)
-        arr = self.array(path) if reader is None else None
-        have = reader.shape if reader is not None else tuple(arr.shape)  # type: ignore[union-attr]  # arr is set when reader is None
-        if shape is not None and have != tuple(shape):
-            raise FormatError(f"{self.path}: array {path!r} has shape {list(have)} but the manifest implies "
-                              f"{list(shape)}; the store is damaged or was tampered with")
-        if most is not None and math.prod(have) > most:
-            raise FormatError(f"{self.path}: array {path!r} has shape {list(have)}, more than the {most} values the "
-                              "manifest allows it; the store is damaged or was tampered with")
-        if reader is not None:
-            fits = out is not None and out.dtype == reader.dtype and out.shape == reader.shape and out.flags.c_contiguous
-            return reader.read_into(out if fits and out is not None else np.empty(reader.shape, reader.dtype))
-        assert arr is not None  # no direct reader: zarr's array
-        try:
-            return arr[...]
-        except Exception as e:
-            raise FormatError(f"{self.path}: array {path!r} cannot be read ({short(e)}); the store is damaged") from e
-
-    def _pack(self, info: dict):
-        arr = self.array(info["path"])
-        if arr.ndim != 2 or arr.shape[1] != info["width"] or str(arr.dtype) != info["dtype"]:
-            raise FormatError(f"{self.path}: pack {info['path']} is {arr.dtype} {list(arr.shape)} but the manifest says "
-                              f"{info['dtype']} with {info['width']} elements per row; the store is damaged or was tampered with")
-        return arr
-
-    def _row_reader(self, info: dict):
-        """Direct shard reader of a pack (None: read it with zarr-python), see :mod:`uwsfmt.shards`."""
-        path = info["path"]
-        if path not in self._row_readers:
-            self._row_readers[path] = shards.row_reader(self._zstore, path, self._pack(info))
-        return self._row_readers[path]
-
-    def _row_buffer(self, pack: str, width: int, dtype: np.dtype, device: torch.device) -> list:
-        """[host tensor, event]: a row buffer reused from call to call (no allocation, no page
-        faults), pinned when rows go to a GPU; the event marks the last async copy out of it."""
-        bufs = self._local.__dict__.setdefault("rows", {})
-        pin = device.type == "cuda"
-        b = bufs.get((pack, pin))
-        if b is None or b[0].numel() != width or b[0].numpy().dtype != dtype:
-            b = [torch.from_numpy(np.empty(width, dtype=dtype)), None]
-            if pin:
-                b[0] = b[0].pin_memory()
-            bufs[(pack, pin)] = b
-        if b[1] is not None:
-            b[1].synchronize()  # the previous model's copy to the device must finish before we overwrite
-            b[1] = None
-        return b
-
-    def _rows(self, index: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """One model's pack rows, each read with one call (a handful of storage requests)."""
-        rows = {}
-        for pack, info in self.manifest["packs"].items():
-            arr = self._pack(info)
-            if arr.shape[0] <= index:
-                raise FormatError(
-                    f"{self.path}: pack {info['path']} has {arr.shape[0]} rows but model #{index} is committed; the store is damaged"
-                )
-            reader = self._row_reader(info)
-            if reader is not None:
-                b = self._row_buffer(pack, reader.width, reader.dtype, device)
-                reader.read_into(index, b[0].numpy())
-                if device.type == "cpu":
-                    rows[pack] = b[0]
-                else:
-                    rows[pack] = b[0].to(device, non_blocking=True)
-                    if device.type == "cuda":
-                        b[1] = torch.cuda.Event()
-                        b[1].record()
-                continue
-            try:
-                row = arr[index, :]
-            except Exception as e:
-                raise FormatError(f"{self.path}: model #{index} cannot be read from {info['path']} ({e}); the store is damaged") from e
-            t = torch.from_numpy(np.ascontiguousarray(row))
-            rows[pack] = t.to(device, non_blocking=True) if device.type != "cpu" else t
-        return rows
-
     def cached(self, key: tuple, make: Callable[[], Any]) -> Any:
         """``make()``, computed once per ``key`` and kept until :meth:`clear_cache` (bases, shared tensors)."""
         v = self._cache.get(key)
@@ -328,11 +139,7 @@ class StoreReader:
     def clear_cache(self) -> None:
         """Drop cached bases and shared tensors (on every device)."""
         self._cache.clear()
-        self._arrays.clear()
-        self._row_readers.clear()
-        self._chunked.clear()
-        self._seen.clear()
-        self._fetched.clear()
+        self.drop_handles(fetched=True)
 
     def compute_dtype(self, e: dict) -> torch.dtype:
         """The dtype tensor ``e`` is rebuilt in: float64 for float64 tensors, else float32."""
@@ -350,7 +157,7 @@ class StoreReader:
                 # float16 means (format 1.1) stay float16 here: half the bytes cached and read per
                 # load; readers convert them exactly as they add them (native kernel, torch's promotion)
                 dt = torch.float16 if field == "mean" and cdt == torch.float32 and all(
-                    self._storage_dtype(e[field]) == np.float16 for e in entries) else cdt
+                    self.storage_dtype(e[field]) == np.float16 for e in entries) else cdt
                 # read straight into the stacked host tensor (no per-array allocation and copy)
                 out = torch.empty((len(entries), *subspace.implied_shape(entries[0], field)), dtype=dt)
                 for e, o in zip(entries, out):
@@ -388,7 +195,7 @@ class StoreReader:
         entries = self.manifest["tensors"] if wanted is None else list({id(e): e for e in map(self.tensor_entry, wanted)}.values())
         compat.refuse(self.path, self.manifest, idx, (e["name"] for e in entries), self._unknown)
         declared.refuse(self.path, self._mismatched, (e["name"] for e in entries))
-        rows = self._rows(idx, dev) if self.manifest["packs"] else {}
+        rows = self.model_rows(idx, dev) if self.manifest["packs"] else {}
         self.prefetch(entries)
         exceptions = self.manifest["models"][idx].get("exceptions") or ()
         ctx = ReadContext(self, idx, rows, dev, into=into, dtype=dtype, excepted={x["tensor"] for x in exceptions})
@@ -458,7 +265,7 @@ class StoreReader:
         for s in encodings.for_entry(e, self.path).slots(e):
             if s["length"] == 0:
                 continue
-            arr = self._pack(self.manifest["packs"][s["pack"]])
+            arr = self.pack_array(self.manifest["packs"][s["pack"]])
             if arr.shape[0] <= idx:
                 raise FormatError(f"{self.path}: pack {s['pack']} has {arr.shape[0]} rows but model #{idx} is committed; the store is damaged")
             try:
@@ -571,13 +378,6 @@ class StoreReader:
 
 
 R = TypeVar("R", bound=StoreReader)
-
-
-@dataclasses.dataclass
-class _Failed:
-    """A prefetched array that could not be read: its error, raised where the array is used."""
-
-    error: FormatError
 
 
 @contextlib.contextmanager

@@ -18,7 +18,6 @@ both builds write the same store.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import math
 from collections.abc import Callable
@@ -31,10 +30,11 @@ import zarr
 from zarr.abc.store import Store
 from zarr.storage import LocalStore
 
+from uwsfmt.encodings import REGISTRY, subspace
 from uwsfmt.encodings import coefficients as coef_enc
 from uwsfmt.encodings import lora as lora_enc
 from uwsfmt.encodings import residual as residual_enc
-from uwsfmt.encodings import subspace
+from uwsfmt.encodings.base import EntryContext
 from uwsfmt.encodings.shared import same_bits
 from uwsfmt.encodings.slots import PackLayout
 from uwsfmt.errors import ConflictError
@@ -166,38 +166,23 @@ class StoreBuild:
 
     def record(self, tp: TensorPlan, r: TensorFit) -> None:
         """Write the next tensor's shared arrays and add its manifest entry (tensors in plan order:
-        pack slots are laid out in that order)."""
+        pack slots are laid out in that order); its encoding fills in the rest (``write_entry``)."""
         npath = layout.tensor_node(self.nodes[len(self.entries)])
         layout.create_group(self.zstore, npath, {"uws_tensor": tp.name})
-        e: dict[str, Any] = {"name": tp.name, "node": npath, "dtype": tp.dtype}
+        e: dict[str, Any] = {"name": tp.name, "node": npath, "dtype": tp.dtype,
+                             "shape": None if tp.shape is None else list(tp.shape)}
         self.entries.append(e)
-        if tp.shape is None:
-            e.update(shape=None, encoding="dense", data={"per_model": True}, reason=r.reason)
-            return
-        if r.encoding == "lora":
-            if r.budget is not None:
-                e["budget"] = r.budget
-                self.lora_bytes[0] += r.lora_bytes[0]
-                self.lora_bytes[1] += r.lora_bytes[1]
-            e["shape"] = list(tp.shape)
-            _add_subspace(e, r.fit, npath, self.packs, dataclasses.replace(self.s, residual_bits=None), tp, self.write)
-            e.update(encoding="subspace", reason=r.reason, lora=lora_enc.entry_record(tp))
-            self.fits[tp.name] = r.fit
-            return
-        e["shape"] = list(tp.shape)
         if r.budget is not None:
             e["budget"] = r.budget
-        if r.encoding == "subspace":
-            assert r.settings is not None  # a subspace result carries its settings
-            _add_subspace(e, r.fit, npath, self.packs, r.settings, tp, self.write)
+        self.lora_bytes[0] += r.lora_bytes[0]
+        self.lora_bytes[1] += r.lora_bytes[1]
+        ts = r.settings or self.s
+        enc = REGISTRY[r.encoding]
+        enc.write_entry(e, r.fit, EntryContext(npath, tp.shape, tp.dtype, self.packs, self.write, ts.residual_bits,
+                                               ts.coefficient_scheme, tp.lora))
+        e["reason"] = r.reason
+        if enc.keeps_fit:
             self.fits[tp.name] = r.fit
-        elif r.encoding == "shared":
-            self.write(f"{npath}/value", dtypes.to_storage(r.fit))
-            e["data"] = {"path": f"{npath}/value"}
-            self.fits[tp.name] = r.fit
-        else:
-            e["data"] = self.packs.add(dtypes.storage_dtype(tp.dtype), int(np.prod(tp.shape)))
-        e["encoding"], e["reason"] = r.encoding, r.reason
 
     def choose_lora_mode(self) -> None:
         """lora_mode="auto" under a budget, after pass 1: keep the product bases, or raise
@@ -287,37 +272,3 @@ def write_model(zstore: Store, packs: dict[str, zarr.Array], entries: list[dict]
         submit(layout.write_array, zstore, f"{nodes[name]}/models/{i}", dtypes.to_storage(w))
     if m.fixes:  # the budget's emulation and pass 2 disagreed by rounding: keep the promise anyway
         m.record["exceptions"] = write_exceptions(zstore, entries, i, m.fixes)
-
-
-def _add_subspace(e: dict, fit: subspace.Fit, npath: str, packs: PackLayout, s: Settings, tp: TensorPlan, write: Write) -> None:
-    """Write a subspace tensor's shared arrays with ``write(path, array)`` and fill its manifest entry."""
-    assert tp.shape is not None  # a tensor of varying shape is dense
-    m, n = linalg.matrix_view(tp.shape)
-    view = (m * n, 1) if fit.mode == "flat" else (m, n)
-    e.update(view=list(view), mode=fit.mode, center=fit.center)
-    if fit.mean is not None:
-        write(f"{npath}/mean", fit.mean.reshape(view).cpu().numpy())
-        e["mean"] = f"{npath}/mean"
-    else:
-        e["mean"] = None
-    e["left"] = e["right"] = None
-    if fit.left is not None:
-        write(f"{npath}/left", fit.left.cpu().numpy())
-        e["left"] = f"{npath}/left"
-    if fit.right is not None:
-        write(f"{npath}/right", fit.right.cpu().numpy())
-        e["right"] = f"{npath}/right"
-    e["spectrum"] = {}
-    for side, vals in fit.spectra.items():
-        write(f"{npath}/spectrum_{side}", vals.cpu().numpy().astype(np.float64))
-        e["spectrum"][side] = f"{npath}/spectrum_{side}"
-    e["rank"] = fit.rank
-    if fit.method:
-        e["basis"] = fit.method
-    ex = fit.explained()
-    e["explained_variance"] = {k: float(v) for k, v in ex.items()}
-    e["energy"] = float(next(iter(fit.spectra.values())).sum()) if fit.spectra else 0.0
-    r = fit.left.shape[1] if fit.left is not None else view[0]
-    c = fit.right.shape[1] if fit.right is not None else view[1]
-    e["coefficients"] = coef_enc.plan(packs, (r, c), s.coefficient_scheme, fit.mode)
-    e["residual"] = residual_enc.plan(packs, view[0], view[1], s.residual_bits) if s.residual_bits else None

@@ -10,7 +10,6 @@ import torch
 
 from uwsfmt.encodings import subspace
 from uwsfmt.encodings.lora.decode import PRODUCT_BATCH
-from uwsfmt.encodings.lora.planning import ModulePlan
 from uwsfmt.encodings.lora.records import rank_of
 from uwsfmt.encodings.lora.stats import core, factors
 from uwsfmt.errors import ConflictError
@@ -29,13 +28,6 @@ def factor_matrices(ck: Checkpoint, pair: LoraPair, out: int, inp: int) -> tuple
         raise ConflictError(f"{ck.path or ck.id}: LoRA module {pair.module!r} of {ck.id!r} adapts a {b.shape[0]}x{a.shape[1]} "
                             f"matrix but the family's is {out}x{inp}")
     return a, b
-
-
-def entry_record(tp) -> dict:
-    """The manifest's ``lora`` record of a module: factor names and the shapes around the rank,
-    A (r, *a_tail) and B (out, r, *b_tail)."""
-    mp: ModulePlan = tp.lora
-    return mp.record(tuple(mp.shape[1:]), mp.b_tail)
 
 
 def encode(entries: list[dict], fits: dict[str, subspace.Fit], ck: Checkpoint, rows: dict[str, np.ndarray],

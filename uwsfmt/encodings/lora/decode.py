@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import torch
 
 from uwsfmt.encodings import subspace
-from uwsfmt.encodings.base import ReadContext, register
+from uwsfmt.encodings.base import EntryContext, ReadContext, register
 from uwsfmt.encodings.lora.records import factor_names, model_ranks, rank_of, stored_rank
 from uwsfmt.encodings.lora.stats import factor_cores, factors
 from uwsfmt.encodings.slots import take
@@ -163,6 +164,12 @@ class Lora(subspace.Subspace):
     @property
     def format_name(self) -> str:
         return "subspace"  # a subspace entry with a ``lora`` record (spec §6.7)
+
+    def write_entry(self, e: dict, fit: subspace.Fit, ctx: EntryContext) -> None:
+        """The product basis as a subspace entry (no residual: the cores are exact in it) with the module's ``lora`` record."""
+        super().write_entry(e, fit, dataclasses.replace(ctx, residual_bits=None))
+        mp = ctx.lora  # the module's plan: factor names and the shapes around the rank, A (r, *a_tail), B (out, r, *b_tail)
+        e["lora"] = mp.record(tuple(mp.shape[1:]), mp.b_tail)
 
     def reads_single(self, e: dict) -> bool:
         return True  # the module's own name: its dense update, from its core alone

@@ -1,6 +1,7 @@
-"""What a reader checks of a subspace entry (spec §6): values it knows, declared shapes against
-slots, stored arrays against the manifest. The :class:`~uwsfmt.encodings.subspace.Subspace`
-encoding's ``unknown_value`` / ``check_declared`` / ``check_stored`` are these functions.
+"""A subspace tensor's manifest entry (spec §6): what a build writes into it (:func:`write_entry`)
+and what a reader checks of it (values it knows, declared shapes against slots, stored arrays
+against the manifest). The :class:`~uwsfmt.encodings.subspace.Subspace` encoding's
+``write_entry`` / ``unknown_value`` / ``check_declared`` / ``check_stored`` are these functions.
 """
 
 from __future__ import annotations
@@ -8,18 +9,57 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from uwsfmt.encodings import coefficients as coef_enc
 from uwsfmt.encodings import residual as residual_enc
-from uwsfmt.encodings.base import Expect, version_minor
+from uwsfmt.encodings.base import EntryContext, Expect, version_minor
 from uwsfmt.encodings.slots import check_slot
 from uwsfmt.errors import FormatError
 from uwsfmt.format import dtypes
+from uwsfmt.numerics import linalg
 
 
 def _prod(shape) -> int:
     return math.prod(int(x) for x in shape)
+
+
+def write_entry(e: dict, fit: Any, ctx: EntryContext) -> None:
+    """Write a subspace tensor's shared arrays (mean, bases, spectra; ``fit``: a subspace Fit) and
+    fill its entry: view, mode, centring, ranks, explained variance, coefficient and residual slots."""
+    assert ctx.shape is not None  # a tensor of varying shape is dense
+    m, n = linalg.matrix_view(ctx.shape)
+    view = (m * n, 1) if fit.mode == "flat" else (m, n)
+    npath, write = ctx.node, ctx.write
+    e.update(view=list(view), mode=fit.mode, center=fit.center)
+    if fit.mean is not None:
+        write(f"{npath}/mean", fit.mean.reshape(view).cpu().numpy())
+        e["mean"] = f"{npath}/mean"
+    else:
+        e["mean"] = None
+    e["left"] = e["right"] = None
+    if fit.left is not None:
+        write(f"{npath}/left", fit.left.cpu().numpy())
+        e["left"] = f"{npath}/left"
+    if fit.right is not None:
+        write(f"{npath}/right", fit.right.cpu().numpy())
+        e["right"] = f"{npath}/right"
+    e["spectrum"] = {}
+    for side, vals in fit.spectra.items():
+        write(f"{npath}/spectrum_{side}", vals.cpu().numpy().astype(np.float64))
+        e["spectrum"][side] = f"{npath}/spectrum_{side}"
+    e["rank"] = fit.rank
+    if fit.method:
+        e["basis"] = fit.method
+    ex = fit.explained()
+    e["explained_variance"] = {k: float(v) for k, v in ex.items()}
+    e["energy"] = float(next(iter(fit.spectra.values())).sum()) if fit.spectra else 0.0
+    r = fit.left.shape[1] if fit.left is not None else view[0]
+    c = fit.right.shape[1] if fit.right is not None else view[1]
+    e["coefficients"] = coef_enc.plan(ctx.packs, (r, c), ctx.coefficient_scheme, fit.mode)
+    e["residual"] = residual_enc.plan(ctx.packs, view[0], view[1], ctx.residual_bits) if ctx.residual_bits else None
+    e["encoding"] = "subspace"
 
 
 def unknown_value(e: dict) -> str | None:
