@@ -240,6 +240,32 @@ def test_dask_extend_errors_leave_the_store_as_it_was(client, sources, newcomers
     assert files_of(tmp_path / "s.uws")["zarr.json"] == before["zarr.json"]  # nothing committed
 
 
+def test_cancelling_an_extend_on_the_cluster_commits_nothing(client, sources, newcomers, tmp_path):
+    """Cancel set after the first new model is done: the workers stop, nothing is committed, the
+    rows already written are not part of the committed state, and the store stays valid."""
+    uwsfmt.convert(str(sources / "models"), tmp_path / "s.uws", rank=2).close()
+    before = files_of(tmp_path / "s.uws")
+    cancel = threading.Event()
+    steps = []
+
+    def progress(done, total, _):
+        steps.append(done)
+        if done >= 1:
+            cancel.set()
+
+    st = uwsfmt.open(tmp_path / "s.uws", mode="a")
+    with pytest.raises(uwsfmt.UWSError, match="cancelled"):
+        st.extend(str(newcomers), client=client, progress=progress, cancel=cancel)
+    st.close()
+    assert steps and max(steps) < 3  # stopped before every new model was in
+    after = uwsfmt.open(tmp_path / "s.uws")
+    assert after.n_models == N and after.model_ids == uwsfmt.open(tmp_path / "s.uws").model_ids
+    assert files_of(tmp_path / "s.uws")["zarr.json"] == before["zarr.json"]  # nothing committed
+    assert uwsfmt.validate(str(tmp_path / "s.uws"), deep=True) == []
+    st = uwsfmt.open(tmp_path / "s.uws", mode="a")  # and the next extend adds them all
+    assert [e["id"] for e in st.extend(str(newcomers), client=client)] == ["new-0", "new-1", "new-2"]
+
+
 def test_cli_append_dask_local(sources, newcomers, tmp_path):
     import shutil
 
