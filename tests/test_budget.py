@@ -202,6 +202,30 @@ def test_lossless_store_costs_what_the_sources_do(tmp_path):
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_fake_quantization_is_bit_identical_to_quantize_then_dequantize(bits):
+    """The budget's sweep rates candidates with fake_quantize_rows: it must give what a reader decodes,
+    on rows where different clips win, zero rows, tiny and heavy-tailed ones."""
+    g = torch.Generator().manual_seed(10 + bits)
+    r = torch.randn(64, 300, generator=g)
+    r[5] = 0.0
+    r[6] = -0.0
+    r[7, 3] = 40.0  # an outlier: a smaller clip wins on that row
+    r[8] *= 1e-30
+    r[9] = torch.randn(300, generator=g).pow(5)  # heavy tails: every clip wins somewhere
+    for m in (r, r.T.contiguous(), r[:, :7].contiguous()):
+        codes, scales = quantize.quantize_rows(m, bits)
+        back = quantize.dequantize_rows(codes, scales, tuple(m.shape), bits)
+        fake = quantize.fake_quantize_rows(m, bits)
+        assert torch.equal(back, fake)  # (a reader's zeros are +0.0; -0.0 adds the same)
+        q, s = quantize.row_codes(m, bits)  # the codes and scales the search picks, times each other: bit for bit
+        assert torch.equal(fake.view(torch.int32), q.mul_(s[:, None]).view(torch.int32))
+    bad = r.clone()
+    bad[2, 2] = float("nan")  # a non-finite row: NaN scale, as row_codes gives it
+    q, s = quantize.row_codes(bad, bits)
+    torch.testing.assert_close(quantize.fake_quantize_rows(bad, bits), q.mul_(s[:, None]), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
 def test_quantizer_round_trip_and_one_bit_sign(bits):
 
     g = torch.Generator().manual_seed(bits)
