@@ -156,7 +156,7 @@ class Converter(anywidget.AnyWidget):
         sources = self._source_list()
         if sources is None:
             return None
-        import uwsfmt
+        import uwsfmt  # lazy: importing the widgets does not import torch; uwsfmt loads when a store is first used
 
         self.status = "planning"
         self.plan_report = {}
@@ -213,7 +213,7 @@ class Converter(anywidget.AnyWidget):
             self.status = "error"
             self._say(problem, "error")
             return None
-        import uwsfmt
+        import uwsfmt  # lazy: importing the widgets does not import torch; uwsfmt loads when a store is first used
 
         adding = self.action == "add"
         kwargs = self.add_kwargs() if adding else self.convert_kwargs()

@@ -74,7 +74,7 @@ class Inspector(anywidget.AnyWidget):
         self.spectrum = {}
         try:
             if isinstance(store, (str, os.PathLike)):
-                import uwsfmt
+                import uwsfmt  # lazy: importing the widgets does not import torch; uwsfmt loads when a store is first used
 
                 self.path = os.fspath(store)
                 store = uwsfmt.open(store)

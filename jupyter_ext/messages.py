@@ -15,7 +15,7 @@ def describe_error(e: BaseException) -> str:
     'No such file or directory: a.uws'
     """
     try:
-        from uwsfmt import UWSError
+        from uwsfmt import UWSError  # lazy: messages are formatted without importing torch where no uwsfmt error can occur
     except ImportError:  # pragma: no cover - the library is part of this repo
         UWSError = ()  # noqa: N806
     if isinstance(e, UWSError):

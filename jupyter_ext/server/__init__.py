@@ -21,8 +21,8 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     """Register the handlers (called by jupyter_server when the extension is enabled)."""
     from jupyter_server.utils import url_path_join
 
-    from .handlers import ROUTES, StoreCache
-    from .tasks import Jobs
+    from .handlers import ROUTES, StoreCache  # lazy: `import jupyter_ext` (the widgets) does not import tornado/jupyter_server
+    from .tasks import Jobs  # lazy: as above
 
     web_app = serverapp.web_app
     jobs = Jobs()

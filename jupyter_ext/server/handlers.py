@@ -58,7 +58,7 @@ class StoreCache:
         return (st.st_mtime_ns, st.st_size)
 
     def open(self, path: str):
-        import uwsfmt
+        import uwsfmt  # lazy: the Jupyter server starts without torch; it loads with uwsfmt on the first UWS request
 
         if not os.path.exists(path):
             raise FileNotFoundError(2, "No such store", path)
@@ -234,7 +234,9 @@ class ValidateHandler(UWSHandler):
             deep = body.get("deep", False)
             if not isinstance(deep, bool):
                 raise paths.BadRequest(f"deep: expected true or false, got {deep!r}")
-            from uwsfmt import validate
+            from uwsfmt import (
+                validate,  # lazy: the Jupyter server starts without torch; it loads with uwsfmt on the first UWS request
+            )
 
             notes: list[str] = []
             problems = validate(path, deep=deep, notes=notes)
@@ -295,7 +297,7 @@ class PlanHandler(UWSHandler):
     @authorized
     async def post(self) -> None:
         def work() -> dict:
-            import uwsfmt
+            import uwsfmt  # lazy: the Jupyter server starts without torch; it loads with uwsfmt on the first UWS request
 
             form, srcs, out, shown = _form_and_paths(self, self.body())
             if form["action"] == "add":
@@ -342,7 +344,7 @@ class JobsHandler(UWSHandler):
         stores = self.stores
 
         def work(job: Job) -> dict:
-            import uwsfmt
+            import uwsfmt  # lazy: the Jupyter server starts without torch; it loads with uwsfmt on the first UWS request
 
             t0 = time.monotonic()
             if job.action == "create":

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 
 from .. import payload
+from ..messages import describe_error
 
 LOG_LINES = 400
 #: finished jobs kept for pages that reattach late
@@ -90,8 +91,6 @@ class Jobs:
                 report = work(job)
             except BaseException as e:  # noqa: BLE001 - reported to the page, never raised in the server
                 cancelled = type(e).__name__ == "Cancelled" or job.cancel_event.is_set()
-                from ..inspector import describe_error
-
                 with job.lock:
                     job.status = "cancelled" if cancelled else "error"
                     job.message = (f"Cancelled. {describe_error(e)}" if cancelled else describe_error(e))
