@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from uwsfmt.encodings import coefficients as coef_enc
-from uwsfmt.encodings import residual as residual_enc
 from uwsfmt.encodings import subspace
 from uwsfmt.encodings.subspace import Fit, resolve_mode
 from uwsfmt.errors import BudgetError
@@ -186,10 +185,15 @@ def read_error(w64: torch.Tensor, recon64: torch.Tensor, dtype: str, wn: float |
     """Relative error of what a reader returns for ``recon64`` against the original ``w64``."""
     err = float(torch.linalg.vector_norm(as_read(recon64, dtype) - w64))
     wn = float(torch.linalg.vector_norm(w64)) if wn is None else wn
-    return _ratio(err, wn)
+    return ratio(err, wn)
 
 
-def _ratio(err: float, norm: float | None) -> float:
+def finite(x: float | None) -> float | None:
+    """``x`` as a JSON-safe float: None where it is missing or not finite."""
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def ratio(err: float, norm: float | None) -> float:
     if norm is None:
         return math.nan
     if norm == 0.0:
@@ -321,7 +325,7 @@ class ErrorSweep:
         a = self.absolute()
         col = 0 if kind == "error" else 1
         norms = [n[col] if n[col] is not None else n[0] for n in self.norms]
-        return np.array([[_ratio(e, nm) for e in row] for row, nm in zip(a, norms)]).reshape(a.shape)
+        return np.array([[ratio(e, nm) for e in row] for row, nm in zip(a, norms)]).reshape(a.shape)
 
 
 @dataclass
@@ -348,8 +352,8 @@ class Choice:
         return {
             "max_error": self.budget.max_error,
             "max_delta_error": self.budget.max_delta_error,
-            "error": _finite(self.error),
-            "delta_error": _finite(self.delta_error),
+            "error": finite(self.error),
+            "delta_error": finite(self.delta_error),
             "mode": c.mode if c else None,
             "rank": c.rank if c else None,
             "residual_bits": c.bits if c else None,
@@ -456,61 +460,3 @@ def choose(fit: Fit, tensors: Iterable[torch.Tensor], *, name: str, shape: Seque
         return choice, None
     assert choice.candidate is not None  # subspace
     return choice, candidate_fit(fit, choice.candidate)
-
-
-# ---------------------------------------------------------------- appended models
-
-
-@dataclass
-class Correction:
-    """A per-model exception: a correction added to what the store rebuilds, or a replacement."""
-
-    kind: str  # correct | replace
-    bits: int | None
-    view: tuple[int, int]
-    arrays: dict[str, np.ndarray]
-    error_before: float
-    error: float
-    delta_error: float | None
-
-    def record(self, tensor: str, path: str) -> dict:
-        out = {"tensor": tensor, "kind": self.kind, "path": path, "view": list(self.view),
-               "error_before": _finite(self.error_before), "error": _finite(self.error)}
-        if self.kind == "correct":
-            out["bits"] = self.bits
-        return out
-
-
-def _finite(x: float | None) -> float | None:
-    return float(x) if x is not None and np.isfinite(x) else None
-
-
-def meets(budget: Budget, err_abs: float, wn: float, dn: float | None, dtype: str) -> bool:
-    """Whether one model's tensor with absolute error ``err_abs`` is within ``budget``."""
-    return err_abs <= budget.allowed(wn, dn, dtype)
-
-
-def correct(w: torch.Tensor, rebuilt: torch.Tensor, dtype: str, budget: Budget, error_before: float,
-            dn: float | None = None) -> Correction:
-    """The cheapest per-model exception that brings ``rebuilt`` (what a reader computes, before
-    the cast to ``dtype``) within ``budget`` of ``w``: a correction quantized to 1/2/4/8 bits or
-    float16, else the tensor itself (exact). ``dn``: the model's ||W - M|| (delta budgets)."""
-    shape = tuple(w.shape)
-    m, n = linalg.matrix_view(shape)
-    if dtypes.is_float(dtype) and not dtype.startswith("float8"):
-        with linalg.no_tf32():
-            w64 = w.to(torch.float64).reshape(m, n)
-            base = rebuilt.to(device=w64.device, dtype=torch.float64).reshape(m, n)  # rebuilt may sit on the build device
-            cdt = torch.float64 if dtype == "float64" else torch.float32
-            base = base.to(cdt).to(torch.float64)  # the reader adds the correction in its compute dtype
-            r = (w64 - base).to(torch.float32)
-            wn = float(torch.linalg.vector_norm(w64))
-            limit = budget.allowed(wn, dn, dtype)
-            for bits in (1, 2, 4, 8, 16):
-                values, back = residual_enc.encode({"bits": bits}, r)
-                err = float(torch.linalg.vector_norm(as_read(base + back.to(torch.float64), dtype) - w64))
-                if err <= limit:
-                    arrays = {"values": values["values"].reshape(m, n)} if bits == 16 else values
-                    return Correction("correct", bits, (m, n), arrays, error_before, _ratio(err, wn),
-                                      None if dn is None else _ratio(err, dn))
-    return Correction("replace", None, (m, n), {"value": dtypes.to_storage(w)}, error_before, 0.0, 0.0)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from uwsfmt.encodings import budget
+from uwsfmt.encodings import exception as exception_enc
 from uwsfmt.encodings.base import EncodeContext, Encoding, EntryContext, Expect, ReadContext, register
 from uwsfmt.errors import ConflictError
 from uwsfmt.format import dtypes
@@ -47,7 +48,7 @@ class Shared(Encoding):
             return 0.0, 0.0
         if ctx.error_budget is not None and ctx.corrections is not None:  # an appended model that differs: an exception
             before = budget.read_error(w.to(torch.float64), value.to(torch.float64), e["dtype"]) if w.is_floating_point() else math.inf
-            ctx.corrections[name] = fix = budget.correct(w, value, e["dtype"], ctx.error_budget, before)
+            ctx.corrections[name] = fix = exception_enc.correct(w, value, e["dtype"], ctx.error_budget, before)
             return fix.error, None
         raise ConflictError(
             f"{ctx.where}: tensor {name!r} of model {ctx.model_id!r} differs from the store's shared copy; "

@@ -12,6 +12,7 @@ from zarr.abc.store import Store
 
 from uwsfmt import encodings
 from uwsfmt.encodings import budget, subspace
+from uwsfmt.encodings import exception as exception_enc
 from uwsfmt.encodings import lora as lora_enc
 from uwsfmt.encodings.base import EncodeContext
 from uwsfmt.errors import BudgetError, ConflictError
@@ -123,7 +124,7 @@ def encode_model(
 
     With an ``error_budget``, a tensor the store cannot hold within it (a subspace
     tensor whose projection misses the budget, a shared tensor this model differs in) gets a
-    per-model exception (:func:`uwsfmt.encodings.budget.correct`) in ``corrections[name]``; its error
+    per-model exception (:func:`uwsfmt.encodings.exception.correct`) in ``corrections[name]``; its error
     is then the corrected one.
 
     Small subspace tensors of one kind are encoded in batches (:func:`_batch_plans`); ``stacks``
@@ -217,8 +218,8 @@ def encode_model(
         keep = ctx.rebuilt.pop(name, None)  # under a budget: what the bases miss becomes a per-model exception
         if keep is not None:
             assert error_budget is not None and corrections is not None and rel is not None  # keep is only made under a budget
-            if not budget.meets(error_budget, keep["error"], keep["wn"], keep["dn"], e["dtype"]):
-                corrections[name] = fix = budget.correct(w, keep["rebuilt"], e["dtype"], error_budget, rel, keep["dn"])
+            if not exception_enc.meets(error_budget, keep["error"], keep["wn"], keep["dn"], e["dtype"]):
+                corrections[name] = fix = exception_enc.correct(w, keep["rebuilt"], e["dtype"], error_budget, rel, keep["dn"])
                 rel, drel = fix.error, fix.delta_error
         errs.append(_finite_or_none(rel))
         derrs.append(_finite_or_none(drel))
