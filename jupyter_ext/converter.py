@@ -17,6 +17,8 @@ import anywidget
 import ipywidgets
 import traitlets as t
 
+import uwsfmt
+
 from . import jobs, options, payload
 from .inspector import Inspector, describe_error
 from .static_files import css, esm
@@ -156,7 +158,6 @@ class Converter(anywidget.AnyWidget):
         sources = self._source_list()
         if sources is None:
             return None
-        import uwsfmt  # lazy: importing the widgets does not import torch; uwsfmt loads when a store is first used
 
         self.status = "planning"
         self.plan_report = {}
@@ -213,7 +214,6 @@ class Converter(anywidget.AnyWidget):
             self.status = "error"
             self._say(problem, "error")
             return None
-        import uwsfmt  # lazy: importing the widgets does not import torch; uwsfmt loads when a store is first used
 
         adding = self.action == "add"
         kwargs = self.add_kwargs() if adding else self.convert_kwargs()

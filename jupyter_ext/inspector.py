@@ -15,6 +15,8 @@ from typing import Any
 import anywidget
 import traitlets as t
 
+import uwsfmt
+
 from . import jobs, payload
 from .messages import default_export_path, describe_error  # noqa: F401  (re-exported: converter imports it from here)
 from .static_files import css, esm
@@ -74,7 +76,6 @@ class Inspector(anywidget.AnyWidget):
         self.spectrum = {}
         try:
             if isinstance(store, (str, os.PathLike)):
-                import uwsfmt  # lazy: importing the widgets does not import torch; uwsfmt loads when a store is first used
 
                 self.path = os.fspath(store)
                 store = uwsfmt.open(store)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 
+from uwsfmt import UWSError
+
 log = logging.getLogger("jupyter_ext")
 
 
@@ -14,10 +16,6 @@ def describe_error(e: BaseException) -> str:
     >>> describe_error(FileNotFoundError(2, "No such file or directory", "a.uws"))
     'No such file or directory: a.uws'
     """
-    try:
-        from uwsfmt import UWSError  # lazy: messages are formatted without importing torch where no uwsfmt error can occur
-    except ImportError:  # pragma: no cover - the library is part of this repo
-        UWSError = ()  # noqa: N806
     if isinstance(e, UWSError):
         return str(e)
     if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):

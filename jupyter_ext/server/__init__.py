@@ -21,8 +21,10 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     """Register the handlers (called by jupyter_server when the extension is enabled)."""
     from jupyter_server.utils import url_path_join
 
-    from .handlers import ROUTES, StoreCache  # lazy: `import jupyter_ext` (the widgets) does not import tornado/jupyter_server
-    from .tasks import Jobs  # lazy: as above
+    # lazy: the extension is found and listed (`jupyter server extension list`) without importing
+    # tornado handlers, uwsfmt or torch; they load when a server loads the extension
+    from .handlers import ROUTES, StoreCache
+    from .tasks import Jobs
 
     web_app = serverapp.web_app
     jobs = Jobs()

@@ -33,7 +33,8 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
 
-from uwsfmt import ConfigError, NotFoundError, StoreExistsError, UWSError
+import uwsfmt
+from uwsfmt import ConfigError, NotFoundError, StoreExistsError, UWSError, validate
 
 from .. import options, payload
 from ..messages import default_export_path, describe_error
@@ -58,7 +59,6 @@ class StoreCache:
         return (st.st_mtime_ns, st.st_size)
 
     def open(self, path: str):
-        import uwsfmt  # lazy: the Jupyter server starts without torch; it loads with uwsfmt on the first UWS request
 
         if not os.path.exists(path):
             raise FileNotFoundError(2, "No such store", path)
@@ -234,9 +234,6 @@ class ValidateHandler(UWSHandler):
             deep = body.get("deep", False)
             if not isinstance(deep, bool):
                 raise paths.BadRequest(f"deep: expected true or false, got {deep!r}")
-            from uwsfmt import (
-                validate,  # lazy: the Jupyter server starts without torch; it loads with uwsfmt on the first UWS request
-            )
 
             notes: list[str] = []
             problems = validate(path, deep=deep, notes=notes)
@@ -297,7 +294,6 @@ class PlanHandler(UWSHandler):
     @authorized
     async def post(self) -> None:
         def work() -> dict:
-            import uwsfmt  # lazy: the Jupyter server starts without torch; it loads with uwsfmt on the first UWS request
 
             form, srcs, out, shown = _form_and_paths(self, self.body())
             if form["action"] == "add":
@@ -344,7 +340,6 @@ class JobsHandler(UWSHandler):
         stores = self.stores
 
         def work(job: Job) -> dict:
-            import uwsfmt  # lazy: the Jupyter server starts without torch; it loads with uwsfmt on the first UWS request
 
             t0 = time.monotonic()
             if job.action == "create":
