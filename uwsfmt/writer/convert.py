@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -178,16 +179,28 @@ def convert(
                     run(factors_plan, tmp, s, dev, base_ck, progress, cancel, kept, root)
             _replace(tmp, out, overwrite, os.path.join(parent, f".{name}{REPLACED_MARK}{uuid.uuid4().hex[:8]}"))
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_build(tmp)
             left = "the existing store there is unchanged" if os.path.exists(out) else "nothing was written there"
             raise StoreError(f"{out}: could not write the store ({os_reason(e)}); {left}") from e
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_build(tmp)
             raise
         finally:
             for c in cks:
                 c.close()
     return out
+
+
+def _remove_build(tmp: str) -> None:
+    """Remove a failed build's folder. When one chunk write of an array fails, zarr's I/O thread
+    may still finish that array's other chunks after the error reached us, re-creating folders
+    under ``tmp``: remove it again until it stays gone (at most about 1.5 s)."""
+    for wait in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8):
+        time.sleep(wait)
+        shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(0.02)
+        if not os.path.lexists(tmp):
+            return
 
 
 def distributed_module(what: str) -> Any:
